@@ -1,0 +1,29 @@
+# One verb per job. `make demo` and `make test` are the README's two commands.
+PY := .venv/bin/python
+APT_PACKAGES := mininet bridge-utils iputils-ping ethtool iperf3 iptables cgroup-tools \
+	iproute2 procps python3-venv python3-dev libnetfilter-queue-dev
+OUT ?= results/baseline
+
+.PHONY: setup demo test lint clean-run
+
+setup: .venv/.installed
+
+.venv/.installed: requirements.txt
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing apt packages: $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages .venv
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+demo: setup
+	$(PY) run_scenario.py scenarios/baseline.yaml --out $(OUT)
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .

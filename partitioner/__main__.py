@@ -1,0 +1,79 @@
+"""Command line of the partitioner: one verb per job (zoo, cuts, profile, solve, split, plan).
+Each verb lives in its own module; this file only parses arguments and maps errors to exit
+codes (2: bad input or infeasible instance)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from partitioner.instance import InfeasibleError
+from testbed.errors import EXIT_BAD_INPUT, InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m partitioner", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    zoo = verbs.add_parser("zoo", help="build the seeded model zoo (no downloads)")
+    zoo_verbs = zoo.add_subparsers(dest="zoo_verb", required=True)
+    zoo_build = zoo_verbs.add_parser("build", help="build a zoo model as ONNX (cached)")
+    zoo_build.add_argument("name", help="resnet18|resnet50|mobilenetv2|vgg16|vit_tiny or 'all'")
+    zoo_build.add_argument("--out", help="output file (default: the zoo cache)")
+    zoo_verbs.add_parser("list", help="list the zoo models")
+
+    cuts = verbs.add_parser("cuts", help="list the valid cut points of a model")
+    cuts.add_argument("model", help="ONNX file or zoo name")
+    cuts.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    profile = verbs.add_parser("profile", help="per-segment compute, memory and bytes")
+    profile.add_argument("model", help="ONNX file or zoo name")
+    profile.add_argument("--topology", help="topology YAML: also write the planner instance")
+    profile.add_argument("--out", help="instance JSON to write (with --topology)")
+    profile.add_argument("--runs", type=int, default=20, help="profiled runs (default 20)")
+
+    solve = verbs.add_parser("solve", help="solve a planner instance (DESIGN.md contract)")
+    solve.add_argument("instance", help="planner instance JSON")
+    solve.add_argument("--algorithm", default="auto",
+                       help="auto|optimal|seifer|greedy|random (default auto)")
+    solve.add_argument("--time-limit", type=float, default=2.0,
+                       help="seconds for auto to prove optimality (default 2)")
+    solve.add_argument("--seed", type=int, default=0, help="seed for randomised algorithms")
+
+    split = verbs.add_parser("split", help="cut a model into stage_NN.onnx + stages.json")
+    split.add_argument("model", help="ONNX file or zoo name")
+    split.add_argument("--out", required=True, help="output directory")
+    group = split.add_mutually_exclusive_group()
+    group.add_argument("--cuts", help="comma-separated cut indices (default: every cut)")
+    group.add_argument("--plan", help="plan.json: cut where its stages end")
+
+    plan = verbs.add_parser("plan", help="profile + plan a model on a topology")
+    plan.add_argument("model", help="ONNX file or zoo name")
+    plan.add_argument("--topology", required=True, help="topology YAML")
+    plan.add_argument("--algorithm", default="auto")
+    plan.add_argument("--time-limit", type=float, default=2.0)
+    plan.add_argument("--out", default="plan.json", help="where to write plan.json")
+    plan.add_argument("--measure", action="store_true",
+                      help="measure bandwidth in the emulator instead of reading the topology")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from partitioner import commands
+
+    handler = {
+        ("zoo", "build"): commands.zoo_build, ("zoo", "list"): commands.zoo_list,
+        ("cuts", None): commands.cuts, ("profile", None): commands.profile,
+        ("solve", None): commands.solve, ("split", None): commands.split,
+        ("plan", None): commands.plan,
+    }[(args.verb, getattr(args, "zoo_verb", None))]
+    try:
+        return handler(args) or 0
+    except (InputError, InfeasibleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

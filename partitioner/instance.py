@@ -1,0 +1,274 @@
+"""The planner instance and the plan: the JSON contract of DESIGN.md as dataclasses, with the
+one cost function every algorithm, test and benchmark shares. Instances know their costs;
+algorithms (partitioner.algorithms) only search."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import InputError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The model between two consecutive valid cut points."""
+
+    compute_ms: float
+    memory_bytes: int
+    output_bytes: int
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    speed: float
+    memory_bytes: int
+
+
+@dataclass
+class Instance:
+    segments: list[Segment]
+    input_bytes: int
+    nodes: list[Node]
+    source: str
+    bandwidth_mbps: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def bandwidth(self, a: str, b: str) -> float | None:
+        """Symmetric bandwidth between two endpoints; None when the pair is missing."""
+        if a == b:
+            return math.inf
+        return self.bandwidth_mbps.get((a, b), self.bandwidth_mbps.get((b, a)))
+
+    def hop_ms(self, nbytes: int, a: str, b: str) -> float:
+        """Transfer time of `nbytes` from a to b; inf when the pair cannot be used."""
+        mbps = self.bandwidth(a, b)
+        if mbps is None or mbps <= 0:
+            return math.inf
+        if math.isinf(mbps):
+            return 0.0
+        return nbytes * 8 / (mbps * 1000)
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "segments": [asdict(s) for s in self.segments],
+            "input_bytes": self.input_bytes,
+            "nodes": [asdict(n) for n in self.nodes],
+            "source": self.source,
+            "bandwidth_mbps": [[a, b, bw] for (a, b), bw in self.bandwidth_mbps.items()],
+        }
+
+
+@dataclass(frozen=True)
+class Stage:
+    first: int          # first segment (inclusive)
+    end: int            # one past the last segment
+    node: str
+
+
+@dataclass
+class PlanCost:
+    """What a plan costs: per-stage compute and incoming hop, the hop back, and the totals."""
+
+    compute_ms: list[float]
+    in_ms: list[float]
+    out_ms: float
+    memory_bytes: list[int]
+
+    @property
+    def bottleneck_ms(self) -> float:
+        return max([*self.compute_ms, *self.in_ms, self.out_ms])
+
+    @property
+    def latency_ms(self) -> float:
+        return sum(self.compute_ms) + sum(self.in_ms) + self.out_ms
+
+
+def plan_cost(instance: Instance, stages: list[Stage]) -> PlanCost:
+    """Cost of a plan under the DESIGN.md model (inf entries where a hop has no bandwidth)."""
+    compute, hops, memory = [], [], []
+    previous, previous_bytes = instance.source, instance.input_bytes
+    for stage in stages:
+        node = instance.node(stage.node)
+        run = instance.segments[stage.first:stage.end]
+        compute.append(sum(s.compute_ms for s in run) / node.speed)
+        memory.append(sum(s.memory_bytes for s in run))
+        hops.append(instance.hop_ms(previous_bytes, previous, stage.node))
+        previous, previous_bytes = stage.node, run[-1].output_bytes
+    out = instance.hop_ms(previous_bytes, previous, instance.source)
+    return PlanCost(compute, hops, out, memory)
+
+
+def plan_problems(instance: Instance, stages: list[Stage]) -> list[str]:
+    """Why a plan is not valid for an instance (empty list: valid)."""
+    problems = []
+    if not stages:
+        return ["a plan needs at least one stage"]
+    if stages[0].first != 0 or stages[-1].end != len(instance.segments):
+        problems.append("stages must cover every segment from the first to the last")
+    for a, b in zip(stages, stages[1:]):
+        if a.end != b.first:
+            problems.append(f"stages {a} and {b} are not contiguous")
+    names = [s.node for s in stages]
+    if len(set(names)) != len(names):
+        problems.append("a node holds more than one stage")
+    known = {n.name for n in instance.nodes}
+    for stage in stages:
+        if stage.node not in known:
+            problems.append(f"unknown node {stage.node}")
+        elif stage.first >= stage.end:
+            problems.append(f"empty stage on {stage.node}")
+    if problems:
+        return problems
+    cost = plan_cost(instance, stages)
+    for stage, mem in zip(stages, cost.memory_bytes):
+        if mem > instance.node(stage.node).memory_bytes:
+            problems.append(f"stage on {stage.node} needs {mem} bytes of memory, "
+                            f"the node has {instance.node(stage.node).memory_bytes}")
+    if math.isinf(cost.bottleneck_ms):
+        problems.append("a hop of the plan has no bandwidth")
+    return problems
+
+
+@dataclass
+class Plan:
+    """A solved plan, as printed by `solve` (DESIGN.md) and stored in plan.json."""
+
+    algorithm: str
+    stages: list[Stage]
+    bottleneck_ms: float
+    latency_ms: float
+    optimal: bool
+    lower_bound_ms: float | None = None
+    solve_s: float | None = None
+    cost: PlanCost | None = None
+
+    @classmethod
+    def of(cls, instance: Instance, stages: list[Stage], algorithm: str, optimal: bool,
+           lower_bound_ms: float | None = None, solve_s: float | None = None) -> Plan:
+        cost = plan_cost(instance, stages)
+        return cls(algorithm, stages, cost.bottleneck_ms, cost.latency_ms, optimal,
+                   lower_bound_ms, solve_s, cost)
+
+    @property
+    def predicted_throughput_rps(self) -> float:
+        return 1000.0 / self.bottleneck_ms if self.bottleneck_ms > 0 else math.inf
+
+    def to_json(self) -> dict[str, Any]:
+        cost = self.cost
+        out: dict[str, Any] = {
+            "algorithm": self.algorithm,
+            "bottleneck_ms": self.bottleneck_ms,
+            "latency_ms": self.latency_ms,
+            "optimal": self.optimal,
+            "stages": [
+                {"segments": [s.first, s.end], "node": s.node,
+                 "compute_ms": cost.compute_ms[i] if cost else None,
+                 "in_ms": cost.in_ms[i] if cost else None,
+                 "memory_bytes": cost.memory_bytes[i] if cost else None}
+                for i, s in enumerate(self.stages)
+            ],
+            "out_ms": cost.out_ms if cost else None,
+        }
+        if self.lower_bound_ms is not None:
+            out["lower_bound_ms"] = self.lower_bound_ms
+            out["gap"] = (self.bottleneck_ms / self.lower_bound_ms - 1
+                          if self.lower_bound_ms > 0 else 0.0)
+        if self.solve_s is not None:
+            out["solve_s"] = self.solve_s
+        return out
+
+
+def plan_from_json(instance: Instance, data: dict[str, Any]) -> Plan:
+    """Read back a plan (plan.json / solve output) and recompute its cost on `instance`."""
+    stages = [Stage(int(s["segments"][0]), int(s["segments"][1]), str(s["node"]))
+              for s in data["stages"]]
+    return Plan.of(instance, stages, data.get("algorithm", "given"),
+                   bool(data.get("optimal", False)), data.get("lower_bound_ms"))
+
+
+class InfeasibleError(Exception):
+    """No plan satisfies the instance; the message says why (CLI exit code 2)."""
+
+
+def _number(value: Any, where: str, file: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InputError(f"expected a number, got {value!r}", file=file, field=where)
+    if value < 0 or (positive and value == 0):
+        raise InputError(f"must be {'positive' if positive else 'non-negative'}, got {value}",
+                         file=file, field=where)
+    return value
+
+
+def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
+    """Validate and build an Instance; InputError names the offending field."""
+    if not isinstance(data, dict):
+        raise InputError("the instance must be a JSON object", file=file)
+    unknown = set(data) - {"segments", "input_bytes", "nodes", "source", "bandwidth_mbps"}
+    if unknown:
+        raise InputError("unknown field", file=file, field=sorted(unknown)[0])
+    for key in ("segments", "input_bytes", "nodes", "source", "bandwidth_mbps"):
+        if key not in data:
+            raise InputError("required field is missing", file=file, field=key)
+    if not isinstance(data["segments"], list) or not data["segments"]:
+        raise InputError("needs at least one segment", file=file, field="segments")
+    segments = []
+    for i, seg in enumerate(data["segments"]):
+        where = f"segments[{i}]"
+        if not isinstance(seg, dict) or set(seg) != {"compute_ms", "memory_bytes", "output_bytes"}:
+            raise InputError("needs exactly compute_ms, memory_bytes, output_bytes",
+                             file=file, field=where)
+        segments.append(Segment(float(_number(seg["compute_ms"], where + ".compute_ms", file)),
+                                int(_number(seg["memory_bytes"], where + ".memory_bytes", file)),
+                                int(_number(seg["output_bytes"], where + ".output_bytes", file))))
+    if not isinstance(data["nodes"], list) or not data["nodes"]:
+        raise InputError("needs at least one node", file=file, field="nodes")
+    nodes, names = [], set()
+    for i, node in enumerate(data["nodes"]):
+        where = f"nodes[{i}]"
+        if not isinstance(node, dict) or set(node) != {"name", "speed", "memory_bytes"}:
+            raise InputError("needs exactly name, speed, memory_bytes", file=file, field=where)
+        if not isinstance(node["name"], str) or node["name"] in names:
+            raise InputError(f"name must be a unique string, got {node['name']!r}",
+                             file=file, field=where + ".name")
+        names.add(node["name"])
+        nodes.append(Node(node["name"], float(_number(node["speed"], where + ".speed", file, True)),
+                          int(_number(node["memory_bytes"], where + ".memory_bytes", file))))
+    source = data["source"]
+    if not isinstance(source, str):
+        raise InputError("must be a node name", file=file, field="source")
+    if source in names:
+        raise InputError("the source cannot also be a compute node", file=file, field="source")
+    bandwidth: dict[tuple[str, str], float] = {}
+    if not isinstance(data["bandwidth_mbps"], list):
+        raise InputError("must be a list of [a, b, mbps]", file=file, field="bandwidth_mbps")
+    for i, entry in enumerate(data["bandwidth_mbps"]):
+        where = f"bandwidth_mbps[{i}]"
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise InputError("must be [a, b, mbps]", file=file, field=where)
+        a, b, mbps = entry
+        for end in (a, b):
+            if end not in names and end != source:
+                raise InputError(f"unknown endpoint {end!r}", file=file, field=where)
+        bandwidth[(a, b)] = float(_number(mbps, where, file, positive=True))
+    return Instance(segments, int(_number(data["input_bytes"], "input_bytes", file)), nodes,
+                    source, bandwidth)
+
+
+def load_instance(path: str | Path) -> Instance:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror}", file=path) from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON: {exc.msg}", file=path, line=exc.lineno) from exc
+    return instance_from_json(data, str(path))
