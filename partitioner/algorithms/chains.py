@@ -1,0 +1,105 @@
+"""A fast, incomplete test of "is there a valid plan with every cost <= T?": depth-first search
+over chains of distinct nodes, pruned by the relaxation's backward reachability (a state from
+which even the relaxed problem cannot finish is never entered). It only ever answers with a
+valid path or "don't know" (None), so the exact search may trust a path and must still prove a
+None. Most feasible thresholds are settled here, in milliseconds, without a MILP."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from partitioner.algorithms.relaxed import reach
+from partitioner.algorithms.tables import Path
+
+# Expansions before giving up: the search is a cheap filter, not a proof.
+MAX_EXPANSIONS = 200
+
+
+def chain_search(stage: np.ndarray, hop: np.ndarray, threshold: float,
+                 max_expansions: int = MAX_EXPANSIONS) -> Path | None:
+    """A valid path whose every cost is <= threshold, or None when none was found quickly."""
+    s, n = stage.shape[0] - 1, stage.shape[2]
+    r = reach(stage, hop, threshold)
+    if not r.feasible:
+        return None
+    # stage_ok[b, e, w]: stage [b, e) on w is cheap enough and the relaxation can finish from e.
+    stage_ok = (stage[:s] <= threshold) & np.isfinite(r.finish_done)[None, :, :]
+    finish_ready = np.isfinite(r.finish_ready)
+    hop_ok = hop <= threshold
+    budget = [max_expansions]
+
+    def extend(last: int, frontier: np.ndarray, used: np.ndarray,
+               chain: list[tuple[int, np.ndarray]]) -> Path | None:
+        """`frontier[b]`: the chain so far can end at boundary b on `last`."""
+        if budget[0] <= 0:
+            return None
+        budget[0] -= 1
+        # starts[b, w]: w can take over at boundary b.
+        starts = frontier[:s, None] & hop_ok[:s, last, :n] & finish_ready & ~used[None, :]
+        # ends[e, w]: w, starting at some allowed b, can end at e.
+        ends = (starts[:, None, :] & stage_ok).any(axis=0)
+        candidates = np.nonzero(ends.any(axis=0))[0]
+        if not len(candidates):
+            return None
+        finishing = candidates[ends[s, candidates]]
+        if len(finishing):
+            w = int(finishing[0])
+            return _unwind([*chain, (w, starts[:, w])], s, stage_ok)
+        # Try first the nodes that get furthest: fewer stages left to place.
+        furthest = np.array([np.nonzero(ends[:, w])[0].max() for w in candidates])
+        for w in candidates[np.argsort(-furthest, kind="stable")]:
+            used[w] = True
+            found = extend(int(w), ends[:, w], used, [*chain, (int(w), starts[:, w])])
+            used[w] = False
+            if found is not None or budget[0] <= 0:
+                return found
+        return None
+
+    start = np.zeros(s + 1, dtype=bool)
+    start[0] = True
+    return extend(n, start, np.zeros(n, dtype=bool), [])
+
+
+def _unwind(chain: list[tuple[int, np.ndarray]], end: int, stage_ok: np.ndarray) -> Path:
+    """Turn a chain of (node, possible start boundaries) into stages, back to front: each stage
+    ends where the next one starts, and starts where its predecessor could hand over."""
+    path: Path = []
+    for k in range(len(chain) - 1, -1, -1):
+        w, starts = chain[k]
+        # Every start on the list is an end the previous node can reach, so any will do.
+        first = int(np.nonzero(starts[:end] & stage_ok[:end, end, w])[0][0])
+        path.append((first, end, w))
+        end = first
+    return path[::-1]
+
+
+def repair(stage: np.ndarray, hop: np.ndarray, path: Path, threshold: float) -> Path | None:
+    """Make a relaxed path valid: each node keeps its first stage, and every later stage on
+    it moves to the unused node that makes it cheapest (hop in + compute + hop out), all costs
+    <= threshold. None when some stage finds no such node."""
+    n = stage.shape[2]
+    spare = set(range(n)) - {v for _, _, v in path}
+    seen: set[int] = set()
+    out: Path = []
+    previous = n
+    for k, (first, end, v) in enumerate(path):
+        if v in seen:
+            following = path[k + 1][2] if k + 1 < len(path) else n
+            costs = {w: hop[first, previous, w] + stage[first, end, w] + hop[end, w, following]
+                     for w in spare
+                     if max(hop[first, previous, w], stage[first, end, w],
+                            hop[end, w, following]) <= threshold}
+            if not costs:
+                return None
+            v = min(costs, key=costs.__getitem__)
+            spare.discard(v)
+        seen.add(v)
+        out.append((first, end, v))
+        previous = v
+    # A replacement chosen against a neighbour that was itself replaced later is re-checked.
+    last = n
+    for first, end, v in out:
+        if hop[first, last, v] > threshold:
+            return None
+        last = v
+    return out if hop[out[-1][1], last, n] <= threshold else None

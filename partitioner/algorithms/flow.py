@@ -1,0 +1,191 @@
+"""The exact check behind `optimal`: a unit flow through the relaxed DAG of (boundary, node)
+states, restricted to arcs costing at most a threshold, with one extra row per node saying it
+holds at most one stage. That row is all the relaxation lacks, so an integral solution is
+exactly a valid plan whose bottleneck is <= the threshold; HiGHS (branch and bound on this
+MILP) either finds one, proves there is none, or runs out of time.
+
+Arcs: source -> ready[0, w] (input hop), ready[b, w] -> done[b', w] (stage [b, b') on w),
+done[b, u] -> ready[b, w] (hop of boundary b), done[S, u] -> sink (output hop). The DAG has no
+cycles, so an integral unit flow is a single path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import highspy
+import numpy as np
+
+from partitioner.algorithms.relaxed import reach
+from partitioner.algorithms.tables import Path
+
+Status = Literal["feasible", "infeasible", "unknown"]
+
+# Relative MIP gap for the latency objective: latencies equal to 1e-9 are the same plan cost.
+LATENCY_GAP = 1e-9
+
+
+@dataclass
+class FlowResult:
+    status: Status
+    path: Path | None = None
+    proven: bool = False          # for the latency objective: the path's latency is optimal
+    bound: float | None = None    # latency lower bound (latency objective only)
+    columns: int = 0
+
+
+@dataclass
+class _Model:
+    """Columns of the MILP as parallel lists (CSC built once at the end)."""
+
+    rows: int = 0
+    entries: list[tuple[int, int, float]] | None = None   # (column, row, value)
+    cost: list[float] | None = None
+    stages: dict[int, tuple[int, int, int]] | None = None  # column -> (first, end, node)
+
+    def __post_init__(self) -> None:
+        self.entries, self.cost, self.stages = [], [], {}
+
+    def row(self) -> int:
+        self.rows += 1
+        return self.rows - 1
+
+    def column(self, cost: float, *coefficients: tuple[int, float]) -> int:
+        col = len(self.cost)
+        self.cost.append(cost)
+        self.entries.extend((col, r, v) for r, v in coefficients)
+        return col
+
+
+def solve_flow(stage: np.ndarray, hop: np.ndarray, threshold: float, *,
+               latency: bool, time_limit_s: float | None, prune_above: float = math.inf,
+               max_columns: int = 400_000) -> FlowResult:
+    """Find a valid plan with every cost <= threshold; with `latency`, the one of least latency.
+
+    `prune_above` is the latency of a known valid plan: arcs on no relaxed path cheaper than
+    it are left out (they cannot be on a better plan), which shrinks the MILP many times over.
+    If the pruned model is infeasible, no plan beats the known one. No MIP start is passed:
+    HiGHS 1.16 misprices a start after presolve (it compares the start's objective without
+    presolve's offset and stops early, "optimal" with a worse plan). Models with more than
+    `max_columns` arcs are not attempted ("unknown"): HiGHS would not finish them in any budget
+    we give it, and building them alone costs seconds."""
+    s, n = stage.shape[0] - 1, stage.shape[2]
+    r = reach(stage, hop, threshold)
+    if not r.feasible:
+        return FlowResult("infeasible")
+    limit = prune_above * (1 + LATENCY_GAP)
+    # An arc is kept when the cheapest relaxed path through it is within the limit (finite:
+    # it lies on some relaxed path at all).
+    with np.errstate(invalid="ignore"):
+        stage_keep = (r.ready[:, None, :] + np.where(stage[:s] <= threshold, stage[:s], math.inf)
+                      + r.finish_done[None, :, :]) <= limit
+        hop_keep = (r.done[:s, :n, None] + np.where(hop[:s, :n, :n] <= threshold,
+                                                      hop[:s, :n, :n], math.inf)
+                    + r.finish_ready[:, None, :]) <= limit
+    first_keep = (hop[0, n, :n] + r.finish_ready[0]) <= limit
+    last_keep = (r.done[s] + hop[s, :n, n]) <= limit
+    hop_keep[0] = False
+    columns = int(stage_keep.sum() + hop_keep.sum() + first_keep.sum() + last_keep.sum())
+    if columns > max_columns:
+        return FlowResult("unknown", columns=columns)
+
+    m = _Model()
+    ready_row = np.full((s, n), -1)
+    done_row = np.full((s + 1, n), -1)
+    for b, w in zip(*np.nonzero(stage_keep.any(axis=1))):
+        ready_row[b, w] = m.row()
+    for e, u in zip(*np.nonzero(stage_keep.any(axis=0))):
+        done_row[e, u] = m.row()
+    source_row = m.row()
+    colour_row = [m.row() for _ in range(n)]
+
+    for w in np.nonzero(first_keep & (ready_row[0] >= 0))[0]:
+        m.column(hop[0, n, w], (source_row, 1.0), (ready_row[0, w], 1.0))
+    for b in range(s):
+        for end, w in zip(*np.nonzero(stage_keep[b])):
+            col = m.column(stage[b, end, w], (ready_row[b, w], -1.0), (done_row[end, w], 1.0),
+                           (colour_row[w], 1.0))
+            m.stages[col] = (b, int(end), int(w))
+        ok = hop_keep[b] & (done_row[b][:, None] >= 0) & (ready_row[b][None, :] >= 0)
+        senders = np.nonzero(ok.any(axis=1))[0]
+        receivers = np.nonzero(ok.any(axis=0))[0]
+        pairs = int(ok.sum())
+        complete = pairs == len(senders) * len(receivers) - len(
+            np.intersect1d(senders, receivers))
+        if not latency and complete and pairs > len(senders) + len(receivers):
+            # Every pair may talk: route through one hub row instead of |U|*|W| arcs. The hub
+            # would also let u hand over to itself, but then u holds two stages and its colour
+            # row already forbids that.
+            hub = m.row()
+            for u in senders:
+                m.column(0.0, (done_row[b, u], -1.0), (hub, 1.0))
+            for w in receivers:
+                m.column(0.0, (hub, -1.0), (ready_row[b, w], 1.0))
+            continue
+        for u, w in zip(*np.nonzero(ok)):
+            m.column(hop[b, u, w], (done_row[b, u], -1.0), (ready_row[b, w], 1.0))
+    for u in np.nonzero(last_keep & (done_row[s] >= 0))[0]:
+        m.column(hop[s, u, n], (done_row[s, u], -1.0))
+
+    return _run(m, source_row, colour_row, latency, time_limit_s)
+
+
+def _run(m: _Model, source_row: int, colour_row: list[int], latency: bool,
+         time_limit_s: float | None) -> FlowResult:
+    cols = len(m.cost)
+    entries = np.array(m.entries, dtype=float).reshape(-1, 3)
+    order = np.lexsort((entries[:, 1], entries[:, 0]))
+    entries = entries[order]
+    start = np.searchsorted(entries[:, 0], np.arange(cols + 1))
+
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = cols, m.rows
+    lp.col_cost_ = np.array(m.cost) if latency else np.zeros(cols)
+    lp.col_lower_, lp.col_upper_ = np.zeros(cols), np.ones(cols)
+    lower = np.zeros(m.rows)
+    upper = np.zeros(m.rows)
+    lower[source_row] = upper[source_row] = 1.0
+    lower[colour_row] = 0.0
+    upper[colour_row] = 1.0
+    lp.row_lower_, lp.row_upper_ = lower, upper
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = start.astype(np.int32)
+    lp.a_matrix_.index_ = entries[:, 1].astype(np.int32)
+    lp.a_matrix_.value_ = entries[:, 2]
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * cols
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", bool(__import__("os").environ.get("HDEBUG")))
+    h.setOptionValue("threads", 1)       # the machine is shared; one core is plenty
+    h.setOptionValue("mip_rel_gap", LATENCY_GAP)
+    h.setOptionValue("mip_abs_gap", 0.0)
+    if time_limit_s is not None:
+        h.setOptionValue("time_limit", max(0.01, float(time_limit_s)))
+    h.passModel(lp)
+    h.run()
+    status = h.getModelStatus()
+    info = h.getInfo()
+    has_solution = info.primal_solution_status == 2   # kSolutionStatusFeasible
+    path = None
+    if has_solution:
+        values = np.array(h.getSolution().col_value)
+        path = sorted(m.stages[c] for c in m.stages if values[c] > 0.5)
+    if status == highspy.HighsModelStatus.kOptimal:
+        return FlowResult("feasible", path, proven=True,
+                          bound=info.mip_dual_bound if latency else None, columns=cols)
+    if status == highspy.HighsModelStatus.kInfeasible:
+        return FlowResult("infeasible", columns=cols)
+    if path:
+        return FlowResult("feasible", path, proven=False,
+                          bound=info.mip_dual_bound if latency else None, columns=cols)
+    return FlowResult("unknown", columns=cols)
+
+
+def path_latency(stage: np.ndarray, hop: np.ndarray, path: Path) -> float:
+    n = stage.shape[2]
+    total, previous = 0.0, n
+    for first, end, v in path:
+        total += hop[first, previous, v] + stage[first, end, v]
+        previous = v
+    return total + hop[path[-1][1], previous, n] if path else math.inf

@@ -1,0 +1,222 @@
+"""`optimal`: the exact optimum of the DESIGN.md objective (smallest bottleneck, then smallest
+latency), with a proof or an honest lower bound.
+
+Why it is exact. A plan is a path through the DAG of (segment boundary, node) states; the only
+rule a path can break is "each node holds at most one stage". Relaxing that rule for all nodes
+but a *critical* set K gives a dynamic programme (relaxed.best_path) whose optimum is a lower
+bound, and which is the true optimum as soon as its best path uses each node once. Decremental
+state-space relaxation: solve with K = {}, add the nodes the best path repeats to K, solve
+again; K only grows, so the loop ends, at worst with K = every node (the exact problem).
+
+1. Bottleneck: the min-max DP over K gives a lower bound V. If its path, or any path found by
+   the quick chain search with every cost <= V, is valid, then V is the optimum T*.
+2. Latency: with every cost capped at T* (times 1 + TIE, for float rounding), the min-sum DP
+   over K, grown the same way, ends with a valid path: the least latency among optimal plans.
+
+The DP costs 2^|K| times the relaxed one, so K is capped (MAX_CRITICAL). Past the cap, phase 1
+becomes a binary search over the finitely many candidate bottlenecks (each a stage compute or
+a hop time) from V upwards, each test settled by the chain search (a valid plan: feasible) or
+by HiGHS on the flow MILP (partitioner.algorithms.flow; proven feasible or infeasible), and
+phase 2 becomes that MILP with the latency objective. Anything that runs out of time stops
+the search: the result keeps the best plan found, proven=False, and the largest lower bound
+established (the smallest candidate not proven infeasible)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from partitioner.algorithms import relaxed
+from partitioner.algorithms.chains import chain_search, repair
+from partitioner.algorithms.flow import path_latency, solve_flow
+from partitioner.algorithms.tables import Path
+from partitioner.instance import InfeasibleError
+
+# Costs within this relative distance of the optimal bottleneck count as equal to it when the
+# latency is minimised: rounding in sums of floats must not turn a tie into a strict order.
+TIE = 1e-9
+# Largest critical set for the masked DP: 2^11 masks take about a second on 20 nodes x 60
+# segments; beyond that the MILP is the faster proof.
+MAX_CRITICAL = 6
+
+
+@dataclass
+class ExactResult:
+    path: Path                  # empty only when time ran out before any plan was found
+    proven: bool
+    lower_bound_ms: float       # on the bottleneck
+    critical: int = 0           # size of the final critical set
+    milp_calls: int = 0
+
+
+def bottleneck_of(stage: np.ndarray, hop: np.ndarray, path: Path) -> float:
+    n = stage.shape[2]
+    worst, previous = 0.0, n
+    for first, end, v in path:
+        worst = max(worst, hop[first, previous, v], stage[first, end, v])
+        previous = v
+    return max(worst, hop[path[-1][1], previous, n])
+
+
+def key_of(stage: np.ndarray, hop: np.ndarray, path: Path | None) -> tuple[float, float]:
+    """(bottleneck, latency) of a path; (inf, inf) for no path, so any plan beats it."""
+    if not path:
+        return (math.inf, math.inf)
+    return (bottleneck_of(stage, hop, path), path_latency(stage, hop, path))
+
+
+def candidates(stage: np.ndarray, hop: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Every finite cost value in [low, high], sorted and unique: the bottleneck is one."""
+    values = [a[(a >= low) & (a <= high) & np.isfinite(a)] for a in (stage, hop)]
+    return np.unique(np.concatenate(values))
+
+
+class _Clock:
+    """The deadline, and a guess of whether one more masked DP still fits before it."""
+
+    def __init__(self, time_limit_s: float | None) -> None:
+        self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        self.per_mask_s = 0.0
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def expired(self) -> bool:
+        left = self.remaining()
+        return left is not None and left <= 0
+
+    def dp(self, stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[int],
+           threshold: float = math.inf) -> tuple[float, Path] | None:
+        """Run the masked DP unless it would overrun the deadline (None)."""
+        left = self.remaining()
+        if left is not None and self.per_mask_s * (1 << len(critical)) > left:
+            return None
+        start = time.monotonic()
+        result = relaxed.best_path(stage, hop, combine, critical, threshold)
+        self.per_mask_s = max(self.per_mask_s,
+                              (time.monotonic() - start) / (1 << len(critical)))
+        return result
+
+
+def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = None,
+                 time_limit_s: float | None = None) -> ExactResult:
+    """The optimum by the two phases of the module docstring. `incumbent` is any valid path
+    (a fallback when time runs out, and an upper bound for the binary search)."""
+    clock = _Clock(time_limit_s)
+    best = incumbent
+
+    def keep(path: Path | None) -> None:
+        nonlocal best
+        if path and key_of(stage, hop, path) < key_of(stage, hop, best):
+            best = path
+
+    critical: list[int] = []
+    lower, optimum = 0.0, None
+    while optimum is None:
+        solved = clock.dp(stage, hop, "max", critical)
+        if solved is None:
+            return ExactResult(best or [], False, lower, len(critical))
+        lower, path = solved
+        if math.isinf(lower):
+            raise InfeasibleError(_infeasible_reason(critical))
+        if relaxed.distinct(path):
+            keep(path)
+            optimum = lower
+            break
+        found = chain_search(stage, hop, lower)
+        if found is not None:
+            keep(found)
+            optimum = lower
+            break
+        more = relaxed.repeated(path)
+        if len(critical) + len(more) > MAX_CRITICAL:
+            result = _bisect(stage, hop, lower, best, clock)
+            keep(result.path)
+            if not result.proven:
+                return ExactResult(best or [], False, result.lower_bound_ms, len(critical),
+                                   result.milp_calls)
+            optimum = result.lower_bound_ms
+            break
+        critical += more
+
+    tied = optimum * (1 + TIE)
+    calls = 0
+    while True:
+        solved = clock.dp(stage, hop, "sum", critical, tied)
+        if solved is None:
+            break
+        _, path = solved
+        if relaxed.distinct(path):
+            return ExactResult(path, True, optimum, len(critical))
+        more = relaxed.repeated(path)
+        if len(critical) + len(more) <= MAX_CRITICAL:
+            critical += more
+            continue
+        fixed = repair(stage, hop, path, tied)
+        if fixed and path_latency(stage, hop, fixed) < path_latency(stage, hop, best):
+            best = fixed
+        calls += 1
+        upper = path_latency(stage, hop, best)
+        result = solve_flow(stage, hop, tied, latency=True, time_limit_s=clock.remaining(),
+                            prune_above=upper)
+        if result.status == "infeasible":
+            # Nothing under the pruning limit: the known plan is the best there is.
+            return ExactResult(best, True, optimum, len(critical), calls)
+        if result.path and path_latency(stage, hop, result.path) <= upper:
+            if result.proven:
+                return ExactResult(result.path, True, optimum, len(critical), calls)
+            best = result.path
+        break
+    # Out of time in phase 2: the bottleneck is optimal, the latency perhaps not.
+    return ExactResult(best, False, optimum, len(critical), calls)
+
+
+@dataclass
+class _Bisection:
+    path: Path | None
+    proven: bool
+    lower_bound_ms: float
+    milp_calls: int
+
+
+def _bisect(stage: np.ndarray, hop: np.ndarray, lower: float, best: Path | None,
+            clock: _Clock) -> _Bisection:
+    """Smallest feasible candidate bottleneck >= lower (see the module docstring)."""
+    upper = key_of(stage, hop, best)[0]
+    values = candidates(stage, hop, lower, upper)
+    lo, hi = 0, len(values) - 1 if best else len(values)
+    witness, calls = best, 0
+    # Invariant: every candidate below values[lo] is infeasible; values[hi] is feasible (or,
+    # with no plan yet, hi is past the end).
+    while lo < hi:
+        mid = (lo + hi) // 2
+        threshold = float(values[mid])
+        found = chain_search(stage, hop, threshold)
+        if found is None:
+            if clock.expired():
+                break
+            calls += 1
+            result = solve_flow(stage, hop, threshold, latency=False,
+                                time_limit_s=clock.remaining())
+            if result.status == "unknown":
+                break
+            if result.status == "infeasible":
+                lo = mid + 1
+                continue
+            found = result.path
+        hi, witness = mid, found
+    if lo >= len(values):
+        raise InfeasibleError(_infeasible_reason([0]))
+    return _Bisection(witness, lo == hi, float(values[lo]), calls)
+
+
+def _infeasible_reason(critical: list[int]) -> str:
+    if not critical:
+        return ("no chain of stages fits the nodes' memory and is connected by links from "
+                "the source and back to it")
+    return ("no plan places each stage on its own node: too few nodes fit the segments' "
+            "memory and are connected by links")
+

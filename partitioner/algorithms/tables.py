@@ -1,0 +1,104 @@
+"""Cost tables: an Instance turned into numpy arrays indexed by segment boundary and node, so
+the searches never look names up. The costs mirror partitioner.instance.plan_cost (the one cost
+function); every algorithm still builds its final Plan through Plan.of, so the tables only guide
+the search and never decide what a plan reports."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from partitioner.instance import InfeasibleError, Instance, Stage
+
+# A path through the tables: (first segment, end segment, node index) per stage.
+Path = list[tuple[int, int, int]]
+
+
+@dataclass
+class Tables:
+    """Boundary b (0..S) is the cut before segment b: b = 0 is the model input, b = S its output.
+    Node indices 0..N-1 are the instance's nodes in order; index N is the source."""
+
+    instance: Instance
+    names: list[str]
+    speed: np.ndarray            # (N,)
+    memory: np.ndarray           # (N,) bytes a node offers
+    prefix_compute: np.ndarray   # (S+1,) compute_ms of segments [0, b)
+    prefix_memory: np.ndarray    # (S+1,) memory_bytes of segments [0, b)
+    boundary_bytes: np.ndarray   # (S+1,) bytes that cross boundary b
+    bandwidth: np.ndarray        # (N+1, N+1) Mbps, 0 where the pair is missing or the same node
+
+    @classmethod
+    def of(cls, instance: Instance) -> Tables:
+        nodes = instance.nodes
+        names = [n.name for n in nodes]
+        endpoints = [*names, instance.source]
+        size = len(endpoints)
+        bandwidth = np.zeros((size, size))
+        for i, a in enumerate(endpoints):
+            for j, b in enumerate(endpoints):
+                mbps = instance.bandwidth(a, b) if i != j else None
+                # A node "hopping" to itself never happens in a plan (one stage per node), so
+                # the diagonal is unusable rather than free.
+                bandwidth[i, j] = mbps if mbps is not None and mbps > 0 else 0.0
+        segments = instance.segments
+        compute = np.concatenate([[0.0], np.cumsum([s.compute_ms for s in segments])])
+        memory = np.concatenate([[0], np.cumsum([s.memory_bytes for s in segments])])
+        boundary = np.array([instance.input_bytes, *(s.output_bytes for s in segments)],
+                            dtype=float)
+        return cls(instance, names, np.array([n.speed for n in nodes], dtype=float),
+                   np.array([n.memory_bytes for n in nodes], dtype=np.int64),
+                   compute, memory.astype(np.int64), boundary, bandwidth)
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.prefix_compute) - 1
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.names)
+
+    @property
+    def source(self) -> int:
+        return self.n_nodes
+
+    def stage_costs(self) -> np.ndarray:
+        """(S+1, S+1, N) compute ms of stage [i, j) on node v; inf where j <= i or the stage
+        does not fit the node's memory."""
+        s = self.n_segments
+        work = self.prefix_compute[None, :] - self.prefix_compute[:, None]
+        need = self.prefix_memory[None, :] - self.prefix_memory[:, None]
+        upper = np.triu(np.ones((s + 1, s + 1), dtype=bool), k=1)
+        costs = work[:, :, None] / self.speed[None, None, :]
+        fits = upper[:, :, None] & (need[:, :, None] <= self.memory[None, None, :])
+        return np.where(fits, costs, math.inf)
+
+    def hop_costs(self) -> np.ndarray:
+        """(S+1, N+1, N+1) ms to send boundary b's bytes from u to v; inf where unusable."""
+        with np.errstate(divide="ignore"):
+            per_byte = np.where(self.bandwidth > 0, 8.0 / (self.bandwidth * 1000.0), math.inf)
+        hops = self.boundary_bytes[:, None, None] * per_byte[None, :, :]
+        # 0 bytes over a missing link is still impossible (inf * 0 would be nan).
+        return np.where(np.isinf(per_byte)[None, :, :], math.inf, hops)
+
+    def stages(self, path: Path) -> list[Stage]:
+        return [Stage(first, end, self.names[v]) for first, end, v in path]
+
+    def path_of(self, stages: list[Stage]) -> Path:
+        index = {name: i for i, name in enumerate(self.names)}
+        return [(s.first, s.end, index[s.node]) for s in stages]
+
+
+def check_basic_feasibility(tables: Tables) -> None:
+    """Reasons no plan can exist that are visible without a search (InfeasibleError)."""
+    instance = tables.instance
+    largest = max(range(tables.n_segments), key=lambda i: instance.segments[i].memory_bytes)
+    need = instance.segments[largest].memory_bytes
+    if need > tables.memory.max():
+        raise InfeasibleError(
+            f"segment {largest} needs {need} bytes of memory, more than any node has "
+            f"(largest: {int(tables.memory.max())} bytes)")
+    if not (tables.bandwidth[tables.source, :tables.n_nodes] > 0).any():
+        raise InfeasibleError(f"the source {instance.source} has no bandwidth to any node")

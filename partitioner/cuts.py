@@ -1,0 +1,317 @@
+"""Valid cut points of an ONNX graph, in order, and the tensors (with bytes) crossing each.
+
+Division of labour: this module only analyses the graph (which cuts exist, what crosses
+them, which node belongs to which segment). `partitioner.split` cuts stages at chosen cuts,
+`partitioner.profile` puts costs on the segments between cuts.
+
+The model is seen as a DAG of its *dynamic* nodes (nodes that depend on a graph input),
+between a virtual source producing the graph inputs and a virtual sink consuming the graph
+outputs. Nodes fed only by initializers and constants are *static*: they move with their
+first consumer (the stage extractor copies them into every stage that needs them).
+
+A cut is a prefix of one fixed topological order (the file's own node order): everything
+before it runs in earlier stages, everything after in later ones. The tensors crossing it are
+the tensors produced before it (or graph inputs) that are consumed after it or are graph
+outputs, each counted once however many edges carry it: tensors are kept as sets per edge,
+so two parallel edges between the same nodes (two outputs of one node into another) count as
+two tensors and one tensor read twice counts once.
+
+- Single-tensor cuts are the immediate dominators of the sink: the prefix ending at node v is
+  a cut carrying only v's outputs exactly when every path from input to output passes v. Such
+  a prefix is the same in every topological order, so these cuts do not depend on the order.
+- Multi-tensor cuts (at most `max_tensors` tensors, default 2) are added only where they are
+  needed: inside a region between consecutive single-tensor cuts that holds more than
+  `region_share` of the graph's nodes. A transformer encoder is one such region (the
+  attention-mask bias is live across every layer, so no single tensor separates two layers);
+  a residual block is not (its skip connection would be carried for little gain).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import helper
+
+from testbed.errors import InputError
+
+DEFAULT_MAX_TENSORS = 2
+DEFAULT_REGION_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor crossing a cut. Symbolic dimensions keep their name and count as 1 in bytes."""
+
+    name: str
+    dtype: str                      # numpy dtype name: float32, int64, ...
+    shape: tuple[int | str, ...]
+    nbytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "bytes": self.nbytes}
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Cut `index` lies after the first `position` nodes of `CutAnalysis.order`; segment
+    `index` ends at it and segment `index + 1` starts at it."""
+
+    index: int
+    position: int
+    tensors: tuple[TensorInfo, ...]
+    kind: str                       # "single" (a dominator) or "multi"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "kind": self.kind, "bytes": self.nbytes,
+                "tensors": [t.to_json() for t in self.tensors]}
+
+
+@dataclass
+class CutAnalysis:
+    """Everything found about one graph: the node order, the cuts and the segments."""
+
+    order: list[str]                        # dynamic node names, topological
+    cuts: list[Cut]
+    inputs: tuple[TensorInfo, ...]          # what the first segment receives
+    outputs: tuple[TensorInfo, ...]         # the graph outputs
+    node_segment: dict[str, int] = field(default_factory=dict)   # every live node -> segment
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def segment_count(self) -> int:
+        return len(self.cuts) + 1
+
+    def boundary(self, k: int) -> tuple[TensorInfo, ...]:
+        """Tensors entering segment k (k = 0: the graph inputs) or, with k = number of
+        segments, leaving the last one (the graph outputs)."""
+        if k == 0:
+            return self.inputs
+        if k == self.segment_count:
+            return self.outputs
+        return self.cuts[k - 1].tensors
+
+    def segment_nodes(self) -> list[list[str]]:
+        """Node names of each segment: its dynamic nodes in order, each static node (a
+        constant computation) in the segment of its first consumer."""
+        out: list[list[str]] = [[] for _ in range(self.segment_count)]
+        for name, seg in self.node_segment.items():
+            out[seg].append(name)
+        return out
+
+
+def load(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        return onnx.load(os.fspath(model))
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", file=model) from exc
+    except DecodeError as exc:
+        raise InputError(f"not an ONNX model: {exc}", file=model) from exc
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape-inferred copy (data propagation on, so Reshape targets resolve)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise InputError(f"ONNX shape inference failed: {exc}") from exc
+
+
+def _has_shapes(model: onnx.ModelProto) -> bool:
+    known = {v.name for v in [*model.graph.value_info, *model.graph.output]}
+    return all(o in known for n in model.graph.node for o in n.output if o) or not model.graph.node
+
+
+def _tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    graph = model.graph
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        ttype = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or ttype.elem_type == 0:
+            continue
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        shape: tuple[int | str, ...] = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in ttype.shape.dim)
+        count = int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
+        infos[vi.name] = TensorInfo(vi.name, dtype.name, shape, count * dtype.itemsize)
+    return infos
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names read by a control-flow node's subgraphs (If/Loop/Scan)."""
+    used: set[str] = set()
+    for attr in node.attribute:
+        graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+        for g in graphs:
+            defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for inner in g.node:
+                defined.update(inner.output)
+            for inner in g.node:
+                used.update(n for n in [*inner.input, *_subgraph_inputs(inner)]
+                            if n and n not in defined)
+            used.update(o.name for o in g.output if o.name not in defined)
+    return used
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads, including implicit outer-scope inputs of subgraphs."""
+    names = [n for n in node.input if n]
+    return names + sorted(_subgraph_inputs(node) - set(names))
+
+
+def analyze(model: onnx.ModelProto | str | os.PathLike[str],
+            max_tensors: int = DEFAULT_MAX_TENSORS,
+            region_share: float = DEFAULT_REGION_SHARE) -> CutAnalysis:
+    """Find the cuts of a model (a ModelProto, shape-inferred or not, or a path)."""
+    model = load(model)
+    if not _has_shapes(model):
+        model = infer_shapes(model)
+    graph = model.graph
+    infos = _tensor_infos(model)
+    initializers = {t.name for t in graph.initializer}
+    graph_inputs = [i.name for i in graph.input if i.name not in initializers]
+    graph_outputs = [o.name for o in graph.output]
+    if not graph_outputs:
+        raise InputError("the model has no outputs")
+
+    # Static tensors: initializers and whatever is computed from them alone.
+    static = set(initializers)
+    nodes = list(graph.node)
+    reads = [node_inputs(n) for n in nodes]
+    for node, inputs in zip(nodes, reads):
+        if all(i in static for i in inputs):
+            static.update(o for o in node.output if o)
+
+    # Live nodes: those an output depends on (the rest would be dropped by any extractor).
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    live: set[int] = set()
+    stack = [producer[o] for o in graph_outputs if o in producer]
+    while stack:
+        i = stack.pop()
+        if i not in live:
+            live.add(i)
+            stack.extend(producer[t] for t in reads[i] if t in producer)
+
+    order_idx = [i for i in range(len(nodes)) if i in live
+                 and not all(o in static for o in nodes[i].output if o)]
+    position = {i: p for p, i in enumerate(order_idx)}
+    n = len(order_idx)
+    if n == 0:
+        raise InputError("the model has no computation that depends on its inputs")
+
+    # Dynamic tensors: where each is produced (-1: graph input) and last read (n: output).
+    produced: dict[str, tuple[int, int]] = {}          # name -> (position, output slot)
+    for slot, name in enumerate(graph_inputs):
+        produced[name] = (-1, slot)
+    for p, i in enumerate(order_idx):
+        for slot, name in enumerate(nodes[i].output):
+            if name:
+                produced[name] = (p, slot)
+    last_use = {name: -1 for name in produced}
+    for p, i in enumerate(order_idx):
+        for name in reads[i]:
+            if name in produced:
+                last_use[name] = max(last_use[name], p)
+    for name in graph_outputs:
+        if name in produced:
+            last_use[name] = n
+
+    missing = [t for t in produced if last_use[t] >= 0 and t not in infos]
+    if missing:
+        raise InputError(f"no type/shape known for tensor {missing[0]!r}; "
+                         "the partitioner needs a shape-inferable model")
+
+    # Sweep the order once: live set after each prefix.
+    born: list[list[str]] = [[] for _ in range(n)]
+    for name, (p, _) in produced.items():
+        if p >= 0 and last_use[name] > p:
+            born[p].append(name)
+    alive = {t for t in graph_inputs if last_use[t] >= 0}
+    crossing: list[list[str]] = []               # crossing[p-1] = tensors at the cut after p
+    for p in range(n - 1):
+        alive.update(born[p])
+        alive = {t for t in alive if last_use[t] > p}
+        crossing.append(sorted(alive, key=lambda t: produced[t]))
+
+    singles = [p for p in range(1, n)
+               if all(produced[t][0] == p - 1 for t in crossing[p - 1])]
+    positions = set(singles)
+    if max_tensors >= 2:
+        bounds = [0, *singles, n]
+        for start, end in zip(bounds, bounds[1:]):
+            if end - start <= region_share * n:
+                continue
+            positions.update(p for p in range(start + 1, end)
+                             if len(crossing[p - 1]) <= max_tensors)
+    single_set = set(singles)
+    cuts = [Cut(k, p, tuple(infos[t] for t in crossing[p - 1]),
+                "single" if p in single_set else "multi")
+            for k, p in enumerate(sorted(positions))]
+
+    # Segment of every live node: dynamic nodes by position, static ones with their first
+    # dynamic consumer (walking through static consumers).
+    starts = [c.position for c in cuts]
+    segment_of_position = np.searchsorted(np.array(starts, dtype=np.int64),
+                                          np.arange(n), side="right")
+    node_segment: dict[str, int] = {}
+    consumers: dict[str, list[int]] = {}
+    for i, inputs in enumerate(reads):
+        for t in inputs:
+            consumers.setdefault(t, []).append(i)
+
+    def segment_of(i: int, seen: set[int]) -> int:
+        if i in position:
+            return int(segment_of_position[position[i]])
+        seen.add(i)
+        found = [segment_of(j, seen) for o in nodes[i].output if o
+                 for j in consumers.get(o, []) if j in live and j not in seen]
+        return min(found) if found else len(cuts)
+
+    for i in sorted(live):
+        node_segment[_node_name(nodes[i], i)] = segment_of(i, set())
+    return CutAnalysis(
+        order=[_node_name(nodes[i], i) for i in order_idx],
+        cuts=cuts,
+        inputs=tuple(infos[t] for t in graph_inputs if last_use[t] >= 0),
+        outputs=tuple(infos[t] for t in graph_outputs),
+        node_segment=node_segment,
+        tensors=infos,
+    )
+
+
+def _node_name(node: onnx.NodeProto, index: int) -> str:
+    # Unnamed nodes get the name onnxruntime would not know either; keep them distinct.
+    return node.name or f"<node {index}: {node.op_type}>"
+
+
+def find_cuts(model: onnx.ModelProto | str | Path, max_tensors: int = DEFAULT_MAX_TENSORS,
+              region_share: float = DEFAULT_REGION_SHARE) -> list[Cut]:
+    """The valid cut points of a model, in order (see the module docstring)."""
+    return analyze(model, max_tensors, region_share).cuts
+
+
+def segment_nodes(model: onnx.ModelProto | str | Path, **options: Any) -> list[list[str]]:
+    """Node names of each segment between consecutive cuts."""
+    return analyze(model, **options).segment_nodes()
+
+
+def total_bytes(tensors: Iterable[TensorInfo]) -> int:
+    return sum(t.nbytes for t in tensors)

@@ -1,0 +1,398 @@
+"""The cost model: per-segment compute, memory and bytes of a model, and the planner instance
+for a set of hosts or a topology.
+
+Division of labour: `partitioner.cuts` gives the segments (and the bytes crossing each cut),
+this module measures and estimates what each segment costs, `partitioner.algorithms` plans
+on the resulting `Instance`. Profiles are cached by the model's SHA-256 (and the cut
+options) in $EDGEPIPE_CACHE/profiles/, since profiling a large model takes a while.
+
+Compute. The model runs under onnxruntime at ORT_ENABLE_BASIC with the onnxruntime
+profiler on: at that level nodes keep their ONNX names, so each node's kernel time lands in
+its segment. BASIC is slower than the fully optimised session the workers run (layout
+transforms and fusions happen only at ALL), so the per-segment times are scaled so that they
+sum to the measured latency of the fully optimised session. Both use 1 intra-op thread, as
+the workers do.
+
+Memory (bytes a stage adds to its host's memory cgroup), measured and fitted on this machine
+kind with onnxruntime 1.32 at ORT_ENABLE_ALL, as the workers run:
+
+    stage memory = sum over the initializers it reads of (1 + k(op)) * bytes      (weights)
+                   + ACTIVATION_FACTOR * (the model's largest activation)        (reserve)
+
+The 1 is the cached model file on the host's tmpfs (charged to the same cgroup); k(op) is how
+many copies onnxruntime holds at its load peak, by the kind of op that reads the weight
+(`WEIGHT_COPIES`: a k x k convolution is kept twice, once reordered to the NCHWc layout, plus
+the parse buffer; MatMul weights are prepacked; a Gather table is parsed and copied once).
+The activation term covers the received input, the largest output being written and the
+result handed back. The weight term is additive over segments, so it is each segment's
+`memory_bytes`. The activation term is not: a stage of ten segments does not hold ten
+largest activations at once, and summing them overstated early CNN stages threefold in
+measurement. So it is a per-model reserve (one stage per host) taken off every node's
+memory together with the runtime allowance: node memory = host memory -
+RUNTIME_ALLOWANCE_BYTES - activation reserve, floored at 0 (conservative for later stages,
+whose activations are smaller). The first formula, `weights x 2 + largest activation`
+(docs/architecture.md), underestimated a real resnet50 stage by 45% at ORT_ENABLE_ALL.
+`measure_stage_memory` runs a real stage process; tests/test_profile.py holds the formula to
+within 20% of it.
+
+What a host needs besides its stage is `RUNTIME_ALLOWANCE_BYTES`: the agent interpreter, the
+worker interpreter with onnxruntime, numpy and pyzmq imported, and an onnxruntime session's
+own overhead (thread pool, allocator, kernel registry); one stage per host, so it is a per
+host constant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from partitioner import cuts as cutlib
+from partitioner import split as splitlib
+from partitioner.instance import Instance, Node, Segment
+from partitioner.zoo import cache_dir, resolve_model
+
+MiB = 1024 * 1024
+
+# Measured on the project's machine kind (python 3.11, onnxruntime 1.32), peak RSS (VmHWM):
+AGENT_RSS_BYTES = 24 * MiB          # python + pyzmq + stdlib: 20.5 MiB
+WORKER_RSS_BYTES = 56 * MiB         # python + numpy + onnxruntime + pyzmq: 52.6 MiB
+SESSION_OVERHEAD_BYTES = 18 * MiB   # empty session after one run: 17 MB (16.2 MiB)
+RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
+
+# Copies of a weight onnxruntime holds at its load peak (ORT_ENABLE_ALL), by the reading op.
+# From single-op models of ~80 MB of weights and the zoo's stages (load peak - session cost).
+WEIGHT_COPIES: dict[str, float] = {
+    "Conv": 3.0,            # k x k: original + NCHWc reorder + load buffer
+    "Conv1x1": 1.9,         # pointwise: prepacked, no NCHWc copy kept
+    "ConvDepthwise": 2.0,
+    "ConvTranspose": 3.0,
+    "Gemm": 1.9,
+    "MatMul": 1.5,
+    "Gather": 2.0,
+}
+DEFAULT_WEIGHT_COPIES = 2.0
+ACTIVATION_FACTOR = 3
+
+PROFILE_FORMAT = 1
+
+
+@dataclass
+class ModelProfile:
+    """Costs of one model's segments (the instance's `segments`) and where they came from."""
+
+    model: str
+    sha256: str
+    segments: list[Segment]
+    input_bytes: int
+    cuts: list[cutlib.Cut]
+    total_ms: float                      # measured, fully optimised, 1 thread (median)
+    basic_ms: float                      # sum of node kernel times at ORT_ENABLE_BASIC
+    runs: int
+    segment_nodes: list[list[str]] = field(default_factory=list)
+    weight_bytes: list[int] = field(default_factory=list)
+    activation_bytes: list[int] = field(default_factory=list)    # largest, per segment
+    activation_reserve_bytes: int = 0    # ACTIVATION_FACTOR x the largest activation
+    unattributed_ms: float = 0.0         # profiled kernels that match no ONNX node
+    max_tensors: int = cutlib.DEFAULT_MAX_TENSORS
+    region_share: float = cutlib.DEFAULT_REGION_SHARE
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cuts"] = [{**c.to_json(), "position": c.position} for c in self.cuts]
+        data["format"] = PROFILE_FORMAT
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelProfile:
+        data = dict(data)
+        data.pop("format", None)
+        data["segments"] = [Segment(**s) for s in data["segments"]]
+        data["cuts"] = [
+            cutlib.Cut(c["index"], c["position"],
+                       tuple(cutlib.TensorInfo(t["name"], t["dtype"], tuple(t["shape"]),
+                                               t["bytes"]) for t in c["tensors"]),
+                       c["kind"])
+            for c in data["cuts"]]
+        return cls(**data)
+
+    def stage_memory_bytes(self, first: int, end: int) -> int:
+        """Predicted memory of a stage of segments [first, end), reserve included."""
+        return (sum(s.memory_bytes for s in self.segments[first:end])
+                + self.activation_reserve_bytes)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- memory ---------------------------------------------------------------------------------
+def _initializer_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def weight_kind(node: onnx.NodeProto) -> str:
+    """The WEIGHT_COPIES key of a node reading a weight."""
+    if node.op_type != "Conv":
+        return node.op_type
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("group", 1) > 1:
+        return "ConvDepthwise"
+    if all(k == 1 for k in attrs.get("kernel_shape", [])) and attrs.get("kernel_shape"):
+        return "Conv1x1"
+    return "Conv"
+
+
+def segment_memory(model: onnx.ModelProto, analysis: cutlib.CutAnalysis,
+                   ) -> tuple[list[int], list[int], list[int]]:
+    """(memory_bytes = the weight term, weight bytes, largest activation bytes) per
+    segment."""
+    sizes = {t.name: _initializer_bytes(t) for t in model.graph.initializer}
+    count = analysis.segment_count
+    copies: list[dict[str, float]] = [{} for _ in range(count)]
+    largest = [max((t.nbytes for t in analysis.boundary(k)), default=0) for k in range(count)]
+    for index, node in enumerate(model.graph.node):
+        name = node.name or f"<node {index}: {node.op_type}>"
+        seg = analysis.node_segment.get(name)
+        if seg is None:              # dead node: no stage will hold it
+            continue
+        factor = WEIGHT_COPIES.get(weight_kind(node), DEFAULT_WEIGHT_COPIES)
+        for tensor in node.input:
+            if tensor in sizes:
+                copies[seg][tensor] = max(copies[seg].get(tensor, 0.0), factor)
+        for tensor in node.output:
+            if tensor in analysis.tensors:
+                largest[seg] = max(largest[seg], analysis.tensors[tensor].nbytes)
+    weights = [sum(sizes[t] for t in c) for c in copies]
+    memory = [int(sum((1 + k) * sizes[t] for t, k in c.items())) for c in copies]
+    return memory, weights, largest
+
+
+# -- compute --------------------------------------------------------------------------------
+def _session_options(level: str, profile_dir: str | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.log_severity_level = 3
+    # As the workers run: no spinning, which would only add noise on a shared CPU.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile_dir, "ort")
+    return options
+
+
+def profile_nodes(model_path: Path, feeds: dict[str, np.ndarray],
+                  runs: int) -> dict[str, float]:
+    """Median kernel time (ms) of each node at ORT_ENABLE_BASIC over `runs` runs (after one
+    warm-up run, whose allocations and first-touch page faults are not steady state)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgepipe-prof-") as tmp:
+        session = ort.InferenceSession(str(model_path), _session_options("ORT_ENABLE_BASIC", tmp),
+                                       providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_node: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_node.setdefault(event["name"][: -len("_kernel_time")], []).append(
+                event["dur"] / 1000.0)
+    # The first occurrence of every node belongs to the warm-up run.
+    return {name: statistics.median(times[1:] or times) for name, times in per_node.items()}
+
+
+def measure_latency_ms(model_path: Path, feeds: dict[str, np.ndarray], runs: int,
+                       level: str = "ORT_ENABLE_ALL") -> float:
+    """Median wall time of one inference, fully optimised, 1 thread, after a warm-up run."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), _session_options(level),
+                                   providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+# -- the profile ------------------------------------------------------------------------------
+def _cache_file(sha256: str, max_tensors: int, region_share: float) -> Path:
+    return cache_dir() / "profiles" / f"{sha256}-t{max_tensors}-r{region_share:g}.json"
+
+
+def profile_model(spec: str | os.PathLike[str], runs: int = 20,
+                  max_tensors: int = cutlib.DEFAULT_MAX_TENSORS,
+                  region_share: float = cutlib.DEFAULT_REGION_SHARE,
+                  refresh: bool = False, progress: bool = True) -> ModelProfile:
+    """Profile a model (zoo name or ONNX path); cached by SHA-256 unless `refresh`."""
+    path = resolve_model(spec)
+    sha = file_sha256(path)
+    cached = _cache_file(sha, max_tensors, region_share)
+    if cached.is_file() and not refresh:
+        try:
+            data = json.loads(cached.read_text())
+            if data.get("format") == PROFILE_FORMAT:
+                profile = ModelProfile.from_json(data)
+                profile.model = str(path)
+                return profile
+        except (ValueError, KeyError, TypeError):
+            pass                      # unreadable cache entry: profile again
+    model = cutlib.infer_shapes(cutlib.load(path))
+    analysis = cutlib.analyze(model, max_tensors, region_share)
+    feeds = splitlib.random_feeds(analysis)
+    if progress:
+        _progress(f"profiling {path.name}: {len(analysis.order)} nodes, "
+                  f"{analysis.segment_count} segments, {runs} runs ...")
+    node_ms = profile_nodes(path, feeds, runs)
+    total_ms = measure_latency_ms(path, feeds, runs)
+
+    per_segment = [0.0] * analysis.segment_count
+    unattributed = 0.0
+    for name, ms in node_ms.items():
+        # A node fused at BASIC keeps its first node's name with "/<Fusion>" appended.
+        seg = analysis.node_segment.get(name, analysis.node_segment.get(name.split("/")[0]))
+        if seg is None:
+            unattributed += ms
+        else:
+            per_segment[seg] += ms
+    basic_ms = sum(per_segment)
+    scale = total_ms / basic_ms if basic_ms > 0 else 0.0
+    memory, weights, largest = segment_memory(model, analysis)
+    segments = [Segment(ms * scale, mem, cutlib.total_bytes(analysis.boundary(k + 1)))
+                for k, (ms, mem) in enumerate(zip(per_segment, memory))]
+    profile = ModelProfile(
+        model=str(path), sha256=sha, segments=segments,
+        input_bytes=cutlib.total_bytes(analysis.boundary(0)), cuts=analysis.cuts,
+        total_ms=total_ms, basic_ms=basic_ms, runs=runs,
+        segment_nodes=analysis.segment_nodes(), weight_bytes=weights,
+        activation_bytes=largest, activation_reserve_bytes=ACTIVATION_FACTOR * max(largest),
+        unattributed_ms=unattributed,
+        max_tensors=max_tensors, region_share=region_share)
+    if progress:
+        _progress(f"profiled {path.name}: {total_ms:.1f} ms optimised, "
+                  f"{basic_ms:.1f} ms at BASIC")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(profile.to_json()))
+    os.replace(tmp, cached)
+    return profile
+
+
+# -- instances --------------------------------------------------------------------------------
+def node_memory_bytes(host_memory_bytes: int, activation_reserve_bytes: int = 0) -> int:
+    """What a host has for its stage's weights once the agent and worker runtimes and the
+    model's activation reserve are paid for."""
+    return max(0, int(host_memory_bytes) - RUNTIME_ALLOWANCE_BYTES - activation_reserve_bytes)
+
+
+def instance_for_hosts(profile: ModelProfile, source: str,
+                       hosts: list[tuple[str, float, int]],
+                       bandwidth_mbps: dict[tuple[str, str], float]) -> Instance:
+    """Planner instance: one node per (name, cpu cores, memory bytes) host, speed = cores,
+    memory = host memory - runtime allowance - activation reserve. Bandwidth pairs between
+    endpoints the instance does not know are left out."""
+    reserve = profile.activation_reserve_bytes
+    nodes = [Node(name, float(cpu), node_memory_bytes(mem, reserve)) for name, cpu, mem in hosts]
+    known = {source, *(n.name for n in nodes)}
+    bandwidth: dict[tuple[str, str], float] = {}
+    for (a, b), mbps in bandwidth_mbps.items():
+        if a != b and a in known and b in known and (b, a) not in bandwidth:
+            bandwidth[(a, b)] = float(mbps)
+    return Instance(list(profile.segments), profile.input_bytes, nodes, source, bandwidth)
+
+
+def instance_for_topology(profile: ModelProfile, topology: Any) -> Instance:
+    """Instance for a `testbed.topology.Topology`: its edge hosts are the nodes, its
+    dispatcher the source, path bandwidth the narrowest link on the route."""
+    hosts = [(h.name, h.cpu, h.memory_bytes) for h in topology.edge_hosts()]
+    return instance_for_hosts(profile, topology.dispatcher().name, hosts,
+                              topology.path_bandwidth_mbps())
+
+
+# -- measuring a real stage process -----------------------------------------------------------
+_MEASURE_SCRIPT = r"""
+import json, sys
+def peak():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) * 1024
+import numpy as np, onnxruntime as ort, zmq  # what a worker imports before its session
+try:
+    from stage_image.worker import make_session
+except Exception:  # the worker module is not importable here: same options by hand
+    def make_session(path):
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = 1
+        o.inter_op_num_threads = 1
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(path, o, providers=['CPUExecutionProvider'])
+base = peak()
+session = make_session(sys.argv[1])
+loaded = peak()
+feeds = {}
+for i in session.get_inputs():
+    shape = [d if isinstance(d, int) else 1 for d in i.shape]
+    dtype = {'tensor(float)': np.float32, 'tensor(int64)': np.int64,
+             'tensor(int32)': np.int32, 'tensor(bool)': np.bool_}.get(i.type, np.float32)
+    feeds[i.name] = np.ones(shape, dtype)
+for _ in range(int(sys.argv[2])):
+    session.run(None, feeds)
+print(json.dumps({'base': base, 'loaded': loaded, 'peak': peak()}))
+"""
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Peak RSS of a process running one stage file, and what the formula says."""
+
+    base_bytes: int          # the worker interpreter before its session (imports done)
+    loaded_bytes: int        # peak after creating the session
+    peak_bytes: int          # peak after running it
+    file_bytes: int
+
+    @property
+    def measured_bytes(self) -> int:
+        """What the stage adds to its host's cgroup: the process above its interpreter plus
+        the model file on the tmpfs, without the session overhead (in the allowance)."""
+        return self.peak_bytes - self.base_bytes + self.file_bytes - SESSION_OVERHEAD_BYTES
+
+
+def measure_stage_memory(stage_path: str | os.PathLike[str], runs: int = 3) -> StageMemory:
+    """Run one stage in a fresh interpreter, as a worker would, and read its peak RSS."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    result = subprocess.run([sys.executable, "-c", _MEASURE_SCRIPT, str(stage_path), str(runs)],
+                            capture_output=True, text=True, env=env, check=True, timeout=300)
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    return StageMemory(data["base"], data["loaded"], data["peak"],
+                       Path(stage_path).stat().st_size)

@@ -1,0 +1,545 @@
+"""The per-host agent (the kubelet's role):
+
+    python -m stage_image.agent --host NAME --controller tcp://IP:18000 --data-dir DIR --ip IP
+
+It connects a DEALER (identity = host name) to the controller's ROUTER, says `hello`, and sends
+a `heartbeat` every interval listing every worker it holds and its state (the controller
+reconciles against that list, so a lost message is repaired by the next beat). It does what
+the controller says and decides nothing itself:
+
+- `deploy`: make sure the stage model is in `DATA_DIR/models/<sha256>.onnx` (fetched from the
+  controller in 1 MiB chunks over the control connection if missing), check its SHA-256 right
+  before every start (a mismatch deletes it and fetches it again), write the worker's config
+  and start `python -m stage_image.worker CONFIG.json` (same interpreter).
+- `stop`: SIGTERM the workers of an epoch (-1: all), SIGKILL after a grace period.
+
+Worker state changes (`ready`, `exited`, `failed`) are reported at once: the worker's stdout
+is a pipe in the same poll loop as the control socket, so its `ready` line and its exit (EOF)
+wake the agent immediately. Disk errors (ENOSPC, EROFS, ...) on the cache or on a worker's files
+are reported as `failed` with the reason; the agent itself never dies of one. Hashing runs in
+a thread so heartbeats keep flowing while a large model is checked on a slow CPU share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # so `-m stage_image.worker` imports
+STOP_GRACE_S = 3.0
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * CHUNK_BYTES):
+            digest.update(block)      # releases the GIL on large blocks
+    return digest.hexdigest()
+
+
+def describe_os_error(exc: OSError, what: str) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "OSError")
+    return f"{name}: {exc.strerror or exc} ({what})"
+
+
+@dataclass
+class WorkerRecord:
+    """One desired worker (epoch, stage) and what became of it."""
+
+    epoch: int
+    stage: int
+    version: int
+    sha256: str
+    size: int
+    port: int
+    next: str
+    inputs: list[str]
+    outputs: list[str]
+    state: str = "fetching"
+    proc: subprocess.Popen[bytes] | None = None
+    stdout_fd: int | None = None
+    deadline: float = 0.0             # start timeout, then kill deadline once stopping
+    stopping: bool = False
+    log_path: Path | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.epoch, self.stage)
+
+
+@dataclass
+class Fetch:
+    """A model being fetched: chunks are requested a few at a time (pipelining hides the
+    round trip on slow links) and written at their offsets."""
+
+    sha256: str
+    part: Path
+    fd: int
+    total: int | None = None
+    received: set[int] = field(default_factory=set)
+    requested: set[int] = field(default_factory=set)
+    last_activity: float = 0.0
+    attempts: int = 1
+
+
+class Agent:
+    def __init__(self, args: argparse.Namespace, log: logging.Logger) -> None:
+        self.args, self.log = args, log
+        self.host: str = args.host
+        self.data_dir = Path(args.data_dir)
+        self.models_dir = self.data_dir / "models"
+        self.log_dir = Path(args.log_dir) if args.log_dir else self.data_dir / "logs"
+        self.heartbeat_s = args.heartbeat_ms / 1000.0
+        self.workers: dict[tuple[int, int], WorkerRecord] = {}
+        self.fetches: dict[str, Fetch] = {}
+        self.verifying: dict[str, tuple[Future[str], Path, str]] = {}
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.attempts: dict[str, int] = {}   # fetch attempts per model
+        self.stopping = False
+        self.seq = 0
+        self.ctx = zmq.Context(1)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.host.encode())
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # ZMTP heartbeats: a connection silently cut (partition) is dropped and re-dialled
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        self.sock.connect(args.controller)
+        self._last_send_warning = 0.0
+
+    # -- messages to the controller ------------------------------------------------------------
+
+    def send(self, kind: str, **fields: Any) -> None:
+        try:
+            self.sock.send_multipart(encode_control(kind, **fields), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # the controller is unreachable and the queue is full: heartbeats repair state
+            now = time.monotonic()
+            if now - self._last_send_warning > 5:
+                self.log.warning("controller unreachable; dropping %s", kind)
+                self._last_send_warning = now
+
+    def report(self, rec: WorkerRecord, state: str, detail: str = "",
+               reason: str | None = None) -> None:
+        rec.state = state
+        log = self.log.warning if state == "failed" else self.log.info
+        log("worker e%d/s%d %s%s", rec.epoch, rec.stage, state, f": {detail}" if detail else "")
+        extra = {"reason": reason} if reason else {}
+        self.send("worker", epoch=rec.epoch, stage=rec.stage, state=state, detail=detail[:4000],
+                  **extra)
+
+    def heartbeat(self) -> None:
+        self.seq += 1
+        self.send("heartbeat", host=self.host, seq=self.seq,
+                  workers=[{"epoch": r.epoch, "stage": r.stage, "state": r.state}
+                           for r in self.workers.values()])
+
+    # -- control messages ----------------------------------------------------------------------
+
+    def on_message(self, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = decode_control(frames)
+        except FrameError as exc:
+            self.log.warning("bad control message dropped: %s", exc)
+            return
+        if msg.type == "deploy":
+            self.on_deploy(msg.fields)
+        elif msg.type == "stop":
+            self.on_stop(msg["epoch"])
+        elif msg.type == "chunk":
+            self.on_chunk(msg.fields, msg.blob)
+        else:
+            self.log.warning("unexpected control message %s dropped", msg.type)
+
+    def on_deploy(self, f: dict[str, Any]) -> None:
+        key = (f["epoch"], f["stage"])
+        old = self.workers.get(key)
+        if old is not None and old.state not in ("exited", "failed"):
+            return                      # a repeated deploy: level-triggered, nothing to do
+        if old is not None and old.proc is not None and old.proc.poll() is None:
+            return                      # still shutting down; the next beat will retry
+        rec = WorkerRecord(f["epoch"], f["stage"], f["version"], f["sha256"], f["size"],
+                           f["port"], f["next"], f["inputs"], f["outputs"])
+        self.workers[key] = rec
+        self.log.info("deploy e%d/s%d v%d model %s (%d bytes) port %d -> %s", rec.epoch,
+                      rec.stage, rec.version, rec.sha256[:12], rec.size, rec.port, rec.next)
+        self.ensure_model(rec.sha256)
+
+    def on_stop(self, epoch: int) -> None:
+        for rec in list(self.workers.values()):
+            if epoch != -1 and rec.epoch != epoch:
+                continue
+            if rec.proc is not None and rec.proc.poll() is None:
+                if not rec.stopping:
+                    rec.stopping = True
+                    rec.deadline = time.monotonic() + STOP_GRACE_S
+                    rec.proc.send_signal(signal.SIGTERM)
+            else:
+                del self.workers[rec.key]
+        self.log.info("stop epoch %s", "all" if epoch == -1 else epoch)
+
+    # -- model cache ---------------------------------------------------------------------------
+
+    def model_path(self, sha: str) -> Path:
+        return self.models_dir / f"{sha}.onnx"
+
+    def ensure_model(self, sha: str) -> None:
+        """Start a verification of the cached copy, or a fetch; workers start when it passes."""
+        if sha in self.verifying or sha in self.fetches:
+            return
+        path = self.model_path(sha)
+        if path.exists():
+            self.verify(sha, path, "cached")
+        else:
+            self.start_fetch(sha)
+
+    def verify(self, sha: str, path: Path, what: str) -> None:
+        self.verifying[sha] = (self.hasher.submit(sha256_file, path), path, what)
+
+    def on_verified(self, sha: str, future: Future[str], path: Path, what: str) -> None:
+        waiting = [r for r in self.workers.values()
+                   if r.sha256 == sha and r.state == "fetching" and not r.stopping]
+        try:
+            actual = future.result()
+        except OSError as exc:
+            actual = f"unreadable ({describe_os_error(exc, str(path))})"
+        if actual == sha:
+            if what == "fetched":
+                try:
+                    os.replace(path, self.model_path(sha))
+                except OSError as exc:
+                    self.fail_waiting(sha, describe_os_error(exc, "caching the model"), "disk")
+                    return
+            for rec in waiting:
+                self.start_worker(rec)
+            return
+        self.log.warning("%s model %s failed its SHA-256 check (got %s); deleting it", what,
+                         sha[:12], actual[:64])
+        self._unlink(path)
+        if what == "cached":
+            for rec in waiting:
+                # reported so the corruption shows in the controller's events
+                self.report(rec, "fetching", f"cached model {sha[:12]} failed its SHA-256 "
+                            f"check; deleted, fetching again", "corrupt_model")
+            self.start_fetch(sha)
+        elif self.attempts.get(sha, 1) < 3:
+            self.start_fetch(sha, attempts=self.attempts.get(sha, 1) + 1)
+        else:
+            self.fail_waiting(sha, f"model {sha[:12]} fetched 3 times, SHA-256 never matched",
+                             "fetch")
+
+    def start_fetch(self, sha: str, attempts: int = 1) -> None:
+        part = self.models_dir / f"{sha}.part"
+        try:
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            self.fail_waiting(sha, describe_os_error(exc, "creating the model cache"), "disk")
+            return
+        self.attempts[sha] = attempts
+        fetch = Fetch(sha, part, fd, last_activity=time.monotonic(), attempts=attempts)
+        self.fetches[sha] = fetch
+        fetch.requested.add(0)
+        self.send("fetch", sha256=sha, offset=0)
+        self.log.info("fetching model %s (attempt %d)", sha[:12], attempts)
+
+    def on_chunk(self, f: dict[str, Any], blob: memoryview | None) -> None:
+        sha = f["sha256"]
+        fetch = self.fetches.get(sha)
+        if fetch is None:
+            return                      # a late duplicate of a finished fetch
+        if "error" in f:
+            self.abort_fetch(fetch, f"controller cannot serve model {sha[:12]}: {f['error']}",
+                             "fetch")
+            return
+        offset, total = f["offset"], f["total"]
+        if fetch.total is None:
+            fetch.total = total
+        if total != fetch.total or offset % CHUNK_BYTES or blob is None:
+            self.log.warning("inconsistent chunk of %s dropped", sha[:12])
+            return
+        fetch.last_activity = time.monotonic()
+        if offset not in fetch.received:
+            try:
+                os.pwrite(fetch.fd, blob, offset)
+            except OSError as exc:
+                self.abort_fetch(fetch, describe_os_error(exc, f"writing model {sha[:12]}"),
+                                 "disk")
+                return
+            fetch.received.add(offset)
+        fetch.requested.discard(offset)
+        self.request_more(fetch)
+        needed = max(1, -(-total // CHUNK_BYTES))
+        if len(fetch.received) >= needed:
+            try:
+                os.close(fetch.fd)
+            except OSError as exc:
+                self.abort_fetch(fetch, describe_os_error(exc, f"writing model {sha[:12]}"),
+                                 "disk")
+                return
+            del self.fetches[sha]
+            self.log.info("model %s fetched (%d bytes)", sha[:12], total)
+            self.verify(sha, fetch.part, "fetched")
+
+    def request_more(self, fetch: Fetch) -> None:
+        if fetch.total is None:
+            return
+        offset = 0
+        while len(fetch.requested) < self.args.fetch_window and offset < fetch.total:
+            if offset not in fetch.received and offset not in fetch.requested:
+                fetch.requested.add(offset)
+                self.send("fetch", sha256=fetch.sha256, offset=offset)
+            offset += CHUNK_BYTES
+
+    def abort_fetch(self, fetch: Fetch, detail: str, reason: str) -> None:
+        try:
+            os.close(fetch.fd)
+        except OSError:
+            pass
+        self._unlink(fetch.part)       # a partial file on a full disk only makes it worse
+        self.fetches.pop(fetch.sha256, None)
+        self.fail_waiting(fetch.sha256, detail, reason)
+
+    def fail_waiting(self, sha: str, detail: str, reason: str) -> None:
+        for rec in list(self.workers.values()):
+            if rec.sha256 == sha and rec.state == "fetching":
+                self.report(rec, "failed", detail, reason)
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            self.log.warning("cannot delete %s: %s", path, exc)
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def start_worker(self, rec: WorkerRecord) -> None:
+        name = f"worker_e{rec.epoch}_s{rec.stage}"
+        config = {
+            "host": self.host, "epoch": rec.epoch, "stage": rec.stage, "version": rec.version,
+            "model": str(self.model_path(rec.sha256)),
+            "bind": f"tcp://{self.args.ip}:{rec.port}", "next": rec.next,
+            "inputs": rec.inputs, "outputs": rec.outputs,
+            # the worker ties its life to ours (PR_SET_PDEATHSIG): nothing outlives a kill -9
+            "parent_pid": os.getpid(),
+            # inside the host's CPU share the agent must win: a heartbeat delayed behind a
+            # busy worker would make the controller suspect a healthy node
+            "nice": 5,
+        }
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            config_path = self.log_dir / f"{name}.json"
+            config_path.write_text(json.dumps(config, indent=1))
+            rec.log_path = self.log_dir / f"{name}.log"
+            log_file = open(rec.log_path, "ab")
+        except OSError as exc:
+            self.report(rec, "failed", describe_os_error(exc, "writing the worker's files"),
+                        "disk")
+            return
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["OMP_NUM_THREADS"] = "1"
+        try:
+            with log_file:
+                rec.proc = subprocess.Popen(
+                    [self.args.python, "-m", "stage_image.worker", str(config_path)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
+                    env=env, cwd=str(self.log_dir), close_fds=True)
+        except OSError as exc:
+            self.report(rec, "failed", describe_os_error(exc, "starting the worker"), "exit")
+            return
+        assert rec.proc.stdout is not None
+        rec.stdout_fd = rec.proc.stdout.fileno()
+        os.set_blocking(rec.stdout_fd, False)
+        rec.state = "starting"
+        rec.deadline = time.monotonic() + self.args.start_timeout_s
+        self.log.info("worker e%d/s%d started, pid %d, log %s", rec.epoch, rec.stage,
+                      rec.proc.pid, rec.log_path)
+
+    def on_stdout(self, rec: WorkerRecord) -> None:
+        assert rec.proc is not None and rec.proc.stdout is not None
+        try:
+            data = os.read(rec.stdout_fd, 4096) if rec.stdout_fd is not None else b""
+        except BlockingIOError:
+            return
+        if data:
+            if b"ready" in data and rec.state == "starting" and not rec.stopping:
+                self.report(rec, "ready", reason="started")
+            return
+        rec.proc.stdout.close()         # EOF: the worker is exiting; reap it now
+        rec.stdout_fd = None
+        try:
+            rec.proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass                        # the periodic check will reap it
+        self.check_exit(rec)
+
+    def check_exit(self, rec: WorkerRecord) -> None:
+        assert rec.proc is not None
+        code = rec.proc.poll()
+        if code is None:
+            return
+        if rec.stdout_fd is not None and rec.proc.stdout is not None:
+            rec.proc.stdout.close()
+            rec.stdout_fd = None
+        if rec.stopping:
+            if rec.state != "failed":
+                self.report(rec, "exited", f"stopped (exit code {code})", "stopped")
+            del self.workers[rec.key]
+        elif rec.state == "failed":
+            pass                        # already reported (start timeout)
+        elif code == 0:
+            self.report(rec, "exited", "exited on its own with code 0", "exit")
+        else:
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            self.report(rec, "failed", f"{how}; {self.log_tail(rec)}", "exit")
+        rec.proc = None
+
+    def log_tail(self, rec: WorkerRecord, lines: int = 3) -> str:
+        try:
+            assert rec.log_path is not None
+            text = rec.log_path.read_bytes()[-4000:].decode("utf-8", "replace")
+        except (OSError, AssertionError):
+            return "no log"
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def check_deadlines(self, now: float) -> None:
+        for rec in list(self.workers.values()):
+            if rec.proc is not None:
+                self.check_exit(rec)
+            if rec.proc is None:
+                continue
+            if rec.stopping and now > rec.deadline:
+                rec.proc.kill()
+            elif rec.state == "starting" and not rec.stopping and now > rec.deadline:
+                self.log.warning("worker e%d/s%d not ready after %.0fs; killing it",
+                                 rec.epoch, rec.stage, self.args.start_timeout_s)
+                self.report(rec, "failed", "not ready in time; " + self.log_tail(rec),
+                            "start_timeout")
+                rec.proc.kill()         # reaped by check_exit, which keeps the failure
+        for sha, fetch in list(self.fetches.items()):
+            if now - fetch.last_activity > self.args.fetch_timeout_s:
+                if not any(r.sha256 == sha and r.state == "fetching"
+                           for r in self.workers.values()):
+                    self.abort_fetch(fetch, "no longer needed", "fetch")
+                    continue
+                self.log.warning("fetch of %s stalled; asking again", sha[:12])
+                fetch.last_activity = now
+                fetch.requested.clear()
+                if fetch.total is None:
+                    fetch.requested.add(0)
+                    self.send("fetch", sha256=sha, offset=0)
+                else:
+                    self.request_more(fetch)
+        for sha, (future, path, what) in list(self.verifying.items()):
+            if future.done():
+                del self.verifying[sha]
+                self.on_verified(sha, future, path, what)
+
+    # -- main loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self.models_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # not fatal: reported per deploy when the cache is actually needed
+            self.log.warning("cannot create %s: %s", self.models_dir, exc)
+        self.send("hello", host=self.host, pid=os.getpid(), ip=self.args.ip)
+        self.log.info("started: controller %s, data %s, heartbeat %.0f ms", self.args.controller,
+                      self.data_dir, 1000 * self.heartbeat_s)
+        next_beat = time.monotonic()
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= next_beat:
+                self.heartbeat()
+                next_beat = now + self.heartbeat_s
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            by_fd = {}
+            for rec in self.workers.values():
+                if rec.stdout_fd is not None:
+                    poller.register(rec.stdout_fd, zmq.POLLIN)
+                    by_fd[rec.stdout_fd] = rec
+            timeout = max(0.0, min(next_beat - time.monotonic(), 0.1))
+            for what, _ in poller.poll(int(timeout * 1000) + 1):
+                if what is self.sock:
+                    while True:
+                        try:
+                            self.on_message(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                        except zmq.Again:
+                            break
+                elif what in by_fd:
+                    self.on_stdout(by_fd[what])
+            self.check_deadlines(time.monotonic())
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self.on_stop(-1)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(r.proc is not None for r in self.workers.values()):
+            now = time.monotonic()
+            for rec in list(self.workers.values()):
+                if rec.proc is not None:
+                    if now > deadline:
+                        rec.proc.kill()
+                    self.check_exit(rec)
+            time.sleep(0.02)
+        self.hasher.shutdown(wait=False, cancel_futures=True)
+        self.sock.close()
+        self.ctx.term()
+        self.log.info("stopped")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stage_image.agent", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", required=True, help="this host's name (as in the topology)")
+    p.add_argument("--controller", required=True, help="tcp://IP:PORT of the controller")
+    p.add_argument("--data-dir", required=True, help="host-private data directory")
+    p.add_argument("--ip", required=True, help="IP address workers bind on")
+    p.add_argument("--log-dir", help="worker logs and configs (default DATA_DIR/logs)")
+    p.add_argument("--heartbeat-ms", type=float, default=200.0, help="default 200")
+    p.add_argument("--fetch-window", type=int, default=4, help="chunks in flight (default 4)")
+    p.add_argument("--fetch-timeout-s", type=float, default=10.0,
+                   help="re-ask for chunks after this long without one (default 10)")
+    p.add_argument("--start-timeout-s", type=float, default=120.0,
+                   help="a worker not ready after this long fails (default 120)")
+    p.add_argument("--python", default=sys.executable, help="interpreter for workers")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s agent[{args.host}] %(levelname)s %(message)s")
+    agent = Agent(args, logging.getLogger("agent"))
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        agent.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Build the stage image offline: `python -m stage_image.build_image` (`make image`, as root).
+
+Division of labour: this is a host-side build tool that lives next to the Dockerfile; it is
+not copied into the image (only the agent and worker modules are). Starting and stopping the
+Docker daemon is testbed/dockerd.py.
+
+Steps, each cached under .cache/ (git-ignored) so a second run is quick and network-free:
+  1. wheelhouse: `pip download` on the host of onnxruntime, pyzmq, numpy (+ deps, + pip) for
+     the image's Python (cp311 manylinux), pinned as in requirements.txt. pip inside a container
+     fails TLS here, and a host-side download keeps the build itself offline.
+  2. base image: unless BASE is a registry image, `edgepipe-base:bookworm` is made locally:
+     `debootstrap --variant=minbase --include=python3 bookworm`, trimmed (docs, man pages,
+     locales, apt lists), tarred (the tar is cached) and `docker import`ed.
+  3. `docker build --network none` of a context assembled in .cache/image-context.
+The image carries a label with a digest of its inputs; an image with the same digest is not
+rebuilt. The size is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from testbed.dockerd import Dockerd, DockerError, docker_cli
+
+REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+DEFAULT_CACHE = REPO / ".cache"
+LOCAL_BASE = "edgepipe-base:bookworm"
+DEFAULT_TAG = "edgepipe-stage:latest"
+DIGEST_LABEL = "edgepipe.inputs-sha256"
+# What the image needs at run time; versions come from requirements.txt so the image runs the
+# same onnxruntime/pyzmq/numpy as the host-side tests.
+IMAGE_PACKAGES = ("onnxruntime", "pyzmq", "numpy")
+PIP_VERSION = "25.3"                 # the pip that installs the wheels inside the build
+# Only these leave the image's rootfs smaller without breaking apt or Python.
+TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
+        "usr/share/lintian", "var/cache/apt", "var/lib/apt/lists", "var/log")
+
+
+def log(message: str) -> None:
+    print(f"[image] {message}", flush=True)
+
+
+def pinned_requirements(requirements: Path = REPO / "requirements.txt") -> list[str]:
+    """`name==version` for each image package, from the project's pinned requirements."""
+    pins: dict[str, str] = {}
+    for line in requirements.read_text().splitlines():
+        match = re.match(r"^\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s#;]+)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    missing = [p for p in IMAGE_PACKAGES if p not in pins]
+    if missing:
+        raise SystemExit(f"{requirements}: no pinned version for {', '.join(missing)}")
+    return [f"{p}=={pins[p]}" for p in IMAGE_PACKAGES]
+
+
+def wheel_platforms(arch: str, glibc_minor: int = 36) -> list[str]:
+    """Every manylinux tag a glibc 2.36 system (bookworm) runs. pip download --platform takes
+    the tags literally (no expansion to older glibc), so list them all, newest first."""
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(glibc_minor, 4, -1)]
+    return [*tags, f"manylinux2014_{arch}", f"manylinux2010_{arch}", f"manylinux1_{arch}"]
+
+
+def download_wheelhouse(dest: Path, requirements: list[str], python_version: str,
+                        arch: str) -> Path:
+    """pip download the wheels for the image's interpreter (not the host's) into `dest`.
+    Skipped when `dest` already holds exactly this request (stamp file)."""
+    request = "\n".join([*requirements, f"pip=={PIP_VERSION}",
+                         f"python={python_version} arch={arch}"]) + "\n"
+    stamp = dest / ".request"
+    if stamp.exists() and stamp.read_text() == request:
+        log(f"wheelhouse cached in {dest}")
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    abi = "cp" + python_version.replace(".", "")
+    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q",
+           "--dest", str(dest), "--only-binary=:all:", "--implementation", "cp",
+           "--python-version", python_version, "--abi", abi,
+           *[arg for tag in wheel_platforms(arch) for arg in ("--platform", tag)],
+           *requirements, f"pip=={PIP_VERSION}"]
+    log(f"downloading wheels for {abi}/{arch}: {' '.join(requirements)}")
+    subprocess.run(cmd, check=True)
+    (dest / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    stamp.write_text(request)
+    return dest
+
+
+def debian_arch(arch: str) -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+
+
+def make_rootfs_tar(tar_path: Path, suite: str, mirror: str, arch: str) -> Path:
+    """debootstrap a minimal Debian with python3 and tar it (cached: ~35 s + python)."""
+    if tar_path.exists():
+        log(f"base rootfs cached in {tar_path}")
+        return tar_path
+    if shutil.which("debootstrap") is None:
+        raise SystemExit("debootstrap not found: apt-get install debootstrap")
+    rootfs = tar_path.with_suffix(".rootfs")
+    if rootfs.exists():
+        shutil.rmtree(rootfs)
+    log(f"debootstrap --variant=minbase {suite} (python3 included) from {mirror}")
+    started = time.monotonic()
+    # python3 goes into the base so that the image build needs no network at all.
+    subprocess.run(["debootstrap", "--variant=minbase", f"--arch={debian_arch(arch)}",
+                    "--include=python3", suite, str(rootfs), mirror],
+                   check=True, stdout=subprocess.DEVNULL)
+    log(f"debootstrap took {time.monotonic() - started:.0f} s")
+    for rel in TRIM:
+        target = rootfs / rel
+        if target.is_dir():
+            for child in target.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+    # Keep apt usable for derived images, but never ship lists or caches.
+    (rootfs / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+    (rootfs / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+    partial = tar_path.with_suffix(".tar.partial")
+
+    def skip_pseudo(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        # Docker provides /dev, /proc and /sys at run time; device nodes made by debootstrap
+        # would only add noise (and cannot be created by an unprivileged import).
+        parts = Path(info.name).parts
+        if len(parts) > 2 and parts[1] in ("dev", "proc", "sys"):
+            return None
+        return info
+
+    with tarfile.open(partial, "w") as tar:
+        tar.add(str(rootfs), arcname=".", filter=skip_pseudo)
+    partial.rename(tar_path)
+    shutil.rmtree(rootfs)
+    return tar_path
+
+
+def import_base(daemon: Dockerd, tar_path: Path, name: str) -> None:
+    log(f"docker import {tar_path.name} -> {name}")
+    with open(tar_path, "rb") as stream:
+        proc = subprocess.run(
+            [docker_cli(), "-H", daemon.host, "import",
+             "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "--change", "ENV LANG=C.UTF-8",
+             "--change", 'CMD ["/bin/bash"]',
+             "-", name], stdin=stream, capture_output=True)
+    if proc.returncode != 0:
+        raise DockerError(f"docker import failed: {proc.stderr.decode(errors='replace')}")
+
+
+def app_files() -> list[Path]:
+    """The modules that run in the image: stage_image/*.py except this build tool."""
+    return sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name)
+
+
+def assemble_context(context: Path, wheelhouse: Path) -> str:
+    """Write the build context and return a digest of everything in it."""
+    if context.exists():
+        shutil.rmtree(context)
+    (context / "wheelhouse").mkdir(parents=True)
+    (context / "app").mkdir()
+    digest = hashlib.sha256()
+    shutil.copy2(HERE / "Dockerfile", context / "Dockerfile")
+    digest.update((HERE / "Dockerfile").read_bytes())
+    for wheel in sorted(wheelhouse.glob("*.whl")) + [wheelhouse / "requirements.txt"]:
+        target = context / "wheelhouse" / wheel.name
+        try:
+            os.link(wheel, target)          # same filesystem: no copy of ~40 MB of wheels
+        except OSError:
+            shutil.copy2(wheel, target)
+        digest.update(wheel.name.encode())
+    for module in app_files():
+        shutil.copy2(module, context / "app" / module.name)
+        digest.update(module.name.encode() + b"\0" + module.read_bytes())
+    return digest.hexdigest()
+
+
+def image_digest_label(daemon: Dockerd, tag: str) -> str | None:
+    proc = daemon.docker("image", "inspect", "-f",
+                         "{{ index .Config.Labels \"" + DIGEST_LABEL + "\" }}", tag, check=False)
+    return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+
+def image_size(daemon: Dockerd, tag: str) -> int:
+    return int(daemon.docker("image", "inspect", "-f", "{{.Size}}", tag).stdout.decode())
+
+
+def build(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    cache: Path = args.cache
+    arch = args.arch
+    requirements = pinned_requirements()
+    wheelhouse = download_wheelhouse(cache / "wheelhouse" / f"cp{args.python.replace('.', '')}"
+                                     f"-{arch}", requirements, args.python, arch)
+    local_base = args.base == LOCAL_BASE
+    daemon = Dockerd(iptables=not local_base)
+    daemon.start()
+    try:
+        if local_base and (args.rebuild_base or not daemon.image_exists(LOCAL_BASE)):
+            tar_path = cache / "base" / f"{args.suite}-{arch}.tar"
+            if args.rebuild_base and tar_path.exists():
+                tar_path.unlink()
+            make_rootfs_tar(tar_path, args.suite, args.mirror, arch)
+            import_base(daemon, tar_path, LOCAL_BASE)
+        context = cache / "image-context"
+        digest = assemble_context(context, wheelhouse)
+        digest = hashlib.sha256(f"{digest}:{args.base}".encode()).hexdigest()
+        if not args.force and image_digest_label(daemon, args.tag) == digest:
+            log(f"{args.tag} is up to date")
+        else:
+            log(f"docker build {args.tag} FROM {args.base}")
+            # A local base needs nothing from outside; a registry base needs apt's network.
+            network = ["--network", "none"] if local_base else []
+            daemon.docker("build", *network, "--build-arg", f"BASE={args.base}",
+                          "--label", f"{DIGEST_LABEL}={digest}", "-t", args.tag,
+                          *(["-q"] if args.quiet else []), str(context), capture=args.quiet,
+                          timeout=1800)
+            # Intermediate stages (the wheel files) are left dangling by the classic builder.
+            daemon.docker("image", "prune", "-f", "--filter", "dangling=true", check=False)
+        size = image_size(daemon, args.tag)
+        log(f"{args.tag}: {size / 1e6:.0f} MB ({size} bytes), "
+            f"built in {time.monotonic() - started:.0f} s on {daemon.host}")
+    finally:
+        if not args.keep_daemon:
+            daemon.stop()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m stage_image.build_image",
+                                 description="Build the stage image without any registry.")
+    ap.add_argument("--base", default=os.environ.get("BASE", LOCAL_BASE),
+                    help=f"base image (default {LOCAL_BASE}, made locally with debootstrap; "
+                         "a registry image such as debian:bookworm-slim needs network)")
+    ap.add_argument("--tag", default=DEFAULT_TAG)
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--python", default="3.11", help="the image's Python (bookworm: 3.11)")
+    ap.add_argument("--arch", default=platform.machine())
+    ap.add_argument("--suite", default="bookworm")
+    ap.add_argument("--mirror", default="http://deb.debian.org/debian")
+    ap.add_argument("--rebuild-base", action="store_true", help="debootstrap again")
+    ap.add_argument("--force", action="store_true", help="build even if up to date")
+    ap.add_argument("--keep-daemon", action="store_true",
+                    help="leave a dockerd we started running (default: stop it by PID)")
+    ap.add_argument("--quiet", action="store_true", help="no docker build output")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if os.geteuid() != 0:
+        print("building the image needs root (dockerd, debootstrap)", file=sys.stderr)
+        return 2
+    try:
+        return build(args)
+    except (DockerError, subprocess.CalledProcessError) as exc:
+        print(f"image build failed: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

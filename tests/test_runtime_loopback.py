@@ -1,0 +1,442 @@
+"""The runtime end to end without root: controller (+ dispatcher) and two agents with their
+workers on loopback, each on its own 127.0.0.x address, serving a tiny 2-stage model whose
+cut carries two tensors (one passed through). One run (module fixture, a few seconds of
+closed-loop load) is checked from several sides: every request answered and correct, a
+worker fed garbage frames keeps serving, a corrupted cached model is caught by its SHA-256
+and fetched again, and everything exits cleanly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import zmq
+from onnx import TensorProto, helper, numpy_helper
+
+from stage_image.wire import encode_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTS = {"edge1": "127.0.0.11", "edge2": "127.0.0.12"}
+DISPATCHER_IP = "127.0.0.13"
+# ports in 31000-31999; the offset keeps two concurrent test runs apart
+PORT = 31000 + (os.getpid() % 45) * 20
+DURATION_S = 3.0
+
+
+# -- a tiny model, split by hand --------------------------------------------------------------
+
+def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_tiny(root: Path) -> dict[str, Path]:
+    """y = relu(x W1) W2 + x W3. Cut after the relu: the cut carries h *and* x, and stage 0
+    passes x through unchanged (like a transformer's attention mask)."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "W1")
+    w2 = numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "W2")
+    w3 = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W3")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    mm1 = helper.make_node("MatMul", ["x", "W1"], ["a"])
+    relu = helper.make_node("Relu", ["a"], ["h"])
+    mm2 = helper.make_node("MatMul", ["h", "W2"], ["b"])
+    mm3 = helper.make_node("MatMul", ["x", "W3"], ["c"])
+    add = helper.make_node("Add", ["b", "c"], ["y"])
+    stages = root / "stages"
+    stages.mkdir(parents=True)
+    paths = {"model": root / "tiny.onnx", "stages": stages}
+    onnx.save(_model([mm1, relu, mm2, mm3, add], [x], [y], [w1, w2, w3]), paths["model"])
+    onnx.save(_model([mm1, relu], [x], [h], [w1]), stages / "stage_00.onnx")
+    onnx.save(_model([mm2, mm3, add], [h, x], [y], [w2, w3]), stages / "stage_01.onnx")
+    (stages / "stages.json").write_text(json.dumps([
+        {"file": "stage_00.onnx", "inputs": ["x"], "outputs": ["h", "x"]},
+        {"file": "stage_01.onnx", "inputs": ["h", "x"], "outputs": ["y"]}]))
+    instance = {
+        "segments": [{"compute_ms": 0.02, "memory_bytes": 4096, "output_bytes": 192},
+                     {"compute_ms": 0.02, "memory_bytes": 4096, "output_bytes": 32}],
+        "input_bytes": 64,
+        "nodes": [{"name": h, "speed": 1.0, "memory_bytes": 1 << 30} for h in HOSTS],
+        "source": "dispatcher",
+        "bandwidth_mbps": [["dispatcher", "edge1", 1000.0], ["dispatcher", "edge2", 1000.0],
+                           ["edge1", "edge2", 1000.0]]}
+    paths["instance"] = root / "instance.json"
+    paths["instance"].write_text(json.dumps(instance))
+    paths["plan"] = root / "plan.json"
+    paths["plan"].write_text(json.dumps({"algorithm": "given", "stages": [
+        {"segments": [0, 1], "node": "edge1"}, {"segments": [1, 2], "node": "edge2"}]}))
+    return paths
+
+
+# -- processes and the driver's side of the control socket ------------------------------------
+
+class Client:
+    """The driver's REQ socket (re-created after a timeout, as REQ requires)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.ctx = zmq.Context.instance()
+        self.sock = self._socket()
+
+    def _socket(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 2000)
+        sock.connect(self.address)
+        return sock
+
+    def __call__(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        self.sock.send_json({"cmd": cmd, **fields})
+        try:
+            return self.sock.recv_json()
+        except zmq.Again:
+            self.sock.close(0)
+            self.sock = self._socket()
+            raise
+
+    def wait_for(self, states: set[str], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                status = self("status")
+            except zmq.Again:
+                continue
+            if status["state"] in states or status["state"] == "failed":
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"state never reached {states}; last status {status}")
+
+
+def start(argv: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    return subprocess.Popen([sys.executable, *argv], stdout=subprocess.DEVNULL,
+                            stderr=open(log, "wb"), cwd=ROOT, env=env)
+
+
+def garbage_for(address: str) -> None:
+    """Feed stage 0 everything a worker must survive."""
+    good_x = np.zeros((1, 16), np.float32)
+    header = {"kind": "tensor", "rid": 10**9, "epoch": 1, "version": 1, "sent": 0.0,
+              "tensors": [{"name": "x", "dtype": "float32", "shape": [1, 16], "nbytes": 64}]}
+
+    def variant(**changes: Any) -> bytes:
+        tensor = {**header["tensors"][0], **changes.pop("tensor", {})}
+        return json.dumps({**header, **changes, "tensors": [tensor]}).encode()
+
+    messages = [
+        [b"this is not json"],
+        [b"\x80\x81\x82", good_x.tobytes()],
+        [variant(tensor={"dtype": "complex128"}), good_x.tobytes()],
+        [variant(tensor={"shape": [1 << 30, 1 << 30]}), good_x.tobytes()],
+        [variant(tensor={"nbytes": 63}), good_x.tobytes()],
+        [variant(), good_x.tobytes(), good_x.tobytes()],
+        [variant(), good_x.tobytes()[:-4]],
+        [variant(tensor={"name": "not_x"}), good_x.tobytes()],
+        [variant(tensor={"dtype": "int32"}), np.zeros((1, 16), np.int32).tobytes()],
+        [variant(tensor={"shape": [2, 8]}), good_x.tobytes()],     # ORT refuses the shape
+        encode_tensors(10**9 + 1, 99, 1, 0.0, {"x": good_x}),        # stale epoch
+    ]
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(address)
+    for message in messages * 3:
+        sock.send_multipart(message, copy=False)
+    sock.close()       # linger: all of it is delivered
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("loopback")
+    paths = build_tiny(root)
+    run_dir = root / "run"
+    config = {
+        "run_dir": str(run_dir), "model": str(paths["model"]),
+        "instance": str(paths["instance"]), "hosts": HOSTS, "dispatcher_ip": DISPATCHER_IP,
+        "plan": str(paths["plan"]), "stages_dir": str(paths["stages"]),
+        "control_port": PORT, "sink_port": PORT + 1, "data_port_base": PORT + 2,
+        "data_port_span": 10, "control_ipc": f"ipc://{root}/control.sock",
+        "heartbeat_ms": 100, "suspect_after_missed": 10, "replan": False,
+        "workload": {"mode": "closed", "concurrency": 4, "duration_s": DURATION_S,
+                     "pool_size": 8, "seed": 3, "timeout_s": 3.0, "drain_timeout_s": 5.0},
+    }
+    (root / "controller.json").write_text(json.dumps(config))
+
+    # a corrupted copy of stage 1 already sits in edge2's cache, under its true hash
+    import hashlib
+
+    sha1 = hashlib.sha256((paths["stages"] / "stage_01.onnx").read_bytes()).hexdigest()
+    (root / "edge2" / "models").mkdir(parents=True)
+    (root / "edge2" / "models" / f"{sha1}.onnx").write_bytes(b"definitely not that model")
+
+    procs: dict[str, subprocess.Popen] = {}
+    started = time.monotonic()
+    try:
+        procs["controller"] = start(["-m", "testbed.controller", str(root / "controller.json")],
+                                    root / "controller.log")
+        for host, ip in HOSTS.items():
+            procs[host] = start(["-m", "stage_image.agent", "--host", host, "--controller",
+                                 f"tcp://{DISPATCHER_IP}:{PORT}", "--data-dir",
+                                 str(root / host), "--ip", ip, "--heartbeat-ms", "100"],
+                                root / f"agent_{host}.log")
+        client = Client(config["control_ipc"])
+        ready = client.wait_for({"ready"}, 30)
+        assert ready["state"] == "ready", ready
+        deploy_s = time.monotonic() - started
+
+        garbage_for(ready["endpoints"][0]["address"])
+        assert client("start_workload")["ok"]
+        time.sleep(0.5)
+        midway = client("status")
+        done = client.wait_for({"done"}, DURATION_S + 15)
+        stop = client("stop")
+        codes = {}
+        codes["controller"] = procs["controller"].wait(10)
+        time.sleep(0.3)      # the agents act on the final stop(-1)
+        agent_children = {h: subprocess.run(["pgrep", "-P", str(procs[h].pid)],
+                                            capture_output=True, text=True).stdout.split()
+                          for h in HOSTS}
+        for host in HOSTS:
+            procs[host].send_signal(signal.SIGTERM)
+            codes[host] = procs[host].wait(10)
+        return {"root": root, "run_dir": run_dir, "ready": ready, "midway": midway,
+                "done": done, "stop": stop, "codes": codes, "deploy_s": deploy_s,
+                "agent_children": agent_children, "sha1": sha1}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def events(run: dict[str, Any]) -> list[dict[str, Any]]:
+    lines = (run["run_dir"] / "events.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+def test_every_request_answered_once_and_correct(run):
+    done = run["done"]
+    assert done["state"] == "done"
+    assert done["completed"] > 0
+    assert done["completed"] == done["sent"]
+    assert (done["lost"], done["mismatched"], done["duplicates"]) == (0, 0, 0)
+    assert run["midway"]["state"] == "running"
+    assert run["midway"]["throughput_1s"] > 0
+    assert run["ready"]["epoch"] == 1
+    assert [e["host"] for e in run["ready"]["endpoints"]] == ["edge1", "edge2"]
+
+
+def test_requests_csv_has_one_row_per_request(run):
+    with (run["run_dir"] / "requests.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["rid", "input", "epoch", "version", "sent", "done", "latency_ms",
+                             "attempts", "status", "mismatched"]
+    assert len(rows) == run["done"]["sent"]
+    assert sorted(int(r["rid"]) for r in rows) == list(range(len(rows)))
+    assert {r["status"] for r in rows} == {"completed"}
+    assert {r["mismatched"] for r in rows} == {"0"}
+    assert {r["epoch"] for r in rows} == {"1"}
+    assert {int(r["input"]) for r in rows} == set(range(8))       # the whole pool is used
+    assert all(float(r["done"]) >= float(r["sent"]) for r in rows)
+
+
+def test_control_plane_events(run):
+    kinds = [e["type"] for e in events(run)]
+    for expected in ("controller.started", "agent.hello", "plan.computed", "deploy.sent",
+                     "model.sent", "worker.ready", "epoch.ready", "plan.deployed",
+                     "workload.started", "workload.done", "controller.stopped"):
+        assert expected in kinds, expected
+    assert "node.suspected" not in kinds
+    assert "worker.failed" not in kinds
+    deployed = next(e for e in events(run) if e["type"] == "plan.deployed")
+    assert deployed["predicted_throughput_rps"] > 0
+    assert all(isinstance(e["t"], float) for e in events(run))
+
+
+def test_worker_fed_garbage_keeps_serving(run):
+    log = (run["root"] / "edge1" / "logs" / "worker_e1_s0.log").read_text()
+    for expected in ("bad frame dropped", "of epoch 99 dropped", "carries ['not_x']",
+                     "onnxruntime refused it", "stats "):
+        assert expected in log, expected
+    assert "suppressed" in log or log.count("bad frame dropped") >= 1
+    stats = [line for line in log.splitlines() if "exiting: frames=" in line]
+    assert stats, log[-2000:]
+    # the same process served the whole workload after the garbage
+    assert run["done"]["completed"] > 0
+    assert "worker.failed" not in [e["type"] for e in events(run)]
+
+
+def test_corrupted_cached_model_is_fetched_again(run):
+    kinds = [(e["type"], e.get("host")) for e in events(run)]
+    assert ("model.corrupt", "edge2") in kinds
+    assert ("model.sent", "edge2") in kinds
+    agent_log = (run["root"] / "agent_edge2.log").read_text()
+    assert "failed its SHA-256 check" in agent_log
+    cached = run["root"] / "edge2" / "models" / f"{run['sha1']}.onnx"
+    import hashlib
+
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == run["sha1"]
+
+
+def test_everything_exits_cleanly(run):
+    assert run["stop"] == {"ok": True}
+    assert run["codes"] == {"controller": 0, "edge1": 0, "edge2": 0}
+    # the controller's final stop(-1) left the agents without workers
+    assert run["agent_children"] == {"edge1": [], "edge2": []}
+
+
+# -- the agent's disk errors ------------------------------------------------------------------
+
+def test_agent_reports_disk_full_instead_of_crashing(tmp_path):
+    """A chunk that cannot be written (ENOSPC: the partial file is /dev/full) fails the
+    worker with the reason; the agent carries on and frees the partial file."""
+    from stage_image import agent as agent_mod
+
+    args = agent_mod.parse_args(["--host", "edge9", "--controller", f"tcp://127.0.0.1:{PORT + 19}",
+                                 "--data-dir", str(tmp_path), "--ip", "127.0.0.19"])
+    agent = agent_mod.Agent(args, agent_mod.logging.getLogger("test-agent"))
+    sent: list[tuple[str, dict[str, Any]]] = []
+    agent.send = lambda kind, **fields: sent.append((kind, fields))   # type: ignore[method-assign]
+    try:
+        sha = "cd" * 32
+        (tmp_path / "models").mkdir()
+        (tmp_path / "models" / f"{sha}.part").symlink_to("/dev/full")
+        agent.on_deploy({"epoch": 1, "stage": 0, "version": 1, "sha256": sha, "size": 3,
+                         "port": PORT + 18, "next": "tcp://127.0.0.1:1", "inputs": ["x"],
+                         "outputs": ["y"]})
+        assert sent[-1] == ("fetch", {"sha256": sha, "offset": 0})
+        agent.on_chunk({"sha256": sha, "offset": 0, "total": 3}, memoryview(b"abc"))
+        kind, fields = sent[-1]
+        assert kind == "worker"
+        assert fields["state"] == "failed" and fields["reason"] == "disk"
+        assert fields["detail"].startswith("ENOSPC")
+        assert not (tmp_path / "models" / f"{sha}.part").exists()
+        agent.heartbeat()
+        assert sent[-1][1]["workers"] == [{"epoch": 1, "stage": 0, "state": "failed"}]
+        # the model directory being a file: reported, not raised
+        sha2 = "ef" * 32
+        (tmp_path / "models2").write_text("")
+        agent.models_dir = tmp_path / "models2"
+        agent.on_deploy({"epoch": 2, "stage": 0, "version": 1, "sha256": sha2, "size": 3,
+                         "port": PORT + 18, "next": "tcp://127.0.0.1:1", "inputs": ["x"],
+                         "outputs": ["y"]})
+        assert sent[-1][1]["state"] == "failed" and sent[-1][1]["reason"] == "disk"
+    finally:
+        agent.sock.close(0)
+        agent.ctx.term()
+
+
+# -- a node dies under load: suspected, re-planned over the live nodes, replayed --------------
+
+def _planner_available() -> bool:
+    try:
+        from partitioner.algorithms import solve  # noqa: F401
+        from partitioner.split import split_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+THREE_HOSTS = {"edge1": "127.0.0.11", "edge2": "127.0.0.12", "edge3": "127.0.0.14"}
+
+
+@pytest.mark.skipif(not _planner_available(), reason="partitioner.algorithms.solve not there")
+def test_node_crash_is_detected_replanned_and_replayed(tmp_path):
+    paths = build_tiny(tmp_path)
+    from partitioner import cuts as cutlib
+
+    analysis = cutlib.analyze(cutlib.infer_shapes(cutlib.load(paths["model"])))
+    # compute-heavy segments on equal nodes: the best plan spreads over several nodes
+    instance = {
+        "segments": [{"compute_ms": 10.0, "memory_bytes": 4096, "output_bytes": 192}
+                     for _ in range(analysis.segment_count)],
+        "input_bytes": 64,
+        "nodes": [{"name": h, "speed": 1.0, "memory_bytes": 1 << 30} for h in THREE_HOSTS],
+        "source": "dispatcher",
+        "bandwidth_mbps": [[a, b, 1000.0] for a in ["dispatcher", *THREE_HOSTS]
+                           for b in THREE_HOSTS if a < b or a == "dispatcher"]}
+    paths["instance"].write_text(json.dumps(instance))
+    port = PORT + 10
+    config = {
+        "run_dir": str(tmp_path / "run"), "model": str(paths["model"]),
+        "instance": str(paths["instance"]), "hosts": THREE_HOSTS,
+        "dispatcher_ip": DISPATCHER_IP, "control_port": port, "sink_port": port + 1,
+        "data_port_base": port + 2, "data_port_span": 8,
+        "control_ipc": f"ipc://{tmp_path}/control.sock", "heartbeat_ms": 100,
+        "suspect_after_missed": 3, "replan": True,
+        "planner": {"algorithm": "auto", "time_limit_s": 1.0},
+        "workload": {"mode": "closed", "concurrency": 4, "duration_s": 4.0, "timeout_s": 1.0,
+                     "drain_timeout_s": 5.0},
+    }
+    (tmp_path / "controller.json").write_text(json.dumps(config))
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs["controller"] = start(["-m", "testbed.controller",
+                                     str(tmp_path / "controller.json")],
+                                    tmp_path / "controller.log")
+        for host, ip in THREE_HOSTS.items():
+            procs[host] = start(["-m", "stage_image.agent", "--host", host, "--controller",
+                                 f"tcp://{DISPATCHER_IP}:{port}", "--data-dir",
+                                 str(tmp_path / host), "--ip", ip, "--heartbeat-ms", "100"],
+                                tmp_path / f"agent_{host}.log")
+        client = Client(config["control_ipc"])
+        ready = client.wait_for({"ready"}, 40)
+        assert ready["state"] == "ready", ready
+        # the last stage: the requests queued upstream of it are certainly lost with it
+        victim = ready["endpoints"][-1]["host"]
+        if len(ready["endpoints"]) == 1:
+            pytest.skip("the planner chose a single stage")
+        assert client("start_workload")["ok"]
+        time.sleep(1.0)
+        orphans = subprocess.run(["pgrep", "-P", str(procs[victim].pid)],
+                                 capture_output=True, text=True).stdout.split()
+        crashed_at = time.time()
+        procs[victim].kill()                     # the node crashes: agent and worker
+        procs[victim].wait()
+        done = client.wait_for({"done"}, 30)
+        client("stop")
+        assert procs["controller"].wait(10) == 0
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert (done["lost"], done["mismatched"]) == (0, 0), done
+    assert done["completed"] == done["sent"] > 0
+    assert done["epoch"] >= 2
+    assert victim not in [e["host"] for e in done["endpoints"]]
+    evs = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text()
+           .splitlines()]
+    suspected = [e for e in evs if e["type"] == "node.suspected" and e["host"] == victim]
+    assert suspected and suspected[0]["t"] - crashed_at < 1.0       # detection under 1 s
+    deployed = [e for e in evs if e["type"] == "plan.deployed"]
+    assert deployed[-1]["epoch"] == done["epoch"] and victim not in deployed[-1]["hosts"]
+    assert any(e["type"] == "requests.replayed" for e in evs)
+    assert done["replays"] > 0
+    with (tmp_path / "run" / "requests.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["epoch"] for r in rows} >= {"1", str(done["epoch"])}
+    assert any(int(r["attempts"]) > 1 and r["epoch"] == str(done["epoch"]) for r in rows)
+    print(f"detected after {suspected[0]['t'] - crashed_at:.2f}s, new epoch active after "
+          f"{deployed[-1]['t'] - crashed_at:.2f}s")
+    for pid in orphans:                          # the worker died with its agent
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+            f"/proc/{pid}/status").read_text()
