@@ -126,12 +126,47 @@ def load(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
         raise InputError(f"not an ONNX model: {exc}", file=model) from exc
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape-inferred copy (data propagation on, so Reshape targets resolve)."""
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without the data of its large initializers: shape inference needs their
+    dims only (small ones, such as Reshape targets, keep their values), and serialising
+    hundreds of MB of weights in and out of the inference library is what makes it slow."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for init in model.graph.initializer:
+        if init.HasField("data_location") and init.data_location == onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(init)
+        elif int(np.prod(init.dims, dtype=np.int64)) > 1024:   # (raw_data would copy)
+            graph.initializer.append(onnx.TensorProto(name=init.name, dims=init.dims,
+                                                      data_type=init.data_type))
+        else:
+            graph.initializer.append(init)
+    return light
+
+
+def _inferred_light(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:
+        return onnx.shape_inference.infer_shapes(_light_copy(model), data_prop=True)
+    except Exception as exc:   # the inference library raises several unrelated types
         raise InputError(f"ONNX shape inference failed: {exc}") from exc
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape-inferred copy of a model, weights included (data propagation on, so Reshape
+    targets resolve)."""
+    inferred = _inferred_light(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.ClearField("value_info")
+    out.graph.value_info.extend(inferred.graph.value_info)
+    return out
 
 
 def _has_shapes(model: onnx.ModelProto) -> bool:
@@ -182,10 +217,8 @@ def analyze(model: onnx.ModelProto | str | os.PathLike[str],
             region_share: float = DEFAULT_REGION_SHARE) -> CutAnalysis:
     """Find the cuts of a model (a ModelProto, shape-inferred or not, or a path)."""
     model = load(model)
-    if not _has_shapes(model):
-        model = infer_shapes(model)
+    infos = _tensor_infos(model if _has_shapes(model) else _inferred_light(model))
     graph = model.graph
-    infos = _tensor_infos(model)
     initializers = {t.name for t in graph.initializer}
     graph_inputs = [i.name for i in graph.input if i.name not in initializers]
     graph_outputs = [o.name for o in graph.output]

@@ -225,7 +225,9 @@ def build(args: argparse.Namespace) -> int:
                           *(["-q"] if args.quiet else []), str(context), capture=args.quiet,
                           timeout=1800)
             # Intermediate stages (the wheel files) are left dangling by the classic builder.
-            daemon.docker("image", "prune", "-f", "--filter", "dangling=true", check=False)
+            # Prune only in our private daemon: a shared one's dangling images are not ours.
+            if daemon.private:
+                daemon.docker("image", "prune", "-f", "--filter", "dangling=true", check=False)
         size = image_size(daemon, args.tag)
         log(f"{args.tag}: {size / 1e6:.0f} MB ({size} bytes), "
             f"built in {time.monotonic() - started:.0f} s on {daemon.host}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -313,6 +314,8 @@ def allow_bridge_forwarding(bridge: str, tag: str = "run") -> ForwardRule:
     """Let frames bridged inside `bridge` pass a FORWARD chain whose policy dockerd set to
     DROP (br_netfilter hands bridged frames to iptables, so the policy hits our switches).
     Idempotent; the tag (e.g. the run prefix) lets `remove_forward_rules` clear a dead run."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", tag):
+        raise ValueError(f"rule tag {tag!r}: letters, digits, '_', '.', '-' only")
     rule = ForwardRule(forward_chain(), bridge, tag)
     if not rule.present():
         _iptables("-I", rule.chain, *rule.spec())

@@ -116,3 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         log(f"interrupted ({exc}); everything was torn down")
         return 1
+    except RuntimeError as exc:
+        log(f"run failed: {exc}")
+        return 1

@@ -211,7 +211,8 @@ def test_delay_is_refused_clearly(state_dir: Path, tmp_path: Path) -> None:
 
 
 def _ping_loss(net: EmulatedNetwork, src: str, dst: str, count: int = 400) -> float:
-    out = net.cmd(src, f"ping -q -c {count} -i 0.002 -W 1 {net.ip(dst)}")
+    # flood mode: the next echo goes when the reply is back or after 10 ms
+    out = net.cmd(src, f"ping -q -f -c {count} -W 0.1 {net.ip(dst)}")
     sent, received = (int(word) for word in
                       re.search(r"(\d+) packets transmitted, (\d+) received", out).groups())
     return 100 * (sent - received) / sent

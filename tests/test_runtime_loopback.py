@@ -440,3 +440,99 @@ def test_node_crash_is_detected_replanned_and_replayed(tmp_path):
     for pid in orphans:                          # the worker died with its agent
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
             f"/proc/{pid}/status").read_text()
+
+
+# -- the dispatcher's guarantees, against a deliberately unreliable fake pipeline -------------
+
+def test_dispatcher_replays_dedupes_and_checks(tmp_path):
+    """Open loop through a fake stage that drops the first attempt of some requests, answers
+    some twice and corrupts some: every request completes exactly once, duplicates are
+    counted, corrupted results are flagged, and an epoch switch replays what is pending."""
+    import logging
+
+    import onnxruntime as ort
+
+    from testbed.dispatcher import (
+        Dispatcher,
+        Route,
+        Workload,
+        compute_references,
+        default_generator,
+        input_specs,
+        make_pool,
+    )
+
+    paths = build_tiny(tmp_path)
+    events_seen: list[tuple[str, dict[str, Any]]] = []
+    ctx = zmq.Context()
+    base = PORT + 12
+    dispatcher = Dispatcher(ctx, f"tcp://127.0.0.1:{base}", lambda kind, **f: events_seen.append(
+        (kind, f)), logging.getLogger("test-dispatcher"))
+    pool = make_pool(input_specs(paths["model"]), 8, 5, {}, default_generator({}))
+    dispatcher.set_pool(pool)
+    dispatcher.add_version(1, compute_references(paths["model"], pool))
+    model = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
+    stages = []
+    for k in range(2):                       # stage 0 of epoch 1, then of epoch 2
+        pull = ctx.socket(zmq.PULL)
+        pull.bind(f"tcp://127.0.0.1:{base + 1 + k}")
+        stages.append(pull)
+    out = ctx.socket(zmq.PUSH)
+    out.connect(f"tcp://127.0.0.1:{base}")
+    dispatcher.switch(Route(1, 1, f"tcp://127.0.0.1:{base + 1}", ["x"]))
+    dispatcher.start(Workload.from_json({"mode": "open", "rate": 300.0, "duration_s": 1.0,
+                                         "timeout_s": 0.2, "drain_timeout_s": 3.0}))
+    from stage_image.wire import decode_tensors as decode
+
+    seen: set[int] = set()
+    dropped, doubled, corrupted, switched = set(), set(), set(), False
+    try:
+        deadline = time.monotonic() + 10
+        while dispatcher.state != "done" and time.monotonic() < deadline:
+            now = time.monotonic()
+            if not switched and now - dispatcher.started_mono > 0.5:
+                switched = True                     # a new epoch: stage 0 moves
+                dispatcher.switch(Route(2, 1, f"tcp://127.0.0.1:{base + 2}", ["x"]))
+            dispatcher.pump(now)
+            for k, pull in enumerate(stages):
+                while pull.poll(0):
+                    frame = decode(pull.recv_multipart(copy=False))
+                    assert frame.epoch == k + 1
+                    rid = frame.rid
+                    if rid % 5 == 0 and rid not in seen:
+                        seen.add(rid)
+                        dropped.add(rid)            # lost on the way: must be replayed
+                        continue
+                    seen.add(rid)
+                    (y,) = model.run(["y"], {"x": frame.tensors["x"]})
+                    if rid % 11 == 3:
+                        y = y + 1.0
+                        corrupted.add(rid)
+                    result = encode_tensors(rid, frame.epoch, 1, frame.sent, {"y": y})
+                    out.send_multipart(result, copy=False)
+                    if rid % 7 == 1 and rid not in doubled:
+                        doubled.add(rid)
+                        out.send_multipart(encode_tensors(rid, frame.epoch, 1, frame.sent,
+                                                          {"y": y}))
+            time.sleep(0.001)
+            dispatcher.on_sink()
+        status = dispatcher.status()
+        assert dispatcher.state == "done", status
+        assert status["sent"] >= 250
+        assert status["completed"] == status["sent"] and status["lost"] == 0
+        assert status["mismatched"] == len(corrupted) > 0
+        assert status["duplicates"] == len(doubled) > 0
+        assert status["replays"] >= len(dropped) > 0
+        dispatcher.write_csv(tmp_path / "requests.csv")
+        with (tmp_path / "requests.csv").open() as handle:
+            rows = {int(r["rid"]): r for r in csv.DictReader(handle)}
+        assert all(int(rows[rid]["attempts"]) >= 2 for rid in dropped)
+        assert {r["epoch"] for r in rows.values()} == {"1", "2"}
+        assert {rid for rid, r in rows.items() if r["mismatched"] == "1"} == corrupted
+        kinds = [kind for kind, _ in events_seen]
+        assert "requests.replayed" in kinds and "workload.done" in kinds
+    finally:
+        dispatcher.close()
+        for sock in (*stages, out):
+            sock.close(0)
+        ctx.term()

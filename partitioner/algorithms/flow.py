@@ -75,16 +75,17 @@ def solve_flow(stage: np.ndarray, hop: np.ndarray, threshold: float, *,
     if not r.feasible:
         return FlowResult("infeasible")
     limit = prune_above * (1 + LATENCY_GAP)
-    # An arc is kept when the cheapest relaxed path through it is within the limit (finite:
-    # it lies on some relaxed path at all).
-    with np.errstate(invalid="ignore"):
-        stage_keep = (r.ready[:, None, :] + np.where(stage[:s] <= threshold, stage[:s], math.inf)
-                      + r.finish_done[None, :, :]) <= limit
-        hop_keep = (r.done[:s, :n, None] + np.where(hop[:s, :n, :n] <= threshold,
-                                                      hop[:s, :n, :n], math.inf)
-                    + r.finish_ready[:, None, :]) <= limit
-    first_keep = (hop[0, n, :n] + r.finish_ready[0]) <= limit
-    last_keep = (r.done[s] + hop[s, :n, n]) <= limit
+    # An arc is kept when the cheapest relaxed path through it is finite (it lies on some
+    # relaxed path at all) and within the limit.
+    def keep(through: np.ndarray) -> np.ndarray:
+        return np.isfinite(through) & (through <= limit)
+
+    capped_stage = np.where(stage[:s] <= threshold, stage[:s], math.inf)
+    capped_hop = np.where(hop <= threshold, hop, math.inf)
+    stage_keep = keep(r.ready[:, None, :] + capped_stage + r.finish_done[None, :, :])
+    hop_keep = keep(r.done[:s, :, None] + capped_hop[:s, :n, :n] + r.finish_ready[:, None, :])
+    first_keep = keep(capped_hop[0, n, :n] + r.finish_ready[0])
+    last_keep = keep(r.done[s] + capped_hop[s, :n, n])
     hop_keep[0] = False
     columns = int(stage_keep.sum() + hop_keep.sum() + first_keep.sum() + last_keep.sum())
     if columns > max_columns:

@@ -1,0 +1,249 @@
+"""One run of the embedded backend: the network is built, agents start on the edge hosts and
+the controller on the dispatcher host, the workload runs while the fault timeline fires, and
+the records are turned into the results directory. Teardown always happens, whatever broke."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from testbed.driver import CONTROL_PORT, SINK_PORT, Prepared, log
+from testbed.faults import FaultTimeline
+from testbed.results import read_events, read_requests, summarise, write_timeseries
+from testbed.scenario import Scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 300.0
+DRAIN_GRACE_S = 30.0
+
+
+class ControlClient:
+    """REQ/REP JSON commands to the controller over its ipc socket (crosses namespaces)."""
+
+    def __init__(self, address: str, timeout_ms: int = 3000) -> None:
+        self.address = address
+        self.timeout_ms = timeout_ms
+        self.context = zmq.Context.instance()
+        self.socket: zmq.Socket | None = None
+
+    def _connect(self) -> zmq.Socket:
+        socket = self.context.socket(zmq.REQ)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+        socket.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+        socket.connect(self.address)
+        return socket
+
+    def call(self, cmd: str, **fields: Any) -> dict[str, Any] | None:
+        """The reply, or None when the controller did not answer in time."""
+        if self.socket is None:
+            self.socket = self._connect()
+        try:
+            self.socket.send_json({"cmd": cmd, **fields})
+            return self.socket.recv_json()
+        except zmq.Again:
+            # A REQ socket that missed its reply is stuck in the wrong state: start over.
+            self.socket.close(0)
+            self.socket = None
+            return None
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+
+
+def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir: Path,
+                       control_ipc: str) -> dict[str, Any]:
+    workload = scenario.workload
+    dispatcher = scenario.topology.dispatcher().name
+    return {
+        "run_dir": str(out_dir),
+        "model": str(prepared.model_path),
+        "instance": str(prepared.instance_path),
+        "plan": str(out_dir / "plan.json"),
+        "hosts": {h.name: net.ip(h.name) for h in scenario.topology.edge_hosts()},
+        "dispatcher_ip": net.ip(dispatcher),
+        "host": dispatcher,
+        "planner": {"algorithm": scenario.algorithm, "time_limit_s": scenario.time_limit_s,
+                    "seed": 0},
+        "workload": {
+            "mode": workload.mode, "concurrency": workload.concurrency,
+            "rate": workload.rate_rps or 10.0, "seed": workload.seed,
+            "pool_size": workload.pool,
+            "duration_s": workload.warmup_s + workload.duration_s,
+            "warmup_s": workload.warmup_s,
+        },
+        "control_port": CONTROL_PORT,
+        "sink_port": SINK_PORT,
+        "control_ipc": control_ipc,
+    }
+
+
+def _start_processes(scenario: Scenario, prepared: Prepared, net: Any,
+                     out_dir: Path) -> tuple[Any, ControlClient]:
+    logs = out_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    control_ipc = f"ipc://{net.run_dir}/control.sock"
+    config_path = out_dir / "controller.json"
+    config_path.write_text(json.dumps(
+        _controller_config(scenario, prepared, net, out_dir, control_ipc), indent=1))
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    dispatcher = scenario.topology.dispatcher().name
+    controller = net.popen(dispatcher, [sys.executable, "-m", "testbed.controller",
+                                        str(config_path)], logs / "controller.log", env=env)
+    controller_address = f"tcp://{net.ip(dispatcher)}:{CONTROL_PORT}"
+    for host in scenario.topology.edge_hosts():
+        host_logs = logs / host.name
+        host_logs.mkdir(exist_ok=True)
+        net.popen(host.name, [sys.executable, "-m", "stage_image.agent", "--host", host.name,
+                              "--controller", controller_address,
+                              "--data-dir", str(net.data_dir(host.name)),
+                              "--ip", net.ip(host.name), "--log-dir", str(host_logs)],
+                  host_logs / "agent.log", env=env)
+    return controller, ControlClient(control_ipc)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_ready(client: ControlClient, controller: Any, out_dir: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last_state = None
+    while time.monotonic() < deadline:
+        if controller.poll() is not None:
+            raise RuntimeError("the controller exited during deployment:\n"
+                               + _tail(out_dir / "logs" / "controller.log"))
+        status = client.call("status")
+        if status:
+            state = status.get("state")
+            if state != last_state:
+                log(f"controller: {state}")
+                last_state = state
+            if state == "ready":
+                return status
+            if state == "failed":
+                raise RuntimeError(f"deployment failed: {status.get('reason')}")
+        time.sleep(0.5)
+    raise RuntimeError(f"the pipeline was not ready after {READY_TIMEOUT_S:.0f} s")
+
+
+def _progress_line(elapsed: float, status: dict[str, Any], last_fault: str) -> str:
+    event = status.get("last_event") or {}
+    return (f"t={elapsed:5.1f}s {status.get('state', '?'):8} sent={status.get('sent', 0)} "
+            f"done={status.get('completed', 0)} thr={status.get('throughput_1s', 0):.1f}/s "
+            f"p99={status.get('p99_ms_recent', 0):.0f}ms epoch={status.get('epoch')} "
+            f"last={last_fault or event.get('type', '-')}")
+
+
+def _run_workload(scenario: Scenario, client: ControlClient, controller: Any,
+                  timeline: FaultTimeline) -> tuple[float, dict[str, Any]]:
+    reply = client.call("start_workload")
+    if not reply or not reply.get("ok"):
+        raise RuntimeError(f"the controller refused the workload: {reply}")
+    started = time.time()
+    window_start = started + scenario.workload.warmup_s
+    timeline.start(window_start)
+    total = scenario.workload.warmup_s + scenario.workload.duration_s
+    deadline = time.time() + total + DRAIN_GRACE_S + 30
+    status: dict[str, Any] = {}
+    next_print = time.time()
+    while time.time() < deadline:
+        if controller.poll() is not None:
+            raise RuntimeError("the controller exited during the run")
+        reply = client.call("status")
+        if reply:
+            status = reply
+            if status.get("state") == "done":
+                break
+        if time.time() >= next_print:
+            log(_progress_line(time.time() - started, status, timeline.last))
+            next_print += 1.0
+        time.sleep(0.2)
+    else:
+        raise RuntimeError("the workload did not finish in time")
+    timeline.stop()
+    return window_start, status
+
+
+def _merge_events(out_dir: Path, driver_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    events = read_events(out_dir / "events.jsonl") + driver_events
+    events.sort(key=lambda e: e["t"])
+    (out_dir / "events.jsonl").write_text(
+        "".join(json.dumps(e, default=str) + "\n" for e in events))
+    return events
+
+
+def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
+    from testbed.network import EmulatedNetwork, clear_stale_runs
+
+    for line in clear_stale_runs():
+        log(f"cleared a dead run's leftovers: {line}")
+    net = EmulatedNetwork(scenario.topology)
+    plan_json = {**prepared.plan.to_json(), "model": str(prepared.model_path)}
+    (out_dir / "plan.json").write_text(json.dumps(plan_json, indent=1))
+    log(f"building network {scenario.topology.name} as run {net.run_id} "
+        f"({len(scenario.topology.hosts)} hosts)")
+    timeline = FaultTimeline(scenario.steps, net)
+    client: ControlClient | None = None
+    try:
+        net.build()
+        log(f"network up in {net.build_seconds:.1f} s; starting controller and agents")
+        controller, client = _start_processes(scenario, prepared, net, out_dir)
+        _wait_ready(client, controller, out_dir)
+        log(f"running {scenario.workload.mode} workload: {scenario.workload.warmup_s:g}s "
+            f"warm-up + {scenario.workload.duration_s:g}s measured")
+        window_start, status = _run_workload(scenario, client, controller, timeline)
+        client.call("stop")
+        try:
+            controller.wait(timeout=DRAIN_GRACE_S)
+        except Exception:  # noqa: BLE001  (teardown below stops it either way)
+            log("controller did not stop in time; tearing down")
+        timeline.heal_all()
+        link_report = net.link_report()
+    finally:
+        timeline.heal_all()
+        if client is not None:
+            client.close()
+        problems = net.stop()
+        for problem in problems:
+            log(f"teardown: {problem}")
+        log(f"network {net.run_id} torn down in {net.stop_seconds:.1f} s")
+    events = _merge_events(out_dir, timeline.events)
+    records = read_requests(out_dir / "requests.csv")
+    summary = summarise(scenario, "embedded", records, events, window_start,
+                        prepared.predicted_rps, int(status.get("duplicates", 0)),
+                        extra={"links": link_report, "plan": plan_json})
+    from testbed.results import buckets
+
+    write_timeseries(out_dir / "timeseries.csv",
+                     buckets(records, window_start, window_start + scenario.workload.duration_s))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _report(summary, out_dir)
+    return 0 if summary["slo"]["passed"] else 1
+
+
+def _report(summary: dict[str, Any], out_dir: Path) -> None:
+    requests = summary["requests"]
+    latency = summary["latency_ms"]
+    print(f"scenario {summary['scenario']}: {summary['throughput_rps']:.2f} rps measured, "
+          f"{summary['predicted_throughput_rps']:.2f} predicted "
+          f"(ratio {summary['throughput_ratio']:.2f}); latency p50 {latency['p50']:.0f} ms, "
+          f"p99 {latency['p99']:.0f} ms")
+    print(f"requests: sent {requests['sent']}, completed {requests['completed']}, "
+          f"lost {requests['lost']}, duplicates {requests['duplicates']}, "
+          f"mismatched {requests['mismatched']}")
+    for fault in summary["faults"]:
+        print(f"fault {fault['action']} {fault['target']} at {fault['at_s']}s: detected "
+              f"{fault['detected_s']}, recovered {fault['recovered_s']}")
+    verdict = "PASSED" if summary["slo"]["passed"] else "FAILED: " + "; ".join(
+        summary["slo"]["violations"])
+    print(f"SLO {verdict}\nresults in {out_dir}")
