@@ -66,9 +66,9 @@ from partitioner.zoo import cache_dir, resolve_model
 MiB = 1024 * 1024
 
 # Measured on the project's machine kind (python 3.11, onnxruntime 1.32), peak RSS (VmHWM):
-AGENT_RSS_BYTES = 24 * MiB          # python + pyzmq + stdlib: 20.5 MiB
-WORKER_RSS_BYTES = 56 * MiB         # python + numpy + onnxruntime + pyzmq: 52.6 MiB
-SESSION_OVERHEAD_BYTES = 18 * MiB   # empty session after one run: 17 MB (16.2 MiB)
+AGENT_RSS_BYTES = 28 * MiB          # `import stage_image.agent`: 23.5 MiB; + fetch buffers
+WORKER_RSS_BYTES = 52 * MiB         # numpy + onnxruntime + pyzmq + stage_image.worker: 50.2 MiB
+SESSION_OVERHEAD_BYTES = 10 * MiB   # a 2-node session, worker options, after a run: 8.6 MiB
 RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
 
 # Copies of a weight onnxruntime holds at its load peak (ORT_ENABLE_ALL), by the reading op.
@@ -354,6 +354,8 @@ except Exception:  # the worker module is not importable here: same options by h
         o.intra_op_num_threads = 1
         o.inter_op_num_threads = 1
         o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        o.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        o.add_session_config_entry('session.inter_op.allow_spinning', '0')
         return ort.InferenceSession(path, o, providers=['CPUExecutionProvider'])
 base = peak()
 session = make_session(sys.argv[1])
@@ -381,9 +383,10 @@ class StageMemory:
 
     @property
     def measured_bytes(self) -> int:
-        """What the stage adds to its host's cgroup: the process above its interpreter plus
-        the model file on the tmpfs, without the session overhead (in the allowance)."""
-        return self.peak_bytes - self.base_bytes + self.file_bytes - SESSION_OVERHEAD_BYTES
+        """What the stage adds to its host's cgroup above the worker interpreter: the
+        process's growth plus the model file on the tmpfs. The formula's counterpart is
+        `ModelProfile.stage_memory_bytes(...) + SESSION_OVERHEAD_BYTES`."""
+        return self.peak_bytes - self.base_bytes + self.file_bytes
 
 
 def measure_stage_memory(stage_path: str | os.PathLike[str], runs: int = 3) -> StageMemory:

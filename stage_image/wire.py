@@ -21,13 +21,15 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(name) for name in ("float32", "float16", "int64", "int32", "uint8", "bool")
-}
+# dtype name -> item size. numpy itself is imported only by the data-frame functions: the
+# agent uses just the control messages, and on a 128 MiB host numpy's ~18 MiB matter.
+DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "uint8": 1,
+                          "bool": 1}
 MAX_HEADER_BYTES = 16 * 1024           # data frame header (architecture.md)
 MAX_CONTROL_HEADER_BYTES = 64 * 1024   # a deploy of a wide multi-tensor cut names many tensors
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # total tensor bytes of one frame
@@ -171,6 +173,8 @@ def encode_tensors(rid: int, epoch: int, version: int, sent: float,
                    limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     """Frames for `socket.send_multipart(frames, copy=False)`: the header, then each array
     itself (C-contiguous), so ZeroMQ sends from the array's memory without a copy."""
+    import numpy as np
+
     items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
     if len(items) > limits.max_tensors:
         raise FrameError(f"{len(items)} tensors, the limit is {limits.max_tensors}")
@@ -207,6 +211,8 @@ def decode_tensors(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Te
     non-negative shape whose element count times itemsize equals `nbytes` equals the buffer
     length, as many buffers as tensors, unique names, total bytes under the limit, and bool
     buffers holding only 0 and 1. Raises FrameError, and nothing else, on any violation."""
+    import numpy as np
+
     if not frames:
         raise FrameError("empty message")
     header = _parse_header(frames[0], limits.max_header_bytes)
@@ -238,7 +244,7 @@ def decode_tensors(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Te
         dtype_name = meta["dtype"]
         if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise FrameError(f"{what}: unknown dtype {str(dtype_name)[:32]!r}")
-        dtype = DTYPES[dtype_name]
+        dtype = np.dtype(dtype_name)
         shape = meta["shape"]
         if not isinstance(shape, list) or len(shape) > limits.max_dims:
             raise FrameError(f"{what}: shape must be a list of at most {limits.max_dims} dims")

@@ -114,7 +114,8 @@ class Counters:
                 f"compute_ms_mean={1000 * self.compute_s / ok:.2f} "
                 f"compute_ms_max={1000 * self.compute_max_s:.2f} "
                 f"send_wait_ms_mean={1000 * self.send_wait_s / ok:.2f} "
-                f"busy={100 * (self.compute_s + self.send_wait_s) / max(seconds, 1e-9):.0f}% "
+                f"computing={100 * self.compute_s / max(seconds, 1e-9):.0f}% "
+                f"send_blocked={100 * self.send_wait_s / max(seconds, 1e-9):.0f}% "
                 f"dropped: {dropped}")
 
 

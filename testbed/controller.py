@@ -696,8 +696,6 @@ class Controller:
             live = self.live_hosts()
             self.log.info("re-planning over %s (%s)", sorted(live), reason)
             self.start_job("plan", self._plan, self.reserve_epoch(), live, reason)
-        if self.dispatcher.state == "done" and not self.csv_written:
-            self.write_requests()
 
     def write_requests(self) -> None:
         try:
@@ -817,6 +815,9 @@ class Controller:
             now = time.monotonic()
             self.tick(now)
             self.dispatcher.pump(now)
+            if self.dispatcher.state == "done" and not self.csv_written:
+                # before any status says "done": the driver may read the file right away
+                self.write_requests()
         self.shutdown()
 
     def shutdown(self) -> None:

@@ -7,9 +7,12 @@ becomes active); the dispatcher decides *what* is sent and *whether it came back
   once (onnxruntime, one thread) per model version, so every result is checked
   (`np.allclose`, atol 1e-4, rtol 1e-3) against the reference of the version that served it;
 - closed loop (keep `concurrency` requests outstanding) or open loop (`rate` per second);
-- every input is kept until its result is back: requests are replayed on timeout and on a new
-  epoch (at-least-once processing), and the sink de-duplicates by request id (exactly-once
-  results; extra results are counted as `duplicates`, never delivered twice);
+- every input is kept until its result is back: requests are replayed on timeout (at least
+  `timeout_s`, stretched to 3x the slowest recent attempt so a slow pipeline is not flooded)
+  and on a new epoch (at-least-once processing), and the sink de-duplicates by request id
+  (exactly-once results; extra results are counted as `duplicates`, never delivered twice);
+  a result is accepted from whichever epoch answers first and checked against the reference
+  of the model version named in its header;
 - at the end: stop issuing, drain in-flight requests up to a drain timeout, then everything
   unanswered is `lost`; one row per request goes to requests.csv.
 
@@ -53,7 +56,7 @@ class Workload:
     warmup_s: float = 0.0         # informational: the driver measures after it
     seed: int = 1
     pool_size: int = 8
-    timeout_s: float = 5.0        # replay a request unanswered this long
+    timeout_s: float = 5.0        # replay a request unanswered this long (at least)
     drain_timeout_s: float = 10.0
     input_dims: dict[str, int] = field(default_factory=dict)   # symbolic dim -> size
 
@@ -275,6 +278,9 @@ class Dispatcher:
         self.completed = self.lost = self.mismatched = self.duplicates = 0
         self.replays = self.bad_results = self.unknown_results = 0
         self.recent: deque[tuple[float, float]] = deque()      # (done monotonic, latency ms)
+        # (done monotonic, seconds) of the attempt that answered, from the frame's `sent`:
+        # end-to-end latency includes earlier timeouts and would feed back into the timeout
+        self.attempts_recent: deque[tuple[float, float]] = deque()
         self._timeouts_pending = 0
         self._next_scan = 0.0
         self._timeouts_reported = 0.0
@@ -372,8 +378,9 @@ class Dispatcher:
             return
         if self.state in ("running", "draining") and w is not None and now >= self._next_scan:
             self._next_scan = now + 0.05     # a scan of everything pending, 20 times a second
+            timeout = self.timeout_s(now)
             for request in self.pending.values():
-                if not request.queued and now - request.last_send > w.timeout_s:
+                if not request.queued and now - request.last_send > timeout:
                     request.queued = True
                     self.outbox.append(request)
                     self._timeouts_pending += 1
@@ -384,6 +391,17 @@ class Dispatcher:
                           count=self._timeouts_pending)
                 self._timeouts_pending, self._timeouts_reported = 0, now
         self._send_outbox(now)
+
+    def timeout_s(self, now: float) -> float:
+        """The configured timeout, stretched to 3x the slowest recent latency: a slow but
+        healthy pipeline (big model, small CPU share) must not be flooded with replays. A dead
+        one stops completing, its recent window empties, and the configured value returns.
+        Replays on a new epoch do not wait for this at all."""
+        assert self.workload is not None
+        while self.attempts_recent and self.attempts_recent[0][0] < now - 5.0:
+            self.attempts_recent.popleft()
+        slowest = max((s for _, s in self.attempts_recent), default=0.0)
+        return max(self.workload.timeout_s, 3.0 * slowest)
 
     def _issue(self, now: float) -> None:
         assert self.workload is not None
@@ -463,6 +481,7 @@ class Dispatcher:
         self.completed += 1
         self.mismatched += request.mismatched
         self.recent.append((now_mono, request.latency_ms))
+        self.attempts_recent.append((now_mono, max(0.0, now - frame.sent)))
         while self.recent and self.recent[0][0] < now_mono - 5.0:
             self.recent.popleft()
 

@@ -342,3 +342,41 @@ def remove_forward_rules(tag: str | None = None,
                 if _iptables("-D", chain, *args[2:], check=False).returncode == 0:
                     removed += 1
     return removed
+
+
+def stop_private(paths: DaemonPaths = DaemonPaths(), timeout: float = 20.0) -> int | None:
+    """Stop our private daemon whoever started it (e.g. a run killed with -9 left it), by the
+    PID in its pidfile, verified to be a dockerd on our socket. Returns the PID or None."""
+    try:
+        pid = int(paths.pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not _pid_is_our_dockerd(pid, paths.socket):
+        return None
+    _terminate(pid, timeout)
+    return pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m testbed.dockerd status|start|stop` for the private daemon (root)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m testbed.dockerd")
+    parser.add_argument("action", choices=("status", "start", "stop"))
+    args = parser.parse_args(argv)
+    daemon = Dockerd()
+    if args.action == "status":
+        state = "running" if daemon.running() else "not running"
+        print(f"{daemon.host}: {state}")
+        return 0 if daemon.running() else 1
+    if args.action == "start":
+        daemon.start()
+        print(f"{daemon.host}: running (pid {daemon.pid or 'not ours'}); stop it with "
+              "`python -m testbed.dockerd stop`")
+        return 0
+    pid = stop_private()
+    print(f"stopped dockerd {pid}" if pid else "no private dockerd of ours is running")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

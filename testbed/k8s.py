@@ -123,6 +123,9 @@ class K8sSettings:
     # in the host's memory together with the plan's memory for the stage.
     runtime_memory_bytes: int = 96 * MiB
     curve: bool = True                          # on by default in the k3s backend
+    # Admit only this namespace's pods to ours. Off for CNIs that would also block the
+    # kubelet's probes (not verified on k3s' kube-router yet: docs/lab.md).
+    network_policy: bool = True
     curve_keys: Mapping[str, Any] | None = None  # name -> security.KeyPair; None: generate
     extra_labels: Mapping[str, str] = field(default_factory=dict)
 
@@ -492,12 +495,14 @@ def controller_manifests(settings: K8sSettings) -> list[Manifest]:
                       {"name": "models", "containerPort": settings.model_port},
                       {"name": "sink", "containerPort": settings.sink_port}],
             "resources": _resources(budget.cpu, budget.memory_bytes),
-            "volumeMounts": [{"name": "models", "mountPath": "/var/lib/edgepipe/models"}],
+            "volumeMounts": [{"name": "models", "mountPath": "/var/lib/edgepipe/models"},
+                             {"name": "tmp", "mountPath": "/tmp"}],
             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "models"},
                                "periodSeconds": 2},
             "securityContext": _restricted_container_security(),
         }],
-        "volumes": [{"name": "models", "emptyDir": {}}],
+        # The root filesystem is read-only: the split models and scratch files go here.
+        "volumes": [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
     }
     if settings.controller_node:
         pod_spec["nodeSelector"] = {HOSTNAME_LABEL: settings.controller_node}
@@ -555,9 +560,9 @@ def epoch_manifests(plan: Plan, stages: Sequence[StageModel],
 
 def manifests(plan: Plan, stages: Sequence[StageModel], settings: K8sSettings) -> list[Manifest]:
     """Every object of a deployment, in apply order."""
-    return [namespace_manifest(settings), *rbac_manifests(settings),
-            network_policy_manifest(settings), *controller_manifests(settings),
-            *epoch_manifests(plan, stages, settings)]
+    policy = [network_policy_manifest(settings)] if settings.network_policy else []
+    return [namespace_manifest(settings), *rbac_manifests(settings), *policy,
+            *controller_manifests(settings), *epoch_manifests(plan, stages, settings)]
 
 
 def _file_for(manifest: Manifest) -> str:
@@ -614,3 +619,13 @@ def resources_from_topology(hosts: Mapping[str, Any]) -> dict[str, NodeResources
         get = host.get if isinstance(host, Mapping) else lambda k, h=host: getattr(h, k)
         out[name] = NodeResources(float(get("cpu")), int(get("memory_bytes")))
     return out
+
+
+def settings_for_topology(topology: Any, **overrides: Any) -> K8sSettings:
+    """K8sSettings for a testbed.topology.Topology: every host's budget, the controller on
+    the dispatcher host. `overrides` sets any other field (epoch, model_version, image...)."""
+    dispatcher = next((h.name for h in topology.hosts.values() if h.role == "dispatcher"), None)
+    fields: dict[str, Any] = {"nodes": resources_from_topology(topology.hosts),
+                              "controller_node": dispatcher}
+    fields.update(overrides)
+    return K8sSettings(**fields)

@@ -348,7 +348,9 @@ class K3sBackend:
     def deploy_epoch(self, plan: Any, stages: Sequence[StageModel],
                      settings: K8sSettings) -> Rollout:
         """Roll out a new epoch (a re-plan or a model update): config and keys first, then
-        the stage Deployments and Services, then remove stage slots the plan dropped."""
+        the stage Deployments and Services, then remove stage slots the plan dropped.
+        An epoch's ConfigMap and Secret are immutable: to retry the same epoch, pass the same
+        `settings.curve_keys` (fresh keys would be a different Secret under the same name)."""
         self.settings = settings
         existing = self.apps.list_namespaced_deployment(
             self.namespace, label_selector=STAGE_SELECTOR).items

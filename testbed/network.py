@@ -23,6 +23,10 @@ receiver, so a link's loss still applies once per direction). Delay and jitter n
 NFQUEUE shim, which is not implemented yet: a topology asking for them is refused before
 anything is created, naming the file, line and field.
 
+Faults the scenario steps use: `set_link_bandwidth`, `set_link_loss`, `link_down/up` (the
+switch end goes down, so the host keeps its address and route and only loses carrier, as with
+a pulled cable), `signal_host` (kill or stop a host's processes, never its Mininet shell).
+
 Mount namespaces: each host gets a private copy of the mount table when its shell starts, so
 the tmpfs directories are mounted first. Remounting one from the root namespace (`size=`,
 `ro`) acts on the shared superblock and takes effect inside the host; a *new* mount made
@@ -105,6 +109,8 @@ class EmulatedNetwork:
     (build on enter, stop on exit), or call `build()` and `stop()` yourself.
 
     `run_dir` holds the hosts' data directories (default: `<state dir>/<run id>`).
+    Not thread-safe: Mininet talks to each node through one shell, so call it from one
+    thread (or hold a lock around calls).
     """
 
     def __init__(self, topology: Topology, run_id: str | None = None,
@@ -219,8 +225,10 @@ class EmulatedNetwork:
 
     def _claim(self) -> RunRecord:
         for _ in range(20):
-            clash = any(Path("/sys/class/net", f"{self.run_id}{k}1").exists() or
-                        (CGROUP_ROOT / "cpu" / f"{self.run_id}{k}1").exists() for k in "hs")
+            # Someone else's leftovers under this id (a record is not the only trace).
+            clash = (Path("/sys/class/net", f"{self.run_id}s1").exists()
+                     or any((CGROUP_ROOT / c / f"{self.run_id}h1").exists()
+                            for c in records.CGROUP_CONTROLLERS))
             if not clash:
                 try:
                     return RunRecord.claim(self.run_id, self.run_dir, str(self.topology.path))
@@ -474,12 +482,9 @@ class EmulatedNetwork:
 
     def signal_host(self, host: str, sig: int = signal.SIGKILL) -> int:
         """Signal every process of the host (not its Mininet shell); returns how many."""
-        count = 0
-        for pid in self.host_pids(host):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-                count += 1
-        return count
+        cgroup = f"memory/{self.names[host]}"
+        return sum(records.signal_verified(pid, sig, lambda p: records.in_cgroup(p, cgroup))
+                   for pid in self.host_pids(host))
 
     # -- links -------------------------------------------------------------------------------
 

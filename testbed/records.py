@@ -177,7 +177,7 @@ def list_records() -> list[RunRecord]:
 # -- removal -------------------------------------------------------------------------------
 
 
-def _signal_verified(pid: int, sig: int, check: Any) -> bool:
+def signal_verified(pid: int, sig: int, check: Any) -> bool:
     """Send `sig` to `pid` only if `check(pid)` holds once a pidfd pins the process (so the
     PID cannot be reused between the check and the signal)."""
     try:
@@ -204,7 +204,7 @@ def cgroup_pids(cgroup: str) -> list[int]:
     return [int(word) for word in text.split()]
 
 
-def _in_cgroup(pid: int, cgroup: str) -> bool:
+def in_cgroup(pid: int, cgroup: str) -> bool:
     controller, name = cgroup.split("/", 1)
     try:
         lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
@@ -226,8 +226,11 @@ def _netns_inode(pid: int) -> int | None:
 
 def in_run_netns(pid: int, inodes: set[int], run_id: str) -> bool:
     """The process is in one of the run's network namespaces. Namespace inode numbers can be
-    reused once a namespace dies, so also require an interface named after the run in it."""
-    if _netns_inode(pid) not in inodes:
+    reused once a namespace dies, so also require an interface named after the run in it.
+    The root namespace (which holds our bridges, so would pass that test) never counts."""
+    inode = _netns_inode(pid)
+    if inode is None or inode not in inodes or inode in (_netns_inode(1),
+                                                         _netns_inode(os.getpid())):
         return False
     try:
         devices = Path(f"/proc/{pid}/net/dev").read_text()
@@ -244,7 +247,7 @@ def kill_recorded(record: RunRecord, timeout_s: float = 3.0) -> list[str]:
         pid, start = proc["pid"], proc.get("start")
         if start is None:
             continue
-        if _signal_verified(pid, signal.SIGKILL, lambda p, s=start: process_start_time(p) == s):
+        if signal_verified(pid, signal.SIGKILL, lambda p, s=start: process_start_time(p) == s):
             signalled.append((pid, start))
     deadline = time.monotonic() + timeout_s
     while signalled and time.monotonic() < deadline:
@@ -261,13 +264,13 @@ def kill_cgroup_members(record: RunRecord, timeout_s: float = 5.0) -> list[str]:
         victims = 0
         for cgroup in record.cgroups:
             for pid in cgroup_pids(cgroup):
-                if _signal_verified(pid, signal.SIGKILL, lambda p, c=cgroup: _in_cgroup(p, c)):
+                if signal_verified(pid, signal.SIGKILL, lambda p, c=cgroup: in_cgroup(p, c)):
                     victims += 1
         if inodes:
             for entry in os.scandir("/proc"):
                 if entry.name.isdigit() and int(entry.name) != os.getpid():
                     pid = int(entry.name)
-                    if _signal_verified(pid, signal.SIGKILL, lambda p: in_run_netns(
+                    if signal_verified(pid, signal.SIGKILL, lambda p: in_run_netns(
                             p, inodes, record.run_id)):
                         victims += 1
         if victims == 0:

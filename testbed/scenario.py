@@ -125,7 +125,7 @@ def _model(fields: Fields, base: Path) -> str:
     if model.has("zoo") == model.has("path"):
         raise model.error("zoo", "give exactly one of 'zoo' (a zoo model name) or 'path'")
     if model.has("zoo"):
-        from partitioner.zoo import ZOO_MODELS  # the zoo's names, without building anything
+        from partitioner.zoo import DESCRIPTIONS as ZOO_MODELS  # names only, builds nothing
 
         name = model.get("zoo", expect_type(str, "a zoo model name"))
         if name not in ZOO_MODELS:

@@ -12,6 +12,7 @@ import json
 import stat
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -36,6 +37,7 @@ from testbed.k8s_backend import (
     stale_epoch_objects,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 NEWEST = max(set(kv_utils.all_versions()), key=lambda v: tuple(int(x) for x in v.split(".")))
 VERSIONS = ["1.30.0", NEWEST]
@@ -244,6 +246,26 @@ def test_write_manifests(tmp_path) -> None:
         kubernetes_validate.validate(doc, NEWEST, strict=True)
     secret_file = tmp_path / "k8s" / "04-curve-secret.yaml"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+
+
+def test_manifests_for_a_shipped_topology(tmp_path) -> None:
+    from testbed.topology import load_topology
+    topology = load_topology(REPO / "topologies" / "star-5.yaml")
+    cfg = k8s.settings_for_topology(topology, epoch=7, model_version=2)
+    assert cfg.controller_node == "dispatcher"
+    edges = [h for h in topology.hosts if h != "dispatcher"][:2]
+    small = Plan("given", [Stage(0, 1, edges[0]), Stage(1, 2, edges[1])], 1.0, 1.0, False)
+    files = k8s.write_manifests(small, models(2), cfg, tmp_path)
+    docs = [d for f in files for d in yaml.safe_load_all(f.read_text())]
+    for doc in docs:
+        kubernetes_validate.validate(doc, NEWEST, strict=True)
+    for deployment, name in zip(stage_deployments(docs), edges):
+        host = topology.hosts[name]
+        limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits == {"cpu": k8s.cpu_quantity(host.cpu),
+                          "memory": k8s.memory_quantity(host.memory_bytes)}
+        assert deployment["metadata"]["labels"][k8s.LABEL_EPOCH] == "7"
+        assert deployment["metadata"]["labels"][k8s.LABEL_VERSION] == "2"
 
 
 def test_load_stage_models(tmp_path) -> None:

@@ -208,10 +208,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         stop = client("stop")
         codes = {}
         codes["controller"] = procs["controller"].wait(10)
-        time.sleep(0.3)      # the agents act on the final stop(-1)
-        agent_children = {h: subprocess.run(["pgrep", "-P", str(procs[h].pid)],
-                                            capture_output=True, text=True).stdout.split()
-                          for h in HOSTS}
+        # the agents act on the final stop(-1): their workers exit and are reaped
+        deadline = time.monotonic() + 5
+        while True:
+            agent_children = {h: subprocess.run(["pgrep", "-P", str(procs[h].pid)],
+                                                capture_output=True, text=True).stdout.split()
+                              for h in HOSTS}
+            if not any(agent_children.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         for host in HOSTS:
             procs[host].send_signal(signal.SIGTERM)
             codes[host] = procs[host].wait(10)
@@ -481,7 +486,7 @@ def test_dispatcher_replays_dedupes_and_checks(tmp_path):
     out.connect(f"tcp://127.0.0.1:{base}")
     dispatcher.switch(Route(1, 1, f"tcp://127.0.0.1:{base + 1}", ["x"]))
     dispatcher.start(Workload.from_json({"mode": "open", "rate": 300.0, "duration_s": 1.0,
-                                         "timeout_s": 0.2, "drain_timeout_s": 3.0}))
+                                         "timeout_s": 0.5, "drain_timeout_s": 3.0}))
     from stage_image.wire import decode_tensors as decode
 
     seen: set[int] = set()

