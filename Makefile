@@ -1,10 +1,10 @@
 # One verb per job. `make demo` and `make test` are the README's two commands.
 PY := .venv/bin/python
 APT_PACKAGES := mininet bridge-utils iputils-ping ethtool iperf3 iptables cgroup-tools \
-	iproute2 procps python3-venv python3-dev libnetfilter-queue-dev
+	iproute2 procps python3-venv python3-dev libnetfilter-queue-dev docker.io debootstrap
 OUT ?= results/baseline
 
-.PHONY: setup demo test lint clean-run
+.PHONY: setup demo test lint image lab-test
 
 setup: .venv/.installed
 
@@ -27,3 +27,10 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+image: setup
+	$(PY) -m stage_image.build_image
+
+# Only inside the lab VM (Vagrantfile): k3s in Docker hosts over shaped links.
+lab-test: setup
+	lab/lab-test.sh $(SCENARIO)

@@ -114,7 +114,8 @@ def profile(args: argparse.Namespace) -> int:
                      nodes[0] if nodes else "", nodes[-1] if nodes else ""))
     print(table(["segment", "compute ms", "memory", "output bytes", "first node", "last node"],
                 rows))
-    print(f"\ntotal {prof.total_ms:.2f} ms (fully optimised, 1 thread, median of {prof.runs}); "
+    print(f"\ntotal {prof.total_ms:.2f} ms (fully optimised, 1 thread, lower quartile of "
+          f"{prof.runs} runs, {prof.attribution} attribution); "
           f"input {prof.input_bytes} bytes; weights x copies "
           f"{format_size(sum(s.memory_bytes for s in prof.segments))}; per host: runtime "
           f"allowance {format_size(RUNTIME_ALLOWANCE_BYTES)} + activation reserve "
