@@ -100,15 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         from testbed.faults import check_supported
 
         check_supported(scenario)
-        prepared = prepare(scenario, out_dir)
-        if backend == "k3s" or args.dry_run:
-            from testbed.k8s_run import dry_run
-
-            return dry_run(scenario, prepared, out_dir)
-        if os.geteuid() != 0:
+        if backend == "k3s" and not args.dry_run:
+            print("error: the k3s backend needs a cluster (see docs/lab.md); here use "
+                  "--dry-run to write the manifests", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if backend == "embedded" and not args.dry_run and os.geteuid() != 0:
             print("error: the embedded backend builds a Mininet network and needs root "
                   "(sudo)", file=sys.stderr)
             return EXIT_BAD_INPUT
+        prepared = prepare(scenario, out_dir)
+        if args.dry_run:
+            from testbed.k8s_run import dry_run
+
+            return dry_run(scenario, prepared, out_dir, backend)
         return run_embedded(scenario, prepared, out_dir)
     except (InputError, InfeasibleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
