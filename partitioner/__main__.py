@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = verbs.add_parser("zoo", help="build the seeded model zoo (no downloads)")
     zoo_verbs = zoo.add_subparsers(dest="zoo_verb", required=True)
     zoo_build = zoo_verbs.add_parser("build", help="build a zoo model as ONNX (cached)")
-    zoo_build.add_argument("name", help="resnet18|resnet50|mobilenetv2|vgg16|vit_tiny or 'all'")
+    zoo_build.add_argument("name", help="resnet18|resnet50|mobilenetv2|vgg16|bert_mini or 'all'")
     zoo_build.add_argument("--out", help="output file (default: the zoo cache)")
     zoo_verbs.add_parser("list", help="list the zoo models")
 

@@ -368,23 +368,24 @@ def _stamp_data(name: str) -> dict[str, object]:
 
 
 def ensure_model(name: str, out: Path | None = None, progress: bool = True) -> Path:
-    """Path of zoo model `name` (seed 0), building it when the file is missing. A cached file
-    carries a stamp (`NAME.onnx.json`) with the zoo version, so a cache made by an older
-    builder is rebuilt rather than trusted."""
+    """Path of zoo model `name` (seed 0) in the cache, building it when the file is missing.
+    A cached file carries a stamp (`NAME.onnx.json`) with the zoo version, so a cache made by
+    an older builder is rebuilt rather than trusted. With `out`, always build to that file."""
     if name not in BUILDERS:
         raise InputError(f"unknown zoo model {name!r}; known: {', '.join(BUILDERS)}")
     path = Path(out) if out is not None else zoo_path(name)
     stamp = _stamp(path)
-    try:
-        current = path.is_file() and json.loads(stamp.read_text()) == _stamp_data(name)
-    except (OSError, ValueError):
-        current = False
-    if current:
-        return path
+    if out is None:
+        try:
+            if path.is_file() and json.loads(stamp.read_text()) == _stamp_data(name):
+                return path
+        except (OSError, ValueError):
+            pass                      # no stamp or a broken one: build again
     if progress:
         print(f"building zoo model {name} -> {path} ...", file=sys.stderr, flush=True)
     write_model(build_model(name), path)
-    stamp.write_text(json.dumps(_stamp_data(name)) + "\n")
+    if out is None:
+        stamp.write_text(json.dumps(_stamp_data(name)) + "\n")
     if progress:
         print(f"built {name}: {path.stat().st_size / 1e6:.1f} MB", file=sys.stderr, flush=True)
     return path

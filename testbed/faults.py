@@ -1,104 +1,302 @@
 """Faults on a timeline. A `FaultTimeline` fires the scenario's steps at their times (from the
 start of the measured window), records when each really fired, heals steps that have a
-duration, and heals everything at the end. Each action is a pair of functions (inject, heal)
-acting on the EmulatedNetwork; the registry below is the one list of what is supported, and
-`check_supported` refuses the rest before any network exists."""
+duration, and heals everything still in force at the end.
+
+Division of labour: the scenario says what and when (`testbed.scenario`); this module maps
+each action onto the emulated network's operations (`testbed.network`: links, host processes,
+cgroups, data directories) and onto the driver's hooks for what only the driver can do
+(start a host's software again, talk to the controller). The registry `FAULTS` is the one list
+of what is supported; `check_supported` refuses the rest before any network exists.
+
+Every action is an inject function returning a `detail` dict (written into the event, and
+handed to the heal so it can restore what was there: the previous bandwidth, CPU limit...),
+and an optional heal. A step with `duration` heals itself; `node.resume` and `link.up` heal the
+`node.pause` / `link.down` in force on their target; the final heal phase (`heal_all`) undoes
+the rest, newest first, and only touches the machine: it starts no software, the run is over.
+
+Timing: the thread sleeps until ~2 ms before a step and spins the rest, so a step fires within
+a millisecond or two of its time unless the step before it is still running (steps run one at
+a time: Mininet's node shells are not thread-safe). `late_ms` in each event is the truth; the
+results mark a run invalid when a step fired more than `LATE_LIMIT_MS` late.
+"""
 
 from __future__ import annotations
 
-import signal
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.errors import InputError
 from testbed.scenario import Scenario, Step
+from testbed.topology import MIN_CPU
 
 SPIN_S = 0.002        # sleep until this close to a step's time, then spin: fires within ~1 ms
 LATE_LIMIT_MS = 250   # a step later than this marks the run invalid (summary)
 
-Action = Callable[[Any, Step], None]
+Detail = dict[str, Any]
+
+
+def _no_restart(host: str) -> None:
+    raise RuntimeError(f"no restart hook: the driver did not say how to restart {host}")
+
+
+def _no_controller(cmd: str, **fields: Any) -> dict[str, Any] | None:
+    raise RuntimeError(f"no controller hook: cannot send {cmd!r}")
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What only the driver can do, called from the timeline's thread.
+
+    restart_host(host): start the host's software again (the embedded driver: its agent)
+        after its processes were killed (node.restart, and the heal of node.crash);
+    controller(cmd, **fields): a command to the controller, its reply or None on timeout.
+    """
+
+    restart_host: Callable[[str], None] = _no_restart
+    controller: Callable[..., dict[str, Any] | None] = _no_controller
+
+
+@dataclass
+class Context:
+    net: Any
+    hooks: Hooks
+    final: bool = False   # the final heal phase: restore the machine, start nothing
+
+
+Inject = Callable[[Context, Step], Detail]
+Heal = Callable[[Context, Step, Detail], Detail]
 
 
 @dataclass(frozen=True)
 class FaultKind:
-    inject: Action
-    heal: Action | None          # None: the action is its own heal (e.g. link.up)
+    inject: Inject
+    heal: Heal | None = None     # None: nothing to undo (or the action is itself a heal)
+    cancels: str | None = None   # this action heals that action in force on the same target
 
 
-def _crash(net: Any, step: Step) -> None:
-    net.signal_host(step.target, signal.SIGKILL)
+# -- node -----------------------------------------------------------------------------------
 
 
-def _link_down(net: Any, step: Step) -> None:
-    net.link_down(*step.target)
+def _crash(ctx: Context, step: Step) -> Detail:
+    return {"killed": ctx.net.crash_host(step.target)}
 
 
-def _link_up(net: Any, step: Step) -> None:
-    net.link_up(*step.target)
+def _crash_heal(ctx: Context, step: Step, _detail: Detail) -> Detail:
+    ctx.net.host_up(step.target)
+    if ctx.final:
+        return {"restarted": False}
+    ctx.hooks.restart_host(step.target)
+    return {"restarted": True}
 
 
-def _link_bandwidth(net: Any, step: Step) -> None:
-    key = tuple(step.target)
-    step_state.setdefault(("bw", key), net.topology.link(*key).bandwidth_mbps)
-    net.set_link_bandwidth(*key, step.params["bandwidth"])
+def _pause(ctx: Context, step: Step) -> Detail:
+    return {"frozen": ctx.net.pause_host(step.target)}
 
 
-def _link_bandwidth_heal(net: Any, step: Step) -> None:
-    key = tuple(step.target)
-    net.set_link_bandwidth(*key, step_state.pop(("bw", key)))
+def _resume(ctx: Context, step: Step, _detail: Detail | None = None) -> Detail:
+    ctx.net.resume_host(step.target)
+    return {}
 
 
-def _link_loss(net: Any, step: Step) -> None:
-    net.set_link_loss(*step.target, step.params["loss"])
+def _restart(ctx: Context, step: Step) -> Detail:
+    killed = ctx.net.kill_host(step.target)
+    ctx.hooks.restart_host(step.target)
+    return {"killed": killed}
 
 
-def _link_loss_heal(net: Any, step: Step) -> None:
-    net.set_link_loss(*step.target, net.topology.link(*step.target).loss_pct)
+def _cpu(ctx: Context, step: Step) -> Detail:
+    previous = ctx.net.host_cpu(step.target)
+    ctx.net.set_host_cpu(step.target, step.params["cpu"])
+    return {"previous_cores": previous}
 
 
-# What a step changed that its heal must restore (previous bandwidths, ...).
-step_state: dict[tuple[str, tuple[str, ...]], Any] = {}
+def _cpu_heal(ctx: Context, step: Step, detail: Detail) -> Detail:
+    ctx.net.set_host_cpu(step.target, detail["previous_cores"])
+    return {"cores": detail["previous_cores"]}
+
+
+# -- link -----------------------------------------------------------------------------------
+
+
+def _link_down(ctx: Context, step: Step) -> Detail:
+    ctx.net.link_down(*step.target)
+    return {}
+
+
+def _link_up(ctx: Context, step: Step, _detail: Detail | None = None) -> Detail:
+    ctx.net.link_up(*step.target)
+    return {}
+
+
+def _bandwidth(ctx: Context, step: Step) -> Detail:
+    previous = ctx.net.link_state(*step.target)["bandwidth_mbps"]
+    ctx.net.set_link_bandwidth(*step.target, step.params["bandwidth"])
+    return {"previous_mbps": previous}
+
+
+def _bandwidth_heal(ctx: Context, step: Step, detail: Detail) -> Detail:
+    ctx.net.set_link_bandwidth(*step.target, detail["previous_mbps"])
+    return {"mbps": detail["previous_mbps"]}
+
+
+def _delay(ctx: Context, step: Step) -> Detail:
+    state = ctx.net.link_state(*step.target)
+    ctx.net.set_link_delay(*step.target, step.params["delay"] * 1000,
+                           step.params.get("jitter", 0.0) * 1000)
+    return {"previous_delay_ms": state["delay_ms"], "previous_jitter_ms": state["jitter_ms"]}
+
+
+def _delay_heal(ctx: Context, step: Step, detail: Detail) -> Detail:
+    ctx.net.set_link_delay(*step.target, detail["previous_delay_ms"],
+                           detail["previous_jitter_ms"])
+    return {"delay_ms": detail["previous_delay_ms"]}
+
+
+def _loss(ctx: Context, step: Step) -> Detail:
+    previous = ctx.net.link_state(*step.target)["loss_pct"]
+    ctx.net.set_link_loss(*step.target, step.params["loss"])
+    return {"previous_pct": previous}
+
+
+def _loss_heal(ctx: Context, step: Step, detail: Detail) -> Detail:
+    ctx.net.set_link_loss(*step.target, detail["previous_pct"])
+    return {"pct": detail["previous_pct"]}
+
+
+def _partition(ctx: Context, step: Step) -> Detail:
+    ctx.net.partition(*step.target)
+    return {}
+
+
+def _partition_heal(ctx: Context, step: Step, _detail: Detail) -> Detail:
+    ctx.net.heal_partition(*step.target)
+    return {}
+
+
+# -- io -------------------------------------------------------------------------------------
+
+
+def _disk_full(ctx: Context, step: Step) -> Detail:
+    return {"filled_bytes": ctx.net.fill_disk(step.target)}
+
+
+def _disk_free(ctx: Context, step: Step, _detail: Detail) -> Detail:
+    ctx.net.free_disk(step.target)
+    return {}
+
+
+def _read_only(ctx: Context, step: Step) -> Detail:
+    ctx.net.remount_data_dir(step.target, read_only=True)
+    return {}
+
+
+def _read_write(ctx: Context, step: Step, _detail: Detail) -> Detail:
+    ctx.net.remount_data_dir(step.target, read_only=False)
+    return {}
+
+
+def _corrupt_model(ctx: Context, step: Step) -> Detail:
+    return {"files": ctx.net.corrupt_models(step.target)}
+
+
+def _conn_reset(ctx: Context, step: Step) -> Detail:
+    return {"connections": ctx.net.reset_connections(step.target)}
+
 
 FAULTS: dict[str, FaultKind] = {
-    "node.crash": FaultKind(_crash, None),
+    "node.crash": FaultKind(_crash, _crash_heal),
+    "node.pause": FaultKind(_pause, _resume),
+    "node.resume": FaultKind(_resume, cancels="node.pause"),
+    "node.restart": FaultKind(_restart),
+    "node.cpu": FaultKind(_cpu, _cpu_heal),
     "link.down": FaultKind(_link_down, _link_up),
-    "link.up": FaultKind(_link_up, None),
-    "link.bandwidth": FaultKind(_link_bandwidth, _link_bandwidth_heal),
-    "link.loss": FaultKind(_link_loss, _link_loss_heal),
+    "link.up": FaultKind(_link_up, cancels="link.down"),
+    "link.bandwidth": FaultKind(_bandwidth, _bandwidth_heal),
+    "link.delay": FaultKind(_delay, _delay_heal),
+    "link.loss": FaultKind(_loss, _loss_heal),
+    "link.partition": FaultKind(_partition, _partition_heal),
+    "io.disk_full": FaultKind(_disk_full, _disk_free),
+    "io.read_only": FaultKind(_read_only, _read_write),
+    "io.corrupt_model": FaultKind(_corrupt_model),
+    "io.conn_reset": FaultKind(_conn_reset),
 }
+# model.update is a valid action that stays refused until the controller can roll out a new
+# version (it will go through Hooks.controller).
 
 
 def check_supported(scenario: Scenario) -> None:
-    """Refuse, before any network is built, steps this version cannot inject."""
+    """Refuse, before any network is built, steps this version or this machine cannot do."""
+    machine = os.cpu_count() or 1
     for step in scenario.steps:
-        if step.action not in FAULTS:
-            raise InputError(f"action {step.action} is valid but not supported by this version "
-                             f"(supported: {', '.join(sorted(FAULTS))})",
-                             file=scenario.path, line=step.line, field="action")
+        found = _step_problem(step, machine) or _mechanism_problem(step)
+        if found is not None:
+            message, where = found
+            raise InputError(message, file=scenario.path, line=step.line, field=where)
+
+
+def _mechanism_problem(step: Step) -> tuple[str, str] | None:
+    """Delay and loss need netem or their netfilter mechanism on this machine (probed once
+    per process, and only if a step needs it)."""
+    from testbed.netfilter import nfqueue_available
+    from testbed.network import iptables_statistic_available, netem_available
+
+    if step.action == "link.delay" and not (netem_available() or nfqueue_available()):
+        return ("no delay mechanism on this machine: no netem, and the NFQUEUE shim cannot "
+                "run (PyPI netfilterqueue, iptables NFQUEUE target)", "action")
+    if step.action == "link.loss" and not (netem_available() or iptables_statistic_available()):
+        return ("no loss mechanism on this machine: neither netem nor iptables' statistic "
+                "match", "action")
+    return None
+
+
+def _step_problem(step: Step, machine_cores: int) -> tuple[str, str] | None:
+    """What is wrong with a step whatever the machine: (message, field) or None."""
+    kind = FAULTS.get(step.action)
+    if kind is None:
+        return (f"action {step.action} is valid but not supported by this version "
+                f"(supported: {', '.join(sorted(FAULTS))})", "action")
+    if step.duration_s is not None and kind.heal is None:
+        return f"{step.action} has nothing to undo, so it takes no duration", "duration"
+    if step.action == "node.cpu" and not MIN_CPU <= step.params["cpu"] <= machine_cores:
+        return (f"cpu {step.params['cpu']:g} must be between {MIN_CPU} and this machine's "
+                f"{machine_cores} cores", "params.cpu")
+    if step.action == "link.delay" and step.params.get("jitter", 0.0) > step.params["delay"]:
+        return "jitter is larger than the delay it varies", "params.jitter"
+    return None
+
+
+@dataclass(order=True)
+class _Entry:
+    due_s: float                   # from the start of the measured window
+    heal_first: int                # at the same time, heals go before injections
+    index: int                     # the step's position in the scenario
+    is_heal: bool = field(compare=False)
 
 
 class FaultTimeline:
-    """Fires steps on time in a thread; `events` collects what happened (events.jsonl)."""
+    """Fires steps on time in a thread; `events` collects what happened (events.jsonl);
+    `last` is a short description of the latest fault, for the progress line."""
 
-    def __init__(self, steps: list[Step], net: Any) -> None:
-        self.net = net
+    def __init__(self, steps: list[Step], net: Any, hooks: Hooks | None = None) -> None:
+        self.steps = list(steps)
+        self.ctx = Context(net, hooks or Hooks())
         self.events: list[dict[str, Any]] = []
         self.last = ""
-        self._pending_heals: list[Step] = []
-        # (time from window start, step, is_heal)
+        self._active: dict[int, Detail] = {}     # step index -> its inject detail, in order
         self._schedule = sorted(
-            [(s.at_s, s, False) for s in steps]
-            + [(s.at_s + s.duration_s, s, True) for s in steps
-               if s.duration_s is not None and FAULTS[s.action].heal is not None],
-            key=lambda item: item[0])
+            [_Entry(s.at_s, 1, i, False) for i, s in enumerate(self.steps)]
+            + [_Entry(s.at_s + s.duration_s, 0, i, True) for i, s in enumerate(self.steps)
+               if s.duration_s is not None and FAULTS[s.action].heal is not None])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def start(self, window_start: float) -> None:
+        """Fire the steps relative to `window_start` (unix time) from a thread."""
         if not self._schedule:
             return
         self._thread = threading.Thread(target=self._run, args=(window_start,),
@@ -106,49 +304,83 @@ class FaultTimeline:
         self._thread.start()
 
     def _wait_until(self, target: float) -> bool:
+        """Sleep until `target` (unix time), spinning the last SPIN_S; False if stopped."""
         while True:
             remaining = target - time.time()
             if remaining <= 0:
-                return True
-            if self._stop.wait(max(0.0, remaining - SPIN_S)) and remaining > SPIN_S:
+                return not self._stop.is_set()
+            if remaining > SPIN_S and self._stop.wait(remaining - SPIN_S):
                 return False
 
     def _run(self, window_start: float) -> None:
-        for offset, step, is_heal in self._schedule:
-            if not self._wait_until(window_start + offset):
+        for entry in self._schedule:
+            due = window_start + entry.due_s
+            if not self._wait_until(due):
                 return
-            self._fire(step, is_heal, window_start + offset)
+            if entry.is_heal:
+                self._heal(entry.index, due)
+            else:
+                self._inject(entry.index, due)
 
-    def _fire(self, step: Step, is_heal: bool, due: float) -> None:
-        kind = FAULTS[step.action]
-        action = kind.heal if is_heal else kind.inject
-        assert action is not None
+    def _inject(self, index: int, due: float) -> None:
+        step, kind = self.steps[index], FAULTS[self.steps[index].action]
         with self._lock:
             fired = time.time()
-            error = None
-            try:
-                action(self.net, step)
-            except Exception as exc:  # noqa: BLE001  (a failed injection is reported, not fatal)
-                error = f"{type(exc).__name__}: {exc}"
-            if not is_heal and kind.heal is not None:
-                self._pending_heals.append(step)
-            if is_heal and step in self._pending_heals:
-                self._pending_heals.remove(step)
-            event = {"t": fired, "type": "fault.healed" if is_heal else "fault.injected",
-                     "action": step.action, "target": step.target, "params": step.params,
-                     "late_ms": round((fired - due) * 1000, 3), "source": "driver"}
-            if error:
-                event["error"] = error
-            self.events.append(event)
-            self.last = f"{'heal' if is_heal else 'fault'} {step.action}"
+            detail, error = self._call(lambda: kind.inject(self.ctx, step))
+            if error is None and kind.heal is not None:
+                self._active[index] = detail
+            self._record("fault.injected", index, due, fired, detail, error)
+            if error is None and kind.cancels is not None:
+                for other in [i for i in self._active if self.steps[i].action == kind.cancels
+                              and self.steps[i].target == step.target]:
+                    del self._active[other]
+                    self._record("fault.healed", other, fired, fired, {"by": step.action},
+                                 None)
+
+    def _heal(self, index: int, due: float) -> None:
+        with self._lock:
+            if index not in self._active:  # healed already (by link.up, node.resume, ...)
+                return
+            heal = FAULTS[self.steps[index].action].heal
+            assert heal is not None
+            fired = time.time()
+            inject_detail = self._active.pop(index)
+            detail, error = self._call(lambda: heal(self.ctx, self.steps[index], inject_detail))
+            self._record("fault.healed", index, due, fired, detail, error)
+
+    @staticmethod
+    def _call(action: Callable[[], Detail]) -> tuple[Detail, str | None]:
+        try:
+            return action() or {}, None
+        except Exception as exc:  # noqa: BLE001  (a failed fault is reported, not fatal)
+            return {}, f"{type(exc).__name__}: {exc}"
+
+    def _record(self, kind: str, index: int, due: float, fired: float, detail: Detail,
+                error: str | None) -> None:
+        step = self.steps[index]
+        event: dict[str, Any] = {
+            "t": fired, "type": kind, "action": step.action, "target": step.target,
+            "params": step.params, "step": index, "late_ms": round((fired - due) * 1000, 3),
+            "took_ms": round((time.time() - fired) * 1000, 3), "source": "driver",
+            "detail": detail}
+        if self.ctx.final:
+            event["final"] = True
+        if error:
+            event["error"] = error
+        self.events.append(event)
+        self.last = f"{'heal' if kind == 'fault.healed' else 'fault'} {step.action}" + (
+            " FAILED" if error else "")
 
     def stop(self) -> None:
+        """Stop firing (steps not yet due never fire); faults in force stay in force."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=30)
 
     def heal_all(self) -> None:
-        """The final heal phase: undo every fault still in force."""
+        """The final heal phase: undo every fault still in force, newest first. Idempotent."""
         self.stop()
-        for step in list(self._pending_heals):
-            self._fire(step, True, time.time())
+        with self._lock:
+            self.ctx.final = True
+        for index in reversed(list(self._active)):
+            self._heal(index, time.time())

@@ -16,16 +16,28 @@ adds what Mininet lacks and keeps everything safe on a shared machine:
 Links: bandwidth by HTB on both ends (Mininet's TCLink). Mininet refuses HTB above 1000 Mbit,
 so such links are left unshaped (a veth carries several Gbit/s here); `link_report()` says so.
 Delay, jitter and loss use netem where the kernel has it (probed in a throwaway namespace).
-Without netem (this machine), loss is emulated by netfilter at the receiver: in each host's
-namespace an `iptables ... -m statistic --mode random` rule per source host drops what the
-path from that source would lose (links' losses compound; each direction is dropped by its
-receiver, so a link's loss still applies once per direction). Delay and jitter need the
-NFQUEUE shim, which is not implemented yet: a topology asking for them is refused before
-anything is created, naming the file, line and field.
+Without netem (this machine) they are emulated by netfilter at the receiver (`testbed.netfilter`):
+in each host's namespace, per source host, an `iptables ... -m statistic --mode random` rule
+drops what the path from that source would lose, and an NFQUEUE rule hands what it would delay
+to the host's `testbed.delayshim` process (started on demand, outside the host's cgroups; its
+PID is recorded). Links' losses compound and delays add up along a path; each direction is
+handled by its receiver, so a link's delay and loss still apply once per direction (netem's
+semantics: a 20 ms link adds 40 ms to a round trip across it). A topology asking for what no
+mechanism can do is refused before anything is created, naming the file, line and field.
 
-Faults the scenario steps use: `set_link_bandwidth`, `set_link_loss`, `link_down/up` (the
-switch end goes down, so the host keeps its address and route and only loses carrier, as with
-a pulled cable), `signal_host` (kill or stop a host's processes, never its Mininet shell).
+Faults the scenario steps use (`testbed.faults` maps actions onto these):
+- links: `set_link_bandwidth`, `set_link_delay`, `set_link_loss`, `link_down/up` (the switch
+  end goes down, so the host keeps its address and route and only loses carrier, as with a
+  pulled cable), `partition`/`heal_partition` (DROP between two groups of hosts);
+- hosts: `signal_host` (kill or stop a host's processes, never its Mininet shell),
+  `crash_host`/`host_up` (processes killed, interface down), `pause_host`/`resume_host`
+  (a freezer cgroup per host, made on first use and recorded), `set_host_cpu` (the CFS quota,
+  live), `reset_connections` (`ss -K` in the host's namespace);
+- the data directory: `fill_disk`/`free_disk`, `remount_data_dir` (read-only and back),
+  `corrupt_models` (flip bytes in the cached stage models).
+Commands the driver runs in a host for these go through `mnexec -a` from the root namespace,
+outside the host's cgroups: a fault must land on time even when the host has used up its CPU
+quota (Mininet's shell sits in the host's cgroups and would wait for it).
 
 Mount namespaces: each host gets a private copy of the mount table when its shell starts, so
 the tmpfs directories are mounted first. Remounting one from the root namespace (`size=`,
@@ -36,6 +48,7 @@ over the path after the build would not be seen by the host.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -44,21 +57,35 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from testbed import records
 from testbed.errors import InputError
+from testbed.netfilter import (
+    DELAY_CHAIN,
+    LOSS_CHAIN,
+    PARTITION_CHAIN,
+    SHIM_QUEUE,
+    ShimClient,
+    chain_script,
+    nfqueue_available,
+    shim_argv,
+)
 from testbed.records import CGROUP_ROOT, MOUNT_SOURCE, RunRecord
-from testbed.topology import LinkSpec, Topology
+from testbed.topology import MIN_CPU, LinkSpec, Topology
 
 log = logging.getLogger(__name__)
 
 RUN_PREFIX = "ep"
-LOSS_CHAIN = "EDGEPIPE-LOSS"  # per host namespace: dies with it, nothing to record
 MAX_IFNAME = 15            # IFNAMSIZ - 1
 HTB_MAX_MBPS = 1000.0      # Mininet's TCIntf.bwParamMax
 TOOLS = ("mnexec", "cgexec", "brctl", "tc", "ip", "ethtool", "ifconfig", "mount", "umount")
+LOSS_MECHANISM = "iptables statistic at the receiving hosts"
+SHIM_MECHANISM = "nfqueue shim at the receiving hosts"
+FILLER = ".edgepipe-disk-full"   # the file io.disk_full writes into a data directory
+FREEZE_TIMEOUT_S = 5.0
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -71,6 +98,7 @@ def new_run_id(prefix: str = RUN_PREFIX) -> str:
     return prefix + "".join(secrets.choice(_BASE36) for _ in range(3))
 
 
+@cache
 def netem_available() -> bool:
     """Can this kernel attach a netem qdisc? Probed on the loopback of a namespace that
     exists only for this one command, so nothing is left behind."""
@@ -81,6 +109,7 @@ def netem_available() -> bool:
     return result.returncode == 0
 
 
+@cache
 def iptables_statistic_available() -> bool:
     """Can a namespace use iptables' `statistic` match? Probed in a throwaway namespace."""
     if shutil.which("unshare") is None or shutil.which("iptables") is None:
@@ -102,6 +131,14 @@ def _bridge_netfilter() -> bool:
 
 def _write(path: Path, value: str | int) -> None:
     path.write_text(f"{value}\n")
+
+
+def _htb_burst(mbps: float) -> str:
+    """HTB burst and quantum: a burst that lets 1 Gbit through (15 KB is 0.1 ms of it,
+    shorter than a timer tick) and an explicit quantum (the default, rate/10, is over HTB's
+    maximum above ~16 Mbit and every link printed a warning)."""
+    burst = max(15_000, int(mbps * 1e6 / 8 * 0.001))  # >= 1 ms at line rate
+    return f"burst {burst} quantum 60000"
 
 
 class EmulatedNetwork:
@@ -130,9 +167,14 @@ class EmulatedNetwork:
         self._procs: list[subprocess.Popen[bytes]] = []
         self.mechanisms: dict[str, dict[str, str]] = {}
         self.impairment: str | None = None           # "netem" | "iptables" | None
-        # Current bandwidth and loss per link (scenario steps change them).
-        self._bw = {frozenset((link.a, link.b)): link.bandwidth_mbps for link in topology.links}
-        self._loss = {frozenset((link.a, link.b)): link.loss_pct for link in topology.links}
+        # Current bandwidth, delay, jitter and loss per link (scenario steps change them).
+        keys = [frozenset((link.a, link.b)) for link in topology.links]
+        self._bw = {k: link.bandwidth_mbps for k, link in zip(keys, topology.links)}
+        self._delay = {k: link.delay_ms for k, link in zip(keys, topology.links)}
+        self._jitter = {k: link.jitter_ms for k, link in zip(keys, topology.links)}
+        self._loss = {k: link.loss_pct for k, link in zip(keys, topology.links)}
+        self._partitions: list[tuple[frozenset[str], frozenset[str]]] = []
+        self._shims: dict[str, ShimClient] = {}       # host -> its delay shim (iptables mode)
         self.state = "new"
         self.build_seconds = 0.0
         self.stop_seconds = 0.0
@@ -201,26 +243,26 @@ class EmulatedNetwork:
             raise NetworkError(f"run dir {self.run_dir} must not contain whitespace")
 
     def _choose_impairment(self) -> str | None:
-        """netem if the kernel has it; else iptables for loss; delay/jitter refused."""
+        """netem if the kernel has it; else netfilter (iptables statistic for loss, the
+        NFQUEUE shim for delay and jitter); a link asking for what neither can do is refused."""
         impaired = [link for link in self.topology.links if link.impaired()]
         if not impaired:
             return None
         if netem_available():
             return "netem"
         for link in impaired:
-            for key, value, what in (("delay", link.delay_ms, f"delay {link.delay_ms:g}ms"),
-                                     ("jitter", link.jitter_ms, f"jitter {link.jitter_ms:g}ms")):
-                if value > 0:
-                    raise InputError(
-                        f"link {link.name} asks for {what}; this kernel has no netem and no "
-                        "other delay mechanism is available yet (loss works, by iptables)",
-                        file=self.topology.path, line=link.line, field=f"links[{link.index}].{key}")
-        if not iptables_statistic_available():
-            link = impaired[0]
-            raise InputError(f"link {link.name} asks for loss {link.loss_pct:g}%; this kernel "
-                             "has neither netem nor iptables' statistic match",
-                             file=self.topology.path, line=link.line,
-                             field=f"links[{link.index}].loss")
+            if (link.delay_ms > 0 or link.jitter_ms > 0) and not nfqueue_available():
+                key = "delay" if link.delay_ms > 0 else "jitter"
+                raise InputError(
+                    f"link {link.name} asks for {key} {getattr(link, key + '_ms'):g}ms; this "
+                    "kernel has no netem and the NFQUEUE delay shim cannot run here (it needs "
+                    "PyPI netfilterqueue in this interpreter and the iptables NFQUEUE target)",
+                    file=self.topology.path, line=link.line, field=f"links[{link.index}].{key}")
+            if link.loss_pct > 0 and not iptables_statistic_available():
+                raise InputError(f"link {link.name} asks for loss {link.loss_pct:g}%; this "
+                                 "kernel has neither netem nor iptables' statistic match",
+                                 file=self.topology.path, line=link.line,
+                                 field=f"links[{link.index}].loss")
         return "iptables"
 
     def _claim(self) -> RunRecord:
@@ -275,16 +317,12 @@ class EmulatedNetwork:
                 super(CPULimitedHost, self).cleanup()
 
         class _ShapedIntf(TCIntf):
-            """Mininet's HTB, with a burst that lets 1 Gbit through (15 KB is 0.1 ms of
-            it, shorter than a timer tick) and an explicit quantum: the default (rate/10)
-            is over HTB's maximum above ~16 Mbit and every link printed a warning."""
+            """Mininet's HTB with our burst and quantum (`_htb_burst`)."""
 
             def bwCmds(self, bw: float | None = None, **params: Any) -> Any:
                 cmds, parent = super().bwCmds(bw=bw, **params)
                 if bw:
-                    burst = max(15_000, int(bw * 1e6 / 8 * 0.001))  # >= 1 ms at line rate
-                    cmds = [c.replace(" burst 15k", f" burst {burst} quantum 60000")
-                            for c in cmds]
+                    cmds = [c.replace(" burst 15k", f" {_htb_burst(bw)}") for c in cmds]
                 return cmds, parent
 
         assert self.record is not None
@@ -337,6 +375,7 @@ class EmulatedNetwork:
         self._check_links()
         if self.impairment == "iptables":
             self._apply_loss_rules()
+            self._apply_delay_rules()
 
     def _record_plan(self, record: RunRecord, interfaces: dict[str, list[str]],
                      forward: bool) -> None:
@@ -376,27 +415,36 @@ class EmulatedNetwork:
                 raise NetworkError(f"cannot mount the data dir of {name}: {result.stderr}")
 
     def _link_params(self, link: LinkSpec) -> dict[str, Any]:
-        params: dict[str, Any] = {}
-        mechanism = {"bandwidth": "htb", "delay": "none", "loss": "none"}
-        if link.bandwidth_mbps <= HTB_MAX_MBPS:
-            params["bw"] = link.bandwidth_mbps
-        else:
-            mechanism["bandwidth"] = "none (above 1000 Mbit: unshaped veth)"
+        key = frozenset((link.a, link.b))
+        if self._bw[key] > HTB_MAX_MBPS:
             log.info("link %s: %g Mbit is above what HTB is set up for; left unshaped",
-                     link.name, link.bandwidth_mbps)
-        if link.impaired() and self.impairment == "netem":
-            if link.delay_ms > 0:
-                params["delay"] = f"{link.delay_ms:g}ms"
-                mechanism["delay"] = "netem"
-            if link.jitter_ms > 0:
-                params["jitter"] = f"{link.jitter_ms:g}ms"
-            if link.loss_pct > 0:
-                params["loss"] = link.loss_pct
-                mechanism["loss"] = "netem"
-        elif link.loss_pct > 0:
-            mechanism["loss"] = "iptables statistic at the receiving hosts"
-        self.mechanisms[link.name] = mechanism
+                     link.name, self._bw[key])
+        self.mechanisms[link.name] = self._mechanism(key)
+        return self._tc_params(key)
+
+    def _tc_params(self, key: frozenset[str]) -> dict[str, Any]:
+        """Mininet TCIntf parameters for a link's current state (netem only with netem)."""
+        params: dict[str, Any] = {}
+        if self._bw[key] <= HTB_MAX_MBPS:
+            params["bw"] = self._bw[key]
+        if self.impairment == "netem":
+            if self._delay[key] > 0 or self._jitter[key] > 0:
+                params["delay"] = f"{self._delay[key]:g}ms"
+            if self._jitter[key] > 0:
+                params["jitter"] = f"{self._jitter[key]:g}ms"
+            if self._loss[key] > 0:
+                params["loss"] = self._loss[key]
         return params
+
+    def _mechanism(self, key: frozenset[str]) -> dict[str, str]:
+        """Which mechanism serves each property of a link in its current state."""
+        delayed = self._delay[key] > 0 or self._jitter[key] > 0
+        impaired = {"netem": ("netem", "netem"),
+                    "iptables": (SHIM_MECHANISM, LOSS_MECHANISM)}.get(self.impairment or "")
+        return {"bandwidth": ("htb" if self._bw[key] <= HTB_MAX_MBPS
+                              else "none (above 1000 Mbit: unshaped veth)"),
+                "delay": impaired[0] if impaired and delayed else "none",
+                "loss": impaired[1] if impaired and self._loss[key] > 0 else "none"}
 
     def _check_links(self) -> None:
         """Mininet prints tc errors and carries on; make sure every qdisc we asked for is
@@ -486,6 +534,169 @@ class EmulatedNetwork:
         return sum(records.signal_verified(pid, sig, lambda p: records.in_cgroup(p, cgroup))
                    for pid in self.host_pids(host))
 
+    # -- host faults -------------------------------------------------------------------------
+
+    def _wait_gone(self, host: str, timeout_s: float = 3.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.host_pids(host) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def kill_host(self, host: str) -> int:
+        """SIGKILL every process of the host (not its shell) and wait until they are gone;
+        returns how many were signalled."""
+        killed = self.signal_host(host, signal.SIGKILL)
+        if self.is_paused(host):  # a frozen task dies only once thawed
+            self.resume_host(host)
+        self._wait_gone(host)
+        return killed
+
+    def crash_host(self, host: str) -> int:
+        """A power cut: every process of the host is killed and its interface goes down
+        (the host side, so peers see the machine vanish). Returns how many were killed.
+        The data directory survives, like a disk."""
+        killed = self.kill_host(host)
+        self.in_host(host, ["ip", "link", "set", "dev", self.node(host).defaultIntf().name,
+                            "down"])
+        return killed
+
+    def host_up(self, host: str) -> None:
+        """The interface of a crashed host up again (its connected route comes back with
+        it); starting its software is the driver's business."""
+        self.in_host(host, ["ip", "link", "set", "dev", self.node(host).defaultIntf().name,
+                            "up"])
+
+    def _freezer(self, host: str) -> Path:
+        self._spec(host)
+        return CGROUP_ROOT / "freezer" / self.names[host]
+
+    def is_paused(self, host: str) -> bool:
+        state = self._freezer(host) / "freezer.state"
+        return state.exists() and state.read_text().strip() != "THAWED"
+
+    def pause_host(self, host: str) -> int:
+        """Freeze every process of the host (not its Mininet shell, which the driver still
+        talks through): they are moved into a freezer cgroup of the host's name, made on
+        first use and recorded, then frozen. Returns how many processes are frozen."""
+        assert self.record is not None
+        freezer = self._freezer(host)
+        cgroup = f"freezer/{self.names[host]}"
+        if not freezer.exists():
+            self.record.add("cgroups", cgroup)
+            freezer.mkdir()
+        for _ in range(10):  # a process may fork between listing and moving its parent
+            outside = [pid for pid in self.host_pids(host)
+                       if not records.in_cgroup(pid, cgroup)]
+            if not outside:
+                break
+            for pid in outside:
+                with contextlib.suppress(ProcessLookupError):
+                    _write(freezer / "cgroup.procs", pid)
+        _write(freezer / "freezer.state", "FROZEN")
+        self._wait_freezer(freezer, "FROZEN")
+        return len(records.cgroup_pids(cgroup))
+
+    def resume_host(self, host: str) -> None:
+        freezer = self._freezer(host)
+        if freezer.exists():
+            _write(freezer / "freezer.state", "THAWED")
+            self._wait_freezer(freezer, "THAWED")
+
+    @staticmethod
+    def _wait_freezer(freezer: Path, state: str) -> None:
+        deadline = time.monotonic() + FREEZE_TIMEOUT_S
+        while (freezer / "freezer.state").read_text().strip() != state:
+            if time.monotonic() > deadline:
+                raise NetworkError(f"{freezer} did not reach {state}")
+            time.sleep(0.005)
+
+    def host_cpu(self, host: str) -> float:
+        """The host's CPU limit in force, in cores."""
+        cpu = CGROUP_ROOT / "cpu" / self.names[host]
+        quota = int((cpu / "cpu.cfs_quota_us").read_text())
+        period = int((cpu / "cpu.cfs_period_us").read_text())
+        return float(os.cpu_count() or 1) if quota < 0 else quota / period
+
+    def set_host_cpu(self, host: str, cores: float) -> None:
+        """Change the host's CPU limit while it runs (a straggler): the CFS quota."""
+        self._spec(host)
+        machine = os.cpu_count() or 1
+        if not MIN_CPU <= cores <= machine:
+            raise ValueError(f"cpu {cores:g} must be between {MIN_CPU} and {machine} cores")
+        cpu = CGROUP_ROOT / "cpu" / self.names[host]
+        period = int((cpu / "cpu.cfs_period_us").read_text())
+        _write(cpu / "cpu.cfs_quota_us", int(cores * period))
+
+    def reset_connections(self, host: str) -> int:
+        """Destroy the host's TCP connections (`ss -K`, the kernel's socket destroy), as a
+        middlebox reset would; listening sockets stay. Returns how many were destroyed."""
+        output = self.in_host(host, ["ss", "-K", "-t", "-n", "-H", "state", "connected"])
+        return len([line for line in output.splitlines() if line.strip()])
+
+    # -- data directory faults ------------------------------------------------------------
+
+    def fill_disk(self, host: str) -> int:
+        """Fill the host's data directory until ENOSPC (one file, written from the root
+        namespace, so its pages are not charged to the host's memory limit). Returns the
+        bytes written."""
+        path = self.data_dir(host) / FILLER
+        chunk = bytes(1 << 20)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            stats = os.statvfs(self.data_dir(host))
+            with contextlib.suppress(OSError):  # ENOSPC: the writes below finish the job
+                os.posix_fallocate(fd, os.fstat(fd).st_size, stats.f_bavail * stats.f_frsize)
+            for size in (len(chunk), 4096):  # big writes, then the last pages
+                try:
+                    while True:
+                        os.write(fd, chunk[:size])
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+        finally:
+            os.close(fd)
+        return path.stat().st_size
+
+    def free_disk(self, host: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.data_dir(host) / FILLER).unlink()
+
+    def remount_data_dir(self, host: str, read_only: bool) -> None:
+        """Remount the host's data directory read-only (or back to read-write). Done from the
+        root namespace: it acts on the tmpfs itself, so the host sees it at once. Linux
+        refuses (EBUSY) while a file is open for writing; retried for a moment."""
+        path = str(self.data_dir(host))
+        if not records.our_mount(path, self.run_id):
+            raise NetworkError(f"{path} is not this run's data directory mount")
+        deadline = time.monotonic() + 2.0
+        while True:
+            result = subprocess.run(["mount", "-o", f"remount,{'ro' if read_only else 'rw'}",
+                                     path], capture_output=True, text=True, check=False)
+            if result.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise NetworkError(f"remount of {path} failed: {result.stderr.strip()}")
+            time.sleep(0.02)
+
+    def corrupt_models(self, host: str, flips: int = 16) -> list[str]:
+        """Flip `flips` bytes, spread over each cached stage model of the host
+        (`<data dir>/models/*.onnx`), in place: the agent's SHA-256 check must catch it at
+        the next start. Returns the files changed."""
+        changed = []
+        for path in sorted((self.data_dir(host) / "models").glob("*.onnx")):
+            size = path.stat().st_size
+            if size == 0:
+                continue
+            fd = os.open(path, os.O_RDWR)
+            try:
+                for i in range(flips):
+                    offset = (2 * i + 1) * size // (2 * flips)
+                    byte = os.pread(fd, 1, offset)
+                    os.pwrite(fd, bytes([byte[0] ^ 0xFF]), offset)
+            finally:
+                os.close(fd)
+            changed.append(path.name)
+        return changed
+
     # -- links -------------------------------------------------------------------------------
 
     def _link(self, a: str, b: str) -> Any:
@@ -496,29 +707,72 @@ class EmulatedNetwork:
                            f"{self.topology.name}") from None
 
     def set_link_bandwidth(self, a: str, b: str, mbps: float) -> None:
-        """Re-shape a link (both directions). Above 1000 Mbit the link is left unshaped."""
+        """Re-shape a link (both directions). Above 1000 Mbit the link is left unshaped.
+        Between two shaped rates the HTB class is changed in place (one `tc` per end, no
+        moment without shaping); otherwise Mininet rebuilds the qdiscs."""
+        key = frozenset((a, b))
         self._link(a, b)
         if mbps <= 0:
             raise ValueError(f"bandwidth {mbps} Mbit must be positive")
-        self._bw[frozenset((a, b))] = mbps
-        self._configure_link(a, b)
-        self.mechanisms[self.topology.link(a, b).name]["bandwidth"] = (
-            "htb" if mbps <= HTB_MAX_MBPS else "none (above 1000 Mbit: unshaped veth)")
+        in_place = (self.impairment != "netem" and self._bw[key] <= HTB_MAX_MBPS
+                    and mbps <= HTB_MAX_MBPS)
+        self._bw[key] = mbps
+        if in_place:
+            for intf in self._ends(a, b):
+                self._in_node(intf.node, ["tc", "class", "change", "dev", intf.name, "parent",
+                                          "5:0", "classid", "5:1", "htb", "rate", f"{mbps}Mbit",
+                                          *_htb_burst(mbps).split()])
+        else:
+            self._configure_link(a, b)
+        self.mechanisms[self.topology.link(a, b).name] = self._mechanism(key)
+
+    def link_state(self, a: str, b: str) -> dict[str, float]:
+        """A link's bandwidth, delay, jitter and loss in force (steps change them)."""
+        key = frozenset((a, b))
+        self._link(a, b)
+        return {"bandwidth_mbps": self._bw[key], "delay_ms": self._delay[key],
+                "jitter_ms": self._jitter[key], "loss_pct": self._loss[key]}
+
+    def _ends(self, a: str, b: str) -> list[Any]:
+        link = self._link(a, b)
+        return [link.intf1, link.intf2]
 
     def _switch_ends(self, a: str, b: str) -> list[Any]:
-        link = self._link(a, b)
-        return [intf for intf in (link.intf1, link.intf2) if intf.node not in self.net.hosts]
+        return [intf for intf in self._ends(a, b) if intf.node not in self.net.hosts]
+
+    def _in_node(self, node: Any, argv: Sequence[str]) -> str:
+        """Run a command in a node's network namespace from the root namespace (so outside
+        the host's cgroups); raises NetworkError with its output when it fails."""
+        prefix = ["mnexec", "-a", str(node.pid)] if node in self.net.hosts else []
+        result = subprocess.run([*prefix, *argv], capture_output=True, text=True, check=False,
+                                timeout=30)
+        if result.returncode != 0:
+            raise NetworkError(f"{' '.join(argv)} in {node.name} failed: "
+                               f"{(result.stderr or result.stdout).strip()}")
+        return result.stdout
+
+    def in_host(self, host: str, argv: Sequence[str]) -> str:
+        """A short command in the host's namespaces but outside its cgroups (the driver's
+        work, not the host's): its stdout; NetworkError if it fails."""
+        self._spec(host)
+        return self._in_node(self.node(host), argv)
 
     def link_down(self, a: str, b: str) -> None:
         """Cut the cable: the switch end goes down, so a host keeps its interface and route
         and sees only lost carrier (packets vanish, as when a real cable is pulled), rather
         than 'network unreachable' errors."""
         for intf in self._switch_ends(a, b):
-            intf.node.cmd(f"ip link set dev {intf.name} down")
+            self._in_node(intf.node, ["ip", "link", "set", "dev", intf.name, "down"])
 
     def link_up(self, a: str, b: str) -> None:
         for intf in self._switch_ends(a, b):
-            intf.node.cmd(f"ip link set dev {intf.name} up")
+            self._in_node(intf.node, ["ip", "link", "set", "dev", intf.name, "up"])
+
+    def _impairment_for_change(self) -> str:
+        """The mechanism for a delay or loss a step adds to a network built without any."""
+        if self.impairment is None:
+            self.impairment = "netem" if netem_available() else "iptables"
+        return self.impairment
 
     def set_link_loss(self, a: str, b: str, pct: float) -> None:
         """Change a link's loss (percent, each direction), with the build's mechanism (netem
@@ -527,37 +781,38 @@ class EmulatedNetwork:
         self._link(a, b)
         if not 0 <= pct < 100:
             raise ValueError(f"loss {pct}% must be in [0, 100)")
-        if self.impairment is None:
-            self.impairment = "netem" if netem_available() else (
-                "iptables" if iptables_statistic_available() else None)
-            if self.impairment is None:
-                raise NetworkError("no loss mechanism on this kernel (netem, iptables)")
+        if self._impairment_for_change() == "iptables" and not iptables_statistic_available():
+            raise NetworkError("no loss mechanism on this kernel (netem, iptables statistic)")
         self._loss[key] = pct
-        spec = self.topology.link(a, b)
         if self.impairment == "netem":
             self._configure_link(a, b)
-            self.mechanisms[spec.name]["loss"] = "netem" if pct else "none"
         else:
             self._apply_loss_rules()
-            self.mechanisms[spec.name]["loss"] = ("iptables statistic at the receiving hosts"
-                                                  if pct else "none")
+        self.mechanisms[self.topology.link(a, b).name] = self._mechanism(key)
+
+    def set_link_delay(self, a: str, b: str, delay_ms: float, jitter_ms: float = 0.0) -> None:
+        """Change a link's delay and jitter (ms, each direction), with netem where the kernel
+        has it, else the NFQUEUE shims of the receiving hosts."""
+        key = frozenset((a, b))
+        self._link(a, b)
+        if delay_ms < 0 or not 0 <= jitter_ms <= max(delay_ms, 0):
+            raise ValueError(f"delay {delay_ms} ms and jitter {jitter_ms} ms: need "
+                             "0 <= jitter <= delay")
+        if self._impairment_for_change() == "iptables" and not nfqueue_available():
+            raise NetworkError("no delay mechanism here: no netem, and the NFQUEUE shim "
+                               "cannot run (PyPI netfilterqueue, iptables NFQUEUE target)")
+        self._delay[key], self._jitter[key] = delay_ms, jitter_ms
+        if self.impairment == "netem":
+            self._configure_link(a, b)
+        else:
+            self._apply_delay_rules()
+        self.mechanisms[self.topology.link(a, b).name] = self._mechanism(key)
 
     def _configure_link(self, a: str, b: str) -> None:
         """Apply the link's current bandwidth (and, with netem, delay and loss) to both
         ends; Mininet's config replaces whatever qdiscs were there."""
-        key, spec = frozenset((a, b)), self.topology.link(a, b)
-        params: dict[str, Any] = {}
-        if self._bw[key] <= HTB_MAX_MBPS:
-            params["bw"] = self._bw[key]
-        if self.impairment == "netem":
-            if spec.delay_ms > 0:
-                params["delay"] = f"{spec.delay_ms:g}ms"
-            if spec.jitter_ms > 0:
-                params["jitter"] = f"{spec.jitter_ms:g}ms"
-            if self._loss[key] > 0:
-                params["loss"] = self._loss[key]
-        link = self._link(a, b)
-        for intf in (link.intf1, link.intf2):
+        params = self._tc_params(frozenset((a, b)))
+        for intf in self._ends(a, b):
             if params:
                 intf.config(**params)
             else:  # nothing to shape: back to the default qdisc
@@ -570,29 +825,100 @@ class EmulatedNetwork:
             delivered *= 1 - self._loss[frozenset((link.a, link.b))] / 100
         return (1 - delivered) * 100
 
+    def path_delay_ms(self, src: str, dst: str) -> tuple[float, float]:
+        """Current one-way (delay, jitter) in ms from host src to host dst: delays add up;
+        independent jitters add like standard deviations (root of the sum of squares)."""
+        keys = [frozenset((link.a, link.b)) for link in self.topology.route_links(src, dst)]
+        return (sum(self._delay[k] for k in keys),
+                sum(self._jitter[k] ** 2 for k in keys) ** 0.5)
+
+    def _replace_chain(self, host: str, chain: str, rules: list[str], first: bool) -> None:
+        self.in_host(host, ["sh", "-c", chain_script(chain, rules, first)])
+
     def _apply_loss_rules(self) -> None:
-        """In every host: drop what the path from each source loses, in a chain of our own
-        (flushed and refilled, so changes replace the old rules)."""
+        """In every host: drop what the path from each source loses (the chain is replaced
+        in one transaction, so a change never lets a packet through half-written rules)."""
         for dst in self.topology.hosts:
-            commands = [f"iptables -w -N {LOSS_CHAIN} 2>/dev/null",
-                        f"iptables -w -F {LOSS_CHAIN}",
-                        f"iptables -w -C INPUT -j {LOSS_CHAIN} 2>/dev/null || "
-                        f"iptables -w -I INPUT -j {LOSS_CHAIN}"]
+            rules = []
             for src in self.topology.hosts:
                 loss = self.path_loss_pct(src, dst) if src != dst else 0.0
                 if loss > 0:
-                    commands.append(f"iptables -w -A {LOSS_CHAIN} -s {self.ip(src)} -m statistic "
-                                    f"--mode random --probability {loss / 100:.6f} -j DROP")
-            output = self.cmd(dst, "; ".join(commands) + "; echo rc=$?")
-            if not output.strip().endswith("rc=0"):
-                raise NetworkError(f"loss rules in {dst} failed: {output.strip()}")
+                    rules.append(f"-s {self.ip(src)} -m statistic --mode random "
+                                 f"--probability {loss / 100:.6f} -j DROP")
+            self._replace_chain(dst, LOSS_CHAIN, rules, first=True)
+
+    def _apply_delay_rules(self) -> None:
+        """In every host: queue what the path from each source delays to the host's shim.
+        The shim learns the new table before the rules change, so a queued packet always
+        finds its delay; a host whose paths have no delay keeps an empty chain (and its
+        shim, if it had one, idles)."""
+        for dst in self.topology.hosts:
+            table = {self.ip(src): self.path_delay_ms(src, dst)
+                     for src in self.topology.hosts if src != dst}
+            table = {ip: dj for ip, dj in table.items() if dj[0] > 0 or dj[1] > 0}
+            if table or dst in self._shims:
+                self._shim(dst).set_delays(table)
+            interface = self.node(dst).defaultIntf().name
+            rules = [f"-i {interface} -s {ip} -j NFQUEUE --queue-num {SHIM_QUEUE}"
+                     for ip in table]
+            self._replace_chain(dst, DELAY_CHAIN, rules, first=False)
+
+    def _shim(self, host: str) -> ShimClient:
+        """The host's delay shim, started on first use: in the host's network namespace,
+        outside its cgroups, its PID recorded before it can touch a packet."""
+        if host in self._shims:
+            return self._shims[host]
+        assert self.record is not None
+        index = list(self.topology.hosts).index(host)
+        logs = self.run_dir / "shims"
+        logs.mkdir(exist_ok=True)
+        with open(logs / f"{host}.log", "ab") as log_file:
+            proc = subprocess.Popen(
+                ["mnexec", "-a", str(self.node(host).pid), *shim_argv(seed=index + 1)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                start_new_session=True)
+        self.record.add_process(proc.pid, records.process_start_time(proc.pid), host,
+                                "delayshim")
+        self._procs.append(proc)
+        shim = ShimClient(proc, host)
+        self._shims[host] = shim
+        shim.wait_ready()
+        return shim
+
+    # -- partitions --------------------------------------------------------------------------
+
+    def partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:
+        """Cut all traffic between two groups of hosts (each host drops what comes from the
+        other side; traffic within a group and to other hosts flows on)."""
+        pair = (frozenset(group_a), frozenset(group_b))
+        for host in pair[0] | pair[1]:
+            self._spec(host)
+        if pair[0] & pair[1]:
+            raise ValueError("a host cannot be on both sides of a partition")
+        self._partitions.append(pair)
+        self._apply_partition_rules(pair[0] | pair[1])
+
+    def heal_partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:
+        pair = (frozenset(group_a), frozenset(group_b))
+        if pair not in self._partitions:
+            raise KeyError("no such partition in force")
+        self._partitions.remove(pair)
+        self._apply_partition_rules(pair[0] | pair[1])
+
+    def _apply_partition_rules(self, hosts: Iterable[str]) -> None:
+        for host in hosts:
+            blocked: set[str] = set()
+            for side_a, side_b in self._partitions:
+                blocked |= side_b if host in side_a else side_a if host in side_b else set()
+            self._replace_chain(host, PARTITION_CHAIN,
+                                [f"-s {self.ip(other)} -j DROP" for other in sorted(blocked)],
+                                first=True)
 
     def link_report(self) -> list[dict[str, Any]]:
-        """Per link: what was asked and which mechanism provides it (for the run report)."""
-        return [{"link": link.name, "bandwidth_mbps": self._bw[frozenset((link.a, link.b))],
-                 "delay_ms": link.delay_ms, "jitter_ms": link.jitter_ms,
-                 "loss_pct": self._loss[frozenset((link.a, link.b))],
-                 **self.mechanisms.get(link.name, {})}
+        """Per link: what is in force and which mechanism provides it (for the run report)."""
+        return [{"link": link.name, **self.link_state(link.a, link.b),
+                 **self._mechanism(frozenset((link.a, link.b)))}
                 for link in self.topology.links]
 
     # -- teardown ----------------------------------------------------------------------------
@@ -608,6 +934,9 @@ class EmulatedNetwork:
         self.record.set_status("stopping")
         problems: list[str] = []
         self._terminate_processes(grace_s)
+        for shim in self._shims.values():  # they hold no state; undo() kills any that linger
+            shim.close()
+        self._shims.clear()
         if self.net is not None:
             try:
                 self.net.stop()

@@ -34,6 +34,8 @@ STATE_ENV = "EDGEPIPE_STATE_DIR"
 DEFAULT_STATE_DIR = Path("/run/edgepipe/runs")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory")
+# Made only when a fault needs one (node.pause); recorded like the others.
+FAULT_CONTROLLERS = ("freezer",)
 RUN_ID = re.compile(r"[a-z][a-z0-9]{1,5}")
 MOUNT_SOURCE = "edgepipe-{run_id}"
 
@@ -150,7 +152,8 @@ class RunRecord:
         if kind in ("bridges", "interfaces", "cgroups", "forward_rules"):
             if not name.startswith(self.run_id) or "/" in name or name in (".", ".."):
                 raise ValueError(f"{kind} entry {value!r} is not named after run {self.run_id}")
-        if kind == "cgroups" and value.split("/", 1)[0] not in CGROUP_CONTROLLERS:
+        if kind == "cgroups" and value.split("/", 1)[0] not in (*CGROUP_CONTROLLERS,
+                                                                *FAULT_CONTROLLERS):
             raise ValueError(f"unknown cgroup controller in {value!r}")
         if kind in ("mounts", "dirs") and not Path(value).is_absolute():
             raise ValueError(f"{kind} entry {value!r} must be an absolute path")
@@ -305,6 +308,23 @@ def _our_mount(path: str, source: str) -> bool:
     return False
 
 
+def our_mount(path: str, run_id: str) -> bool:
+    """Is `path` the tmpfs of run `run_id` (seen from the root mount namespace)?"""
+    return _our_mount(path, MOUNT_SOURCE.format(run_id=run_id))
+
+
+def thaw(cgroup: str) -> str | None:
+    """Thaw a freezer cgroup: a frozen task does not die of SIGKILL until it is thawed."""
+    state = CGROUP_ROOT / cgroup / "freezer.state"
+    try:
+        state.write_text("THAWED\n")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"could not thaw {cgroup}: {exc.strerror}"
+    return None
+
+
 def unmount(path: str, run_id: str) -> str | None:
     source = MOUNT_SOURCE.format(run_id=run_id)
     for _ in range(10):  # a path may carry the same mount more than once
@@ -350,12 +370,15 @@ def remove_forward_rules(record: RunRecord) -> str | None:
 def undo(record: RunRecord) -> list[str]:
     """Remove everything the record lists; returns the problems (empty when all is gone).
 
-    Order matters: processes first (they hold namespaces, mounts and cgroups), then network
-    devices in the root namespace, mounts, directories, cgroups last (they must be empty).
+    Order matters: frozen cgroups thawed (a frozen task cannot die), processes next (they
+    hold namespaces, mounts and cgroups), then network devices in the root namespace,
+    mounts, directories, cgroups last (they must be empty).
     The record file is deleted only when nothing is left; otherwise it stays, marked dirty,
     so a later `clear_stale_runs()` tries again.
     """
-    problems = kill_recorded(record)
+    problems = [problem for cgroup in record.cgroups if cgroup.startswith("freezer/")
+                for problem in [thaw(cgroup)] if problem]
+    problems += kill_recorded(record)
     problems += kill_cgroup_members(record)
     problems += filter(None, [remove_forward_rules(record)])
     # Bridges before veths: deleting a bridge releases its ports; a veth whose peer sat in a

@@ -4,6 +4,7 @@ peak RSS of a real stage process; instances for hosts and topologies."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -13,7 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from partitioner import cuts, profile, split, zoo
-from partitioner.instance import instance_from_json
+from partitioner.__main__ import main as cli
+from partitioner.instance import Plan, Stage, instance_from_json
 from testbed.topology import load_topology
 
 MiB = 1024 * 1024
@@ -110,6 +112,9 @@ def test_memory_formula_within_20_percent_of_a_real_stage(resnet18, bert, tmp_pa
         "resnet18": _measured_vs_predicted(resnet18, _middle_cut(resnet18), tmp_path / "r"),
         "bert_mini": _measured_vs_predicted(bert, _middle_cut(bert), tmp_path / "b"),
     }
+    mobilenet = profile.profile_model("mobilenetv2", runs=5, progress=False)
+    ratios["mobilenetv2"] = _measured_vs_predicted(mobilenet, _middle_cut(mobilenet),
+                                                   tmp_path / "m")
     for name, pair in ratios.items():
         for stage, ratio in enumerate(pair):
             assert 0.8 <= ratio <= 1.2, f"{name} stage {stage}: predicted/measured {ratio:.2f}"
@@ -185,3 +190,64 @@ def test_instance_for_topology(resnet18, tmp_path):
     assert instance.bandwidth("d", "e1") == 100.0
     assert instance.bandwidth("e1", "e2") == 20.0
     assert instance.bandwidth("e2", "d") == 20.0
+
+
+def _topology_file(tmp_path) -> str:
+    path = tmp_path / "topology.yaml"
+    path.write_text(
+        "name: cli\n"
+        "defaults:\n"
+        "  host: {cpu: 1, memory: 1GiB, disk: 256MiB}\n"
+        "  link: {bandwidth: 100Mbit}\n"
+        "hosts:\n"
+        "  d: {role: dispatcher}\n"
+        "  e1: {}\n"
+        "  e2: {}\n"
+        "switches: [s1]\n"
+        "links:\n"
+        "  - {endpoints: [d, s1]}\n"
+        "  - {endpoints: [e1, s1]}\n"
+        "  - {endpoints: [e2, s1]}\n")
+    return str(path)
+
+
+def test_cli_profile_writes_the_instance(resnet18, tmp_path, capsys):
+    out = tmp_path / "instance.json"
+    assert cli(["profile", "resnet18", "--topology", _topology_file(tmp_path),
+                "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "layer1.0.conv1" in text and "instance (2 nodes)" in text
+    instance = instance_from_json(json.loads(out.read_text()))
+    assert instance.segments == resnet18.segments
+    assert [n.name for n in instance.nodes] == ["e1", "e2"]
+    assert cli(["profile", "resnet18", "--out", str(out)]) == 2       # --out needs --topology
+
+
+def test_cli_plan_writes_a_plan_that_split_accepts(resnet18, tmp_path, monkeypatch, capsys):
+    """The plan verb around a stand-in solver (the real ones are tested on their own)."""
+    import partitioner.algorithms as algorithms
+
+    def halves(instance, algorithm, time_limit_s=2.0, seed=0):
+        n = len(instance.segments)
+        stages = [Stage(0, n // 2, instance.nodes[0].name),
+                  Stage(n // 2, n, instance.nodes[1].name)]
+        return Plan.of(instance, stages, algorithm, False)
+
+    monkeypatch.setattr(algorithms, "solve", halves, raising=False)
+    topology = _topology_file(tmp_path)
+    plan_file = tmp_path / "plan.json"
+    assert cli(["plan", "resnet18", "--topology", topology, "--algorithm", "halves",
+                "--out", str(plan_file)]) == 0
+    text = capsys.readouterr().out
+    assert "bottleneck" in text and "e1" in text and "layer" in text
+    data = json.loads(plan_file.read_text())
+    half = len(resnet18.segments) // 2
+    assert data["model_sha256"] == resnet18.sha256
+    assert data["cuts"] == [resnet18.cuts[half - 1].names]
+    assert [s["segments"] for s in data["stages"]] == [[0, half], [half, len(resnet18.segments)]]
+    assert cli(["split", "resnet18", "--plan", str(plan_file), "--out",
+                str(tmp_path / "stages")]) == 0
+    specs = split.load_stages(tmp_path / "stages")
+    assert specs[0].outputs == resnet18.cuts[half - 1].names
+    assert cli(["plan", "resnet18", "--topology", topology, "--measure"]) == 2
+    assert "not supported outside the emulator" in capsys.readouterr().err

@@ -165,6 +165,7 @@ def test_cli_split_by_cuts_and_by_plan(tmp_path, capsys):
                 "--out", str(tmp_path / "c")]) == 0
     specs = split.load_stages(tmp_path / "c")
     assert specs[0].outputs == analysis.cuts[11].names
+    capsys.readouterr()
     assert cli(["cuts", "mobilenetv2", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert len(listed["cuts"]) == len(analysis.cuts)

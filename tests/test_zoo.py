@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from partitioner import cuts, split, zoo
+from partitioner.__main__ import main as cli
 from testbed.errors import InputError
 
 SMALL = ("resnet18", "resnet50", "mobilenetv2", "bert_mini")
@@ -123,6 +124,18 @@ def test_cache_is_rebuilt_when_missing_or_stale(tmp_path, monkeypatch):
     assert not list(path.parent.glob(".*.tmp"))
     with pytest.raises(InputError):
         zoo.ensure_model("alexnet")
+
+
+def test_cli_zoo_list_and_build(tmp_path, capsys):
+    assert cli(["zoo", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in zoo.BUILDERS)
+    out = tmp_path / "m.onnx"
+    assert cli(["zoo", "build", "mobilenetv2", "--out", str(out)]) == 0
+    assert out.read_bytes() == zoo.zoo_path("mobilenetv2").read_bytes()
+    assert not (tmp_path / "m.onnx.json").exists()     # stamps belong to the cache only
+    assert cli(["zoo", "build", "alexnet"]) == 2
+    assert cli(["zoo", "build", "all", "--out", str(out)]) == 2
 
 
 @pytest.mark.slow

@@ -1,0 +1,78 @@
+"""Partition + placement: the algorithms behind `--algorithm`, all on the same cost model.
+
+Division of labour: partitioner.instance owns the instance, the plan and the one cost function
+(plan_cost); tables.py turns an instance into cost arrays; this package only searches. Every
+algorithm returns a path of (first, end, node) stages and `solve` turns it into a Plan through
+Plan.of, so what a plan reports is always computed by plan_cost.
+
+- optimal.py   exact: decremental state-space relaxation over a DP (relaxed.py), with HiGHS
+               (flow.py) as the fallback proof; says optimal=True only when proven.
+- seifer.py    the published method (min-sum partition, K-path matching placement).
+- greedy.py    the published joint baseline (min-sum partition, widest-next-hop chains).
+- randomised.py  the published random baseline.
+- auto         (here) the best of seifer and greedy as the incumbent, then the exact search
+               within the time budget: proven optimal, or that best plan with a lower bound.
+"""
+
+from __future__ import annotations
+
+import time
+
+from partitioner.algorithms.greedy import greedy
+from partitioner.algorithms.optimal import exact_search
+from partitioner.algorithms.randomised import random_plan
+from partitioner.algorithms.seifer import seifer
+from partitioner.algorithms.tables import Path, Tables, check_basic_feasibility
+from partitioner.instance import InfeasibleError, Instance, Plan
+from testbed.errors import InputError
+
+ALGORITHMS = ("auto", "optimal", "seifer", "greedy", "random")
+# `optimal` has no budget of its own; this only keeps a hopeless instance from running forever
+# (it then answers optimal=false with its lower bound, like auto).
+OPTIMAL_CAP_S = 300.0
+
+
+def solve(instance: Instance, algorithm: str = "auto", time_limit_s: float = 2.0,
+          seed: int = 0) -> Plan:
+    """Plan `instance` with `algorithm`. `time_limit_s` is auto's budget for the exact search;
+    `seed` drives the randomised baselines. InfeasibleError (with the reason) when no plan
+    exists, or when a baseline finds none; InputError for an unknown algorithm."""
+    if algorithm not in ALGORITHMS:
+        raise InputError(f"unknown algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})",
+                         field="--algorithm")
+    started = time.monotonic()
+    tables = Tables.of(instance)
+    check_basic_feasibility(tables)
+    lower_bound = None
+    proven = False
+    if algorithm == "seifer":
+        path = seifer(tables, seed)
+    elif algorithm == "greedy":
+        path = greedy(tables)
+    elif algorithm == "random":
+        path = random_plan(tables, seed)
+    else:
+        incumbent = _best_baseline(tables, seed)
+        budget = OPTIMAL_CAP_S if algorithm == "optimal" else time_limit_s
+        left = max(0.0, budget - (time.monotonic() - started))
+        result = exact_search(tables.stage, tables.hop, incumbent, left)
+        # No plan yet only when time ran out first and both baselines failed: draw one.
+        path = result.path or random_plan(tables, seed)
+        proven = result.proven
+        lower_bound = None if proven else result.lower_bound_ms
+    return Plan.of(instance, tables.stages(path), algorithm, proven, lower_bound,
+                   time.monotonic() - started)
+
+
+def _best_baseline(tables: Tables, seed: int) -> Path | None:
+    """The better of greedy and seifer (either may fail on its own terms): auto starts from
+    it, so it is never worse than either."""
+    best = None
+    for heuristic in (greedy, lambda t: seifer(t, seed)):
+        try:
+            path = heuristic(tables)
+        except InfeasibleError:
+            continue
+        if tables.key(path) < tables.key(best):
+            best = path
+    return best

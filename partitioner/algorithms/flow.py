@@ -17,7 +17,7 @@ from typing import Literal
 import highspy
 import numpy as np
 
-from partitioner.algorithms.relaxed import reach
+from partitioner.algorithms.relaxed import useful_arcs
 from partitioner.algorithms.tables import Path
 
 Status = Literal["feasible", "infeasible", "unknown"]
@@ -71,50 +71,38 @@ def solve_flow(stage: np.ndarray, hop: np.ndarray, threshold: float, *,
     `max_columns` arcs are not attempted ("unknown"): HiGHS would not finish them in any budget
     we give it, and building them alone costs seconds."""
     s, n = stage.shape[0] - 1, stage.shape[2]
-    r = reach(stage, hop, threshold)
-    if not r.feasible:
+    arcs = useful_arcs(stage, hop, threshold, "sum", prune_above)
+    columns = len(arcs.stage) + len(arcs.hop)
+    if not len(arcs.stage):
         return FlowResult("infeasible")
-    limit = prune_above * (1 + LATENCY_GAP)
-    # An arc is kept when the cheapest relaxed path through it is finite (it lies on some
-    # relaxed path at all) and within the limit.
-    def keep(through: np.ndarray) -> np.ndarray:
-        return np.isfinite(through) & (through <= limit)
-
-    capped_stage = np.where(stage[:s] <= threshold, stage[:s], math.inf)
-    capped_hop = np.where(hop <= threshold, hop, math.inf)
-    stage_keep = keep(r.ready[:, None, :] + capped_stage + r.finish_done[None, :, :])
-    hop_keep = keep(r.done[:s, :, None] + capped_hop[:s, :n, :n] + r.finish_ready[:, None, :])
-    first_keep = keep(capped_hop[0, n, :n] + r.finish_ready[0])
-    last_keep = keep(r.done[s] + capped_hop[s, :n, n])
-    hop_keep[0] = False
-    columns = int(stage_keep.sum() + hop_keep.sum() + first_keep.sum() + last_keep.sum())
     if columns > max_columns:
         return FlowResult("unknown", columns=columns)
 
     m = _Model()
-    ready_row = np.full((s, n), -1)
-    done_row = np.full((s + 1, n), -1)
-    for b, w in zip(*np.nonzero(stage_keep.any(axis=1))):
+    ready_row = np.full((s + 1, n + 1), -1)
+    done_row = np.full((s + 1, n + 1), -1)
+    for b, w in np.unique(arcs.stage[:, [0, 2]], axis=0):
         ready_row[b, w] = m.row()
-    for e, u in zip(*np.nonzero(stage_keep.any(axis=0))):
+    for e, u in np.unique(arcs.stage[:, [1, 2]], axis=0):
         done_row[e, u] = m.row()
     source_row = m.row()
+    # The source sends the input and receives the output: as a sender it is the source row,
+    # as a receiver it needs no row (the flow just ends there).
+    done_row[0, n] = source_row
     colour_row = [m.row() for _ in range(n)]
 
-    for w in np.nonzero(first_keep & (ready_row[0] >= 0))[0]:
-        m.column(hop[0, n, w], (source_row, 1.0), (ready_row[0, w], 1.0))
-    for b in range(s):
-        for end, w in zip(*np.nonzero(stage_keep[b])):
-            col = m.column(stage[b, end, w], (ready_row[b, w], -1.0), (done_row[end, w], 1.0),
-                           (colour_row[w], 1.0))
-            m.stages[col] = (b, int(end), int(w))
-        ok = hop_keep[b] & (done_row[b][:, None] >= 0) & (ready_row[b][None, :] >= 0)
-        senders = np.nonzero(ok.any(axis=1))[0]
-        receivers = np.nonzero(ok.any(axis=0))[0]
-        pairs = int(ok.sum())
-        complete = pairs == len(senders) * len(receivers) - len(
-            np.intersect1d(senders, receivers))
-        if not latency and complete and pairs > len(senders) + len(receivers):
+    for first, end, w in arcs.stage:
+        col = m.column(stage[first, end, w], (ready_row[first, w], -1.0),
+                       (done_row[end, w], 1.0), (colour_row[w], 1.0))
+        m.stages[col] = (int(first), int(end), int(w))
+    hops = arcs.hop[(done_row[arcs.hop[:, 0], arcs.hop[:, 1]] >= 0)
+                    & ((arcs.hop[:, 2] == n) | (ready_row[arcs.hop[:, 0], arcs.hop[:, 2]] >= 0))]
+    for b in range(s + 1):
+        at = hops[hops[:, 0] == b]
+        senders, receivers = np.unique(at[:, 1]), np.unique(at[:, 2])
+        self_pairs = len(np.intersect1d(senders, receivers))
+        complete = len(at) == len(senders) * len(receivers) - self_pairs
+        if not latency and complete and len(at) > len(senders) + len(receivers):
             # Every pair may talk: route through one hub row instead of |U|*|W| arcs. The hub
             # would also let u hand over to itself, but then u holds two stages and its colour
             # row already forbids that.
@@ -124,10 +112,13 @@ def solve_flow(stage: np.ndarray, hop: np.ndarray, threshold: float, *,
             for w in receivers:
                 m.column(0.0, (hub, -1.0), (ready_row[b, w], 1.0))
             continue
-        for u, w in zip(*np.nonzero(ok)):
-            m.column(hop[b, u, w], (done_row[b, u], -1.0), (ready_row[b, w], 1.0))
-    for u in np.nonzero(last_keep & (done_row[s] >= 0))[0]:
-        m.column(hop[s, u, n], (done_row[s, u], -1.0))
+        for _, u, w in at:
+            # Out of the source: +1 on the source row (it must send exactly one unit).
+            sign = 1.0 if u == n else -1.0
+            if w == n:
+                m.column(hop[b, u, w], (done_row[b, u], sign))
+            else:
+                m.column(hop[b, u, w], (done_row[b, u], sign), (ready_row[b, w], 1.0))
 
     return _run(m, source_row, colour_row, latency, time_limit_s)
 
@@ -184,12 +175,3 @@ def _run(m: _Model, source_row: int, colour_row: list[int], latency: bool,
         return FlowResult("feasible", path, proven=False,
                           bound=info.mip_dual_bound if latency else None, columns=cols)
     return FlowResult("unknown", columns=cols)
-
-
-def path_latency(stage: np.ndarray, hop: np.ndarray, path: Path) -> float:
-    n = stage.shape[2]
-    total, previous = 0.0, n
-    for first, end, v in path:
-        total += hop[first, previous, v] + stage[first, end, v]
-        previous = v
-    return total + hop[path[-1][1], previous, n] if path else math.inf

@@ -31,8 +31,8 @@ import numpy as np
 
 from partitioner.algorithms import relaxed
 from partitioner.algorithms.chains import chain_search, repair
-from partitioner.algorithms.flow import path_latency, solve_flow
-from partitioner.algorithms.tables import Path
+from partitioner.algorithms.flow import solve_flow
+from partitioner.algorithms.tables import Path, key_of, path_latency
 from partitioner.instance import InfeasibleError
 
 # Costs within this relative distance of the optimal bottleneck count as equal to it when the
@@ -40,7 +40,7 @@ from partitioner.instance import InfeasibleError
 TIE = 1e-9
 # Largest critical set for the masked DP: 2^11 masks take about a second on 20 nodes x 60
 # segments; beyond that the MILP is the faster proof.
-MAX_CRITICAL = 6
+MAX_CRITICAL = 12
 
 
 @dataclass
@@ -52,22 +52,6 @@ class ExactResult:
     milp_calls: int = 0
 
 
-def bottleneck_of(stage: np.ndarray, hop: np.ndarray, path: Path) -> float:
-    n = stage.shape[2]
-    worst, previous = 0.0, n
-    for first, end, v in path:
-        worst = max(worst, hop[first, previous, v], stage[first, end, v])
-        previous = v
-    return max(worst, hop[path[-1][1], previous, n])
-
-
-def key_of(stage: np.ndarray, hop: np.ndarray, path: Path | None) -> tuple[float, float]:
-    """(bottleneck, latency) of a path; (inf, inf) for no path, so any plan beats it."""
-    if not path:
-        return (math.inf, math.inf)
-    return (bottleneck_of(stage, hop, path), path_latency(stage, hop, path))
-
-
 def candidates(stage: np.ndarray, hop: np.ndarray, low: float, high: float) -> np.ndarray:
     """Every finite cost value in [low, high], sorted and unique: the bottleneck is one."""
     values = [a[(a >= low) & (a <= high) & np.isfinite(a)] for a in (stage, hop)]
@@ -75,11 +59,13 @@ def candidates(stage: np.ndarray, hop: np.ndarray, low: float, high: float) -> n
 
 
 class _Clock:
-    """The deadline, and a guess of whether one more masked DP still fits before it."""
+    """The deadline, and a guess of whether one more masked DP still fits before it: a DP costs
+    a fixed part (the first, unmasked run) plus a part that doubles with each critical node."""
 
     def __init__(self, time_limit_s: float | None) -> None:
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
-        self.per_mask_s = 0.0
+        self.base_s: float | None = None
+        self.last: tuple[int, float] = (0, 0.0)   # critical set size, seconds
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -89,22 +75,27 @@ class _Clock:
         return left is not None and left <= 0
 
     def dp(self, stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[int],
-           threshold: float = math.inf) -> tuple[float, Path] | None:
+           threshold: float = math.inf, upper: float = math.inf) -> tuple[float, Path] | None:
         """Run the masked DP unless it would overrun the deadline (None)."""
         left = self.remaining()
-        if left is not None and self.per_mask_s * (1 << len(critical)) > left:
-            return None
+        if left is not None and self.base_s is not None:
+            size, seconds = self.last
+            guess = self.base_s + max(0.0, seconds - self.base_s) * 2 ** (len(critical) - size)
+            if guess > left:
+                return None
         start = time.monotonic()
-        result = relaxed.best_path(stage, hop, combine, critical, threshold)
-        self.per_mask_s = max(self.per_mask_s,
-                              (time.monotonic() - start) / (1 << len(critical)))
+        result = relaxed.best_path(stage, hop, combine, critical, threshold, upper)
+        elapsed = time.monotonic() - start
+        if self.base_s is None:
+            self.base_s = elapsed
+        self.last = (len(critical), elapsed)
         return result
 
 
 def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = None,
                  time_limit_s: float | None = None) -> ExactResult:
-    """The optimum by the two phases of the module docstring. `incumbent` is any valid path
-    (a fallback when time runs out, and an upper bound for the binary search)."""
+    """The optimum by the two phases of the module docstring. `incumbent` is any valid path:
+    its costs prune the DPs and it is the answer if time runs out before a better one."""
     clock = _Clock(time_limit_s)
     best = incumbent
 
@@ -114,23 +105,30 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
             best = path
 
     critical: list[int] = []
-    lower, optimum = 0.0, None
-    while optimum is None:
-        solved = clock.dp(stage, hop, "max", critical)
+    lower = 0.0
+    while True:
+        upper = key_of(stage, hop, best)[0]
+        solved = clock.dp(stage, hop, "max", critical, upper=upper)
         if solved is None:
             return ExactResult(best or [], False, lower, len(critical))
-        lower, path = solved
-        if math.isinf(lower):
-            raise InfeasibleError(_infeasible_reason(critical))
+        value, path = solved
+        if math.isinf(value):
+            if best is None:
+                raise InfeasibleError(_infeasible_reason(critical))
+            # Only float noise hides the incumbent from the DP: nothing beats it.
+            optimum = upper
+            break
+        lower = value
         if relaxed.distinct(path):
             keep(path)
-            optimum = lower
+            optimum = value
             break
-        found = chain_search(stage, hop, lower)
+        found = chain_search(stage, hop, value)
         if found is not None:
             keep(found)
-            optimum = lower
+            optimum = value
             break
+        keep(repair(stage, hop, path, math.inf))
         more = relaxed.repeated(path)
         if len(critical) + len(more) > MAX_CRITICAL:
             result = _bisect(stage, hop, lower, best, clock)
@@ -142,22 +140,26 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
             break
         critical += more
 
+    # Phase 2. `best` now has the optimal bottleneck; its latency is the upper limit.
     tied = optimum * (1 + TIE)
     calls = 0
     while True:
-        solved = clock.dp(stage, hop, "sum", critical, tied)
+        upper = path_latency(stage, hop, best)
+        solved = clock.dp(stage, hop, "sum", critical, tied, upper)
         if solved is None:
             break
-        _, path = solved
+        value, path = solved
+        if math.isinf(value):
+            return ExactResult(best, True, optimum, len(critical), calls)
         if relaxed.distinct(path):
-            return ExactResult(path, True, optimum, len(critical))
+            return ExactResult(path, True, optimum, len(critical), calls)
+        fixed = repair(stage, hop, path, tied)
+        if fixed and path_latency(stage, hop, fixed) < upper:
+            best = fixed
         more = relaxed.repeated(path)
         if len(critical) + len(more) <= MAX_CRITICAL:
             critical += more
             continue
-        fixed = repair(stage, hop, path, tied)
-        if fixed and path_latency(stage, hop, fixed) < path_latency(stage, hop, best):
-            best = fixed
         calls += 1
         upper = path_latency(stage, hop, best)
         result = solve_flow(stage, hop, tied, latency=True, time_limit_s=clock.remaining(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -64,7 +65,8 @@ class Tables:
     def source(self) -> int:
         return self.n_nodes
 
-    def stage_costs(self) -> np.ndarray:
+    @cached_property
+    def stage(self) -> np.ndarray:
         """(S+1, S+1, N) compute ms of stage [i, j) on node v; inf where j <= i or the stage
         does not fit the node's memory."""
         s = self.n_segments
@@ -75,7 +77,8 @@ class Tables:
         fits = upper[:, :, None] & (need[:, :, None] <= self.memory[None, None, :])
         return np.where(fits, costs, math.inf)
 
-    def hop_costs(self) -> np.ndarray:
+    @cached_property
+    def hop(self) -> np.ndarray:
         """(S+1, N+1, N+1) ms to send boundary b's bytes from u to v; inf where unusable."""
         with np.errstate(divide="ignore"):
             per_byte = np.where(self.bandwidth > 0, 8.0 / (self.bandwidth * 1000.0), math.inf)
@@ -83,12 +86,43 @@ class Tables:
         # 0 bytes over a missing link is still impossible (inf * 0 would be nan).
         return np.where(np.isinf(per_byte)[None, :, :], math.inf, hops)
 
+    def key(self, path: Path | None) -> tuple[float, float]:
+        return key_of(self.stage, self.hop, path)
+
     def stages(self, path: Path) -> list[Stage]:
         return [Stage(first, end, self.names[v]) for first, end, v in path]
 
     def path_of(self, stages: list[Stage]) -> Path:
         index = {name: i for i, name in enumerate(self.names)}
         return [(s.first, s.end, index[s.node]) for s in stages]
+
+
+def bottleneck_of(stage: np.ndarray, hop: np.ndarray, path: Path) -> float:
+    n = stage.shape[2]
+    worst, previous = 0.0, n
+    for first, end, v in path:
+        worst = max(worst, hop[first, previous, v], stage[first, end, v])
+        previous = v
+    return float(max(worst, hop[path[-1][1], previous, n]))
+
+
+def path_latency(stage: np.ndarray, hop: np.ndarray, path: Path | None) -> float:
+    if not path:
+        return math.inf
+    n = stage.shape[2]
+    total, previous = 0.0, n
+    for first, end, v in path:
+        total += hop[first, previous, v] + stage[first, end, v]
+        previous = v
+    return float(total + hop[path[-1][1], previous, n])
+
+
+def key_of(stage: np.ndarray, hop: np.ndarray, path: Path | None) -> tuple[float, float]:
+    """(bottleneck, latency) of a path, the order plans are compared in; (inf, inf) for no
+    path, so any plan beats it."""
+    if not path:
+        return (math.inf, math.inf)
+    return (bottleneck_of(stage, hop, path), path_latency(stage, hop, path))
 
 
 def check_basic_feasibility(tables: Tables) -> None:
@@ -102,3 +136,23 @@ def check_basic_feasibility(tables: Tables) -> None:
             f"(largest: {int(tables.memory.max())} bytes)")
     if not (tables.bandwidth[tables.source, :tables.n_nodes] > 0).any():
         raise InfeasibleError(f"the source {instance.source} has no bandwidth to any node")
+    needed = min_stages(tables, int(tables.memory.max()))
+    if needed > tables.n_nodes:
+        raise InfeasibleError(
+            f"the segments need at least {needed} stages to fit even the largest node's memory "
+            f"({int(tables.memory.max())} bytes), but there are only {tables.n_nodes} nodes")
+
+
+def min_stages(tables: Tables, capacity: int) -> int:
+    """Fewest contiguous groups of segments with at most `capacity` bytes each (greedy: taking
+    as many segments as fit is optimal for a single capacity); a huge number if one never
+    fits."""
+    count, start = 0, 0
+    s = tables.n_segments
+    while start < s:
+        end = int(np.searchsorted(tables.prefix_memory, tables.prefix_memory[start] + capacity,
+                                  side="right")) - 1
+        if end <= start:
+            return s + len(tables.names) + 1
+        count, start = count + 1, end
+    return count
