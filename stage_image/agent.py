@@ -3,21 +3,29 @@
     python -m stage_image.agent --host NAME --controller tcp://IP:18000 --data-dir DIR --ip IP
 
 It connects a DEALER (identity = host name) to the controller's ROUTER, says `hello`, and sends
-a `heartbeat` every interval listing every worker it holds and its state (the controller
-reconciles against that list, so a lost message is repaired by the next beat). It does what
-the controller says and decides nothing itself:
+a `heartbeat` every interval listing every worker it holds: its data port, model, state,
+whether it is a standby, and the routes (epoch, stage) it has confirmed. The controller
+reconciles against that list, so a lost message is repaired by the next beat. The agent does
+what the controller says and decides nothing itself:
 
-- `deploy`: make sure the stage model is in `DATA_DIR/models/<sha256>.onnx` (fetched from the
-  controller in 1 MiB chunks over the control connection if missing), check its SHA-256 right
-  before every start (a mismatch deletes it and fetches it again), write the worker's config
-  and start `python -m stage_image.worker CONFIG.json` (same interpreter).
-- `stop`: SIGTERM the workers of an epoch (-1: all), SIGKILL after a grace period.
+- `deploy` (epoch, stage, port, model, next): the worker on that port serves the epoch as
+  that stage. When none runs there, make sure the stage model is in
+  `DATA_DIR/models/<sha256>.onnx` (fetched from the controller in 1 MiB chunks over the
+  control connection if missing), check its SHA-256 right before every start (a mismatch
+  deletes it and fetches it again), write the worker's config and start
+  `python -m stage_image.worker CONFIG.json` (same interpreter). When one runs there with the
+  same model, it only gains the route (a line on its stdin): no restart, no reload.
+- `prepare` (port, model): the same without a route: a warm standby, loaded and idle.
+- `stop` (epoch): withdraw that epoch's routes (-1: stop everything); a worker left with no
+  route that is not a standby is stopped (SIGTERM, SIGKILL after a grace period).
+- `release` (port): stop that worker whatever it serves.
 
-Worker state changes (`ready`, `exited`, `failed`) are reported at once: the worker's stdout
-is a pipe in the same poll loop as the control socket, so its `ready` line and its exit (EOF)
-wake the agent immediately. Disk errors (ENOSPC, EROFS, ...) on the cache or on a worker's files
-are reported as `failed` with the reason; the agent itself never dies of one. Hashing runs in
-a thread so heartbeats keep flowing while a large model is checked on a slow CPU share.
+Worker state changes (`ready` per route, `exited`, `failed`) are reported at once: the worker's
+stdout is a pipe in the same poll loop as the control socket, so its `ready`/`routed` lines
+and its exit (EOF) wake the agent immediately. Disk errors (ENOSPC, EROFS, ...) on the cache
+or on a worker's files are reported as `failed` with the reason; the agent itself never dies
+of one. Hashing runs in a thread so heartbeats keep flowing while a large model is checked on
+a slow CPU share.
 """
 
 from __future__ import annotations
@@ -59,27 +67,34 @@ def describe_os_error(exc: OSError, what: str) -> str:
 
 @dataclass
 class WorkerRecord:
-    """One desired worker (epoch, stage) and what became of it."""
+    """One worker process, by its data port: its model, the routes the controller wants it
+    to serve, and which of them the worker has confirmed."""
 
-    epoch: int
-    stage: int
+    port: int
     version: int
     sha256: str
     size: int
-    port: int
-    next: str
     inputs: list[str]
     outputs: list[str]
+    standby: bool = False
+    routes: dict[int, tuple[int, str]] = field(default_factory=dict)  # epoch -> (stage, next)
+    confirmed: set[int] = field(default_factory=set)
+    in_config: set[int] = field(default_factory=set)     # routes given at start
     state: str = "fetching"
     proc: subprocess.Popen[bytes] | None = None
     stdout_fd: int | None = None
+    stdout_buffer: bytes = b""
     deadline: float = 0.0             # start timeout, then kill deadline once stopping
     stopping: bool = False
     log_path: Path | None = None
 
     @property
-    def key(self) -> tuple[int, int]:
-        return (self.epoch, self.stage)
+    def alive(self) -> bool:
+        return self.state in ("fetching", "starting", "ready") and not self.stopping
+
+    def label(self) -> str:
+        return f"port {self.port}" + (f" e{sorted(self.routes)}" if self.routes else
+                                      " (standby)")
 
 
 @dataclass
@@ -105,7 +120,7 @@ class Agent:
         self.models_dir = self.data_dir / "models"
         self.log_dir = Path(args.log_dir) if args.log_dir else self.data_dir / "logs"
         self.heartbeat_s = args.heartbeat_ms / 1000.0
-        self.workers: dict[tuple[int, int], WorkerRecord] = {}
+        self.workers: dict[int, WorkerRecord] = {}       # by data port
         self.fetches: dict[str, Fetch] = {}
         self.verifying: dict[str, tuple[Future[str], Path, str]] = {}
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
@@ -137,18 +152,27 @@ class Agent:
                 self._last_send_warning = now
 
     def report(self, rec: WorkerRecord, state: str, detail: str = "",
-               reason: str | None = None) -> None:
-        rec.state = state
+               reason: str | None = None, epochs: list[int] | None = None) -> None:
+        """Tell the controller about a worker: for the given epochs, else for every route it
+        is meant to serve (epoch 0 when it has none: a standby)."""
+        if state in ("exited", "failed"):
+            rec.state = state
         log = self.log.warning if state == "failed" else self.log.info
-        log("worker e%d/s%d %s%s", rec.epoch, rec.stage, state, f": {detail}" if detail else "")
+        log("worker %s %s%s", rec.label(), state, f": {detail}" if detail else "")
         extra = {"reason": reason} if reason else {}
-        self.send("worker", epoch=rec.epoch, stage=rec.stage, state=state, detail=detail[:4000],
-                  **extra)
+        targets = epochs if epochs is not None else sorted(rec.routes) or [0]
+        for epoch in targets:
+            stage = rec.routes[epoch][0] if epoch in rec.routes else 0
+            self.send("worker", port=rec.port, epoch=epoch, stage=stage, state=state,
+                      detail=detail[:4000], **extra)
 
     def heartbeat(self) -> None:
         self.seq += 1
         self.send("heartbeat", host=self.host, seq=self.seq,
-                  workers=[{"epoch": r.epoch, "stage": r.stage, "state": r.state}
+                  workers=[{"port": r.port, "sha256": r.sha256, "state": r.state,
+                            "standby": r.standby,
+                            "routes": [[e, r.routes[e][0]] for e in sorted(r.confirmed)
+                                       if e in r.routes]}
                            for r in self.workers.values()])
 
     # -- control messages ----------------------------------------------------------------------
@@ -159,41 +183,93 @@ class Agent:
         except FrameError as exc:
             self.log.warning("bad control message dropped: %s", exc)
             return
-        if msg.type == "deploy":
+        if msg.type in ("deploy", "prepare"):
             self.on_deploy(msg.fields)
         elif msg.type == "stop":
             self.on_stop(msg["epoch"])
+        elif msg.type == "release":
+            rec = self.workers.get(msg["port"])
+            if rec is not None:
+                rec.standby = False
+                rec.routes.clear()
+                self.terminate(rec)
         elif msg.type == "chunk":
             self.on_chunk(msg.fields, msg.blob)
         else:
             self.log.warning("unexpected control message %s dropped", msg.type)
 
     def on_deploy(self, f: dict[str, Any]) -> None:
-        key = (f["epoch"], f["stage"])
-        old = self.workers.get(key)
-        if old is not None and old.state not in ("exited", "failed"):
-            return                      # a repeated deploy: level-triggered, nothing to do
-        if old is not None and old.proc is not None and old.proc.poll() is None:
-            return                      # still shutting down; the next beat will retry
-        rec = WorkerRecord(f["epoch"], f["stage"], f["version"], f["sha256"], f["size"],
-                           f["port"], f["next"], f["inputs"], f["outputs"])
-        self.workers[key] = rec
-        self.log.info("deploy e%d/s%d v%d model %s (%d bytes) port %d -> %s", rec.epoch,
-                      rec.stage, rec.version, rec.sha256[:12], rec.size, rec.port, rec.next)
-        self.ensure_model(rec.sha256)
+        """`deploy` (a route) or `prepare` (a standby, no `epoch`) for the worker on a port.
+        Level-triggered: repeating one changes nothing."""
+        port, epoch = f["port"], f.get("epoch")
+        route = (f["stage"], f["next"]) if epoch is not None else None
+        rec = self.workers.get(port)
+        if rec is not None and rec.proc is None and rec.state in ("exited", "failed"):
+            del self.workers[port]          # a dead worker's port: start afresh
+            rec = None
+        if rec is None:
+            rec = WorkerRecord(port, f["version"], f["sha256"], f["size"], f["inputs"],
+                               f["outputs"], standby=route is None)
+            if route is not None:
+                rec.routes[epoch] = route
+            self.workers[port] = rec
+            self.log.info("new worker %s: v%d model %s (%d bytes)", rec.label(), rec.version,
+                          rec.sha256[:12], rec.size)
+            self.ensure_model(rec.sha256)
+            return
+        if rec.sha256 != f["sha256"] or rec.version != f["version"] or not rec.alive:
+            # the controller's view is behind (the port is still busy); it retries later
+            self.send("worker", port=port, epoch=epoch or 0, stage=f.get("stage", 0),
+                      state="failed", reason="conflict",
+                      detail=f"port {port} is still held by model {rec.sha256[:12]} "
+                             f"v{rec.version} ({rec.state}{', stopping' if rec.stopping else ''})")
+            return
+        if route is None:
+            rec.standby = True
+            return
+        if rec.routes.get(epoch) == route:
+            if epoch in rec.confirmed:      # the controller missed our report: say it again
+                self.report(rec, "ready", reason="started", epochs=[epoch])
+            return
+        rec.routes[epoch] = route
+        rec.confirmed.discard(epoch)
+        if rec.proc is not None:
+            self.command(rec, {"op": "route", "epoch": epoch, "stage": route[0],
+                               "next": route[1]})
 
     def on_stop(self, epoch: int) -> None:
         for rec in list(self.workers.values()):
-            if epoch != -1 and rec.epoch != epoch:
-                continue
-            if rec.proc is not None and rec.proc.poll() is None:
-                if not rec.stopping:
-                    rec.stopping = True
-                    rec.deadline = time.monotonic() + STOP_GRACE_S
-                    rec.proc.send_signal(signal.SIGTERM)
-            else:
-                del self.workers[rec.key]
+            if epoch == -1:
+                rec.routes.clear()
+                rec.standby = False
+            elif epoch in rec.routes:
+                del rec.routes[epoch]
+                rec.confirmed.discard(epoch)
+                if rec.proc is not None and not rec.stopping:
+                    self.command(rec, {"op": "unroute", "epoch": epoch})
+            if not rec.routes and not rec.standby:
+                self.terminate(rec)
         self.log.info("stop epoch %s", "all" if epoch == -1 else epoch)
+
+    def terminate(self, rec: WorkerRecord) -> None:
+        """SIGTERM a running worker (SIGKILL after the grace period); forget one that never
+        started."""
+        if rec.proc is not None and rec.proc.poll() is None:
+            if not rec.stopping:
+                rec.stopping = True
+                rec.deadline = time.monotonic() + STOP_GRACE_S
+                rec.proc.send_signal(signal.SIGTERM)
+        elif self.workers.get(rec.port) is rec:
+            del self.workers[rec.port]
+
+    def command(self, rec: WorkerRecord, cmd: dict[str, Any]) -> None:
+        """A route change on the worker's stdin (a pipe: small writes never block)."""
+        assert rec.proc is not None and rec.proc.stdin is not None
+        try:
+            os.write(rec.proc.stdin.fileno(), (json.dumps(cmd) + "\n").encode())
+        except OSError as exc:
+            # the worker is dying: its exit is noticed and reported by check_exit
+            self.log.warning("cannot reach worker %s: %s", rec.label(), exc)
 
     # -- model cache ---------------------------------------------------------------------------
 
@@ -331,12 +407,15 @@ class Agent:
     # -- workers -------------------------------------------------------------------------------
 
     def start_worker(self, rec: WorkerRecord) -> None:
-        name = f"worker_e{rec.epoch}_s{rec.stage}"
+        name = f"worker_{rec.port}_{rec.sha256[:8]}"
         config = {
-            "host": self.host, "epoch": rec.epoch, "stage": rec.stage, "version": rec.version,
+            "host": self.host, "version": rec.version,
             "model": str(self.model_path(rec.sha256)),
-            "bind": f"tcp://{self.args.ip}:{rec.port}", "next": rec.next,
+            "bind": f"tcp://{self.args.ip}:{rec.port}",
             "inputs": rec.inputs, "outputs": rec.outputs,
+            "routes": {str(e): {"stage": stage, "next": nxt}
+                       for e, (stage, nxt) in rec.routes.items()},
+            "commands": True,
             # the worker ties its life to ours (PR_SET_PDEATHSIG): nothing outlives a kill -9
             "parent_pid": os.getpid(),
             # inside the host's CPU share the agent must win: a heartbeat delayed behind a
@@ -361,7 +440,7 @@ class Agent:
             with log_file:
                 rec.proc = subprocess.Popen(
                     [self.args.python, "-m", "stage_image.worker", str(config_path)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                     env=env, cwd=str(self.log_dir), close_fds=True)
         except OSError as exc:
             self.report(rec, "failed", describe_os_error(exc, "starting the worker"), "exit")
@@ -369,10 +448,11 @@ class Agent:
         assert rec.proc.stdout is not None
         rec.stdout_fd = rec.proc.stdout.fileno()
         os.set_blocking(rec.stdout_fd, False)
+        rec.in_config = set(rec.routes)
         rec.state = "starting"
         rec.deadline = time.monotonic() + self.args.start_timeout_s
-        self.log.info("worker e%d/s%d started, pid %d, log %s", rec.epoch, rec.stage,
-                      rec.proc.pid, rec.log_path)
+        self.log.info("worker %s started, pid %d, log %s", rec.label(), rec.proc.pid,
+                      rec.log_path)
 
     def on_stdout(self, rec: WorkerRecord) -> None:
         assert rec.proc is not None and rec.proc.stdout is not None
@@ -381,8 +461,10 @@ class Agent:
         except BlockingIOError:
             return
         if data:
-            if b"ready" in data and rec.state == "starting" and not rec.stopping:
-                self.report(rec, "ready", reason="started")
+            rec.stdout_buffer += data
+            *lines, rec.stdout_buffer = rec.stdout_buffer.split(b"\n")
+            for line in lines:
+                self.on_worker_line(rec, line.decode("utf-8", "replace").strip())
             return
         rec.proc.stdout.close()         # EOF: the worker is exiting; reap it now
         rec.stdout_fd = None
@@ -392,6 +474,21 @@ class Agent:
             pass                        # the periodic check will reap it
         self.check_exit(rec)
 
+    def on_worker_line(self, rec: WorkerRecord, line: str) -> None:
+        """`ready` (loaded, the config's routes in force) or `routed E` (a route added)."""
+        if rec.stopping:
+            return
+        if line == "ready" and rec.state == "starting":
+            rec.state = "ready"
+            rec.confirmed |= rec.in_config & set(rec.routes)
+            self.report(rec, "ready", reason="started",
+                        epochs=sorted(rec.confirmed) if rec.routes else [0])
+        elif line.startswith("routed "):
+            epoch = int(line.split()[1])
+            if epoch in rec.routes and epoch not in rec.confirmed:
+                rec.confirmed.add(epoch)
+                self.report(rec, "ready", reason="started", epochs=[epoch])
+
     def check_exit(self, rec: WorkerRecord) -> None:
         assert rec.proc is not None
         code = rec.proc.poll()
@@ -400,10 +497,14 @@ class Agent:
         if rec.stdout_fd is not None and rec.proc.stdout is not None:
             rec.proc.stdout.close()
             rec.stdout_fd = None
+        if rec.proc.stdin is not None:
+            rec.proc.stdin.close()
         if rec.stopping:
             if rec.state != "failed":
-                self.report(rec, "exited", f"stopped (exit code {code})", "stopped")
-            del self.workers[rec.key]
+                self.report(rec, "exited", f"stopped (exit code {code})", "stopped",
+                            epochs=[0])
+            if self.workers.get(rec.port) is rec:
+                del self.workers[rec.port]
         elif rec.state == "failed":
             pass                        # already reported (start timeout)
         elif code == 0:
@@ -412,6 +513,7 @@ class Agent:
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             self.report(rec, "failed", f"{how}; {self.log_tail(rec)}", "exit")
         rec.proc = None
+        rec.confirmed.clear()
 
     def log_tail(self, rec: WorkerRecord, lines: int = 3) -> str:
         try:
@@ -430,8 +532,8 @@ class Agent:
             if rec.stopping and now > rec.deadline:
                 rec.proc.kill()
             elif rec.state == "starting" and not rec.stopping and now > rec.deadline:
-                self.log.warning("worker e%d/s%d not ready after %.0fs; killing it",
-                                 rec.epoch, rec.stage, self.args.start_timeout_s)
+                self.log.warning("worker %s not ready after %.0fs; killing it", rec.label(),
+                                 self.args.start_timeout_s)
                 self.report(rec, "failed", "not ready in time; " + self.log_tail(rec),
                             "start_timeout")
                 rec.proc.kill()         # reaped by check_exit, which keeps the failure

@@ -321,7 +321,7 @@ def _check_state(value: Any, what: str) -> str:
 
 # Machine-readable causes of a worker report (the detail is for people).
 WORKER_REASONS = ("started", "stopped", "exit", "start_timeout", "corrupt_model", "disk",
-                  "fetch")
+                  "fetch", "conflict")
 
 
 def _check_reason(value: Any, what: str) -> str:
@@ -330,24 +330,45 @@ def _check_reason(value: Any, what: str) -> str:
     return value
 
 
-_WORKER_ENTRY_KEYS = {"epoch", "stage", "state"}
+_WORKER_ENTRY_KEYS = {"port", "sha256", "state", "standby", "routes"}
+
+
+def _check_routes(value: Any, what: str) -> list[list[int]]:
+    if not isinstance(value, list) or len(value) > 1024:
+        raise FrameError(f"{what} must be a list of [epoch, stage]")
+    for pair in value:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise FrameError(f"{what} entries must be [epoch, stage]")
+        _int(pair[0], f"{what} epoch", 1)
+        _int(pair[1], f"{what} stage", 0, 1024)
+    return value
 
 
 def _check_workers(value: Any, what: str) -> list[dict[str, Any]]:
+    """A heartbeat's workers: one entry per worker process (by its data port), with the
+    routes (epoch, stage) it has confirmed. Standby workers have a model loaded and no
+    route yet."""
     if not isinstance(value, list) or len(value) > 1024:
         raise FrameError(f"{what} must be a list")
     for entry in value:
         if not isinstance(entry, dict):
             raise FrameError(f"{what} entries must be objects")
         _exact_keys(entry, _WORKER_ENTRY_KEYS, f"{what} entry")
-        _int(entry["epoch"], "epoch")
-        _int(entry["stage"], "stage", 0, 1024)
+        _int(entry["port"], "port", 1, 65535)
+        _check_sha(entry["sha256"], "sha256")
         _check_state(entry["state"], "state")
+        if not isinstance(entry["standby"], bool):
+            raise FrameError("standby must be true or false")
+        _check_routes(entry["routes"], "routes")
     return value
 
 
 def _nonneg(value: Any, what: str) -> int:
     return _int(value, what)
+
+
+def _positive(value: Any, what: str) -> int:
+    return _int(value, what, 1)
 
 
 def _epoch_or_all(value: Any, what: str) -> int:
@@ -370,20 +391,32 @@ def _detail(value: Any, what: str) -> str:
 
 # type -> field -> (check, required). Optional fields beyond the architecture table are
 # marked; they are additions, never changes, so older peers still parse what they need.
+#
+# Workers are identified by (host, data port): one process serves one stage model and may
+# serve it for several epochs at once (a route per epoch), so a re-plan that keeps a stage
+# where it is re-uses the running process instead of starting another. `deploy` asks for a
+# route (starting the worker when none runs on that port), `prepare` for a warm standby (the
+# model loaded, no route), `stop` withdraws an epoch's routes (a worker left with none and not
+# a standby exits), `release` ends the worker on a port whatever it serves.
 _CONTROL: dict[str, dict[str, tuple[Check, bool]]] = {
     "hello": {"host": (_check_host, True), "pid": (_nonneg, True),
               "ip": (lambda v, w: _str(v, w, 64), False)},          # addition: data-plane IP
     "heartbeat": {"host": (_check_host, True), "seq": (_nonneg, True),
                   "workers": (_check_workers, True)},
     "fetch": {"sha256": (_check_sha, True), "offset": (_nonneg, True)},
-    "worker": {"epoch": (_nonneg, True), "stage": (_stage, True),
+    # epoch 0 (never deployed) reports on a worker that holds no route: a standby
+    "worker": {"port": (_port, True), "epoch": (_nonneg, True), "stage": (_stage, True),
                "state": (_check_state, True), "detail": (_detail, True),
-               "reason": (_check_reason, False)},     # addition: machine-readable cause
-    "deploy": {"epoch": (_nonneg, True), "stage": (_stage, True), "version": (_nonneg, True),
+               "reason": (_check_reason, False)},     # machine-readable cause
+    "deploy": {"epoch": (_positive, True), "stage": (_stage, True), "version": (_nonneg, True),
                "sha256": (_check_sha, True), "size": (_nonneg, True), "port": (_port, True),
                "next": (_check_address, True), "inputs": (_check_names, True),
                "outputs": (_check_names, True)},
+    "prepare": {"version": (_nonneg, True), "sha256": (_check_sha, True),
+                "size": (_nonneg, True), "port": (_port, True),
+                "inputs": (_check_names, True), "outputs": (_check_names, True)},
     "stop": {"epoch": (_epoch_or_all, True)},
+    "release": {"port": (_port, True)},
     "chunk": {"sha256": (_check_sha, True), "offset": (_nonneg, True),
               "total": (_nonneg, True),
               "error": (_detail, False)},                        # addition: unknown sha256

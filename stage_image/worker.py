@@ -2,23 +2,38 @@
 
 The worker is deliberately dumb: it loads one stage model into onnxruntime (one intra-op
 thread, one inter-op thread, sequential execution: spinning thread pools collapse under CPU
-limits), binds a PULL socket, connects a PUSH socket to the next stage (or the sink), and for
-every frame: validate, run, forward. Placement, epochs and model files are decided by the
-controller and handled by the agent, which wrote CONFIG.json and watches this process.
+limits), binds a PULL socket, and for every frame: validate, run, forward to the next hop of
+the frame's epoch. Placement, epochs and model files are decided by the controller and handled
+by the agent, which wrote CONFIG.json and watches this process.
+
+Routes. A worker serves its one model for any number of epochs at once: a route maps an epoch
+to (stage index, next address), and a frame is forwarded along the route of its own epoch
+(one PUSH socket per distinct next address). A frame of an epoch without a route is dropped, so
+a worker never serves a retired epoch. Routes let a re-plan keep a stage where it is: the
+running process gains the new epoch's route and loses the old one, with no restart and no
+model reload. A worker with no route (a warm standby) just holds its model ready.
+
+Protocol with the agent: once the session is loaded and the socket bound (with the routes of
+CONFIG.json in force), the worker prints the line `ready` on stdout (a pipe the agent polls);
+logs go to stderr. With `commands` on, the agent changes routes by writing JSON lines to
+stdin, each confirmed on stdout once in force:
+  {"op": "route", "epoch": E, "stage": S, "next": ADDRESS}  ->  `routed E`
+  {"op": "unroute", "epoch": E}                             ->  `unrouted E`
+End of file on stdin means the agent is gone: the worker exits.
 
 Robustness rules: a bad frame (malformed header, wrong tensors, wrong epoch or version, an
 onnxruntime error on its contents) is dropped with a rate-limited log line and counted; the
 worker never dies of one. Queues stay bounded (small ZeroMQ high-water marks, and a blocked
-downstream blocks us instead of buffering). SIGTERM ends the loop and exits 0.
+downstream blocks us instead of buffering); a frame blocked on a hop whose route is withdrawn
+meanwhile is dropped. SIGTERM ends the loop and exits 0.
 
-Protocol with the agent: once the session is loaded and the socket bound, the worker prints
-the single line `ready` on stdout (a pipe the agent polls); logs go to stderr.
-
-CONFIG.json fields (written by stage_image.agent):
-  host, epoch, stage, version, model (path), bind (tcp://IP:PORT), next (address),
-  inputs, outputs (tensor names, stages.json order), and optionally
-  hwm (default 4), stats_every_s (default 5.0), max_bytes (default 256 MiB), linger_ms (0),
-  parent_pid (the agent: the worker dies with it), nice (added to the worker's niceness).
+CONFIG.json fields (written by stage_image.agent, or testbed.k8s for a pod):
+  host, version, model (path), bind (tcp://IP:PORT), inputs, outputs (tensor names,
+  stages.json order); the first route as epoch, stage, next (optional: a standby has none);
+  more routes as routes {"EPOCH": {"stage", "next"}}; and optionally commands (read route
+  changes from stdin, default false), hwm (default 4), stats_every_s (default 5.0),
+  max_bytes (default 256 MiB), linger_ms (0), parent_pid (the agent: the worker dies with
+  it), nice (added to the worker's niceness).
 """
 
 from __future__ import annotations
@@ -45,17 +60,27 @@ ORT_TYPES = {
 }
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where frames of one epoch go after this stage."""
+
+    stage: int
+    next: str
+
+
 @dataclass
 class WorkerConfig:
     host: str
-    epoch: int
-    stage: int
     version: int
     model: str
     bind: str
-    next: str
     inputs: list[str]
     outputs: list[str]
+    epoch: int | None = None
+    stage: int = 0
+    next: str | None = None
+    routes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    commands: bool = False
     hwm: int = 4
     stats_every_s: float = 5.0
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -70,7 +95,17 @@ class WorkerConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown worker config fields {sorted(unknown)}")
-        return cls(**data)
+        cfg = cls(**data)
+        if (cfg.epoch is None) != (cfg.next is None):
+            raise ValueError("epoch and next come together (or neither, for a standby)")
+        return cfg
+
+    def initial_routes(self) -> dict[int, Route]:
+        routes = {int(epoch): Route(int(r["stage"]), str(r["next"]))
+                  for epoch, r in self.routes.items()}
+        if self.epoch is not None and self.next is not None:
+            routes[self.epoch] = Route(self.stage, self.next)
+        return routes
 
 
 class Throttled:
@@ -171,33 +206,94 @@ class Worker:
         self.pull.setsockopt(zmq.RCVHWM, cfg.hwm)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(cfg.bind)
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.SNDHWM, cfg.hwm)
-        self.push.setsockopt(zmq.LINGER, cfg.linger_ms)
-        # queue only to a live connection: frames for a dead next hop stay here (and block
-        # us) rather than piling up in a pipe that may never drain
-        self.push.setsockopt(zmq.IMMEDIATE, 1)
-        self.push.connect(cfg.next)
+        self.routes: dict[int, Route] = {}
+        self.pushes: dict[str, zmq.Socket] = {}       # next address -> PUSH
+        for epoch, route in cfg.initial_routes().items():
+            self.add_route(epoch, route)
+        self.stdin_fd: int | None = None
+        self.stdin_buffer = b""
+        if cfg.commands:
+            self.stdin_fd = sys.stdin.fileno()
+            os.set_blocking(self.stdin_fd, False)
         self.window = Counters()
         self.total = Counters()
 
     def close(self) -> None:
         self.pull.close(0)
-        self.push.close(self.cfg.linger_ms)
+        for push in self.pushes.values():
+            push.close(self.cfg.linger_ms)
         self.ctx.term()
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def add_route(self, epoch: int, route: Route) -> None:
+        old = self.routes.get(epoch)
+        self.routes[epoch] = route
+        if route.next not in self.pushes:
+            push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, self.cfg.hwm)
+            push.setsockopt(zmq.LINGER, self.cfg.linger_ms)
+            # queue only to a live connection: frames for a dead next hop stay here (and
+            # block us) rather than piling up in a pipe that may never drain
+            push.setsockopt(zmq.IMMEDIATE, 1)
+            push.connect(route.next)
+            self.pushes[route.next] = push
+        if old is not None and old.next != route.next:
+            self._close_unused(old.next)
+        self.log.info("route: epoch %d as stage %d -> %s", epoch, route.stage, route.next)
+
+    def remove_route(self, epoch: int) -> None:
+        old = self.routes.pop(epoch, None)
+        if old is not None:
+            self._close_unused(old.next)
+            self.log.info("route of epoch %d withdrawn", epoch)
+
+    def _close_unused(self, address: str) -> None:
+        if all(r.next != address for r in self.routes.values()):
+            # frames still queued there belong to withdrawn epochs: dropping them is right
+            self.pushes.pop(address).close(0)
+
+    def read_commands(self) -> None:
+        """Apply the route changes the agent wrote to stdin, confirming each on stdout."""
+        assert self.stdin_fd is not None
+        try:
+            data = os.read(self.stdin_fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.log.warning("stdin closed: the agent is gone; exiting")
+            self.stopping = True
+            return
+        self.stdin_buffer += data
+        *lines, self.stdin_buffer = self.stdin_buffer.split(b"\n")
+        for line in lines:
+            try:
+                cmd = json.loads(line)
+                op, epoch = cmd["op"], int(cmd["epoch"])
+                if op == "route":
+                    self.add_route(epoch, Route(int(cmd["stage"]), str(cmd["next"])))
+                    print(f"routed {epoch}", flush=True)
+                elif op == "unroute":
+                    self.remove_route(epoch)
+                    print(f"unrouted {epoch}", flush=True)
+                else:
+                    raise ValueError(f"unknown op {op!r}")
+            except (ValueError, KeyError, TypeError, zmq.ZMQError) as exc:
+                self.log.warning("bad command from the agent ignored: %s (%r)", exc,
+                                 line[:200])
 
     # -- one frame -----------------------------------------------------------------------------
 
-    def handle(self, frames: list[zmq.Frame]) -> list[Any] | None:
-        """Outgoing frames for a received message, or None when it is dropped."""
+    def handle(self, frames: list[zmq.Frame]) -> tuple[int, list[Any]] | None:
+        """(epoch, outgoing frames) for a received message, or None when it is dropped."""
         cfg = self.cfg
         try:
             frame = decode_tensors(frames, self.limits)
         except FrameError as exc:
             return self._drop("bad_frame", f"bad frame dropped: {exc}")
-        if frame.epoch != cfg.epoch:
+        if frame.epoch not in self.routes:
             return self._drop("stale_epoch", f"frame rid={frame.rid} of epoch {frame.epoch} "
-                              f"dropped (this worker serves epoch {cfg.epoch})")
+                              f"dropped (this worker serves epochs {sorted(self.routes)})")
         if frame.version != cfg.version:
             return self._drop("wrong_version", f"frame rid={frame.rid} of version "
                               f"{frame.version} dropped (this worker serves {cfg.version})")
@@ -223,8 +319,8 @@ class Worker:
         out = [(name, produced[name] if name in produced else frame.tensors[name])
                for name in cfg.outputs]
         try:
-            return encode_tensors(frame.rid, frame.epoch, frame.version, frame.sent, out,
-                                  self.limits)
+            return frame.epoch, encode_tensors(frame.rid, frame.epoch, frame.version,
+                                               frame.sent, out, self.limits)
         except FrameError as exc:
             return self._drop("encode_error", f"frame rid={frame.rid}: cannot send result: "
                               f"{exc}")
@@ -234,16 +330,30 @@ class Worker:
         self.throttled.warning(reason, message)
         return None
 
-    def send(self, frames: list[Any]) -> bool:
-        """Send, waiting (bounded queue = backpressure) but staying responsive to SIGTERM."""
+    def send(self, epoch: int, frames: list[Any]) -> bool:
+        """Send along the epoch's route, waiting (bounded queue = backpressure) but staying
+        responsive to SIGTERM and to route changes: a frame whose route is withdrawn or moved
+        while it waits is dropped (its epoch is over; the dispatcher replays it)."""
         started = time.perf_counter()
+        route = self.routes[epoch]
+        poller = zmq.Poller()
+        poller.register(self.pushes[route.next], zmq.POLLOUT)
+        if self.stdin_fd is not None:
+            poller.register(self.stdin_fd, zmq.POLLIN)
         try:
             while not self.stopping:
+                if self.routes.get(epoch) != route:
+                    self._drop("route_withdrawn", f"a frame of epoch {epoch} dropped: its "
+                               f"route changed while it waited")
+                    return False
                 try:
-                    self.push.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    self.pushes[route.next].send_multipart(frames, flags=zmq.NOBLOCK,
+                                                           copy=False)
                     return True
                 except zmq.Again:
-                    self.push.poll(200, zmq.POLLOUT)
+                    ready = dict(poller.poll(200))
+                    if self.stdin_fd is not None and self.stdin_fd in ready:
+                        self.read_commands()
             return False
         finally:
             self.window.send_wait_s += time.perf_counter() - started
@@ -252,24 +362,34 @@ class Worker:
 
     def run(self) -> None:
         print("ready", flush=True)
-        self.log.info("ready: epoch %d stage %d version %d, PULL %s -> PUSH %s",
-                      self.cfg.epoch, self.cfg.stage, self.cfg.version, self.cfg.bind,
-                      self.cfg.next)
+        self.log.info("ready: version %d, PULL %s, routes %s", self.cfg.version,
+                      self.cfg.bind, {e: (r.stage, r.next) for e, r in self.routes.items()})
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        if self.stdin_fd is not None:
+            poller.register(self.stdin_fd, zmq.POLLIN)
         window_start = time.monotonic()
+        busy = False
         while not self.stopping:
             now = time.monotonic()
             if now - window_start >= self.cfg.stats_every_s:
                 self._flush_stats(now - window_start)
                 window_start = now
+            # after a frame, look again at once; idle, sleep in poll
+            ready = dict(poller.poll(0 if busy else 200))
+            if self.stdin_fd is not None and self.stdin_fd in ready:
+                self.read_commands()
+            busy = False
+            if self.pull not in ready:
+                continue
             try:
-                # receive first, poll only when idle: one system call less per frame
                 frames = self.pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                self.pull.poll(200, zmq.POLLIN)
                 continue
+            busy = True
             self.window.frames += 1
             out = self.handle(frames)
-            if out is not None and self.send(out):
+            if out is not None and self.send(*out):
                 self.window.ok += 1
         self._flush_stats(time.monotonic() - window_start)
         t = self.total
@@ -298,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr,
-        format=f"%(asctime)s worker[{cfg.host} e{cfg.epoch}/s{cfg.stage}] "
+        format=f"%(asctime)s worker[{cfg.host} {cfg.bind.rsplit(':', 1)[-1]}] "
                f"%(levelname)s %(message)s")
     log = logging.getLogger("worker")
     if cfg.parent_pid is not None:

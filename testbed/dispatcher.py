@@ -276,6 +276,7 @@ class Dispatcher:
         self.next_arrival = 0.0
         self.drain_deadline = 0.0
         self.completed = self.lost = self.mismatched = self.duplicates = 0
+        self.by_version: dict[int, int] = {}        # completions per serving model version
         self.replays = self.bad_results = self.unknown_results = 0
         self.recent: deque[tuple[float, float]] = deque()      # (done monotonic, latency ms)
         # (done monotonic, seconds) of the attempt that answered, from the frame's `sent`:
@@ -296,10 +297,14 @@ class Dispatcher:
             raise ValueError("one reference per pool input is needed")
         self.references[version] = references
 
-    def switch(self, route: Route) -> int:
-        """Send to a new stage 0 from now on, and replay every unanswered request there
-        (old-epoch frames in flight are dropped by the workers; results that still arrive
-        from the old epoch are accepted once, the rest count as duplicates)."""
+    def switch(self, route: Route, replay: bool = True) -> int:
+        """Send to a new stage 0 from now on. With `replay` (the old pipeline is broken),
+        every unanswered request is sent again at once; without (a healthy hand-over: a
+        re-plan for a returned node, a new model version), requests already in the old
+        pipeline are left to finish there, and only what it has not answered when the
+        controller retires it is replayed (`replay_epochs`). Either way a result is accepted
+        from whichever epoch answers first and checked against the reference of the model
+        version that produced it; later copies count as duplicates and are not delivered."""
         if route.version not in self.references:
             raise ValueError(f"no references for version {route.version}")
         if self.push is not None:
@@ -310,15 +315,30 @@ class Dispatcher:
         push.setsockopt(zmq.IMMEDIATE, 1)   # nothing queues before stage 0 is connected
         push.connect(route.address)
         self.push, self.route = push, route
-        self.outbox.clear()
+        if not replay:
+            return 0
+        return self.replay_epochs(None, "epoch")
+
+    def replay_epochs(self, epochs: set[int] | None, reason: str) -> int:
+        """Queue for sending (on the current route) every unanswered request last sent on one
+        of `epochs` (None: all of them). Returns how many were replays (sent before)."""
+        queued = {r.rid for r in self.outbox}
         replayed = 0
         for request in sorted(self.pending.values(), key=lambda r: r.rid):
+            if request.rid in queued or (epochs is not None and request.epoch not in epochs):
+                continue
             request.queued = True
             self.outbox.append(request)
             replayed += request.attempts > 0
         if replayed:
-            self.emit("requests.replayed", reason="epoch", epoch=route.epoch, count=replayed)
+            self.emit("requests.replayed", reason=reason,
+                      epoch=self.route.epoch if self.route else None, count=replayed)
         return replayed
+
+    def in_flight_on(self, epoch: int) -> int:
+        """Requests sent on `epoch` and not answered yet."""
+        return sum(1 for r in self.pending.values()
+                   if r.epoch == epoch and not r.queued and r.attempts)
 
     # -- workload lifecycle --------------------------------------------------------------------
 
@@ -479,6 +499,7 @@ class Dispatcher:
                                                                references[request.index])
         del self.pending[frame.rid]
         self.completed += 1
+        self.by_version[frame.version] = self.by_version.get(frame.version, 0) + 1
         self.mismatched += request.mismatched
         self.recent.append((now_mono, request.latency_ms))
         self.attempts_recent.append((now_mono, max(0.0, now - frame.sent)))
@@ -501,6 +522,7 @@ class Dispatcher:
         latencies = sorted(lat for _, lat in self.recent)
         p99 = latencies[max(0, math.ceil(0.99 * len(latencies)) - 1)] if latencies else 0.0
         return {**self.counts(), "workload_state": self.state,
+                "completed_by_version": {str(v): n for v, n in sorted(self.by_version.items())},
                 "throughput_1s": float(last_second), "p99_ms_recent": round(p99, 3),
                 "started_at": self.started or None,
                 "workload": self.workload.to_json() if self.workload else None}

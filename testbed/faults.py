@@ -76,6 +76,7 @@ class FaultKind:
     inject: Inject
     heal: Heal | None = None     # None: nothing to undo (or the action is itself a heal)
     cancels: str | None = None   # this action heals that action in force on the same target
+    prepare: Callable[[Any], None] | None = None  # before the window, once per run (net)
 
 
 # -- node -----------------------------------------------------------------------------------
@@ -141,6 +142,10 @@ def _bandwidth(ctx: Context, step: Step) -> Detail:
 def _bandwidth_heal(ctx: Context, step: Step, detail: Detail) -> Detail:
     ctx.net.set_link_bandwidth(*step.target, detail["previous_mbps"])
     return {"mbps": detail["previous_mbps"]}
+
+
+def _delay_prepare(net: Any) -> None:
+    net.prepare_delay()
 
 
 def _delay(ctx: Context, step: Step) -> Detail:
@@ -216,7 +221,7 @@ FAULTS: dict[str, FaultKind] = {
     "link.down": FaultKind(_link_down, _link_up),
     "link.up": FaultKind(_link_up, cancels="link.down"),
     "link.bandwidth": FaultKind(_bandwidth, _bandwidth_heal),
-    "link.delay": FaultKind(_delay, _delay_heal),
+    "link.delay": FaultKind(_delay, _delay_heal, prepare=_delay_prepare),
     "link.loss": FaultKind(_loss, _loss_heal),
     "link.partition": FaultKind(_partition, _partition_heal),
     "io.disk_full": FaultKind(_disk_full, _disk_free),
@@ -232,7 +237,7 @@ def check_supported(scenario: Scenario) -> None:
     """Refuse, before any network is built, steps this version or this machine cannot do."""
     machine = os.cpu_count() or 1
     for step in scenario.steps:
-        found = _step_problem(step, machine) or _mechanism_problem(step)
+        found = _step_problem(step, machine, scenario) or _mechanism_problem(step)
         if found is not None:
             message, where = found
             raise InputError(message, file=scenario.path, line=step.line, field=where)
@@ -253,12 +258,18 @@ def _mechanism_problem(step: Step) -> tuple[str, str] | None:
     return None
 
 
-def _step_problem(step: Step, machine_cores: int) -> tuple[str, str] | None:
+def _step_problem(step: Step, machine_cores: int,
+                  scenario: Scenario) -> tuple[str, str] | None:
     """What is wrong with a step whatever the machine: (message, field) or None."""
     kind = FAULTS.get(step.action)
     if kind is None:
         return (f"action {step.action} is valid but not supported by this version "
                 f"(supported: {', '.join(sorted(FAULTS))})", "action")
+    if (step.action in ("node.crash", "node.pause", "node.restart")
+            and step.target == scenario.topology.dispatcher().name):
+        return (f"{step.target} is the dispatcher host: it runs the controller and the load "
+                f"generator, so {step.action} there would end the run, not test recovery",
+                "target")
     if step.duration_s is not None and kind.heal is None:
         return f"{step.action} has nothing to undo, so it takes no duration", "duration"
     if step.action == "node.cpu" and not MIN_CPU <= step.params["cpu"] <= machine_cores:
@@ -294,11 +305,27 @@ class FaultTimeline:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._prepared = False
+
+    def prepare(self) -> None:
+        """What some actions need ready before their first step (the delay shims), so that
+        the step itself lands on time. The driver calls this once the network is up;
+        `start` does it otherwise. Idempotent; a failure is raised (the run cannot go on
+        as scripted)."""
+        with self._lock:
+            if self._prepared:
+                return
+            for action in sorted({step.action for step in self.steps}):
+                prepare = FAULTS[action].prepare
+                if prepare is not None:
+                    prepare(self.ctx.net)
+            self._prepared = True
 
     def start(self, window_start: float) -> None:
         """Fire the steps relative to `window_start` (unix time) from a thread."""
         if not self._schedule:
             return
+        self.prepare()
         self._thread = threading.Thread(target=self._run, args=(window_start,),
                                         name="fault-timeline", daemon=True)
         self._thread.start()

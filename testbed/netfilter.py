@@ -59,15 +59,17 @@ def nfqueue_available() -> bool:
                                f"&& {sys.executable} -c '{bind}'"])
 
 
-def chain_script(chain: str, rules: Sequence[str], first: bool) -> str:
-    """A shell script that replaces `chain` with `rules` (iptables arguments after
-    `-A CHAIN`) in one transaction and makes sure INPUT jumps to it (first or last)."""
-    lines = ["*filter", f":{chain} - [0:0]", *(f"-A {chain} {rule}" for rule in rules),
-             "COMMIT", ""]
-    restore = "\\n".join(lines)
+def restore_input(chain: str, rules: Sequence[str]) -> str:
+    """`iptables-restore --noflush` input that replaces `chain` with `rules` (iptables
+    arguments after `-A CHAIN`) in one transaction, creating the chain if needed."""
+    return "\n".join(["*filter", f":{chain} - [0:0]", *(f"-A {chain} {rule}" for rule in rules),
+                      "COMMIT", ""])
+
+
+def jump_script(chain: str, first: bool) -> str:
+    """Shell commands that make INPUT jump to `chain` (first or last), once."""
     where = "-I INPUT 1" if first else "-A INPUT"
-    return (f"printf '{restore}' | iptables-restore -w --noflush && "
-            f"{{ iptables -w -C INPUT -j {chain} 2>/dev/null || iptables -w {where} -j {chain}; }}")
+    return f"iptables -w -C INPUT -j {chain} 2>/dev/null || iptables -w {where} -j {chain}"
 
 
 class ShimClient:
@@ -77,6 +79,8 @@ class ShimClient:
     def __init__(self, proc: subprocess.Popen[bytes], host: str) -> None:
         self.proc = proc
         self.host = host
+        self.delays: dict[str, tuple[float, float]] = {}   # the table in force
+        self._sent: dict[str, tuple[float, float]] = {}
 
     def _reply(self) -> dict[str, Any]:
         stdout: IO[bytes] | None = self.proc.stdout
@@ -96,8 +100,9 @@ class ShimClient:
         if not self._reply().get("ready"):
             raise ShimError(f"the delay shim of {self.host} did not bind its queue")
 
-    def set_delays(self, delays: dict[str, tuple[float, float]]) -> None:
-        """Replace the table (source IP -> (delay ms, jitter ms)); returns once in force."""
+    def send_delays(self, delays: dict[str, tuple[float, float]]) -> None:
+        """Send a new table (source IP -> (delay ms, jitter ms)); `confirm` waits for it to
+        be in force (split so that a driver can update all shims side by side)."""
         stdin = self.proc.stdin
         assert stdin is not None
         try:
@@ -106,8 +111,12 @@ class ShimClient:
         except BrokenPipeError:
             raise ShimError(f"the delay shim of {self.host} has exited "
                             f"(code {self.proc.poll()})") from None
-        if self._reply().get("applied") != sum(1 for d, j in delays.values() if d or j):
+        self._sent = dict(delays)
+
+    def confirm(self) -> None:
+        if self._reply().get("applied") != sum(1 for d, j in self._sent.values() if d or j):
             raise ShimError(f"the delay shim of {self.host} did not apply its table")
+        self.delays = self._sent
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Closing stdin makes the shim accept what it holds and exit."""

@@ -24,6 +24,7 @@ import pytest
 
 from testbed import records
 from testbed.faults import FAULTS, Context, FaultTimeline, Hooks
+from testbed.hostmon import HostMonitor
 from testbed.network import EmulatedNetwork, clear_stale_runs, leftovers
 from testbed.scenario import Step
 from testbed.topology import load_topology
@@ -393,6 +394,26 @@ def test_conn_reset_kills_an_established_connection(net: EmulatedNetwork,
     net.kill_host("dispatcher")
 
 
+# -- the per-host sampler of timeseries.csv, on the same network ----------------------------
+
+
+def test_host_monitor_reads_cpu_and_memory(net: EmulatedNetwork, tmp_path: Path) -> None:
+    monitor = HostMonitor.for_network(net, interval_s=0.25)
+    python_in(net, "edge1", "b = bytearray(64 << 20)\nwhile True: pass", tmp_path / "spin.log")
+    time.sleep(0.5)
+    start = time.time()
+    monitor.start()
+    time.sleep(2.1)
+    monitor.stop()
+    net.kill_host("edge1")
+    buckets = monitor.buckets(start, 2.0)
+    print(f"hostmon: {buckets}")
+    for row in buckets.values():
+        assert 0.2 <= row["edge1_cpu"] <= 0.33      # edge1 is limited to 0.3 cores
+        assert row["edge1_mem_mb"] >= 64
+        assert row["edge4_cpu"] < 0.02              # idle
+
+
 # -- timeline on a real network -------------------------------------------------------------
 
 
@@ -406,6 +427,7 @@ def test_timeline_fires_on_time_and_heals_everything(net: EmulatedNetwork) -> No
         Step(0.7, "link.partition", [["edge1"], ["edge4"]], {}, None, 6),
     ]
     timeline = FaultTimeline(steps, net, Hooks())
+    timeline.prepare()  # the driver does this once the network is up: delay shims start
     start = time.time() + 0.1
     timeline.start(start)
     time.sleep(1.2)
@@ -445,3 +467,4 @@ def test_stop_with_faults_in_force_leaves_nothing(state_dir: Path, tmp_path: Pat
     assert proc.poll() is not None
     assert leftovers(network.run_id) == []
     assert all(records.process_gone(p["pid"], p["start"]) for p in shims)
+    assert not (tmp_path / "shims").exists()

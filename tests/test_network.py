@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import records
+from testbed import network, records
 from testbed.errors import InputError
 from testbed.network import EmulatedNetwork, clear_stale_runs, leftovers
 from testbed.topology import load_topology
@@ -201,17 +201,42 @@ def test_popen_runs_in_host(net: EmulatedNetwork, tmp_path: Path) -> None:
     assert net.host_pids("edge3") == []
 
 
-def test_delay_is_refused_clearly(state_dir: Path, tmp_path: Path) -> None:
+def test_topology_delay_and_jitter_are_applied(state_dir: Path, tmp_path: Path) -> None:
+    """A 5 ms link (each direction) adds 10 ms to a round trip across it, whatever the
+    mechanism (netem, or the NFQUEUE shim without it); the report names the mechanism."""
     text = STAR5.read_text().replace("- {endpoints: [edge2, s1]}",
                                      "- {endpoints: [edge2, s1], delay: 5ms}")
     path = tmp_path / "delayed.yaml"
     path.write_text(text)
-    network = EmulatedNetwork(load_topology(path), run_id=fresh_run_id())
+    with EmulatedNetwork(load_topology(path), run_id=fresh_run_id(), run_dir=tmp_path) as net:
+        # -U: user-to-user time (the kernel's receive timestamp predates a receiver's shim)
+        out = net.cmd("edge1", f"ping -U -c 10 -i 0.05 {net.ip('edge2')}")
+        rtt = float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))
+        beside = float(re.search(r"= [\d.]+/([\d.]+)/", net.cmd(
+            "edge1", f"ping -U -c 5 -i 0.05 {net.ip('edge3')}")).group(1))
+        print(f"measured RTT across a 5 ms link: {rtt:.2f} ms, beside it {beside:.2f} ms")
+        assert 9.8 <= rtt <= 13 and beside < 2
+        row = {r["link"]: r for r in net.link_report()}["edge2-s1"]
+        assert row["delay_ms"] == 5
+        assert row["delay"] == ("netem" if net.impairment == "netem"
+                                else "nfqueue shim at the receiving hosts")
+
+
+def test_delay_without_a_mechanism_is_refused_clearly(state_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(network, "netem_available", lambda: False)
+    monkeypatch.setattr(network, "nfqueue_available", lambda: False)
+    text = STAR5.read_text().replace("- {endpoints: [edge2, s1]}",
+                                     "- {endpoints: [edge2, s1], delay: 5ms}")
+    path = tmp_path / "delayed.yaml"
+    path.write_text(text)
+    net = EmulatedNetwork(load_topology(path), run_id=fresh_run_id())
     with pytest.raises(InputError) as info:
-        network.build()
+        net.build()
     assert "link edge2-s1 asks for delay 5ms" in str(info.value)
+    assert "NFQUEUE" in str(info.value)
     assert info.value.field == "links[2].delay" and info.value.line is not None
-    assert leftovers(network.run_id) == []
+    assert leftovers(net.run_id) == []
 
 
 def _ping_loss(net: EmulatedNetwork, src: str, dst: str, count: int = 400) -> float:

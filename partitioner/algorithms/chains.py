@@ -26,6 +26,7 @@ def chain_search(stage: np.ndarray, hop: np.ndarray, threshold: float,
     stage_ok = (stage[:s] <= threshold) & np.isfinite(r.finish_done)[None, :, :]
     finish_ready = np.isfinite(r.finish_ready)
     hop_ok = hop <= threshold
+    need = _fewest_stages(stage, threshold)
     budget = [max_expansions]
 
     def extend(last: int, frontier: np.ndarray, used: np.ndarray,
@@ -36,8 +37,10 @@ def chain_search(stage: np.ndarray, hop: np.ndarray, threshold: float,
         budget[0] -= 1
         # starts[b, w]: w can take over at boundary b.
         starts = frontier[:s, None] & hop_ok[:s, last, :n] & finish_ready & ~used[None, :]
-        # ends[e, w]: w, starting at some allowed b, can end at e.
-        ends = (starts[:, None, :] & stage_ok).any(axis=0)
+        # ends[e, w]: w, starting at some allowed b, can end at e, and the nodes left over
+        # are enough for the stages still needed after e.
+        left = n - int(used.sum()) - 1
+        ends = (starts[:, None, :] & stage_ok).any(axis=0) & (need <= left)[:, None]
         candidates = np.nonzero(ends.any(axis=0))[0]
         if not len(candidates):
             return None
@@ -58,6 +61,20 @@ def chain_search(stage: np.ndarray, hop: np.ndarray, threshold: float,
     start = np.zeros(s + 1, dtype=bool)
     start[0] = True
     return extend(n, start, np.zeros(n, dtype=bool), [])
+
+
+def _fewest_stages(stage: np.ndarray, threshold: float) -> np.ndarray:
+    """need[e]: fewest stages that can cover segments [e, S) if every node were free (so a
+    lower bound for any set of free nodes); a chain with fewer nodes left is dead."""
+    s = stage.shape[0] - 1
+    fits = (stage <= threshold).any(axis=2)
+    need = np.full(s + 1, np.inf)
+    need[s] = 0
+    for b in range(s - 1, -1, -1):
+        reachable = need[b + 1:][fits[b, b + 1:]]
+        if len(reachable):
+            need[b] = 1 + reachable.min()
+    return need
 
 
 def _unwind(chain: list[tuple[int, np.ndarray]], end: int, stage_ok: np.ndarray) -> Path:

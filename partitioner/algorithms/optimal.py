@@ -13,7 +13,8 @@ again; K only grows, so the loop ends, at worst with K = every node (the exact p
 2. Latency: with every cost capped at T* (times 1 + TIE, for float rounding), the min-sum DP
    over K, grown the same way, ends with a valid path: the least latency among optimal plans.
 
-The DP costs 2^|K| times the relaxed one, so K is capped (MAX_CRITICAL). Past the cap, phase 1
+The DP costs 2^|K| times the relaxed one, so it is run only while its predicted time and
+memory fit (MAX_DP_S, MAX_CRITICAL, MAX_CELLS, the deadline). Past that, phase 1
 becomes a binary search over the finitely many candidate bottlenecks (each a stage compute or
 a hop time) from V upwards, each test settled by the chain search (a valid plan: feasible) or
 by HiGHS on the flow MILP (partitioner.algorithms.flow; proven feasible or infeasible), and
@@ -38,9 +39,13 @@ from partitioner.instance import InfeasibleError
 # Costs within this relative distance of the optimal bottleneck count as equal to it when the
 # latency is minimised: rounding in sums of floats must not turn a tie into a strict order.
 TIE = 1e-9
-# Largest critical set for the masked DP: 2^11 masks take about a second on 20 nodes x 60
-# segments; beyond that the MILP is the faster proof.
-MAX_CRITICAL = 12
+# Limits of the masked DP: the critical set, and the values it keeps (states x masks; 2^24
+# float64 = 128 MiB per array). Within them, the time left decides (see _Clock).
+MAX_CRITICAL = 16
+MAX_CELLS = 1 << 24
+# A DP predicted to take longer than this hands over to the MILP, which on such instances
+# (many stages fighting for the same fast nodes) usually proves faster.
+MAX_DP_S = 8.0
 
 
 @dataclass
@@ -76,19 +81,23 @@ class _Clock:
 
     def dp(self, stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[int],
            threshold: float = math.inf, upper: float = math.inf) -> tuple[float, Path] | None:
-        """Run the masked DP unless it would overrun the deadline (None)."""
+        """Run the masked DP unless it would overrun the deadline or MAX_CRITICAL or
+        MAX_CELLS (None)."""
+        if len(critical) > MAX_CRITICAL:
+            return None
         left = self.remaining()
-        if left is not None and self.base_s is not None:
+        if self.base_s is not None:
             size, seconds = self.last
             guess = self.base_s + max(0.0, seconds - self.base_s) * 2 ** (len(critical) - size)
-            if guess > left:
+            if guess > min(MAX_DP_S, math.inf if left is None else left):
                 return None
         start = time.monotonic()
-        result = relaxed.best_path(stage, hop, combine, critical, threshold, upper)
+        result = relaxed.best_path(stage, hop, combine, critical, threshold, upper, MAX_CELLS)
         elapsed = time.monotonic() - start
         if self.base_s is None:
             self.base_s = elapsed
-        self.last = (len(critical), elapsed)
+        if result is not None:
+            self.last = (len(critical), elapsed)
         return result
 
 
@@ -110,7 +119,19 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
         upper = key_of(stage, hop, best)[0]
         solved = clock.dp(stage, hop, "max", critical, upper=upper)
         if solved is None:
-            return ExactResult(best or [], False, lower, len(critical))
+            # The DP has grown too costly: the MILP takes over (see the module docstring).
+            if clock.expired():
+                return ExactResult(best or [], False, lower, len(critical))
+            result = _bisect(stage, hop, lower, best, clock)
+            if result.latency_proven:
+                return ExactResult(result.path, True, result.lower_bound_ms, len(critical),
+                                   result.milp_calls)
+            keep(result.path)
+            if not result.proven:
+                return ExactResult(best or [], False, result.lower_bound_ms, len(critical),
+                                   result.milp_calls)
+            optimum = result.lower_bound_ms
+            break
         value, path = solved
         if math.isinf(value):
             if best is None:
@@ -129,16 +150,7 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
             optimum = value
             break
         keep(repair(stage, hop, path, math.inf))
-        more = relaxed.repeated(path)
-        if len(critical) + len(more) > MAX_CRITICAL:
-            result = _bisect(stage, hop, lower, best, clock)
-            keep(result.path)
-            if not result.proven:
-                return ExactResult(best or [], False, result.lower_bound_ms, len(critical),
-                                   result.milp_calls)
-            optimum = result.lower_bound_ms
-            break
-        critical += more
+        critical += relaxed.repeated(path)
 
     # Phase 2. `best` now has the optimal bottleneck; its latency is the upper limit.
     tied = optimum * (1 + TIE)
@@ -147,6 +159,18 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
         upper = path_latency(stage, hop, best)
         solved = clock.dp(stage, hop, "sum", critical, tied, upper)
         if solved is None:
+            if clock.expired():
+                break
+            calls += 1
+            result = solve_flow(stage, hop, tied, latency=True, time_limit_s=clock.remaining(),
+                                prune_above=upper)
+            if result.status == "infeasible":
+                # Nothing under the pruning limit: the known plan is the best there is.
+                return ExactResult(best, True, optimum, len(critical), calls)
+            if result.path and path_latency(stage, hop, result.path) <= upper:
+                if result.proven:
+                    return ExactResult(result.path, True, optimum, len(critical), calls)
+                best = result.path
             break
         value, path = solved
         if math.isinf(value):
@@ -156,22 +180,7 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
         fixed = repair(stage, hop, path, tied)
         if fixed and path_latency(stage, hop, fixed) < upper:
             best = fixed
-        more = relaxed.repeated(path)
-        if len(critical) + len(more) <= MAX_CRITICAL:
-            critical += more
-            continue
-        calls += 1
-        upper = path_latency(stage, hop, best)
-        result = solve_flow(stage, hop, tied, latency=True, time_limit_s=clock.remaining(),
-                            prune_above=upper)
-        if result.status == "infeasible":
-            # Nothing under the pruning limit: the known plan is the best there is.
-            return ExactResult(best, True, optimum, len(critical), calls)
-        if result.path and path_latency(stage, hop, result.path) <= upper:
-            if result.proven:
-                return ExactResult(result.path, True, optimum, len(critical), calls)
-            best = result.path
-        break
+        critical += relaxed.repeated(path)
     # Out of time in phase 2: the bottleneck is optimal, the latency perhaps not.
     return ExactResult(best, False, optimum, len(critical), calls)
 
@@ -179,37 +188,42 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
 @dataclass
 class _Bisection:
     path: Path | None
-    proven: bool
+    proven: bool                # the bottleneck is optimal
     lower_bound_ms: float
     milp_calls: int
+    latency_proven: bool = False
 
 
 def _bisect(stage: np.ndarray, hop: np.ndarray, lower: float, best: Path | None,
             clock: _Clock) -> _Bisection:
-    """Smallest feasible candidate bottleneck >= lower (see the module docstring)."""
+    """Smallest feasible candidate bottleneck >= lower (see the module docstring). The DP's
+    bound is usually the optimum itself, so the first test is at the bound, and asks the MILP
+    for the least latency too: when that is feasible both phases are done at once."""
     upper = key_of(stage, hop, best)[0]
     values = candidates(stage, hop, lower, upper)
     lo, hi = 0, len(values) - 1 if best else len(values)
-    witness, calls = best, 0
+    witness, calls, first = best, 0, True
     # Invariant: every candidate below values[lo] is infeasible; values[hi] is feasible (or,
     # with no plan yet, hi is past the end).
     while lo < hi:
-        mid = (lo + hi) // 2
+        mid = lo if first else (lo + hi) // 2
         threshold = float(values[mid])
         found = chain_search(stage, hop, threshold)
         if found is None:
             if clock.expired():
                 break
             calls += 1
-            result = solve_flow(stage, hop, threshold, latency=False,
-                                time_limit_s=clock.remaining())
+            result = solve_flow(stage, hop, threshold * (1 + TIE) if first else threshold,
+                                latency=first, time_limit_s=clock.remaining())
             if result.status == "unknown":
                 break
             if result.status == "infeasible":
-                lo = mid + 1
+                lo, first = mid + 1, False
                 continue
             found = result.path
-        hi, witness = mid, found
+            if first and result.proven:
+                return _Bisection(found, True, threshold, calls, latency_proven=True)
+        hi, witness, first = mid, found, False
     if lo >= len(values):
         raise InfeasibleError(_infeasible_reason([0]))
     return _Bisection(witness, lo == hi, float(values[lo]), calls)

@@ -98,9 +98,11 @@ def useful_arcs(stage: np.ndarray, hop: np.ndarray, threshold: float, combine: s
 
 
 def best_path(stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[int] = (),
-              threshold: float = math.inf, upper: float = math.inf) -> tuple[float, Path]:
+              threshold: float = math.inf, upper: float = math.inf,
+              max_cells: int | None = None) -> tuple[float, Path] | None:
     """Best relaxed path with every cost <= threshold in which the `critical` nodes appear at
-    most once; (inf, []) when there is none with value <= `upper`.
+    most once; (inf, []) when there is none with value <= `upper`; None when the DP would keep
+    more than `max_cells` values (states x masks).
 
     The critical nodes used so far are a bit mask carried by every state, so the work grows as
     2^len(critical) times the number of useful arcs (those on a relaxed path within `upper`:
@@ -124,6 +126,8 @@ def best_path(stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[i
     ends = np.unique(arcs.stage[:, [1, 2]], axis=0)
     ready_id[starts[:, 0], starts[:, 1]] = np.arange(len(starts))
     done_id[ends[:, 0], ends[:, 1]] = np.arange(len(ends))
+    if max_cells is not None and (len(starts) + len(ends)) * masks > max_cells:
+        return None
     ready = np.full((len(starts), masks), math.inf)
     done = np.full((len(ends), masks), math.inf)
 

@@ -1,0 +1,115 @@
+"""The controller's placement rules, as pure functions on plans (no sockets, no clocks), so
+each rule is stated once and tested alone.
+
+Division of labour: `partitioner.algorithms.solve` finds the best plan for an instance; this
+module decides *which* good plan the running system should move to, given what already runs:
+
+- Repair candidates: the current plan's cuts kept, every stage on a live node left where it
+  is, the stages of lost nodes moved to spare live nodes (every assignment tried, up to a cap).
+  They keep the stage models, so surviving workers and warm standbys can serve them at once.
+- The reuse rule: among all candidates (the planner's plan and the repairs), take those whose
+  bottleneck is within `tolerance` (default 5%) of the best; of those, the one that reuses
+  the most running stages (a stage is reused when a worker of the same model version already
+  holds the same segment range on the same node, serving or standing by); ties go to the
+  fewest new stages on `avoid` nodes (used to spread standbys), then the smaller bottleneck,
+  then the smaller latency. A reused stage costs no model transfer and no model load.
+- The rejoin rule: a plan that would take a returned node back is adopted only if its
+  bottleneck is at least `margin` (default 10%) below the bottleneck of the plan in force;
+  with the hold time the controller applies first, this is what keeps a flapping node from
+  moving the pipeline back and forth.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from partitioner.instance import Instance, Plan, Stage, plan_problems
+
+MAX_REPAIRS = 5040          # assignments tried per repair (7! keeps it well under 100 ms)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A stage model loaded on a node: (node, first segment, end segment, model version)."""
+
+    node: str
+    first: int
+    end: int
+    version: int
+
+
+def stage_key(stage: Stage, version: int) -> Held:
+    return Held(stage.node, stage.first, stage.end, version)
+
+
+def reused_stages(plan: Plan, version: int, held: set[Held]) -> int:
+    return sum(stage_key(s, version) in held for s in plan.stages)
+
+
+def repair_candidates(instance: Instance, base: Plan, limit: int = MAX_REPAIRS) -> list[Plan]:
+    """Plans with `base`'s cuts on `instance`'s nodes (the live ones): stages whose node is
+    still there stay; the others go to nodes `base` does not use. Empty when there are not
+    enough spare nodes or no assignment is valid."""
+    live = {n.name for n in instance.nodes}
+    if base.stages[-1].end != len(instance.segments):
+        return []                                   # another model version's plan
+    lost = [i for i, s in enumerate(base.stages) if s.node not in live]
+    spares = sorted(live - {s.node for s in base.stages})
+    if len(lost) > len(spares):
+        return []
+    plans = []
+    for nodes in itertools.islice(itertools.permutations(spares, len(lost)), limit):
+        stages = list(base.stages)
+        for i, node in zip(lost, nodes):
+            stages[i] = Stage(stages[i].first, stages[i].end, node)
+        if not plan_problems(instance, stages):
+            plans.append(Plan.of(instance, stages, f"{base.algorithm}+repair", False))
+    return plans
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The plan chosen by the reuse rule, and why."""
+
+    plan: Plan
+    reused: int                     # stages served by workers already loaded
+    best_bottleneck_ms: float       # the best of all candidates
+    candidates: int
+    within: int                     # candidates inside the tolerance
+
+    def describe(self) -> dict[str, object]:
+        return {"reused_stages": self.reused, "stages": len(self.plan.stages),
+                "bottleneck_ms": round(self.plan.bottleneck_ms, 3),
+                "best_bottleneck_ms": round(self.best_bottleneck_ms, 3),
+                "candidates": self.candidates, "within_tolerance": self.within}
+
+
+def choose(candidates: list[Plan], version: int, held: set[Held], tolerance: float,
+           avoid: frozenset[str] = frozenset()) -> Choice:
+    """The reuse rule (module docstring). `candidates` must not be empty."""
+    if not candidates:
+        raise ValueError("no candidate plan")
+    best = min(p.bottleneck_ms for p in candidates)
+    limit = best * (1.0 + tolerance) if math.isfinite(best) else best
+    within = [p for p in candidates if p.bottleneck_ms <= limit]
+
+    def key(plan: Plan) -> tuple[float, ...]:
+        new_on_avoided = sum(s.node in avoid and stage_key(s, version) not in held
+                             for s in plan.stages)
+        return (-reused_stages(plan, version, held), new_on_avoided, plan.bottleneck_ms,
+                plan.latency_ms)
+
+    plan = min(within, key=key)
+    return Choice(plan, reused_stages(plan, version, held), best, len(candidates), len(within))
+
+
+def better_by_margin(candidate: Plan, current: Plan, margin: float) -> bool:
+    """The rejoin rule: move only for a bottleneck at least `margin` below the current one."""
+    return candidate.bottleneck_ms <= current.bottleneck_ms * (1.0 - margin)
+
+
+def same_placement(a: Plan, b: Plan) -> bool:
+    return [(s.first, s.end, s.node) for s in a.stages] == [(s.first, s.end, s.node)
+                                                             for s in b.stages]
