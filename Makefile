@@ -1,7 +1,7 @@
 # One verb per job. `make demo` and `make test` are the README's two commands.
 PY := .venv/bin/python
 APT_PACKAGES := mininet bridge-utils iputils-ping ethtool iperf3 iptables cgroup-tools \
-	iproute2 procps python3-venv python3-dev libnetfilter-queue-dev docker.io debootstrap
+	iproute2 procps python3-venv python3-dev libnetfilter-queue-dev gcc libc6-dev docker.io debootstrap
 OUT ?= results/baseline
 
 .PHONY: setup demo test lint image lab-test

@@ -5,7 +5,9 @@ the records are turned into the results directory. Teardown always happens, what
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,15 @@ from typing import Any
 import zmq
 
 from testbed.driver import CONTROL_PORT, SINK_PORT, Prepared, log
-from testbed.faults import FaultTimeline
-from testbed.results import read_events, read_requests, summarise, write_timeseries
+from testbed.faults import FaultTimeline, Hooks
+from testbed.report import write_report
+from testbed.results import (
+    buckets,
+    read_events,
+    read_requests,
+    summarise,
+    write_timeseries,
+)
 from testbed.scenario import Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,28 +93,42 @@ def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir
     }
 
 
-def _start_processes(scenario: Scenario, prepared: Prepared, net: Any,
-                     out_dir: Path) -> tuple[Any, ControlClient]:
-    logs = out_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    control_ipc = f"ipc://{net.run_dir}/control.sock"
+PROCESS_ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def control_address(out_dir: Path) -> str:
+    """The controller's ipc socket, in the results directory (a UNIX socket path must stay
+    under 108 bytes: fall back to a short private directory for deep result paths)."""
+    path = out_dir.resolve() / "control.sock"
+    if len(str(path)) > 100:
+        path = Path(tempfile.mkdtemp(prefix="edgepipe-")) / "control.sock"
+    return f"ipc://{path}"
+
+
+def start_agent(net: Any, out_dir: Path, host: str) -> None:
+    """Start (or, after a crash, restart) a host's agent; its log is appended to."""
+    dispatcher = net.topology.dispatcher().name
+    host_logs = out_dir / "logs" / host
+    host_logs.mkdir(parents=True, exist_ok=True)
+    net.popen(host, [sys.executable, "-m", "stage_image.agent", "--host", host,
+                     "--controller", f"tcp://{net.ip(dispatcher)}:{CONTROL_PORT}",
+                     "--data-dir", str(net.data_dir(host)), "--ip", net.ip(host),
+                     "--log-dir", str(host_logs)],
+              host_logs / "agent.log", env=PROCESS_ENV)
+
+
+def _start_processes(scenario: Scenario, prepared: Prepared, net: Any, out_dir: Path,
+                     control_ipc: str) -> Any:
+    (out_dir / "logs").mkdir(exist_ok=True)
     config_path = out_dir / "controller.json"
     config_path.write_text(json.dumps(
         _controller_config(scenario, prepared, net, out_dir, control_ipc), indent=1))
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    dispatcher = scenario.topology.dispatcher().name
-    controller = net.popen(dispatcher, [sys.executable, "-m", "testbed.controller",
-                                        str(config_path)], logs / "controller.log", env=env)
-    controller_address = f"tcp://{net.ip(dispatcher)}:{CONTROL_PORT}"
+    controller = net.popen(scenario.topology.dispatcher().name,
+                           [sys.executable, "-m", "testbed.controller", str(config_path)],
+                           out_dir / "logs" / "controller.log", env=PROCESS_ENV)
     for host in scenario.topology.edge_hosts():
-        host_logs = logs / host.name
-        host_logs.mkdir(exist_ok=True)
-        net.popen(host.name, [sys.executable, "-m", "stage_image.agent", "--host", host.name,
-                              "--controller", controller_address,
-                              "--data-dir", str(net.data_dir(host.name)),
-                              "--ip", net.ip(host.name), "--log-dir", str(host_logs)],
-                  host_logs / "agent.log", env=env)
-    return controller, ControlClient(control_ipc)
+        start_agent(net, out_dir, host.name)
+    return controller
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -183,6 +206,7 @@ def _merge_events(out_dir: Path, driver_events: list[dict[str, Any]]) -> list[di
 
 
 def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
+    from testbed.hostmon import HostMonitor
     from testbed.network import EmulatedNetwork, clear_stale_runs
 
     for line in clear_stale_runs():
@@ -192,12 +216,21 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
     (out_dir / "plan.json").write_text(json.dumps(plan_json, indent=1))
     log(f"building network {scenario.topology.name} as run {net.run_id} "
         f"({len(scenario.topology.hosts)} hosts)")
-    timeline = FaultTimeline(scenario.steps, net)
-    client: ControlClient | None = None
+    control_ipc = control_address(out_dir)
+    # The timeline's thread gets its own REQ socket: one cannot be shared between threads.
+    step_client = ControlClient(control_ipc)
+    hooks = Hooks(restart_host=lambda host: start_agent(net, out_dir, host),
+                  controller=step_client.call)
+    timeline = FaultTimeline(scenario.steps, net, hooks)
+    client = ControlClient(control_ipc)
+    monitor: HostMonitor | None = None
     try:
         net.build()
         log(f"network up in {net.build_seconds:.1f} s; starting controller and agents")
-        controller, client = _start_processes(scenario, prepared, net, out_dir)
+        timeline.prepare()
+        monitor = HostMonitor.for_network(net)
+        monitor.start()
+        controller = _start_processes(scenario, prepared, net, out_dir, control_ipc)
         _wait_ready(client, controller, out_dir)
         log(f"running {scenario.workload.mode} workload: {scenario.workload.warmup_s:g}s "
             f"warm-up + {scenario.workload.duration_s:g}s measured")
@@ -205,14 +238,16 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
         client.call("stop")
         try:
             controller.wait(timeout=DRAIN_GRACE_S)
-        except Exception:  # noqa: BLE001  (teardown below stops it either way)
+        except subprocess.TimeoutExpired:
             log("controller did not stop in time; tearing down")
-        timeline.heal_all()
         link_report = net.link_report()
     finally:
         timeline.heal_all()
-        if client is not None:
-            client.close()
+        if monitor is not None:
+            monitor.stop()
+        client.close()
+        step_client.close()
+        Path(control_ipc.removeprefix("ipc://")).unlink(missing_ok=True)
         problems = net.stop()
         for problem in problems:
             log(f"teardown: {problem}")
@@ -222,11 +257,12 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
     summary = summarise(scenario, "embedded", records, events, window_start,
                         prepared.predicted_rps, int(status.get("duplicates", 0)),
                         extra={"links": link_report, "plan": plan_json})
-    from testbed.results import buckets
-
+    duration = scenario.workload.duration_s
     write_timeseries(out_dir / "timeseries.csv",
-                     buckets(records, window_start, window_start + scenario.workload.duration_s))
+                     buckets(records, window_start, window_start + duration),
+                     host_samples=monitor.buckets(window_start, duration))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_report(out_dir, summary, events, out_dir / "timeseries.csv")
     _report(summary, out_dir)
     return 0 if summary["slo"]["passed"] else 1
 
