@@ -47,6 +47,7 @@ from typing import Any
 
 import zmq
 
+from stage_image.security import KeyPair, apply_client
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # so `-m stage_image.worker` imports
@@ -77,7 +78,9 @@ class WorkerRecord:
     inputs: list[str]
     outputs: list[str]
     standby: bool = False
-    routes: dict[int, tuple[int, str]] = field(default_factory=dict)  # epoch -> (stage, next)
+    # epoch -> (stage, next address, next hop's CurveZMQ public key or None)
+    routes: dict[int, tuple[int, str, str | None]] = field(default_factory=dict)
+    curve_secret: str | None = None
     confirmed: set[int] = field(default_factory=set)
     in_config: set[int] = field(default_factory=set)     # routes given at start
     state: str = "fetching"
@@ -136,6 +139,13 @@ class Agent:
         # ZMTP heartbeats: a connection silently cut (partition) is dropped and re-dialled
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        if args.curve_server_key:
+            # CurveZMQ: the control channel is encrypted (the workers' secret keys travel on
+            # it); our own keypair is fresh, the controller's public key comes from the driver
+            server = args.curve_server_key
+            if os.path.isfile(server):
+                server = Path(server).read_text().strip()
+            apply_client(self.sock, KeyPair.generate(), server)
         self.sock.connect(args.controller)
         self._last_send_warning = 0.0
 
@@ -202,14 +212,16 @@ class Agent:
         """`deploy` (a route) or `prepare` (a standby, no `epoch`) for the worker on a port.
         Level-triggered: repeating one changes nothing."""
         port, epoch = f["port"], f.get("epoch")
-        route = (f["stage"], f["next"]) if epoch is not None else None
+        curve = f.get("curve") or {}
+        route = (f["stage"], f["next"], curve.get("next_public")) if epoch is not None else None
         rec = self.workers.get(port)
         if rec is not None and rec.proc is None and rec.state in ("exited", "failed"):
             del self.workers[port]          # a dead worker's port: start afresh
             rec = None
         if rec is None:
             rec = WorkerRecord(port, f["version"], f["sha256"], f["size"], f["inputs"],
-                               f["outputs"], standby=route is None)
+                               f["outputs"], standby=route is None,
+                               curve_secret=curve.get("secret"))
             if route is not None:
                 rec.routes[epoch] = route
             self.workers[port] = rec
@@ -233,9 +245,10 @@ class Agent:
             return
         rec.routes[epoch] = route
         rec.confirmed.discard(epoch)
+        rec.standby = False                 # it serves now; the controller asks again if not
         if rec.proc is not None:
             self.command(rec, {"op": "route", "epoch": epoch, "stage": route[0],
-                               "next": route[1]})
+                               "next": route[1], "public": route[2]})
 
     def on_stop(self, epoch: int) -> None:
         for rec in list(self.workers.values()):
@@ -413,8 +426,9 @@ class Agent:
             "model": str(self.model_path(rec.sha256)),
             "bind": f"tcp://{self.args.ip}:{rec.port}",
             "inputs": rec.inputs, "outputs": rec.outputs,
-            "routes": {str(e): {"stage": stage, "next": nxt}
-                       for e, (stage, nxt) in rec.routes.items()},
+            "routes": {str(e): {"stage": stage, "next": nxt, "public": public}
+                       for e, (stage, nxt, public) in rec.routes.items()},
+            "curve_secret": rec.curve_secret,
             "commands": True,
             # the worker ties its life to ours (PR_SET_PDEATHSIG): nothing outlives a kill -9
             "parent_pid": os.getpid(),
@@ -625,6 +639,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-timeout-s", type=float, default=120.0,
                    help="a worker not ready after this long fails (default 120)")
     p.add_argument("--python", default=sys.executable, help="interpreter for workers")
+    p.add_argument("--curve-server-key", help="CurveZMQ on: the controller's public key (Z85 "
+                   "text, or a file holding it)")
     return p.parse_args(argv)
 
 

@@ -13,7 +13,9 @@ Steps, each cached under .cache/ (git-ignored) so a second run is quick and netw
      locales, apt lists), tarred (the tar is cached) and `docker import`ed.
   3. `docker build --network none` of a context assembled in .cache/image-context.
 The image carries a label with a digest of its inputs; an image with the same digest is not
-rebuilt. The size is printed at the end.
+rebuilt. A second label is the digest of the Python modules alone (`app_digest()`), so the
+testbed can refuse to start Docker hosts from an image older than this checkout's agent and
+worker. The size is printed at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ DEFAULT_CACHE = REPO / ".cache"
 LOCAL_BASE = "edgepipe-base:bookworm"
 DEFAULT_TAG = "edgepipe-stage:latest"
 DIGEST_LABEL = "edgepipe.inputs-sha256"
+APP_LABEL = "edgepipe.app-sha256"
 # What the image needs at run time; versions come from requirements.txt so the image runs the
 # same onnxruntime/pyzmq/numpy as the host-side tests.
 IMAGE_PACKAGES = ("onnxruntime", "pyzmq", "numpy")
@@ -162,6 +165,21 @@ def app_files() -> list[Path]:
     return sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name)
 
 
+def app_digest() -> str:
+    """SHA-256 of the modules the image carries (names and contents), as in APP_LABEL."""
+    digest = hashlib.sha256()
+    for module in app_files():
+        digest.update(module.name.encode() + b"\0" + module.read_bytes())
+    return digest.hexdigest()
+
+
+def image_label(daemon: Dockerd, tag: str, label: str) -> str | None:
+    """A label of an image ('' when it has no such label), None when there is no image."""
+    proc = daemon.docker("image", "inspect", "-f",
+                         "{{ index .Config.Labels \"" + label + "\" }}", tag, check=False)
+    return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+
 def assemble_context(context: Path, wheelhouse: Path) -> str:
     """Write the build context and return a digest of everything in it."""
     if context.exists():
@@ -182,12 +200,6 @@ def assemble_context(context: Path, wheelhouse: Path) -> str:
         shutil.copy2(module, context / "app" / module.name)
         digest.update(module.name.encode() + b"\0" + module.read_bytes())
     return digest.hexdigest()
-
-
-def image_digest_label(daemon: Dockerd, tag: str) -> str | None:
-    proc = daemon.docker("image", "inspect", "-f",
-                         "{{ index .Config.Labels \"" + DIGEST_LABEL + "\" }}", tag, check=False)
-    return proc.stdout.decode().strip() if proc.returncode == 0 else None
 
 
 def image_size(daemon: Dockerd, tag: str) -> int:
@@ -214,14 +226,17 @@ def build(args: argparse.Namespace) -> int:
         context = cache / "image-context"
         digest = assemble_context(context, wheelhouse)
         digest = hashlib.sha256(f"{digest}:{args.base}".encode()).hexdigest()
-        if not args.force and image_digest_label(daemon, args.tag) == digest:
+        current = (image_label(daemon, args.tag, DIGEST_LABEL) == digest
+                   and image_label(daemon, args.tag, APP_LABEL) == app_digest())
+        if not args.force and current:
             log(f"{args.tag} is up to date")
         else:
             log(f"docker build {args.tag} FROM {args.base}")
             # A local base needs nothing from outside; a registry base needs apt's network.
             network = ["--network", "none"] if local_base else []
             daemon.docker("build", *network, "--build-arg", f"BASE={args.base}",
-                          "--label", f"{DIGEST_LABEL}={digest}", "-t", args.tag,
+                          "--label", f"{DIGEST_LABEL}={digest}",
+                          "--label", f"{APP_LABEL}={app_digest()}", "-t", args.tag,
                           *(["-q"] if args.quiet else []), str(context), capture=args.quiet,
                           timeout=1800)
             # Intermediate stages (the wheel files) are left dangling by the classic builder.

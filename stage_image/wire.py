@@ -367,6 +367,21 @@ def _nonneg(value: Any, what: str) -> int:
     return _int(value, what)
 
 
+_Z85_RE = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
+
+
+def _check_curve(value: Any, what: str) -> dict[str, str]:
+    """CurveZMQ keys for a worker: its own secret key and, for a route, the next hop's
+    public key (Z85 text, 40 characters each; only ever sent over an encrypted channel)."""
+    if not isinstance(value, dict) or not set(value) <= {"secret", "next_public"} or \
+            "secret" not in value:
+        raise FrameError(f"{what} must be {{secret[, next_public]}}")
+    for key, text in value.items():
+        if not isinstance(text, str) or not _Z85_RE.match(text):
+            raise FrameError(f"{what}.{key} must be a 40-character Z85 key")
+    return value
+
+
 def _positive(value: Any, what: str) -> int:
     return _int(value, what, 1)
 
@@ -411,10 +426,12 @@ _CONTROL: dict[str, dict[str, tuple[Check, bool]]] = {
     "deploy": {"epoch": (_positive, True), "stage": (_stage, True), "version": (_nonneg, True),
                "sha256": (_check_sha, True), "size": (_nonneg, True), "port": (_port, True),
                "next": (_check_address, True), "inputs": (_check_names, True),
-               "outputs": (_check_names, True)},
+               "outputs": (_check_names, True),
+               "curve": (_check_curve, False)},          # addition: CurveZMQ on
     "prepare": {"version": (_nonneg, True), "sha256": (_check_sha, True),
                 "size": (_nonneg, True), "port": (_port, True),
-                "inputs": (_check_names, True), "outputs": (_check_names, True)},
+                "inputs": (_check_names, True), "outputs": (_check_names, True),
+                "curve": (_check_curve, False)},
     "stop": {"epoch": (_epoch_or_all, True)},
     "release": {"port": (_port, True)},
     "chunk": {"sha256": (_check_sha, True), "offset": (_nonneg, True),

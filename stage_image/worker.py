@@ -17,7 +17,7 @@ Protocol with the agent: once the session is loaded and the socket bound (with t
 CONFIG.json in force), the worker prints the line `ready` on stdout (a pipe the agent polls);
 logs go to stderr. With `commands` on, the agent changes routes by writing JSON lines to
 stdin, each confirmed on stdout once in force:
-  {"op": "route", "epoch": E, "stage": S, "next": ADDRESS}  ->  `routed E`
+  {"op": "route", "epoch": E, "stage": S, "next": ADDRESS[, "public": KEY]}  ->  `routed E`
   {"op": "unroute", "epoch": E}                             ->  `unrouted E`
 End of file on stdin means the agent is gone: the worker exits.
 
@@ -30,8 +30,11 @@ meanwhile is dropped. SIGTERM ends the loop and exits 0.
 CONFIG.json fields (written by stage_image.agent, or testbed.k8s for a pod):
   host, version, model (path), bind (tcp://IP:PORT), inputs, outputs (tensor names,
   stages.json order); the first route as epoch, stage, next (optional: a standby has none);
-  more routes as routes {"EPOCH": {"stage", "next"}}; and optionally commands (read route
-  changes from stdin, default false), hwm (default 4), stats_every_s (default 5.0),
+  more routes as routes {"EPOCH": {"stage", "next", "public"}}; with CurveZMQ the worker's
+  curve_secret and each route's public (next_public for the first route; under Kubernetes
+  both come from the files named by $EDGEPIPE_CURVE_DIR and curve-public.json beside the
+  config); and optionally commands (read route changes from stdin, default false), hwm
+  (default 4), stats_every_s (default 5.0),
   max_bytes (default 256 MiB), linger_ms (0), parent_pid (the agent: the worker dies with
   it), nice (added to the worker's niceness).
 """
@@ -52,6 +55,7 @@ from typing import Any
 import onnxruntime as ort
 import zmq
 
+from stage_image.security import KeyPair, apply_client, apply_server
 from stage_image.wire import DEFAULT_MAX_BYTES, FrameError, Limits, decode_tensors, encode_tensors
 
 ORT_TYPES = {
@@ -62,10 +66,12 @@ ORT_TYPES = {
 
 @dataclass(frozen=True)
 class Route:
-    """Where frames of one epoch go after this stage."""
+    """Where frames of one epoch go after this stage (and, with CurveZMQ, the next hop's
+    public key)."""
 
     stage: int
     next: str
+    public: str | None = None
 
 
 @dataclass
@@ -80,6 +86,8 @@ class WorkerConfig:
     stage: int = 0
     next: str | None = None
     routes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    next_public: str | None = None
+    curve_secret: str | None = None
     commands: bool = False
     hwm: int = 4
     stats_every_s: float = 5.0
@@ -101,11 +109,20 @@ class WorkerConfig:
         return cfg
 
     def initial_routes(self) -> dict[int, Route]:
-        routes = {int(epoch): Route(int(r["stage"]), str(r["next"]))
+        routes = {int(epoch): Route(int(r["stage"]), str(r["next"]), r.get("public"))
                   for epoch, r in self.routes.items()}
         if self.epoch is not None and self.next is not None:
-            routes[self.epoch] = Route(self.stage, self.next)
+            routes[self.epoch] = Route(self.stage, self.next, self.next_public)
         return routes
+
+    def load_pod_keys(self, curve_dir: Path, config_dir: Path) -> None:
+        """CurveZMQ under Kubernetes (testbed.k8s): the pod's own secret key is mounted in
+        `curve_dir/own.secret`, every endpoint's public key in the config map's
+        `curve-public.json` ({"stage-0": ..., "controller": ...}); the next hop is the next
+        stage, or the controller's sink after the last one."""
+        self.curve_secret = (curve_dir / "own.secret").read_text().strip()
+        publics = json.loads((config_dir / "curve-public.json").read_text())
+        self.next_public = publics.get(f"stage-{self.stage + 1}", publics["controller"])
 
 
 class Throttled:
@@ -205,6 +222,11 @@ class Worker:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, cfg.hwm)
         self.pull.setsockopt(zmq.LINGER, 0)
+        # CurveZMQ: encrypted, and senders must know our public key (no allow-list: the
+        # upstream stage changes with every re-plan)
+        self.keys = KeyPair.from_secret(cfg.curve_secret) if cfg.curve_secret else None
+        if self.keys is not None:
+            apply_server(self.pull, self.keys)
         self.pull.bind(cfg.bind)
         self.routes: dict[int, Route] = {}
         self.pushes: dict[str, zmq.Socket] = {}       # next address -> PUSH
@@ -229,6 +251,9 @@ class Worker:
     def add_route(self, epoch: int, route: Route) -> None:
         old = self.routes.get(epoch)
         self.routes[epoch] = route
+        if self.keys is not None and route.public is None:
+            raise ValueError(f"CurveZMQ is on: the route of epoch {epoch} lacks the public "
+                             f"key of {route.next}")
         if route.next not in self.pushes:
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, self.cfg.hwm)
@@ -236,6 +261,9 @@ class Worker:
             # queue only to a live connection: frames for a dead next hop stay here (and
             # block us) rather than piling up in a pipe that may never drain
             push.setsockopt(zmq.IMMEDIATE, 1)
+            if self.keys is not None:
+                assert route.public is not None
+                apply_client(push, self.keys, route.public)
             push.connect(route.next)
             self.pushes[route.next] = push
         if old is not None and old.next != route.next:
@@ -271,7 +299,8 @@ class Worker:
                 cmd = json.loads(line)
                 op, epoch = cmd["op"], int(cmd["epoch"])
                 if op == "route":
-                    self.add_route(epoch, Route(int(cmd["stage"]), str(cmd["next"])))
+                    self.add_route(epoch, Route(int(cmd["stage"]), str(cmd["next"]),
+                                                cmd.get("public")))
                     print(f"routed {epoch}", flush=True)
                 elif op == "unroute":
                     self.remove_route(epoch)
@@ -413,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = WorkerConfig.load(argv[0])
-    except (OSError, ValueError, TypeError) as exc:
+        curve_dir = os.environ.get("EDGEPIPE_CURVE_DIR")
+        if curve_dir:
+            cfg.load_pod_keys(Path(curve_dir), Path(argv[0]).parent)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         print(f"worker: bad config {argv[0]}: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -440,7 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         worker.run()
     finally:
         worker.close()
-    return 0
+    # skip the interpreter's teardown: freeing a large onnxruntime session on a small CPU
+    # share takes seconds, and a stopped worker's port and memory are wanted back at once
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

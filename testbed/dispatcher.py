@@ -11,8 +11,9 @@ becomes active); the dispatcher decides *what* is sent and *whether it came back
   `timeout_s`, stretched to 3x the slowest recent attempt so a slow pipeline is not flooded)
   and on a new epoch (at-least-once processing), and the sink de-duplicates by request id
   (exactly-once results; extra results are counted as `duplicates`, never delivered twice);
-  a result is accepted from whichever epoch answers first and checked against the reference
-  of the model version named in its header;
+  a result is accepted from whichever live epoch answers first and checked against the
+  reference of the model version named in its header; results of retired epochs (a node cut
+  off and back, still finishing old work) are dropped and counted as `stale_results`;
 - at the end: stop issuing, drain in-flight requests up to a drain timeout, then everything
   unanswered is `lost`; one row per request goes to requests.csv.
 
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from stage_image.security import KeyPair, apply_client, apply_server
 from stage_image.wire import DTYPES, FrameError, decode_tensors, encode_tensors
 
 ATOL, RTOL = 1e-4, 1e-3
@@ -245,21 +247,25 @@ class Request:
 
 @dataclass
 class Route:
-    """Where requests go now: stage 0 of the active epoch."""
+    """Where requests go now: stage 0 of the active epoch (and its CurveZMQ public key)."""
 
     epoch: int
     version: int
     address: str
     inputs: list[str]
+    public: str | None = None
 
 
 class Dispatcher:
     def __init__(self, ctx: zmq.Context, sink_bind: str, emit: Emit, log: logging.Logger,
-                 hwm: int = 16) -> None:
+                 hwm: int = 16, keys: KeyPair | None = None) -> None:
         self.ctx, self.emit, self.log, self.hwm = ctx, emit, log, hwm
+        self.keys = keys            # CurveZMQ: the sink's server keys, the push's client keys
         self.sink = ctx.socket(zmq.PULL)
         self.sink.setsockopt(zmq.LINGER, 0)
         self.sink.setsockopt(zmq.RCVHWM, 1000)
+        if keys is not None:
+            apply_server(self.sink, keys)
         self.sink.bind(sink_bind)
         self.sink_address = sink_bind
         self.push: zmq.Socket | None = None
@@ -277,7 +283,8 @@ class Dispatcher:
         self.drain_deadline = 0.0
         self.completed = self.lost = self.mismatched = self.duplicates = 0
         self.by_version: dict[int, int] = {}        # completions per serving model version
-        self.replays = self.bad_results = self.unknown_results = 0
+        self.replays = self.bad_results = self.unknown_results = self.stale_results = 0
+        self.retired: set[int] = set()      # epochs whose results are no longer accepted
         self.recent: deque[tuple[float, float]] = deque()      # (done monotonic, latency ms)
         # (done monotonic, seconds) of the attempt that answered, from the frame's `sent`:
         # end-to-end latency includes earlier timeouts and would feed back into the timeout
@@ -313,6 +320,10 @@ class Dispatcher:
         push.setsockopt(zmq.SNDHWM, self.hwm)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.IMMEDIATE, 1)   # nothing queues before stage 0 is connected
+        if self.keys is not None:
+            if route.public is None:
+                raise ValueError("CurveZMQ is on: stage 0's public key is missing")
+            apply_client(push, self.keys, route.public)
         push.connect(route.address)
         self.push, self.route = push, route
         if not replay:
@@ -334,6 +345,10 @@ class Dispatcher:
             self.emit("requests.replayed", reason=reason,
                       epoch=self.route.epoch if self.route else None, count=replayed)
         return replayed
+
+    def retire(self, epoch: int) -> None:
+        """Accept no more results of `epoch` (its requests are replayed elsewhere)."""
+        self.retired.add(epoch)
 
     def in_flight_on(self, epoch: int) -> int:
         """Requests sent on `epoch` and not answered yet."""
@@ -486,6 +501,11 @@ class Dispatcher:
         if not 0 <= frame.rid < len(self.requests):
             self.unknown_results += 1
             return
+        if frame.epoch in self.retired:
+            # a node cut off and back delivers what it computed for an epoch that is over:
+            # its requests were replayed on the new epoch, which answers them
+            self.stale_results += 1
+            return
         request = self.requests[frame.rid]
         if request.status != "pending":
             self.duplicates += 1            # at-least-once processing, exactly-once results
@@ -512,7 +532,7 @@ class Dispatcher:
         return {"sent": len(self.requests), "completed": self.completed, "lost": self.lost,
                 "mismatched": self.mismatched, "duplicates": self.duplicates,
                 "in_flight": len(self.pending), "replays": self.replays,
-                "bad_results": self.bad_results}
+                "bad_results": self.bad_results, "stale_results": self.stale_results}
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

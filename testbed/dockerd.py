@@ -4,7 +4,13 @@ switches working while a dockerd with iptables is around.
 
 Division of labour: this module only runs and stops `dockerd` and talks to it through the
 `docker` CLI; building the stage image is stage_image/build_image.py, Docker hosts in the
-emulated network are the network module's business.
+emulated network are testbed/containers.py (wired in by testbed/network.py).
+
+Daemons for runs: a network with Docker hosts starts the private daemon if nothing answers
+(`start_for_runs`, which leaves a marker naming the daemon's PID) and every run's teardown
+calls `release_for_runs`: the daemon is stopped once no container of any run is left, and
+only if it was started for runs. A daemon someone started by hand (`python -m
+testbed.dockerd start`, `make image --keep-daemon`) has no marker and is left running.
 
 Why a private daemon: by default we run our own dockerd with its own socket, data root and
 exec root (`/run/edgepipe/docker.sock`, `/var/lib/edgepipe/docker`), so it can neither collide
@@ -32,6 +38,7 @@ from pathlib import Path
 
 ENV_HOST = "EDGEPIPE_DOCKER_HOST"
 RULE_TAG = "edgepipe"
+RUN_LABEL = "edgepipe.run"     # every container of a run carries its run id under this label
 
 
 class DockerError(RuntimeError):
@@ -48,6 +55,7 @@ class DaemonPaths:
     exec_root: Path = Path("/run/edgepipe/docker-exec")
     pidfile: Path = Path("/run/edgepipe/dockerd.pid")
     log: Path = Path("/run/edgepipe/dockerd.log")
+    runs_marker: Path = Path("/run/edgepipe/dockerd.for-runs")   # PID, if started for runs
 
 
 def docker_cli() -> str:
@@ -355,6 +363,51 @@ def stop_private(paths: DaemonPaths = DaemonPaths(), timeout: float = 20.0) -> i
         return None
     _terminate(pid, timeout)
     return pid
+
+
+def start_for_runs(daemon: Dockerd) -> Dockerd:
+    """Make sure `daemon` answers, for an emulated network's Docker hosts. When it is the
+    private daemon and we start it, the marker records its PID so that the last run's
+    teardown stops it (`release_for_runs`), even if that run is not the one that started it."""
+    if daemon.running():
+        return daemon
+    daemon.start()
+    if daemon.pid is not None:
+        daemon.paths.runs_marker.write_text(f"{daemon.pid}\n")
+    return daemon
+
+
+def release_for_runs(host: str, paths: DaemonPaths = DaemonPaths()) -> int | None:
+    """A run that used Docker hosts is over: stop the private daemon if it was started for
+    runs and no run's container is left on it (another run may still be using it). Returns
+    the PID stopped, or None."""
+    if host != f"unix://{paths.socket}":
+        return None                      # a daemon we only use (EDGEPIPE_DOCKER_HOST)
+    try:
+        pid = int(paths.runs_marker.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not _pid_is_our_dockerd(pid, paths.socket):
+        paths.runs_marker.unlink(missing_ok=True)    # that daemon is gone
+        return None
+    daemon = Dockerd(paths=paths, host=host)
+    if daemon.running():
+        listing = daemon.docker("ps", "-aq", "--filter", f"label={RUN_LABEL}", check=False)
+        if listing.returncode != 0 or listing.stdout.strip():
+            return None
+    paths.runs_marker.unlink(missing_ok=True)
+    _terminate(pid, 20.0)
+    return pid
+
+
+def run_containers(host: str, run_id: str) -> list[str]:
+    """Names of the containers (running or not) labelled with this run id; [] when no
+    daemon answers on `host`."""
+    if not ping(host):
+        return []
+    listing = Dockerd(host=host).docker("ps", "-a", "--format", "{{.Names}}", "--filter",
+                                        f"label={RUN_LABEL}={run_id}", check=False)
+    return listing.stdout.decode().split() if listing.returncode == 0 else []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,17 @@ adds what Mininet lacks and keeps everything safe on a shared machine:
 - records: every item is written to `testbed.records` before it is created, and teardown is
   `records.undo()`, the same code that `clear_stale_runs()` uses after a driver was killed.
 
+Docker hosts (`kind: docker`): two containers of the stage image per host
+(`testbed.containers`, which says why two). The Mininet node of such a host is a shell in
+the containers' network namespace (`_DockerHost`), so links, shaping, delay, loss and
+partitions are built and changed by the same code as for process hosts, and the data
+directory is the same tmpfs, bind-mounted into the container. What differs is in the
+methods that start software (`popen`, `run`, `popen_python`: `docker exec`) and the host
+faults (`docker kill/start/pause/unpause/update`). The project's dockerd is started when a
+topology has Docker hosts and stopped at teardown once no run needs it
+(`testbed.dockerd.start_for_runs` / `release_for_runs`). The dispatcher must be a process
+host: the controller and load generator are not in the stage image.
+
 Links: bandwidth by HTB on both ends (Mininet's TCLink). Mininet refuses HTB above 1000 Mbit,
 so such links are left unshaped (a veth carries several Gbit/s here); `link_report()` says so.
 Delay, jitter and loss use netem where the kernel has it (probed in a throwaway namespace).
@@ -30,9 +41,10 @@ Faults the scenario steps use (`testbed.faults` maps actions onto these):
   end goes down, so the host keeps its address and route and only loses carrier, as with a
   pulled cable), `partition`/`heal_partition` (DROP between two groups of hosts);
 - hosts: `signal_host` (kill or stop a host's processes, never its Mininet shell),
-  `crash_host`/`host_up` (processes killed, interface down), `pause_host`/`resume_host`
-  (a freezer cgroup per host, made on first use and recorded), `set_host_cpu` (the CFS quota,
-  live), `reset_connections` (`ss -K` in the host's namespace);
+  `crash_host`/`host_up` (processes killed, interface down; Docker: `docker kill`, and
+  `docker start`), `pause_host`/`resume_host` (a freezer cgroup per host, made on first use
+  and recorded; Docker: `docker pause`), `set_host_cpu` (the CFS quota, live; Docker:
+  `docker update --cpus`), `reset_connections` (`ss -K` in the host's namespace);
 - the data directory: `fill_disk`/`free_disk`, `remount_data_dir` (read-only and back),
   `corrupt_models` (flip bytes in the cached stage models).
 Commands the driver runs in a host for these go through `mnexec -a` from the root namespace,
@@ -55,6 +67,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
@@ -62,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed import records
+from testbed.containers import DockerHosts
 from testbed.errors import InputError
 from testbed.netfilter import (
     DELAY_CHAIN,
@@ -74,7 +88,7 @@ from testbed.netfilter import (
     restore_input,
     shim_argv,
 )
-from testbed.records import CGROUP_ROOT, MOUNT_SOURCE, RunRecord
+from testbed.records import CGROUP_ROOT, CONTAINER_CONTROLLERS, MOUNT_SOURCE, RunRecord
 from testbed.topology import MIN_CPU, LinkSpec, Topology
 
 log = logging.getLogger(__name__)
@@ -83,6 +97,8 @@ RUN_PREFIX = "ep"
 MAX_IFNAME = 15            # IFNAMSIZ - 1
 HTB_MAX_MBPS = 1000.0      # Mininet's TCIntf.bwParamMax
 TOOLS = ("mnexec", "cgexec", "brctl", "tc", "ip", "ethtool", "ifconfig", "mount", "umount")
+DOCKER_TOOLS = ("dockerd", "nsenter")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 LOSS_MECHANISM = "iptables statistic at the receiving hosts"
 SHIM_MECHANISM = "nfqueue shim at the receiving hosts"
 FILLER = ".edgepipe-disk-full"   # the file io.disk_full writes into a data directory
@@ -147,13 +163,18 @@ class EmulatedNetwork:
     (build on enter, stop on exit), or call `build()` and `stop()` yourself.
 
     `run_dir` holds the hosts' data directories (default: `<state dir>/<run id>`).
+    `shared_dirs` are directories of the driver's that Docker hosts see at the same path,
+    read-write (the results directory, where agents write their workers' logs); process
+    hosts see the whole file system anyway.
     Not thread-safe: Mininet talks to each node through one shell, so call it from one
     thread (or hold a lock around calls).
     """
 
     def __init__(self, topology: Topology, run_id: str | None = None,
-                 run_dir: str | Path | None = None) -> None:
+                 run_dir: str | Path | None = None,
+                 shared_dirs: Iterable[str | Path] = ()) -> None:
         self.topology = topology
+        self.shared_dirs = [Path(d).resolve() for d in shared_dirs]
         self._fixed_id = run_id is not None
         self.run_id = run_id or new_run_id()
         if not records.RUN_ID.fullmatch(self.run_id):
@@ -166,6 +187,7 @@ class EmulatedNetwork:
         self.nodes: dict[str, Any] = {}             # topology name -> Mininet node
         self._links: dict[frozenset[str], Any] = {}  # {a, b} (topology names) -> TCLink
         self._procs: list[subprocess.Popen[bytes]] = []
+        self.docker: DockerHosts | None = None       # once built, if there are Docker hosts
         self.mechanisms: dict[str, dict[str, str]] = {}
         self.impairment: str | None = None           # "netem" | "iptables" | None
         # Current bandwidth, delay, jitter and loss per link (scenario steps change them).
@@ -235,11 +257,21 @@ class EmulatedNetwork:
         missing = [tool for tool in TOOLS if shutil.which(tool) is None]
         if missing:
             raise NetworkError(f"missing tools: {', '.join(missing)} (run `make setup`)")
-        for host in self.topology.hosts.values():
-            if host.kind != "process":
-                raise InputError(f"host {host.name} has kind {host.kind}; this network builds "
-                                 "only kind: process hosts so far", file=self.topology.path,
-                                 line=host.line, field=f"hosts.{host.name}.kind")
+        dispatcher = self.topology.dispatcher()
+        if dispatcher.kind == "docker":
+            raise InputError(f"the dispatcher {dispatcher.name} cannot be a Docker host: the "
+                             "controller and load generator are not in the stage image",
+                             file=self.topology.path, line=dispatcher.line,
+                             field=f"hosts.{dispatcher.name}.kind")
+        if self.docker_hosts():
+            missing = [tool for tool in DOCKER_TOOLS if shutil.which(tool) is None]
+            if missing:
+                raise NetworkError(f"Docker hosts need {', '.join(missing)} (apt-get install "
+                                   "docker.io util-linux)")
+            for path in self.shared_dirs:
+                if not path.is_dir() or any(c.isspace() or c == "," for c in str(path)):
+                    raise NetworkError(f"shared dir {path} must be an existing directory "
+                                       "without whitespace or commas in its path")
         self.impairment = self._choose_impairment()
         if any(c.isspace() for c in str(self.run_dir)):
             raise NetworkError(f"run dir {self.run_dir} must not contain whitespace")
@@ -266,6 +298,13 @@ class EmulatedNetwork:
                                  file=self.topology.path, line=link.line,
                                  field=f"links[{link.index}].loss")
         return "iptables"
+
+    def docker_hosts(self) -> list[str]:
+        """The topology's hosts of kind docker."""
+        return [name for name, spec in self.topology.hosts.items() if spec.kind == "docker"]
+
+    def is_docker(self, host: str) -> bool:
+        return self._spec(host).kind == "docker"
 
     def _claim(self) -> RunRecord:
         for _ in range(20):
@@ -307,7 +346,7 @@ class EmulatedNetwork:
     def _build(self) -> None:
         from mininet.link import Link, TCIntf, TCLink
         from mininet.net import Mininet
-        from mininet.node import CPULimitedHost
+        from mininet.node import CPULimitedHost, Host
         from mininet.nodelib import LinuxBridge
         from mininet.util import numCores
 
@@ -317,6 +356,18 @@ class EmulatedNetwork:
 
             def cleanup(self) -> None:
                 super(CPULimitedHost, self).cleanup()
+
+        class _DockerHost(Host):
+            """A Docker host's node: Mininet starts a node's shell with `mnexec -cdn`
+            (new network and mount namespaces); this shell joins the network namespace of
+            the host's containers instead (`netns_pid`), and stays in the root mount
+            namespace, where Mininet's tools (ip, tc, ifconfig) are."""
+
+            def _popen(self, cmd: list[str], **params: Any) -> Any:
+                if cmd[:2] == ["mnexec", "-cdn"]:
+                    netns = f"/proc/{self.params['netns_pid']}/ns/net"
+                    cmd = ["mnexec", "-cd", "nsenter", f"--net={netns}", *cmd[2:]]
+                return super()._popen(cmd, **params)
 
         class _ShapedIntf(TCIntf):
             """Mininet's HTB with our burst and quantum (`_htb_burst`)."""
@@ -339,20 +390,30 @@ class EmulatedNetwork:
         LinuxBridge.isSetup = True
 
         self._make_data_dirs()
+        if self.docker_hosts():
+            self._start_docker(record)
         self.net = Mininet(topo=None, switch=LinuxBridge, controller=None, link=TCLink,
                            host=_Host, build=False)
         cores = numCores()
         for name, spec in self.topology.hosts.items():
             mn = self.names[name]
+            # The host's memory limit; for a Docker host this is the parent of its
+            # containers' groups (a pod's limit), which also carry `--memory` themselves.
             memory = CGROUP_ROOT / "memory" / mn
             memory.mkdir()
             _write(memory / "memory.limit_in_bytes", spec.memory_bytes)
             if (memory / "memory.memsw.limit_in_bytes").exists():
                 _write(memory / "memory.memsw.limit_in_bytes", spec.memory_bytes)
-            # cpu is a fraction of the whole machine in Mininet: quota = f x cores x period.
-            node = self.net.addHost(mn, cpu=spec.cpu / cores)
+            if spec.kind == "docker":
+                assert self.docker is not None
+                holder = self.docker.create(name, mn, spec, self.image(name),
+                                            [self.data_dir(name), *self.shared_dirs])
+                node = self.net.addHost(mn, cls=_DockerHost, netns_pid=holder)
+            else:
+                # cpu is a fraction of the whole machine in Mininet: quota = f x cores x period.
+                node = self.net.addHost(mn, cpu=spec.cpu / cores)
+                _write(memory / "cgroup.procs", node.pid)
             self.nodes[name] = node
-            _write(memory / "cgroup.procs", node.pid)
             inode = os.stat(f"/proc/{node.pid}/ns/net").st_ino
             if inode == os.stat("/proc/self/ns/net").st_ino:
                 raise NetworkError(f"host {name} did not get its own network namespace")
@@ -387,6 +448,9 @@ class EmulatedNetwork:
         hosts = [self.names[h] for h in self.topology.hosts]
         switches = [self.names[s] for s in self.topology.switches]
         record.cgroups = [f"{c}/{mn}" for mn in hosts for c in records.CGROUP_CONTROLLERS]
+        # runc makes a Docker host's parent group in every hierarchy it joins.
+        record.cgroups += [f"{c}/{self.names[h]}" for h in self.docker_hosts()
+                           for c in CONTAINER_CONTROLLERS if (CGROUP_ROOT / c).is_dir()]
         record.bridges = switches
         record.interfaces = [name for pair in interfaces.values() for name in pair]
         record.forward_rules = switches if forward else []
@@ -403,6 +467,32 @@ class EmulatedNetwork:
             for value in getattr(record, kind):
                 record.check_owned(kind, value)
         record.save()
+
+    def image(self, host: str) -> str:
+        """The image a Docker host runs (the topology's, else the stage image)."""
+        from stage_image.build_image import DEFAULT_TAG
+
+        return self._spec(host).image or DEFAULT_TAG
+
+    def _start_docker(self, record: RunRecord) -> None:
+        """The daemon up (started for runs if nothing answers) and every image checked,
+        before any container exists."""
+        from stage_image.build_image import app_digest
+        from testbed.dockerd import Dockerd, start_for_runs
+
+        daemon = Dockerd()
+        record.docker_host = daemon.host   # saved before the daemon starts: undo releases it
+        record.save()
+        start_for_runs(daemon)
+        self.docker = DockerHosts(daemon, record)
+        digest = app_digest()
+        for image in sorted({self.image(host) for host in self.docker_hosts()}):
+            self.docker.check_image(image, digest)
+
+    def _containers(self) -> DockerHosts:
+        if self.docker is None:
+            raise NetworkError(f"network {self.run_id} has no Docker hosts up")
+        return self.docker
 
     def _make_data_dirs(self) -> None:
         """A tmpfs per host, mounted before the host's mount namespace is copied."""
@@ -495,28 +585,52 @@ class EmulatedNetwork:
         """Start `argv` in the host (network and mount namespace, cpu and memory cgroups),
         stdout and stderr appended to `log_path`. `env` is added to the driver's environment.
         The process leads its own session, so it survives the driver's terminal; its PID is
-        in the run record before this returns."""
+        in the run record before this returns.
+
+        In a Docker host `argv` runs inside the container (`docker exec`): paths and the
+        interpreter are the image's, `env` is added to the image's environment, and the
+        process returned (and recorded) is the docker client, which lives as long as the
+        program and carries its output (see `popen_python` for Python with our code)."""
         if self.state != "up" or self.record is None:
             raise NetworkError(f"network {self.run_id} is not up ({self.state})")
-        self._spec(host)
-        full_env = dict(os.environ)
-        full_env.update(env or {})
+        if self.is_docker(host):
+            command = self._containers().exec_argv(host, argv, env, cwd)
+            full_env, cwd = None, None         # the client's: the driver's environment
+        else:
+            command = [*self._prefix(host), *argv]
+            full_env = {**os.environ, **(env or {})}
         with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen([*self._prefix(host), *argv], stdin=subprocess.DEVNULL,
-                                    stdout=log_file, stderr=subprocess.STDOUT, env=full_env,
-                                    cwd=cwd, start_new_session=True)
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                    stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+                                    start_new_session=True)
         # cgexec and mnexec exec() into argv: the PID is the program's own.
+        what = os.path.basename(argv[0])
         self.record.add_process(proc.pid, records.process_start_time(proc.pid), host,
-                                os.path.basename(argv[0]))
+                                f"docker exec {what}" if self.is_docker(host) else what)
         self._procs.append(proc)
         return proc
 
+    def popen_python(self, host: str, args: Sequence[str], log_path: str | Path,
+                     env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """`popen` of Python running the project's code in the host, e.g. `args = ["-m",
+        "stage_image.agent", ...]`: a process host runs the driver's interpreter on this
+        checkout; a Docker host runs the image's python3 on the image's code (so what runs
+        there is the image under test). This sets PYTHONPATH; `env` must not."""
+        if env and "PYTHONPATH" in env:
+            raise ValueError("popen_python sets PYTHONPATH for the host's kind itself")
+        if self.is_docker(host):
+            return self.popen(host, ["python3", *args], log_path, env)
+        return self.popen(host, [sys.executable, *args], log_path,
+                          {**(env or {}), "PYTHONPATH": str(REPO_ROOT)})
+
     def run(self, host: str, argv: Sequence[str],
             timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-        """Run a short command in the host (namespaces and cgroups) and wait for it."""
-        self._spec(host)
-        return subprocess.run([*self._prefix(host), *argv], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        """Run a short command in the host (namespaces and cgroups; a Docker host: in its
+        container) and wait for it."""
+        command = (self._containers().exec_argv(host, argv) if self.is_docker(host)
+                   else [*self._prefix(host), *argv])
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              check=False)
 
     def cmd(self, name: str, *args: str) -> str:
         """Mininet's `node.cmd`: a command through the node's shell (in its cgroups too)."""
@@ -524,15 +638,18 @@ class EmulatedNetwork:
 
     def host_pids(self, host: str) -> list[int]:
         """Live processes of the host: everything in its memory cgroup except Mininet's shell
-        (children of popen'd processes included, wherever their session is)."""
-        self._spec(host)
+        (children of popen'd processes included, wherever their session is); in a Docker
+        host, everything in its container but the idle init."""
+        if self.is_docker(host):
+            return self._containers().pids(host)
         shell = self.node(host).pid
         return [pid for pid in records.cgroup_pids(f"memory/{self.names[host]}")
                 if pid != shell]
 
     def signal_host(self, host: str, sig: int = signal.SIGKILL) -> int:
         """Signal every process of the host (not its Mininet shell); returns how many."""
-        cgroup = f"memory/{self.names[host]}"
+        cgroup = (self._containers().cgroup(host, "memory") if self.is_docker(host)
+                  else f"memory/{self.names[host]}")
         return sum(records.signal_verified(pid, sig, lambda p: records.in_cgroup(p, cgroup))
                    for pid in self.host_pids(host))
 
@@ -545,7 +662,13 @@ class EmulatedNetwork:
 
     def kill_host(self, host: str) -> int:
         """SIGKILL every process of the host (not its shell) and wait until they are gone;
-        returns how many were signalled."""
+        returns how many were signalled. A Docker host's container is killed and started
+        again (its network stays: the container's netns is held by its holder)."""
+        if self.is_docker(host):
+            killed = len(self.host_pids(host))
+            self._containers().kill(host)
+            self._containers().start(host)
+            return killed
         killed = self.signal_host(host, signal.SIGKILL)
         if self.is_paused(host):  # a frozen task dies only once thawed
             self.resume_host(host)
@@ -555,15 +678,22 @@ class EmulatedNetwork:
     def crash_host(self, host: str) -> int:
         """A power cut: every process of the host is killed and its interface goes down
         (the host side, so peers see the machine vanish). Returns how many were killed.
-        The data directory survives, like a disk."""
-        killed = self.kill_host(host)
+        The data directory survives, like a disk. A Docker host: `docker kill`."""
+        if self.is_docker(host):
+            killed = len(self.host_pids(host))
+            self._containers().kill(host)
+        else:
+            killed = self.kill_host(host)
         self.in_host(host, ["ip", "link", "set", "dev", self.node(host).defaultIntf().name,
                             "down"])
         return killed
 
     def host_up(self, host: str) -> None:
         """The interface of a crashed host up again (its connected route comes back with
-        it); starting its software is the driver's business."""
+        it), and a Docker host's container started (`docker start`: the idle init only);
+        starting its software is the driver's business."""
+        if self.is_docker(host):
+            self._containers().start(host)
         self.in_host(host, ["ip", "link", "set", "dev", self.node(host).defaultIntf().name,
                             "up"])
 
@@ -572,13 +702,19 @@ class EmulatedNetwork:
         return CGROUP_ROOT / "freezer" / self.names[host]
 
     def is_paused(self, host: str) -> bool:
+        if self.is_docker(host):
+            return self._containers().paused(host)
         state = self._freezer(host) / "freezer.state"
         return state.exists() and state.read_text().strip() != "THAWED"
 
     def pause_host(self, host: str) -> int:
         """Freeze every process of the host (not its Mininet shell, which the driver still
         talks through): they are moved into a freezer cgroup of the host's name, made on
-        first use and recorded, then frozen. Returns how many processes are frozen."""
+        first use and recorded, then frozen. Returns how many processes are frozen.
+        A Docker host: `docker pause` (the whole container, its idle init included)."""
+        if self.is_docker(host):
+            self._containers().pause(host)
+            return len(self.host_pids(host))
         assert self.record is not None
         freezer = self._freezer(host)
         cgroup = f"freezer/{self.names[host]}"
@@ -598,6 +734,9 @@ class EmulatedNetwork:
         return len(records.cgroup_pids(cgroup))
 
     def resume_host(self, host: str) -> None:
+        if self.is_docker(host):
+            self._containers().unpause(host)
+            return
         freezer = self._freezer(host)
         if freezer.exists():
             _write(freezer / "freezer.state", "THAWED")
@@ -613,17 +752,23 @@ class EmulatedNetwork:
 
     def host_cpu(self, host: str) -> float:
         """The host's CPU limit in force, in cores."""
+        if self.is_docker(host):
+            return self._containers().cpus(host)
         cpu = CGROUP_ROOT / "cpu" / self.names[host]
         quota = int((cpu / "cpu.cfs_quota_us").read_text())
         period = int((cpu / "cpu.cfs_period_us").read_text())
         return float(os.cpu_count() or 1) if quota < 0 else quota / period
 
     def set_host_cpu(self, host: str, cores: float) -> None:
-        """Change the host's CPU limit while it runs (a straggler): the CFS quota."""
+        """Change the host's CPU limit while it runs (a straggler): the CFS quota (a Docker
+        host: `docker update --cpus`, which sets the same quota on its container)."""
         self._spec(host)
         machine = os.cpu_count() or 1
         if not MIN_CPU <= cores <= machine:
             raise ValueError(f"cpu {cores:g} must be between {MIN_CPU} and {machine} cores")
+        if self.is_docker(host):
+            self._containers().set_cpus(host, cores)
+            return
         cpu = CGROUP_ROOT / "cpu" / self.names[host]
         period = int((cpu / "cpu.cfs_period_us").read_text())
         _write(cpu / "cpu.cfs_quota_us", int(cores * period))
@@ -1010,8 +1155,7 @@ class EmulatedNetwork:
         hosts = [h for h in self.topology.hosts if h in self.nodes]
 
         def remaining() -> list[int]:
-            return [pid for h in hosts for pid in
-                    records.cgroup_pids(f"memory/{self.names[h]}") if pid not in shells]
+            return [pid for h in hosts for pid in self.host_pids(h) if pid not in shells]
 
         for pid in remaining():
             with contextlib.suppress(ProcessLookupError):
@@ -1044,9 +1188,11 @@ def clear_stale_runs(run_id: str | None = None) -> list[str]:
 
 def leftovers(run_id: str, names: Iterable[str] = ()) -> list[str]:
     """What of a run still exists on the machine (for tests and for `--check` tools):
-    interfaces, cgroups, mounts named after the run, and the run's record."""
+    interfaces, cgroups, mounts and containers named after the run, and the run's record."""
+    from testbed.dockerd import Dockerd, run_containers
+
     found = [f"interface {n}" for n in os.listdir("/sys/class/net") if n.startswith(run_id)]
-    for controller in (*records.CGROUP_CONTROLLERS, "blkio", "pids", "freezer"):
+    for controller in dict.fromkeys((*records.CGROUP_CONTROLLERS, *CONTAINER_CONTROLLERS)):
         directory = CGROUP_ROOT / controller
         if directory.is_dir():
             found += [f"cgroup {controller}/{n}" for n in os.listdir(directory)
@@ -1056,5 +1202,6 @@ def leftovers(run_id: str, names: Iterable[str] = ()) -> list[str]:
         found += [f"mount {line.split()[4]}" for line in mountinfo if f" {source} " in line]
     if (records.state_dir() / f"{run_id}.json").exists():
         found.append(f"record {run_id}.json")
+    found += [f"container {n}" for n in run_containers(Dockerd().host, run_id)]
     found += [f"name {n}" for n in names if Path("/sys/class/net", n).exists()]
     return found

@@ -161,15 +161,23 @@ class Planner:
                 with self.lock:
                     self.split_cache[(req.version.version, cut_indices(plan))] = req.given_stages
         else:
-            from partitioner.algorithms import solve   # the planners are needed only here
+            from partitioner.algorithms import solve  # the planners are needed only here
 
             candidates = policy.repair_candidates(instance, req.base) if req.base else []
-            try:
-                candidates.append(solve(instance, self.algorithm, time_limit_s=self.time_limit_s,
-                                        seed=self.seed))
-            except InfeasibleError:
-                if not candidates:
-                    raise
+            # the best plan, and the best that keeps off the nodes to avoid (a new version
+            # deployed beside the old one on nodes that do not serve takes no CPU from it)
+            spare = set(req.live) - req.avoid
+            pools = [set(req.live)] + ([spare] if req.avoid and spare else [])
+            problem: InfeasibleError | None = None
+            for pool in pools:
+                try:
+                    candidates.append(solve(restrict(instance, pool), self.algorithm,
+                                            time_limit_s=self.time_limit_s, seed=self.seed))
+                except InfeasibleError as exc:
+                    problem = problem or exc
+            if not candidates:
+                assert problem is not None
+                raise problem
             choice = policy.choose(candidates, req.version.version, set(req.held),
                                    self.tolerance, req.avoid)
             plan = choice.plan

@@ -11,8 +11,10 @@ module decides *which* good plan the running system should move to, given what a
   bottleneck is within `tolerance` (default 5%) of the best; of those, the one that reuses
   the most running stages (a stage is reused when a worker of the same model version already
   holds the same segment range on the same node, serving or standing by); ties go to the
-  fewest new stages on `avoid` nodes (used to spread standbys), then the smaller bottleneck,
-  then the smaller latency. A reused stage costs no model transfer and no model load.
+  fewest new stages on `avoid` nodes, then the smaller bottleneck, then the smaller latency.
+  A reused stage costs no model transfer and no model load. `avoid` holds the nodes that
+  serve, for a new model version (loading it beside the running one takes their CPU), and
+  the nodes that hold or are promised a standby, for contingency plans (one per node).
 - The rejoin rule: a plan that would take a returned node back is adopted only if its
   bottleneck is at least `margin` (default 10%) below the bottleneck of the plan in force;
   with the hold time the controller applies first, this is what keeps a flapping node from

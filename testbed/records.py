@@ -7,10 +7,11 @@ this module keeps the record on disk and `undo()` removes what a record lists. T
 exercised all the time, not only after crashes.
 
 Safety on a shared machine: nothing is removed by pattern or by process name. Interfaces,
-bridges and cgroups are removed only by recorded name, and only if the name starts with the
-run's id; processes are signalled through a pidfd after checking that the PID is still the
-process we started (same start time) or still sits in one of the run's cgroups or network
-namespaces; mounts are unmounted only if they are still our tmpfs (source `edgepipe-<run>`).
+bridges, cgroups and containers are removed only by recorded name (containers also by the
+run's label), and only if the name starts with the run's id; processes are signalled through
+a pidfd after checking that the PID is still the process we started (same start time) or
+still sits in one of the run's cgroups or network namespaces; mounts are unmounted only if
+they are still our tmpfs (source `edgepipe-<run>`).
 
 Records are JSON files `<state dir>/<run id>.json`, the state dir being `/run/edgepipe/runs`
 or `$EDGEPIPE_STATE_DIR`. They are replaced atomically (write + rename) on every change.
@@ -36,6 +37,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory")
 # Made only when a fault needs one (node.pause); recorded like the others.
 FAULT_CONTROLLERS = ("freezer",)
+# A Docker host's containers sit under a parent cgroup named after the host in every
+# hierarchy runc joins (`--cgroup-parent`); runc makes the parents, the run removes them.
+CONTAINER_CONTROLLERS = ("blkio", "devices", "freezer", "pids", "systemd", "unified")
 RUN_ID = re.compile(r"[a-z][a-z0-9]{1,5}")
 MOUNT_SOURCE = "edgepipe-{run_id}"
 
@@ -86,6 +90,8 @@ class RunRecord:
     mounts: list[str] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)         # created by us: rmdir if empty
     forward_rules: list[str] = field(default_factory=list)  # bridges with an ACCEPT rule
+    containers: list[str] = field(default_factory=list)   # Docker hosts' containers
+    docker_host: str = ""                                  # the daemon they run on
     processes: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -130,7 +136,7 @@ class RunRecord:
 
     def add(self, kind: str, *values: str) -> None:
         """Append names to one of the list fields (bridges, interfaces, cgroups, mounts, dirs,
-        forward_rules) and save, before the things themselves are created."""
+        forward_rules, containers) and save, before the things themselves are created."""
         items: list[str] = getattr(self, kind)
         for value in values:
             self.check_owned(kind, value)
@@ -149,11 +155,11 @@ class RunRecord:
     def check_owned(self, kind: str, value: str) -> None:
         """Refuse to record a name the run does not own: undo() must never touch others'."""
         name = value.split("/", 1)[1] if kind == "cgroups" else value
-        if kind in ("bridges", "interfaces", "cgroups", "forward_rules"):
+        if kind in ("bridges", "interfaces", "cgroups", "forward_rules", "containers"):
             if not name.startswith(self.run_id) or "/" in name or name in (".", ".."):
                 raise ValueError(f"{kind} entry {value!r} is not named after run {self.run_id}")
-        if kind == "cgroups" and value.split("/", 1)[0] not in (*CGROUP_CONTROLLERS,
-                                                                *FAULT_CONTROLLERS):
+        if kind == "cgroups" and value.split("/", 1)[0] not in (
+                *CGROUP_CONTROLLERS, *FAULT_CONTROLLERS, *CONTAINER_CONTROLLERS):
             raise ValueError(f"unknown cgroup controller in {value!r}")
         if kind in ("mounts", "dirs") and not Path(value).is_absolute():
             raise ValueError(f"{kind} entry {value!r} must be an absolute path")
@@ -340,11 +346,16 @@ def unmount(path: str, run_id: str) -> str | None:
 
 
 def remove_cgroup(cgroup: str, timeout_s: float = 3.0) -> str | None:
-    """rmdir a cgroup; EBUSY is retried, since a killed task leaves it a moment later."""
+    """rmdir a cgroup; EBUSY is retried, since a killed task leaves it a moment later.
+    Empty child groups go first: a container's group that its daemon could not remove
+    (the daemon died) sits under our parent and is ours to clear."""
     path = CGROUP_ROOT / cgroup
     deadline = time.monotonic() + timeout_s
     while True:
         try:
+            for child in [entry for entry in os.scandir(path) if entry.is_dir()]:
+                with contextlib.suppress(OSError):  # busy: the parent's rmdir says so
+                    os.rmdir(child.path)
             path.rmdir()
             return None
         except FileNotFoundError:
@@ -367,17 +378,57 @@ def remove_forward_rules(record: RunRecord) -> str | None:
     return None
 
 
+def remove_containers(record: RunRecord) -> list[str]:
+    """`docker rm -f` the run's containers: those recorded and any labelled with the run id
+    (so one created a moment before a kill -9 is not missed). Problems, or []."""
+    if not record.containers:
+        return []
+    from testbed.dockerd import Dockerd, DockerError, ping, run_containers
+
+    if not ping(record.docker_host):
+        # A dead daemon runs nothing: what its containers' processes left is killed by
+        # kill_cgroup_members (they are in the run's network namespaces) and their cgroups
+        # go with ours. Its store may keep the stopped containers; they hold nothing.
+        return []
+    names = sorted({*record.containers, *run_containers(record.docker_host, record.run_id)})
+    names = [name for name in names if name.startswith(record.run_id)]
+    try:
+        Dockerd(host=record.docker_host).docker("rm", "-f", *names, check=False, timeout=60)
+    except (DockerError, OSError, subprocess.SubprocessError) as exc:
+        return [f"docker rm of run {record.run_id}: {exc}"]
+    left = run_containers(record.docker_host, record.run_id)
+    return [f"containers of run {record.run_id} survived docker rm: {', '.join(left)}"] \
+        if left else []
+
+
+def release_docker(record: RunRecord) -> str | None:
+    """The run no longer needs the daemon: stop it if it was started for runs and no run's
+    container is left on it (testbed.dockerd.release_for_runs)."""
+    if not record.docker_host:
+        return None
+    from testbed.dockerd import DockerError, release_for_runs
+
+    try:
+        release_for_runs(record.docker_host)
+    except (DockerError, OSError, subprocess.SubprocessError) as exc:
+        return f"could not stop the Docker daemon of run {record.run_id}: {exc}"
+    return None
+
+
 def undo(record: RunRecord) -> list[str]:
     """Remove everything the record lists; returns the problems (empty when all is gone).
 
-    Order matters: frozen cgroups thawed (a frozen task cannot die), processes next (they
+    Order matters: frozen cgroups thawed (a frozen task cannot die), containers removed
+    (their daemon kills their processes and removes their cgroups), processes next (they
     hold namespaces, mounts and cgroups), then network devices in the root namespace,
-    mounts, directories, cgroups last (they must be empty).
+    mounts, directories, cgroups (they must be empty), and the Docker daemon if nothing
+    needs it any more.
     The record file is deleted only when nothing is left; otherwise it stays, marked dirty,
     so a later `clear_stale_runs()` tries again.
     """
     problems = [problem for cgroup in record.cgroups if cgroup.startswith("freezer/")
                 for problem in [thaw(cgroup)] if problem]
+    problems += remove_containers(record)
     problems += kill_recorded(record)
     problems += kill_cgroup_members(record)
     problems += filter(None, [remove_forward_rules(record)])
@@ -394,6 +445,7 @@ def undo(record: RunRecord) -> list[str]:
     # Children before parents would matter for nested groups; ours are flat.
     for cgroup in record.cgroups:
         problems += filter(None, [remove_cgroup(cgroup)])
+    problems += filter(None, [release_docker(record)])
     if problems:
         record.problems = problems
         record.set_status("dirty")

@@ -115,7 +115,7 @@ def repair(stage: np.ndarray, hop: np.ndarray, path: Path, threshold: float) -> 
         previous = v
     # A replacement chosen against a neighbour that was itself replaced later is re-checked.
     last = n
-    for first, end, v in out:
+    for first, _, v in out:
         if hop[first, last, v] > threshold:
             return None
         last = v

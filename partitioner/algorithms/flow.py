@@ -17,7 +17,7 @@ from typing import Literal
 import highspy
 import numpy as np
 
-from partitioner.algorithms.relaxed import useful_arcs
+from partitioner.algorithms.relaxed import Bounds, useful_arcs
 from partitioner.algorithms.tables import Path
 
 Status = Literal["feasible", "infeasible", "unknown"]
@@ -60,18 +60,19 @@ class _Model:
 
 def solve_flow(stage: np.ndarray, hop: np.ndarray, threshold: float, *,
                latency: bool, time_limit_s: float | None, prune_above: float = math.inf,
-               max_columns: int = 400_000) -> FlowResult:
+               bounds: Bounds | None = None, max_columns: int = 400_000) -> FlowResult:
     """Find a valid plan with every cost <= threshold; with `latency`, the one of least latency.
 
     `prune_above` is the latency of a known valid plan: arcs on no relaxed path cheaper than
-    it are left out (they cannot be on a better plan), which shrinks the MILP many times over.
+    it (by `bounds`, latency bounds for this threshold) are left out (they cannot be on a
+    better plan), which shrinks the MILP many times over.
     If the pruned model is infeasible, no plan beats the known one. No MIP start is passed:
     HiGHS 1.16 misprices a start after presolve (it compares the start's objective without
     presolve's offset and stops early, "optimal" with a worse plan). Models with more than
     `max_columns` arcs are not attempted ("unknown"): HiGHS would not finish them in any budget
     we give it, and building them alone costs seconds."""
     s, n = stage.shape[0] - 1, stage.shape[2]
-    arcs = useful_arcs(stage, hop, threshold, "sum", prune_above)
+    arcs = useful_arcs(stage, hop, threshold, "sum", prune_above, bounds)
     columns = len(arcs.stage) + len(arcs.hop)
     if not len(arcs.stage):
         return FlowResult("infeasible")
@@ -148,16 +149,13 @@ def _run(m: _Model, source_row: int, colour_row: list[int], latency: bool,
     lp.integrality_ = [highspy.HighsVarType.kInteger] * cols
 
     h = highspy.Highs()
-    h.setOptionValue("output_flag", bool(__import__("os").environ.get("HDEBUG")))
+    h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)       # the machine is shared; one core is plenty
     h.setOptionValue("mip_rel_gap", LATENCY_GAP)
     h.setOptionValue("mip_abs_gap", 0.0)
     # Presolve's probing spends seconds on these pure 0/1 flow models and removes little: on
     # 20 nodes x 60 segments it took 4 of 11 s; without it the same proofs take 2-6 s.
     h.setOptionValue("presolve", "off")
-    for kv in filter(None, __import__("os").environ.get("HOPTS", "").split(",")):
-        k, v = kv.split("=")
-        h.setOptionValue(k, eval(v) if v[0].isdigit() else v)
     if time_limit_s is not None:
         h.setOptionValue("time_limit", max(0.01, float(time_limit_s)))
     h.passModel(lp)

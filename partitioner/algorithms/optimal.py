@@ -14,7 +14,7 @@ again; K only grows, so the loop ends, at worst with K = every node (the exact p
    over K, grown the same way, ends with a valid path: the least latency among optimal plans.
 
 The DP costs 2^|K| times the relaxed one, so it is run only while its predicted time and
-memory fit (MAX_DP_S, MAX_CRITICAL, MAX_CELLS, the deadline). Past that, phase 1
+memory fit (MAX_DP_S, MAX_CRITICAL, MAX_LABELS, the deadline). Past that, phase 1
 becomes a binary search over the finitely many candidate bottlenecks (each a stage compute or
 a hop time) from V upwards, each test settled by the chain search (a valid plan: feasible) or
 by HiGHS on the flow MILP (partitioner.algorithms.flow; proven feasible or infeasible), and
@@ -33,19 +33,22 @@ import numpy as np
 from partitioner.algorithms import relaxed
 from partitioner.algorithms.chains import chain_search, repair
 from partitioner.algorithms.flow import solve_flow
-from partitioner.algorithms.tables import Path, key_of, path_latency
+from partitioner.algorithms.local import descend, improve
+from partitioner.algorithms.tables import Path, candidates, key_of, path_latency
 from partitioner.instance import InfeasibleError
 
 # Costs within this relative distance of the optimal bottleneck count as equal to it when the
 # latency is minimised: rounding in sums of floats must not turn a tie into a strict order.
 TIE = 1e-9
-# Limits of the masked DP: the critical set, and the values it keeps (states x masks; 2^24
-# float64 = 128 MiB per array). Within them, the time left decides (see _Clock).
-MAX_CRITICAL = 16
-MAX_CELLS = 1 << 24
+# Limits of the masked DP: the critical set (masks are int64), and the labels it keeps (about
+# 50 bytes each). Within them, the time left decides (see _Clock).
+MAX_CRITICAL = 62
+MAX_LABELS = 4_000_000
 # A DP predicted to take longer than this hands over to the MILP, which on such instances
 # (many stages fighting for the same fast nodes) usually proves faster.
 MAX_DP_S = 8.0
+# Share of the time left for the heuristic descent before the proof starts.
+DESCENT_SHARE = 0.25
 
 
 @dataclass
@@ -57,20 +60,13 @@ class ExactResult:
     milp_calls: int = 0
 
 
-def candidates(stage: np.ndarray, hop: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Every finite cost value in [low, high], sorted and unique: the bottleneck is one."""
-    values = [a[(a >= low) & (a <= high) & np.isfinite(a)] for a in (stage, hop)]
-    return np.unique(np.concatenate(values))
-
-
 class _Clock:
-    """The deadline, and a guess of whether one more masked DP still fits before it: a DP costs
-    a fixed part (the first, unmasked run) plus a part that doubles with each critical node."""
+    """The deadline, and how many labels one more masked DP may keep before it: its time grows
+    with its labels, at a rate learnt from the DPs run so far."""
 
     def __init__(self, time_limit_s: float | None) -> None:
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
-        self.base_s: float | None = None
-        self.last: tuple[int, float] = (0, 0.0)   # critical set size, seconds
+        self.per_label_s = 2e-6     # measured on this project's 2-core machine
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -79,25 +75,25 @@ class _Clock:
         left = self.remaining()
         return left is not None and left <= 0
 
-    def dp(self, stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[int],
-           threshold: float = math.inf, upper: float = math.inf) -> tuple[float, Path] | None:
-        """Run the masked DP unless it would overrun the deadline or MAX_CRITICAL or
-        MAX_CELLS (None)."""
-        if len(critical) > MAX_CRITICAL:
-            return None
+    def share(self, fraction: float) -> float:
+        """A deadline `fraction` of the time left away (of MAX_DP_S without a limit)."""
         left = self.remaining()
-        if self.base_s is not None:
-            size, seconds = self.last
-            guess = self.base_s + max(0.0, seconds - self.base_s) * 2 ** (len(critical) - size)
-            if guess > min(MAX_DP_S, math.inf if left is None else left):
-                return None
+        return time.monotonic() + fraction * (MAX_DP_S if left is None else left)
+
+    def dp(self, stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[int],
+           threshold: float, upper: float, bounds: relaxed.Bounds) -> relaxed.Relaxed | None:
+        """Run the masked DP unless it would overrun the deadline, MAX_DP_S, MAX_CRITICAL or
+        MAX_LABELS (None)."""
+        left = self.remaining()
+        if len(critical) > MAX_CRITICAL or (left is not None and left <= 0):
+            return None
+        allowed = min(MAX_DP_S, math.inf if left is None else left)
         start = time.monotonic()
-        result = relaxed.best_path(stage, hop, combine, critical, threshold, upper, MAX_CELLS)
-        elapsed = time.monotonic() - start
-        if self.base_s is None:
-            self.base_s = elapsed
-        if result is not None:
-            self.last = (len(critical), elapsed)
+        result = relaxed.best_path(stage, hop, combine, critical, threshold, upper, bounds,
+                                   min(MAX_LABELS, allowed / self.per_label_s))
+        if result is not None and result.labels > 100_000:
+            # Large DPs only: below that the fixed costs dominate and would skew the rate.
+            self.per_label_s = (time.monotonic() - start) / result.labels
         return result
 
 
@@ -105,84 +101,137 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
                  time_limit_s: float | None = None) -> ExactResult:
     """The optimum by the two phases of the module docstring. `incumbent` is any valid path:
     its costs prune the DPs and it is the answer if time runs out before a better one."""
-    clock = _Clock(time_limit_s)
-    best = incumbent
-
-    def keep(path: Path | None) -> None:
-        nonlocal best
-        if path and key_of(stage, hop, path) < key_of(stage, hop, best):
-            best = path
-
-    critical: list[int] = []
-    lower = 0.0
+    search = _Search(stage, hop, _Clock(time_limit_s))
+    search.keep(incumbent)
+    bounds = relaxed.reach(stage, hop, math.inf, "max")
+    lower, refuted = 0.0, -math.inf
     while True:
-        upper = key_of(stage, hop, best)[0]
-        solved = clock.dp(stage, hop, "max", critical, upper=upper)
-        if solved is None:
-            # The DP has grown too costly: the MILP takes over (see the module docstring).
-            if clock.expired():
-                return ExactResult(best or [], False, lower, len(critical))
-            result = _bisect(stage, hop, lower, best, clock)
-            if result.latency_proven:
-                return ExactResult(result.path, True, result.lower_bound_ms, len(critical),
-                                   result.milp_calls)
-            keep(result.path)
-            if not result.proven:
-                return ExactResult(best or [], False, result.lower_bound_ms, len(critical),
-                                   result.milp_calls)
-            optimum = result.lower_bound_ms
-            break
-        value, path = solved
-        if math.isinf(value):
-            if best is None:
-                raise InfeasibleError(_infeasible_reason(critical))
-            # Only float noise hides the incumbent from the DP: nothing beats it.
-            optimum = upper
-            break
-        lower = value
-        if relaxed.distinct(path):
-            keep(path)
-            optimum = value
-            break
-        found = chain_search(stage, hop, value)
-        if found is not None:
-            keep(found)
-            optimum = value
-            break
-        keep(repair(stage, hop, path, math.inf))
-        critical += relaxed.repeated(path)
+        upper = search.key(search.best)[0]
+        found = search.clock.dp(stage, hop, "max", search.critical, math.inf, upper, bounds)
+        if found is None or found.value <= refuted:
+            # The DP has grown too costly, or the MILP refuted its bound without growing the
+            # critical set: the binary search takes over (see the module docstring).
+            return search.bisect(max(lower, np.nextafter(refuted, math.inf)))
+        if math.isinf(found.value):
+            if search.best is None:
+                raise InfeasibleError(_infeasible_reason(search.critical))
+            # Nothing within the incumbent's bottleneck but itself.
+            return search.least_latency(upper).result(upper, search)
+        lower = max(lower, found.value)
+        if relaxed.distinct(found.path) or chain_search(stage, hop, found.value) is not None:
+            return search.least_latency(found.value).result(found.value, search)
+        if not search.critical and search.best:
+            # First round: a quick descent from the incumbent towards V gives every later DP
+            # a tighter upper bound (and auto a better answer if time runs out).
+            search.keep(descend(stage, hop, search.best, found.value,
+                                search.clock.share(DESCENT_SHARE)))
+        # V = found.value is a lower bound that no quick search could reach: settle it with
+        # the latency search capped at V, which either finds the optimum (V is feasible) or
+        # proves that nothing fits under V and grows the critical set on the way.
+        search.keep(repair(stage, hop, found.path, math.inf))
+        outcome = search.least_latency(found.value)
+        if outcome.status != "infeasible":
+            return outcome.result(found.value, search)
+        refuted = found.value
+        bounds = bounds.tightened(ready=found.ready, done=found.done)
 
-    # Phase 2. `best` now has the optimal bottleneck; its latency is the upper limit.
-    tied = optimum * (1 + TIE)
-    calls = 0
-    while True:
-        upper = path_latency(stage, hop, best)
-        solved = clock.dp(stage, hop, "sum", critical, tied, upper)
-        if solved is None:
-            if clock.expired():
-                break
-            calls += 1
-            result = solve_flow(stage, hop, tied, latency=True, time_limit_s=clock.remaining(),
-                                prune_above=upper)
-            if result.status == "infeasible":
-                # Nothing under the pruning limit: the known plan is the best there is.
-                return ExactResult(best, True, optimum, len(critical), calls)
-            if result.path and path_latency(stage, hop, result.path) <= upper:
+
+@dataclass
+class _Outcome:
+    status: str                 # "optimal", "infeasible" or "timeout"
+    path: Path | None = None
+    calls: int = 0
+
+    def result(self, bottleneck: float, search: _Search) -> ExactResult:
+        """The answer once `bottleneck` is known to be optimal."""
+        if self.status == "optimal":
+            return ExactResult(self.path, True, bottleneck, len(search.critical), self.calls)
+        # Out of time: the bottleneck is optimal, the latency perhaps not.
+        search.keep(self.path)
+        return ExactResult(search.best or [], False, bottleneck, len(search.critical),
+                           self.calls)
+
+
+class _Search:
+    """State shared by the phases: the best plan so far, the critical set, the clock."""
+
+    def __init__(self, stage: np.ndarray, hop: np.ndarray, clock: _Clock) -> None:
+        self.stage, self.hop, self.clock = stage, hop, clock
+        self.mirrored = relaxed.reverse(stage, hop)
+        self.best: Path | None = None
+        self.critical: list[int] = []
+
+    def key(self, path: Path | None) -> tuple[float, float]:
+        return key_of(self.stage, self.hop, path)
+
+    def keep(self, path: Path | None) -> None:
+        if path and self.key(path) < self.key(self.best):
+            self.best = path
+
+    def least_latency(self, threshold: float) -> _Outcome:
+        """Phase 2 at `threshold`: the least-latency valid plan with every cost <= threshold
+        (optimal), or the proof that there is none (infeasible), or timeout with the best
+        plan found."""
+        stage, hop, s = self.stage, self.hop, self.stage.shape[0] - 1
+        tied = threshold * (1 + TIE)
+        bounds = relaxed.reach(stage, hop, tied, "sum")
+        if not bounds.feasible:
+            return _Outcome("infeasible")
+        best = self.best if self.best and self.key(self.best)[0] <= tied else None
+        if best:
+            best = improve(stage, hop, best, tied)
+        calls = 0
+        while True:
+            upper = path_latency(stage, hop, best)
+            found = self.clock.dp(stage, hop, "sum", self.critical, tied, upper, bounds)
+            if found is None:
+                if self.clock.expired():
+                    return _Outcome("timeout", best, calls)
+                calls += 1
+                result = solve_flow(stage, hop, tied, latency=True,
+                                    time_limit_s=self.clock.remaining(), prune_above=upper,
+                                    bounds=bounds)
+                if result.status == "infeasible":
+                    # Nothing under the pruning limit: the known plan is the best there is.
+                    return _Outcome("optimal", best, calls) if best else _Outcome("infeasible")
                 if result.proven:
-                    return ExactResult(result.path, True, optimum, len(critical), calls)
-                best = result.path
-            break
-        value, path = solved
-        if math.isinf(value):
-            return ExactResult(best, True, optimum, len(critical), calls)
-        if relaxed.distinct(path):
-            return ExactResult(path, True, optimum, len(critical), calls)
-        fixed = repair(stage, hop, path, tied)
-        if fixed and path_latency(stage, hop, fixed) < upper:
-            best = fixed
-        critical += relaxed.repeated(path)
-    # Out of time in phase 2: the bottleneck is optimal, the latency perhaps not.
-    return ExactResult(best, False, optimum, len(critical), calls)
+                    return _Outcome("optimal", result.path, calls)
+                if result.path and path_latency(stage, hop, result.path) < upper:
+                    best = result.path
+                return _Outcome("timeout", best, calls)
+            if math.isinf(found.value):
+                return _Outcome("optimal", best, calls) if best else _Outcome("infeasible")
+            if relaxed.distinct(found.path):
+                return _Outcome("optimal", found.path, calls)
+            fixed = repair(stage, hop, found.path, tied)
+            if fixed and path_latency(stage, hop, fixed) < upper:
+                best = improve(stage, hop, fixed, tied)
+            bounds = bounds.tightened(ready=found.ready, done=found.done)
+            self.critical.extend(relaxed.repeated(found.path))
+            # The mirrored DP tightens the other side of the bounds and is a second chance at
+            # a valid path.
+            back = self.clock.dp(*self.mirrored, "sum", self.critical, tied,
+                                 path_latency(stage, hop, best), bounds.reversed())
+            if back is None:
+                continue
+            if math.isinf(back.value):
+                return _Outcome("optimal", best, calls) if best else _Outcome("infeasible")
+            if relaxed.distinct(back.path):
+                return _Outcome("optimal", relaxed.unreverse(back.path, s), calls)
+            bounds = bounds.finishing_from(back)
+            self.critical.extend(v for v in relaxed.repeated(back.path)
+                                 if v not in self.critical)
+
+    def bisect(self, lower: float) -> ExactResult:
+        result = _bisect(self.stage, self.hop, lower, self.best, self.clock)
+        if result.latency_proven:
+            return ExactResult(result.path, True, result.lower_bound_ms, len(self.critical),
+                               result.milp_calls)
+        self.keep(result.path)
+        if not result.proven:
+            return ExactResult(self.best or [], False, result.lower_bound_ms,
+                               len(self.critical), result.milp_calls)
+        return self.least_latency(result.lower_bound_ms).result(result.lower_bound_ms, self)
 
 
 @dataclass

@@ -30,10 +30,10 @@ def capped(costs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 @dataclass
-class Reach:
-    """Best relaxed value from the source to each state (`ready`, `done`) and from each state
-    back to the source (`finish_ready`, `finish_done`), critical set empty; inf where no path
-    exists. Finite on both sides = the state lies on some relaxed path."""
+class Bounds:
+    """Lower bounds on the best relaxed value from the source to each state (`ready`, `done`)
+    and from each state back to the source (`finish_ready`, `finish_done`); inf where no path
+    exists. `reach` gives them for the plain relaxation; the masked DPs tighten them."""
 
     ready: np.ndarray         # (S, N)
     done: np.ndarray          # (S+1, N)
@@ -44,9 +44,35 @@ class Reach:
     def feasible(self) -> bool:
         return bool(np.isfinite(self.ready[0] + self.finish_ready[0]).any())
 
+    def tightened(self, ready: np.ndarray | None = None, done: np.ndarray | None = None,
+                  finish_ready: np.ndarray | None = None,
+                  finish_done: np.ndarray | None = None) -> Bounds:
+        """Bounds that take the larger of each pair (both are valid lower bounds)."""
+        def tighter(old: np.ndarray, new: np.ndarray | None) -> np.ndarray:
+            return old if new is None else np.maximum(old, new)
+
+        return Bounds(tighter(self.ready, ready), tighter(self.done, done),
+                      tighter(self.finish_ready, finish_ready),
+                      tighter(self.finish_done, finish_done))
+
+    def finishing_from(self, back: Relaxed) -> Bounds:
+        """Tightened by a DP on the reversed instance: what reaches a state there is what
+        finishes from the mirrored state here."""
+        finish_done = self.finish_done.copy()
+        finish_done[1:] = np.maximum(finish_done[1:], back.ready[::-1])
+        return Bounds(self.ready, self.done, np.maximum(self.finish_ready, back.done[1:][::-1]),
+                      finish_done)
+
+    def reversed(self) -> Bounds:
+        """The same bounds for the reversed instance (see `reverse`): what reaches a state
+        there is what finishes from the mirrored state here."""
+        inf = np.full((1, self.ready.shape[1]), math.inf)
+        return Bounds(self.finish_done[1:][::-1], np.vstack([inf, self.finish_ready[::-1]]),
+                      self.done[1:][::-1], np.vstack([inf, self.ready[::-1]]))
+
 
 def reach(stage: np.ndarray, hop: np.ndarray, threshold: float = math.inf,
-          combine: str = "sum") -> Reach:
+          combine: str = "sum") -> Bounds:
     """Forward and backward relaxed optima over arcs costing at most `threshold`."""
     join = _join(combine)
     s, n = stage.shape[0] - 1, stage.shape[2]
@@ -65,7 +91,17 @@ def reach(stage: np.ndarray, hop: np.ndarray, threshold: float = math.inf,
         finish_ready[b] = join(stage[b, b + 1:, :], finish_done[b + 1:]).min(axis=0)
         if b > 0:
             finish_done[b] = join(hop[b, :n, :n], finish_ready[b][None, :]).min(axis=1)
-    return Reach(ready, done, finish_ready, finish_done)
+    return Bounds(ready, done, finish_ready, finish_done)
+
+
+def reverse(stage: np.ndarray, hop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The instance run backwards (segments from last to first, output hop first): the same
+    plans, mirrored, with the same costs. Stage [i, j) becomes [S-j, S-i); boundary b, S-b."""
+    return stage[::-1, ::-1, :].transpose(1, 0, 2), hop[::-1].transpose(0, 2, 1)
+
+
+def unreverse(path: Path, s: int) -> Path:
+    return [(s - end, s - first, v) for first, end, v in reversed(path)]
 
 
 @dataclass
@@ -77,11 +113,12 @@ class Arcs:
 
 
 def useful_arcs(stage: np.ndarray, hop: np.ndarray, threshold: float, combine: str,
-                upper: float = math.inf) -> Arcs:
-    """Arcs through which the best relaxed path is finite and at most `upper` (with SLACK)."""
+                upper: float = math.inf, bounds: Bounds | None = None) -> Arcs:
+    """Arcs through which the best relaxed path (by `bounds`, by default `reach`'s) is finite
+    and at most `upper` (with SLACK)."""
     s, n = stage.shape[0] - 1, stage.shape[2]
     join = _join(combine)
-    r = reach(stage, hop, threshold, combine)
+    r = bounds if bounds is not None else reach(stage, hop, threshold, combine)
     limit = upper * (1 + SLACK)
     stage, hop = capped(stage, threshold), capped(hop, threshold)
 
@@ -97,110 +134,156 @@ def useful_arcs(stage: np.ndarray, hop: np.ndarray, threshold: float, combine: s
     return Arcs(np.argwhere(stage_keep), np.argwhere(hop_keep))
 
 
+@dataclass
+class Relaxed:
+    """A masked DP's answer: its optimum and path, and per state the best value reaching it
+    over all masks (a lower bound for any path through the state: inf where pruned)."""
+
+    value: float
+    path: Path
+    ready: np.ndarray   # (S, N)
+    done: np.ndarray    # (S+1, N)
+    labels: int = 0     # (state, mask) labels the DP kept: what its time grows with
+
+
+@dataclass
+class _Labels:
+    """Labels of one boundary: a node, the critical nodes used so far, a value, and the index
+    of the label it was extended from (in the previous layer; -1: from the source)."""
+
+    node: np.ndarray
+    mask: np.ndarray
+    value: np.ndarray
+    parent: np.ndarray
+    origin: np.ndarray | None = None   # done labels: the boundary their stage started at
+
+    def best_per_key(self) -> _Labels:
+        """One label per (node, mask): the least value."""
+        order = np.lexsort((self.value, self.mask, self.node))
+        node, mask = self.node[order], self.mask[order]
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = (node[1:] != node[:-1]) | (mask[1:] != mask[:-1])
+        keep = order[first]
+        return _Labels(self.node[keep], self.mask[keep], self.value[keep], self.parent[keep],
+                       None if self.origin is None else self.origin[keep])
+
+    def minima(self, size: int) -> np.ndarray:
+        out = np.full(size, math.inf)
+        np.minimum.at(out, self.node, self.value)
+        return out
+
+
+def _pairs(label_node: np.ndarray, arc_node: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All (label, arc) index pairs with the same node."""
+    order = np.argsort(label_node, kind="stable")
+    lo = np.searchsorted(label_node[order], arc_node, side="left")
+    hi = np.searchsorted(label_node[order], arc_node, side="right")
+    counts = hi - lo
+    arc = np.repeat(np.arange(len(arc_node)), counts)
+    offsets = np.arange(len(arc)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return order[np.repeat(lo, counts) + offsets], arc
+
+
 def best_path(stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[int] = (),
               threshold: float = math.inf, upper: float = math.inf,
-              max_cells: int | None = None) -> tuple[float, Path] | None:
+              bounds: Bounds | None = None, max_labels: float | None = None) -> Relaxed | None:
     """Best relaxed path with every cost <= threshold in which the `critical` nodes appear at
-    most once; (inf, []) when there is none with value <= `upper`; None when the DP would keep
-    more than `max_cells` values (states x masks).
+    most once; value inf when there is none with value <= `upper`; None when it would keep
+    more than `max_labels` labels.
 
-    The critical nodes used so far are a bit mask carried by every state, so the work grows as
-    2^len(critical) times the number of useful arcs (those on a relaxed path within `upper`:
-    a good upper bound prunes most of them)."""
+    A label is a state (boundary, node) with the set of critical nodes used on its way (a bit
+    mask) and its best value, so there can be 2^len(critical) per state; every label that
+    cannot finish within `upper` by `bounds` (default: the plain relaxation's) is dropped, so
+    tight bounds and a good upper bound keep the count small."""
     join = _join(combine)
     s, n = stage.shape[0] - 1, stage.shape[2]
-    arcs = useful_arcs(stage, hop, threshold, combine, upper)
-    if not len(arcs.stage):
-        return math.inf, []
-    masks = 1 << len(critical)
+    r = bounds if bounds is not None else reach(stage, hop, threshold, combine)
+    arcs = useful_arcs(stage, hop, threshold, combine, upper, r)
+    limit = upper * (1 + SLACK)
     bit = np.zeros(n + 1, dtype=np.int64)
-    bit[list(critical)] = 1 << np.arange(len(critical))
-    every = np.arange(masks)
-
-    # Number the live states; values are (state, mask) arrays. Column n stands for the
-    # source (as sender of the input, receiver of the output): always live.
-    ready_id = np.full((s + 1, n + 1), -1)
-    done_id = np.full((s + 1, n + 1), -1)
-    ready_id[:, n] = done_id[:, n] = 0
-    starts = np.unique(arcs.stage[:, [0, 2]], axis=0)
-    ends = np.unique(arcs.stage[:, [1, 2]], axis=0)
-    ready_id[starts[:, 0], starts[:, 1]] = np.arange(len(starts))
-    done_id[ends[:, 0], ends[:, 1]] = np.arange(len(ends))
-    if max_cells is not None and (len(starts) + len(ends)) * masks > max_cells:
-        return None
-    ready = np.full((len(starts), masks), math.inf)
-    done = np.full((len(ends), masks), math.inf)
-
+    bit[list(critical)] = np.left_shift(1, np.arange(len(critical), dtype=np.int64))
+    stage_at = np.searchsorted(arcs.stage[:, 0], np.arange(s + 2))   # sorted by first
     hops = arcs.hop
-    hops = hops[(done_id[hops[:, 0], hops[:, 1]] >= 0) & (ready_id[hops[:, 0], hops[:, 2]] >= 0)]
-    hops = hops[np.lexsort((hops[:, 1], hops[:, 2], hops[:, 0]))]   # by boundary, receiver
-    hop_cost = hop[hops[:, 0], hops[:, 1], hops[:, 2]]
-    hop_at = np.searchsorted(hops[:, 0], np.arange(s + 2))
-    stage_arcs = arcs.stage                                          # sorted by first segment
-    stage_cost = stage[stage_arcs[:, 0], stage_arcs[:, 1], stage_arcs[:, 2]]
-    stage_at = np.searchsorted(stage_arcs[:, 0], np.arange(s + 2))
-    # A critical node's stage moves mask t - bit to mask t, for the masks t that have its bit.
-    with_bit = {w: every[(every & bit[w]) != 0] for w in critical}
-    ready[ready_id[0, hops[:hop_at[1], 2]], 0] = hop_cost[:hop_at[1]]
+    hop_at = np.searchsorted(hops[:, 0], np.arange(s + 2))            # sorted by boundary
+    ready_min = np.full((s, n), math.inf)
+    done_min = np.full((s + 1, n), math.inf)
+    pending: list[list[_Labels]] = [[] for _ in range(s + 1)]   # done labels by boundary
+    ready_layers: list[_Labels | None] = [None] * s
+    done_layers: list[_Labels | None] = [None] * (s + 1)
+    total = 0
 
-    for b in range(s):
+    def alive(values: np.ndarray, to_go: np.ndarray) -> np.ndarray:
+        through = join(values, to_go)
+        return np.isfinite(through) & (through <= limit)
+
+    for b in range(s + 1):
+        done = None
+        if b > 0:
+            if not pending[b]:
+                continue
+            chunks = pending[b]
+            done = _Labels(*(np.concatenate([getattr(c, f) for c in chunks])
+                             for f in ("node", "mask", "value", "parent", "origin")))
+            done = done.best_per_key()
+            done_layers[b] = done
+            done_min[b] = done.minima(n)
+            total += len(done.node)
+            if b == s:
+                break
+        # Hops at boundary b: out of the source (b = 0) or out of a done label.
         lo, hi = hop_at[b], hop_at[b + 1]
-        if b > 0 and hi > lo:
-            cand = join(done[done_id[b, hops[lo:hi, 1]]], hop_cost[lo:hi, None])
-            dst = ready_id[b, hops[lo:hi, 2]]
-            heads = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
-            ready[dst[heads]] = np.minimum(ready[dst[heads]],
-                                           np.minimum.reduceat(cand, heads, axis=0))
+        at = hops[lo:hi]
+        cost = hop[at[:, 0], at[:, 1], at[:, 2]]
+        if done is None:
+            ready = _Labels(at[:, 2], np.zeros(len(at), dtype=np.int64), cost,
+                            np.full(len(at), -1))
+        else:
+            label, arc = _pairs(done.node, at[:, 1])
+            ready = _Labels(at[arc, 2], done.mask[label], join(done.value[label], cost[arc]),
+                            label)
+        ready = _select(ready, alive(ready.value, r.finish_ready[b, ready.node])).best_per_key()
+        ready_layers[b] = ready
+        ready_min[b] = ready.minima(n)
+        total += len(ready.node)
+        if max_labels is not None and total > max_labels:
+            return None
+        # Stages starting at b.
         lo, hi = stage_at[b], stage_at[b + 1]
-        node = stage_arcs[lo:hi, 2]
-        src = ready_id[b, node]
-        dst = done_id[stage_arcs[lo:hi, 1], node]   # distinct: one arc per (end, node) here
-        cost = stage_cost[lo:hi, None]
-        plain = bit[node] == 0
-        done[dst[plain]] = np.minimum(done[dst[plain]], join(ready[src[plain]], cost[plain]))
-        for w in np.unique(node[~plain]):
-            sel = node == w
-            t = with_bit[w]
-            rows = np.ix_(dst[sel], t)
-            done[rows] = np.minimum(done[rows], join(ready[src[sel]][:, t ^ bit[w]], cost[sel]))
+        st = arcs.stage[lo:hi]
+        label, arc = _pairs(ready.node, st[:, 2])
+        own = bit[st[arc, 2]]
+        free = (ready.mask[label] & own) == 0
+        label, arc, own = label[free], arc[free], own[free]
+        ends = st[arc, 1]
+        value = join(ready.value[label], stage[b, ends, st[arc, 2]])
+        ok = alive(value, r.finish_done[ends, st[arc, 2]])
+        for e in np.unique(ends[ok]):
+            here = ok & (ends == e)
+            pending[e].append(_Labels(st[arc[here], 2], ready.mask[label[here]] | own[here],
+                                      value[here], label[here], np.full(int(here.sum()), b)))
 
-    last_hops = np.nonzero(hops[:, 2] == n)[0]
-    if not len(last_hops):
-        return math.inf, []
-    totals = join(done[done_id[s, hops[last_hops, 1]]], hop_cost[last_hops][:, None])
-    k, mask = np.unravel_index(int(totals.argmin()), totals.shape)
-    value = float(totals[k, mask])
-    if math.isinf(value):
-        return value, []
-    return value, _unwind(stage, hop, join, stage_arcs, stage_cost, hops, hop_cost, bit,
-                          ready, done, ready_id, done_id, int(hops[last_hops[k], 1]), int(mask))
-
-
-def _unwind(stage: np.ndarray, hop: np.ndarray, join, stage_arcs: np.ndarray,  # noqa: ANN001
-            stage_cost: np.ndarray, hops: np.ndarray, hop_cost: np.ndarray, bit: np.ndarray,
-            ready: np.ndarray, done: np.ndarray, ready_id: np.ndarray, done_id: np.ndarray,
-            last: int, mask: int) -> Path:
-    """Walk back from the best final state: each value was computed as join(predecessor, arc)
-    and kept by min, so recomputing the same expression finds a predecessor exactly."""
-    s, n = stage.shape[0] - 1, stage.shape[2]
+    final = done_layers[s]
+    if final is None:
+        return Relaxed(math.inf, [], ready_min, done_min, total)
+    totals = join(final.value, hop[s, final.node, n])
+    k = int(totals.argmin())
+    value = float(totals[k])
+    if math.isinf(value) or value > limit:
+        return Relaxed(math.inf, [], ready_min, done_min, total)
     path: Path = []
-    end, node = s, last
-    while True:
-        target = done[done_id[end, node], mask]
-        arcs = np.nonzero((stage_arcs[:, 1] == end) & (stage_arcs[:, 2] == node))[0]
-        before = mask & ~int(bit[node])
-        first = next(int(stage_arcs[a, 0]) for a in arcs
-                     if join(ready[ready_id[stage_arcs[a, 0], node], before],
-                             stage_cost[a]) == target)
+    end = s
+    while end > 0:
+        node, first = int(final.node[k]), int(final.origin[k])
         path.append((first, end, node))
-        mask = before
-        if first == 0:
-            return path[::-1]
-        target = ready[ready_id[first, node], mask]
-        arcs = np.nonzero((hops[:, 0] == first) & (hops[:, 2] == node) & (hops[:, 1] < n))[0]
-        node = next(int(hops[a, 1]) for a in arcs
-                    if join(done[done_id[first, hops[a, 1]], mask], hop_cost[a]) == target)
-        end = first
+        k = int(final.parent[k])               # the ready label at `first`
+        k = int(ready_layers[first].parent[k])  # the done label it came from (-1: source)
+        end, final = first, done_layers[first]
+    return Relaxed(value, path[::-1], ready_min, done_min, total)
+
+
+def _select(labels: _Labels, keep: np.ndarray) -> _Labels:
+    return _Labels(labels.node[keep], labels.mask[keep], labels.value[keep],
+                   labels.parent[keep], None if labels.origin is None else labels.origin[keep])
 
 
 def distinct(path: Path) -> bool:

@@ -2,24 +2,26 @@
 as the baseline the exact planner is measured against.
 
 1. Partition: SEIFER's min-sum partition under the smallest node's memory (minsum.py).
-2. Placement, "K-path matching": the chain is source -> stage 0 -> ... -> stage k-1 -> source,
-   so there are k+1 transfers (input, the k-1 cuts, output) between k+2 slots whose two ends
-   are the source. Every candidate transfer size (the bytes at each boundary) goes into a
-   histogram of CLASSES equal-width bins; each chosen transfer gets its bin. From the largest
-   bin down, maximal runs of consecutive transfers in the bin are placed, longest first: a run
-   of r transfers needs a simple path of r+1 nodes (ends pinned where a neighbouring slot is
-   already placed, interior nodes unused) that maximises the smallest link bandwidth on it,
-   found by binary search on a bandwidth threshold, each test a randomised colour-coding
-   k-path search. Compute time is ignored, as in the published cost model.
+2. Placement, "K-path matching": the k-1 cuts are transfers between k slots (the stages).
+   Every candidate transfer size (the bytes at each cut point) goes into a histogram of
+   CLASSES equal-width bins; each chosen cut gets its bin. From the largest bin down, maximal
+   runs of consecutive cuts in the bin are placed, longest first: a run of r cuts needs a
+   simple path of r+1 nodes (ends pinned where a neighbouring slot is already placed, interior
+   nodes unused) that maximises the smallest link bandwidth on it, found by binary search on a
+   bandwidth threshold, each test a randomised colour-coding k-path search. As in the
+   published cost model, compute time and the source's hops are ignored; a single stage goes
+   to the node with the widest link to the source.
 
 Where the description leaves a choice: colour coding runs COLOURINGS random colourings and is
 used for up to MAX_COLOURED free nodes; longer runs (only with many near-equal cut sizes, e.g.
 transformer blocks) use a budgeted depth-first search (Warnsdorff's rule: the node with the
 fewest links first).
-A run that cannot be placed at any threshold makes the method fail (InfeasibleError)."""
+A run that cannot be placed at any threshold makes the method fail (InfeasibleError), and so
+does a placement whose ends have no link to the source (it never looks at the source)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -38,29 +40,33 @@ def seifer(tables: Tables, seed: int = 0) -> Path:
     rng = random.Random(seed)
     groups = min_sum_partition(tables)
     k = len(groups)
-    src = tables.source
-    transfers = [tables.boundary_bytes[0], *(tables.boundary_bytes[g[0]] for g in groups[1:]),
-                 tables.boundary_bytes[-1]]
-    edges = np.histogram_bin_edges(tables.boundary_bytes, bins=CLASSES)
-    # Bin of each transfer: 0 .. CLASSES-1 (the top edge belongs to the last bin).
-    classes = np.clip(np.searchsorted(edges, transfers, side="right") - 1, 0, CLASSES - 1)
-    slot: dict[int, int] = {0: src, k + 1: src}
+    if k == 1:
+        return [(0, tables.n_segments, int(tables.bandwidth[tables.source, :-1].argmax()))]
+    cuts = [tables.boundary_bytes[g[0]] for g in groups[1:]]
+    edges = np.histogram_bin_edges(tables.boundary_bytes[1:-1], bins=CLASSES)
+    # Bin of each cut: 0 .. CLASSES-1 (the top edge belongs to the last bin).
+    classes = np.clip(np.searchsorted(edges, cuts, side="right") - 1, 0, CLASSES - 1)
+    slot: dict[int, int] = {}
     used = np.zeros(tables.n_nodes + 1, dtype=bool)
-    used[src] = True
+    used[tables.source] = True
     for cls in sorted(set(classes.tolist()), reverse=True):
         for first, last in sorted(_runs(classes, cls), key=lambda r: (r[0] - r[1], r[0])):
-            # Transfers first..last join slots first..last+1.
+            # Cuts first..last join slots first..last+1.
             start, end = slot.get(first), slot.get(last + 1)
             free = (last + 2 - first) - (start is not None) - (end is not None)
             path = _widest_path(tables.bandwidth, used, free, start, end, rng)
             if path is None:
-                raise InfeasibleError(f"seifer: no path of unused nodes for transfers "
+                raise InfeasibleError(f"seifer: no path of unused nodes for cuts "
                                       f"{first}..{last}")
             for i, node in enumerate(path):
                 slot[first + i] = node
-                if node != src:
-                    used[node] = True
-    return [(g[0], g[1], slot[i + 1]) for i, g in enumerate(groups)]
+                used[node] = True
+    path = [(g[0], g[1], slot[i]) for i, g in enumerate(groups)]
+    if math.isinf(tables.key(path)[0]):
+        # Blind to the source, the placement may pick ends the source has no link to.
+        raise InfeasibleError("seifer: the first or last stage landed on a node without a "
+                              "link to the source")
+    return path
 
 
 def _runs(classes: np.ndarray, cls: int) -> list[tuple[int, int]]:

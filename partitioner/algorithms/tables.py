@@ -82,8 +82,9 @@ class Tables:
         """(S+1, N+1, N+1) ms to send boundary b's bytes from u to v; inf where unusable."""
         with np.errstate(divide="ignore"):
             per_byte = np.where(self.bandwidth > 0, 8.0 / (self.bandwidth * 1000.0), math.inf)
-        hops = self.boundary_bytes[:, None, None] * per_byte[None, :, :]
-        # 0 bytes over a missing link is still impossible (inf * 0 would be nan).
+        with np.errstate(invalid="ignore"):
+            hops = self.boundary_bytes[:, None, None] * per_byte[None, :, :]
+        # 0 bytes over a missing link is still impossible (inf * 0 is nan).
         return np.where(np.isinf(per_byte)[None, :, :], math.inf, hops)
 
     def key(self, path: Path | None) -> tuple[float, float]:
@@ -123,6 +124,12 @@ def key_of(stage: np.ndarray, hop: np.ndarray, path: Path | None) -> tuple[float
     if not path:
         return (math.inf, math.inf)
     return (bottleneck_of(stage, hop, path), path_latency(stage, hop, path))
+
+
+def candidates(stage: np.ndarray, hop: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Every finite cost value in [low, high], sorted and unique: a bottleneck is one."""
+    values = [a[(a >= low) & (a <= high) & np.isfinite(a)] for a in (stage, hop)]
+    return np.unique(np.concatenate(values))
 
 
 def check_basic_feasibility(tables: Tables) -> None:

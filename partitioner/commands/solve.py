@@ -1,0 +1,24 @@
+"""`python -m partitioner solve INSTANCE.json`: read a planner instance, plan it, print the
+plan as the DESIGN.md JSON on stdout. Loading and validation live in partitioner.instance, the
+search in partitioner.algorithms; bad input and infeasible instances raise, and __main__ maps
+both to exit code 2 with the reason."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from partitioner.algorithms import solve as plan_instance
+from partitioner.instance import load_instance
+from testbed.errors import InputError
+
+
+def solve(args: argparse.Namespace) -> int:
+    if args.time_limit <= 0:
+        raise InputError(f"must be positive, got {args.time_limit}", field="--time-limit")
+    instance = load_instance(args.instance)
+    plan = plan_instance(instance, args.algorithm, args.time_limit, args.seed)
+    json.dump(plan.to_json(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0

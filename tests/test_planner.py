@@ -1,0 +1,217 @@
+"""The planner against brute force: on small random instances (ties, missing links,
+heterogeneous memory and speed) `optimal` must find exactly the best (bottleneck, latency) that
+enumerating every plan finds, and prove it; every algorithm must return valid plans; `auto` must
+never lose to the baselines; bad and infeasible instances must exit 2 through the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from partitioner.algorithms import ALGORITHMS, optimal, solve
+from partitioner.instance import (
+    InfeasibleError,
+    Instance,
+    Node,
+    Segment,
+    Stage,
+    plan_cost,
+    plan_problems,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-9
+
+
+@st.composite
+def instances(draw: st.DrawFn, max_segments: int = 6, max_nodes: int = 4) -> Instance:
+    """Small instances; values come from short lists so that ties are common."""
+    n_seg = draw(st.integers(1, max_segments))
+    segments = [Segment(draw(st.sampled_from([0.0, 1.0, 2.0, 5.0, 7.5])),
+                        draw(st.sampled_from([1, 2, 3, 5])),
+                        draw(st.sampled_from([0, 100, 1000, 5000])))
+                for _ in range(n_seg)]
+    n_nodes = draw(st.integers(1, max_nodes))
+    nodes = [Node(f"e{i}", draw(st.sampled_from([0.5, 1.0, 2.0])),
+                  draw(st.sampled_from([2, 4, 6, 100])))
+             for i in range(n_nodes)]
+    names = ["src", *(n.name for n in nodes)]
+    bandwidth = {}
+    for a, b in itertools.combinations(names, 2):
+        # About one pair in six is missing: such a hop cannot be used.
+        mbps = draw(st.sampled_from([None, 1.0, 1.0, 2.0, 10.0, 100.0]))
+        if mbps is not None:
+            bandwidth[(a, b)] = mbps
+    return Instance(segments, draw(st.sampled_from([0, 100, 4000])), nodes, "src", bandwidth)
+
+
+def brute_force(instance: Instance) -> tuple[float, float] | None:
+    """Best (bottleneck, latency) over every plan, by enumeration; None if none is valid."""
+    s, names = len(instance.segments), [n.name for n in instance.nodes]
+    best = None
+    for k in range(1, min(s, len(names)) + 1):
+        for cuts in itertools.combinations(range(1, s), k - 1):
+            bounds = [0, *cuts, s]
+            for chosen in itertools.permutations(names, k):
+                stages = [Stage(bounds[i], bounds[i + 1], chosen[i]) for i in range(k)]
+                if plan_problems(instance, stages):
+                    continue
+                cost = plan_cost(instance, stages)
+                key = (cost.bottleneck_ms, cost.latency_ms)
+                if best is None or key < best:
+                    best = key
+    return best
+
+
+def no_worse(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """a is at least as good as b in the (bottleneck, then latency) order, up to rounding."""
+    if a[0] < b[0] * (1 - TOL) - TOL:
+        return True
+    return a[0] <= b[0] * (1 + TOL) + TOL and a[1] <= b[1] * (1 + TOL) + TOL
+
+
+def key(plan) -> tuple[float, float]:  # noqa: ANN001 - a Plan
+    return (plan.bottleneck_ms, plan.latency_ms)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances())
+def test_optimal_matches_brute_force(instance: Instance) -> None:
+    best = brute_force(instance)
+    if best is None:
+        with pytest.raises(InfeasibleError):
+            solve(instance, "optimal")
+        return
+    plan = solve(instance, "optimal")
+    assert plan_problems(instance, plan.stages) == []
+    assert plan.optimal
+    assert no_worse(key(plan), best) and no_worse(best, key(plan)), (key(plan), best)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(max_segments=5, max_nodes=4))
+def test_milp_proofs_match_brute_force(instance: Instance) -> None:
+    """The same, with the DP allowed no critical node: every proof then goes through the
+    binary search and the HiGHS flow model."""
+    best = brute_force(instance)
+    with mock.patch.object(optimal, "MAX_CRITICAL", 0):
+        if best is None:
+            with pytest.raises(InfeasibleError):
+                solve(instance, "optimal")
+            return
+        plan = solve(instance, "optimal")
+    assert plan_problems(instance, plan.stages) == []
+    assert plan.optimal
+    assert no_worse(key(plan), best) and no_worse(best, key(plan)), (key(plan), best)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instances(max_segments=8, max_nodes=5), st.integers(0, 3))
+def test_every_algorithm_returns_valid_plans(instance: Instance, seed: int) -> None:
+    plans = {}
+    for algorithm in ALGORITHMS:
+        try:
+            plans[algorithm] = solve(instance, algorithm, seed=seed)
+        except InfeasibleError as exc:
+            assert str(exc)        # a reason is always given
+            continue
+        assert plan_problems(instance, plans[algorithm].stages) == [], algorithm
+        assert math.isfinite(plans[algorithm].bottleneck_ms)
+    if "optimal" not in plans:
+        assert not plans, "a heuristic found a plan where optimal found none"
+        return
+    for baseline in ("seifer", "greedy", "random"):
+        if baseline in plans:
+            assert no_worse(key(plans["auto"]), key(plans[baseline])), baseline
+            assert no_worse(key(plans["optimal"]), key(plans[baseline])), baseline
+
+
+def test_auto_reports_a_bound_when_not_proven() -> None:
+    """With no time to prove, auto still answers: a valid plan and a lower bound below it."""
+    instance = Instance(
+        [Segment(5.0, 1, 1000) for _ in range(12)], 1000,
+        [Node(f"e{i}", 1.0 + i / 10, 4) for i in range(8)], "src",
+        {(a, b): 10.0 + i for i, (a, b) in enumerate(itertools.combinations(
+            ["src", *(f"e{i}" for i in range(8))], 2))})
+    plan = solve(instance, "auto", time_limit_s=1e-6)
+    assert plan_problems(instance, plan.stages) == []
+    if not plan.optimal:
+        assert plan.lower_bound_ms is not None
+        assert plan.lower_bound_ms <= plan.bottleneck_ms * (1 + TOL)
+        assert plan.to_json()["gap"] >= 0
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "partitioner", "solve", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def write(tmp_path: Path, data: object, name: str = "instance.json") -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+SMALL = {
+    "segments": [{"compute_ms": 4.0, "memory_bytes": 100, "output_bytes": 1000},
+                 {"compute_ms": 6.0, "memory_bytes": 100, "output_bytes": 500}],
+    "input_bytes": 2000,
+    "nodes": [{"name": "edge1", "speed": 1.0, "memory_bytes": 150},
+              {"name": "edge2", "speed": 0.5, "memory_bytes": 150}],
+    "source": "dispatcher",
+    "bandwidth_mbps": [["dispatcher", "edge1", 100.0], ["dispatcher", "edge2", 100.0],
+                       ["edge1", "edge2", 50.0]],
+}
+
+
+def test_cli_prints_the_plan(tmp_path: Path) -> None:
+    done = run_cli(write(tmp_path, SMALL), "--algorithm", "optimal")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["optimal"] is True and out["algorithm"] == "optimal"
+    # The slow node takes the light segment (4 ms at half speed), the fast one the heavy one.
+    assert [(s["segments"], s["node"]) for s in out["stages"]] == [([0, 1], "edge2"),
+                                                                   ([1, 2], "edge1")]
+    assert out["bottleneck_ms"] == pytest.approx(8.0)
+    assert {"compute_ms", "in_ms", "node"} <= set(out["stages"][0]) and "out_ms" in out
+
+
+def test_cli_infeasible_exits_2_with_reason(tmp_path: Path) -> None:
+    too_big = json.loads(json.dumps(SMALL))
+    too_big["segments"][1]["memory_bytes"] = 1000
+    done = run_cli(write(tmp_path, too_big))
+    assert done.returncode == 2
+    assert "segment 1 needs 1000 bytes" in done.stderr
+
+    unlinked = json.loads(json.dumps(SMALL))
+    unlinked["bandwidth_mbps"] = [["edge1", "edge2", 50.0]]
+    done = run_cli(write(tmp_path, unlinked))
+    assert done.returncode == 2 and "no bandwidth" in done.stderr
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [
+    (lambda d: d.pop("nodes"), "nodes"),
+    (lambda d: d["segments"][0].update(compute_ms=-1), "segments[0].compute_ms"),
+    (lambda d: d["bandwidth_mbps"].append(["edge1", "nowhere", 5.0]), "nowhere"),
+])
+def test_cli_invalid_instance_exits_2(tmp_path: Path, mutate, expected: str) -> None:  # noqa: ANN001
+    data = json.loads(json.dumps(SMALL))
+    mutate(data)
+    done = run_cli(write(tmp_path, data))
+    assert done.returncode == 2 and expected in done.stderr, done.stderr
+
+
+def test_cli_bad_json_and_algorithm_exit_2(tmp_path: Path) -> None:
+    done = run_cli(write(tmp_path, "{not json"))
+    assert done.returncode == 2 and "not valid JSON" in done.stderr
+    done = run_cli(write(tmp_path, SMALL), "--algorithm", "magic")
+    assert done.returncode == 2 and "unknown algorithm" in done.stderr
