@@ -212,8 +212,9 @@ def plot(summaries: dict[str, Any], large: list[dict[str, Any]], path: Path) -> 
                       marker="o", label=algorithm)
             right.plot(counts, [by_nodes[c][algorithm]["mean_time_s"] for c in counts],
                        marker="o", label=algorithm)
-        if large and source == "wired":
-            right.scatter([r["nodes"] for r in large], [r["auto"]["time_s"] for r in large],
+        mine = [r for r in large if r["source"] == source]
+        if mine:
+            right.scatter([r["nodes"] for r in mine], [r["auto"]["time_s"] for r in mine],
                           marker="x", color="black", label="auto, 200 nodes")
         left.set(xlabel="nodes", ylabel="bottleneck / optimum (geometric mean)",
                  yscale="log", title=f"Bottleneck vs optimum or bound (source {source})")
@@ -225,6 +226,24 @@ def plot(summaries: dict[str, Any], large: list[dict[str, Any]], path: Path) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def topology_runs(names: list[str], reference_s: float, seed: int) -> list[dict[str, Any]]:
+    """Every algorithm on our own topologies (topologies/*.yaml) with the profiled models."""
+    from partitioner.profile import instance_for_topology, profile_model
+    from testbed.topology import load_topology
+
+    runs = []
+    for path in sorted((ROOT / "topologies").glob("*.yaml")):
+        topology = load_topology(path)
+        for name in names:
+            instance = instance_for_topology(profile_model(name), topology)
+            # An algorithm that finds no plan (the model may fit no host here) is recorded
+            # as failed by run_cell.
+            record = run_cell(instance, ALGORITHMS, reference_s, seed)
+            record.update(topology=path.stem, model=name, nodes=len(topology.edge_hosts()))
+            runs.append(record)
+    return runs
 
 
 def load_models(names: list[str], synthetic: bool) -> list[Model]:
@@ -309,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                             "time_s": time.monotonic() - started, "proven": plan.optimal,
                             "gap": plan.to_json().get("gap", 0.0), "stages": len(plan.stages)})
 
+    own = [] if args.synthetic else topology_runs(names, reference_s, args.seed)
+
     summaries: dict[str, Any] = {}
     for source in SOURCES:
         mine = [r for r in rows if r["source"] == source]
@@ -319,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
                     "nodes")
         print_table(f"[source {source}] the same by memory cap", summaries[source]["by_cap"],
                     ALGORITHMS, "cap")
+    if own:
+        print("\nOur topologies (bottleneck / reference; - = no plan):")
+        print(f"{'topology':>12} {'model':>12} | " + " ".join(f"{a:>8}" for a in ALGORITHMS))
+        for r in own:
+            cells = [f"{r[a]['bottleneck_ms'] / r['reference_ms']:>8.3f}"
+                     if "reference_ms" in r and math.isfinite(r[a]["bottleneck_ms"])
+                     else f"{'-':>8}" for a in ALGORITHMS]
+            print(f"{r['topology']:>12} {r['model']:>12} | " + " ".join(cells))
     for nodes, runs in ((50, [r for r in rows if r["nodes"] == 50]), (200, large)):
         # Reported: auto's own bound from its 2 s run; certified: against the best reference.
         reported = [0.0 if r["auto"].get("proven") else
@@ -343,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"settings": {"models": [m.name for m in models], "caps": caps, "trials": trials,
                            "reference_limit_s": reference_s, "auto_budget_s": AUTO_BUDGET_S,
                            "node_counts": NODE_COUNTS, "seed": args.seed},
-              "summary": summaries, "runs": rows, "nodes_200": large,
+              "summary": summaries, "runs": rows, "nodes_200": large, "topologies": own,
               "optimal_20x60": scaling}
     (out / "planner.json").write_text(json.dumps(report, indent=1, default=str))
     plot(summaries, large, out / "planner.png")

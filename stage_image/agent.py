@@ -26,6 +26,10 @@ and its exit (EOF) wake the agent immediately. Disk errors (ENOSPC, EROFS, ...) 
 or on a worker's files are reported as `failed` with the reason; the agent itself never dies
 of one. Hashing runs in a thread so heartbeats keep flowing while a large model is checked on
 a slow CPU share.
+
+CurveZMQ (`--curve-server-key`, off by default): the control connection is encrypted with a
+fresh keypair of ours and the controller's public key; each worker gets the keypair the
+controller generated for it (in `deploy`/`prepare`) and each route the next hop's public key.
 """
 
 from __future__ import annotations

@@ -28,8 +28,11 @@ those of a dead run, by name and by the run's label).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping, Sequence
+import subprocess
+import time
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +41,12 @@ from testbed.dockerd import RUN_LABEL, Dockerd, docker_cli
 from testbed.records import CGROUP_ROOT, RunRecord
 from testbed.topology import HostSpec
 
+log = logging.getLogger(__name__)
+
 HOST_LABEL = "edgepipe.host"
 IDLE = ("sleep", "infinity")      # the machine's main process: nothing runs until exec'd
 DOCKER_TIMEOUT_S = 60.0
+EXEC_START_TIMEOUT_S = 10.0
 
 
 class ContainerError(RuntimeError):
@@ -53,8 +59,7 @@ class Container:
 
     host: str                 # topology name
     node: str                 # Mininet node name: container name and cgroup parent
-    image: str
-    id: str = ""
+    id: str
     init_pid: int | None = None   # docker-init in the root PID namespace; None when stopped
 
 
@@ -87,7 +92,7 @@ class DockerHosts:
 
     # -- images --------------------------------------------------------------------------
 
-    def check_image(self, image: str, app_digest: str | None = None) -> None:
+    def check_image(self, image: str, app_digest: str) -> None:
         """Refuse an image the daemon lacks, or one built from other agent/worker code than
         this checkout's (an image without the label, e.g. from a registry, is trusted)."""
         from stage_image.build_image import APP_LABEL, image_label
@@ -97,7 +102,7 @@ class DockerHosts:
             raise ContainerError(f"image {image} is not in the Docker daemon at "
                                  f"{self.daemon.host}: build it with `make image` "
                                  "(python -m stage_image.build_image)")
-        if app_digest is not None and found and found != app_digest:
+        if found and found != app_digest:
             raise ContainerError(f"image {image} was built from other stage_image/ code than "
                                  "this checkout's: rebuild it with `make image`")
 
@@ -129,7 +134,7 @@ class DockerHosts:
             "run", "-d", "--name", node, "--network", f"container:{holder}",
             "--cpus", f"{spec.cpu:g}", *memory, "--user", "0:0", *mounts, *common, image,
             *IDLE[1:])
-        container = Container(host, node, image, container_id)
+        container = Container(host, node, container_id)
         self.containers[host] = container
         self._refresh(container)
         return holder_pid
@@ -207,3 +212,21 @@ class DockerHosts:
             options += ["-w", str(cwd)]
         return [docker_cli(), "-H", self.daemon.host, "exec", *options,
                 self.containers[host].node, *argv]
+
+    def wait_exec(self, host: str, argv: Sequence[str], before: Collection[int],
+                  client: subprocess.Popen[bytes]) -> None:
+        """Return once `argv`, started by the docker client `client`, runs in the machine (a
+        process not in `before` with that command line), or the client has exited. Until
+        then runc's init for the exec sits in the container's cgroup: a `docker pause` then
+        freezes it half-way and the daemon's lock on the container is never released (every
+        later docker command on it hangs). So nothing pauses a host while an exec starts."""
+        deadline = time.monotonic() + EXEC_START_TIMEOUT_S
+        while client.poll() is None:
+            if any(_cmdline(pid) == tuple(argv) for pid in self.pids(host)
+                   if pid not in before):
+                return
+            if time.monotonic() > deadline:
+                log.warning("%s in docker host %s not running after %.0f s", argv[0], host,
+                            EXEC_START_TIMEOUT_S)
+                return
+            time.sleep(0.01)

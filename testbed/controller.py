@@ -82,7 +82,7 @@ import signal
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +339,6 @@ class Controller:
         self.nodes = {n.name for n in instance.nodes}
         self.base_instance = instance
         self.versions: dict[int, VersionInfo] = {}
-        self.initial = VersionInfo(cfg.version, cfg.model, "", instance, str(cfg.model))
         self.target_version = cfg.version
         self.history: list[int] = []                 # versions in the order they served
         self.last_plan: dict[int, Plan] = {}         # per version: repairs keep its cuts
@@ -426,16 +425,12 @@ class Controller:
         for problem in problems:
             self.events.emit("version.invalid", reason=str(problem))
         for manifest in found:
-            known = self.versions.get(manifest.version)
-            if known is not None and known.sha256 == manifest.sha256:
+            known = self.versions.get(manifest.version)     # the first: the model we started
+            if known is not None:
+                if known.sha256 != manifest.sha256:
+                    self.events.emit("version.invalid", version=manifest.version,
+                                     reason="a published version number with other bytes")
                 continue
-            if known is not None or manifest.version == self.cfg.version and \
-                    manifest.sha256 != self.initial.sha256 and self.initial.sha256:
-                self.events.emit("version.invalid", version=manifest.version,
-                                 reason="a published version number with other bytes")
-                continue
-            if manifest.version == self.cfg.version:
-                continue                              # the model we started with
             self.events.emit("version.found", version=manifest.version,
                              sha256=manifest.sha256, source=manifest.source,
                              published=manifest.published)
@@ -483,7 +478,7 @@ class Controller:
                               | {p.plan.stages[i].node for p in self.contingency.values()
                                  for i, f in enumerate(p.stages) if f is not None})
         return PlanRequest(kind, reason, version, frozenset(live), base, held, avoid,
-                           excluded=excluded)
+                           excluded=excluded, generation=self.next_epoch)
 
     def _job_done(self, future: Future[Any]) -> None:
         kind = getattr(future, "kind", "plan")
@@ -496,6 +491,8 @@ class Controller:
                 return
             if kind == "contingency":
                 self.events.emit("contingency.none", reason=str(exc))
+                if not self.contingency_queue:
+                    self.reconcile_standbys()
                 return
             self.infeasible(str(exc))
             return
@@ -509,7 +506,6 @@ class Controller:
             pool, references, info = result
             self.dispatcher.set_pool(pool)
             self.versions[info.version] = info
-            self.initial = info
             self.dispatcher.add_version(info.version, references)
             self.events.emit("references.ready", version=info.version, pool=len(pool))
             self.start_job("initial", self._initial_plan)
@@ -520,6 +516,11 @@ class Controller:
         prepared: Prepared = result
         if kind == "contingency":
             self.contingency_done(prepared)
+            return
+        if prepared.request.generation != self.next_epoch and kind != "initial":
+            # an epoch was made meanwhile (a contingency plan, used at once): this plan
+            # answers a question that is no longer asked
+            self.events.emit("plan.stale", reason="superseded by a newer epoch")
             return
         if prepared.request.version.version != self.target_version and kind != "initial":
             self.events.emit("plan.stale", reason="the target version changed meanwhile")
@@ -562,26 +563,32 @@ class Controller:
             self.failure = f"no plan: {reason}"
 
     def next_job(self, now: float) -> None:
-        """Start the most urgent background work: a re-plan after a failure first, then new
+        """Start the most urgent work: a re-plan after a failure first (a contingency plan
+        made for exactly this loss is used at once, even while a job runs), then new
         versions, a rollout, a rejoin check, and last the contingency plans."""
-        if self.job is not None or not self.dispatcher.pool:
+        if not self.dispatcher.pool:
             return
         if self.replan_reason is not None:
-            reason, self.replan_reason = self.replan_reason, None
             live = self.usable_hosts() - self.replan_exclude
-            self.replan_exclude = set()
             broken = self.active is None or self.active.broken
-            kind = "failure" if broken else "manual"
-            if self.target_version != (self.active.version if self.active else None):
-                kind = "rollout" if not broken else kind
             fast = self.precomputed(live) if broken else None
             if fast is not None:
+                reason, self.replan_reason, self.replan_exclude = self.replan_reason, None, set()
                 self.log.info("re-plan over %s: contingency plan ready", sorted(live))
-                fast.request = PlanRequest(kind, reason, fast.request.version,
-                                           fast.request.live, fast.request.base,
-                                           fast.request.held)
+                fast.request = replace(fast.request, kind="failure", reason=reason)
                 self.new_epoch(fast)
                 return
+        if self.job is not None:
+            return
+        if self.replan_reason is not None:
+            live = self.usable_hosts() - self.replan_exclude
+            reason, self.replan_reason, self.replan_exclude = self.replan_reason, None, set()
+            if self.active is None or self.active.broken:
+                kind = "failure"
+            elif self.target_version != self.active.version:
+                kind = "rollout"
+            else:
+                kind = "manual"
             self.log.info("re-planning over %s (%s)", sorted(live), reason)
             self.start_job("plan", self.planner.prepare, self.plan_request(kind, reason, live))
             return

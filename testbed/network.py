@@ -590,12 +590,15 @@ class EmulatedNetwork:
         In a Docker host `argv` runs inside the container (`docker exec`): paths and the
         interpreter are the image's, `env` is added to the image's environment, and the
         process returned (and recorded) is the docker client, which lives as long as the
-        program and carries its output (see `popen_python` for Python with our code)."""
+        program and carries its output (see `popen_python` for Python with our code). It
+        returns once the program runs in the container."""
         if self.state != "up" or self.record is None:
             raise NetworkError(f"network {self.run_id} is not up ({self.state})")
+        before: list[int] = []
         if self.is_docker(host):
             command = self._containers().exec_argv(host, argv, env, cwd)
             full_env, cwd = None, None         # the client's: the driver's environment
+            before = self.host_pids(host)
         else:
             command = [*self._prefix(host), *argv]
             full_env = {**os.environ, **(env or {})}
@@ -608,6 +611,8 @@ class EmulatedNetwork:
         self.record.add_process(proc.pid, records.process_start_time(proc.pid), host,
                                 f"docker exec {what}" if self.is_docker(host) else what)
         self._procs.append(proc)
+        if self.is_docker(host):
+            self._containers().wait_exec(host, argv, before, proc)
         return proc
 
     def popen_python(self, host: str, args: Sequence[str], log_path: str | Path,
@@ -1126,6 +1131,15 @@ class EmulatedNetwork:
         self.state = "stopping"
         self.record.set_status("stopping")
         problems: list[str] = []
+        if self.docker is not None:
+            # A frozen process cannot act on SIGTERM: thaw paused containers first (process
+            # hosts' freezers are thawed by undo(), after their processes were killed).
+            for host in self.docker.containers:
+                try:
+                    self.docker.unpause(host)
+                except (RuntimeError, subprocess.SubprocessError) as exc:
+                    # Keep going: undo() removes the container whatever its state.
+                    problems.append(f"unpause {host}: {exc}")
         self._terminate_processes(grace_s)
         for shim in self._shims.values():  # they hold no state; undo() kills any that linger
             shim.close()

@@ -102,6 +102,7 @@ class PlanRequest:
     given: Plan | None = None              # use this plan instead of solving
     given_stages: Path | None = None       # a split matching `given`
     excluded: str | None = None            # contingency: the host assumed lost
+    generation: int = 0                    # the next epoch number when it was asked
 
 
 @dataclass

@@ -53,7 +53,8 @@ _SWITCH_LIKE = re.compile(r"s[0-9]+")
 
 @dataclass(frozen=True)
 class HostSpec:
-    """One emulated host. `cpu` is in cores (like `docker --cpus`)."""
+    """One emulated host. `cpu` is in cores (like `docker --cpus`). `kind: docker` hosts run
+    in containers of `image` (None: the stage image), see testbed/containers.py."""
 
     name: str
     role: str

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -22,6 +23,7 @@ from partitioner.instance import (
     InfeasibleError,
     Instance,
     Node,
+    Plan,
     Segment,
     Stage,
     plan_cost,
@@ -79,7 +81,7 @@ def no_worse(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] <= b[0] * (1 + TOL) + TOL and a[1] <= b[1] * (1 + TOL) + TOL
 
 
-def key(plan) -> tuple[float, float]:  # noqa: ANN001 - a Plan
+def key(plan: Plan) -> tuple[float, float]:
     return (plan.bottleneck_ms, plan.latency_ms)
 
 
@@ -203,7 +205,8 @@ def test_cli_infeasible_exits_2_with_reason(tmp_path: Path) -> None:
     (lambda d: d["segments"][0].update(compute_ms=-1), "segments[0].compute_ms"),
     (lambda d: d["bandwidth_mbps"].append(["edge1", "nowhere", 5.0]), "nowhere"),
 ])
-def test_cli_invalid_instance_exits_2(tmp_path: Path, mutate, expected: str) -> None:  # noqa: ANN001
+def test_cli_invalid_instance_exits_2(tmp_path: Path, mutate: Callable[[dict], object],
+                                      expected: str) -> None:
     data = json.loads(json.dumps(SMALL))
     mutate(data)
     done = run_cli(write(tmp_path, data))

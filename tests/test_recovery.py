@@ -553,3 +553,36 @@ def test_worker_reads_pod_keys_under_kubernetes(tmp_path):
         cfg.load_pod_keys(tmp_path, tmp_path)
         assert cfg.curve_secret == keys["stage-0"].secret.decode()
         assert cfg.initial_routes()[1].public == keys[after].public.decode()
+
+
+def test_repository_publishes_whole_immutable_versions(tmp_path):
+    from testbed.errors import InputError
+    from testbed.repository import Watcher, list_versions, publish, read_manifest
+
+    class Profile:
+        segments = [Segment(1.0, 10, 20)]
+        input_bytes, total_ms, activation_reserve_bytes = 4, 1.0, 0
+
+    repo = tmp_path / "repo"
+    watcher = Watcher(repo)
+    assert watcher.poll() == ([], [])
+    model = tmp_path / "a.onnx"
+    model.write_bytes(b"version one")
+    first = publish(repo, model, 1, Profile)
+    assert first.sha256 == read_manifest(repo / "v1").sha256 and first.model.read_bytes() == \
+        b"version one"
+    assert publish(repo, model, 1, Profile).sha256 == first.sha256       # the same: a no-op
+    model.write_bytes(b"other bytes")
+    with pytest.raises(InputError, match="already published"):
+        publish(repo, model, 1, Profile)
+    found, problems = watcher.poll()
+    assert [m.version for m in found] == [1] and not problems
+    publish(repo, model, 2, Profile)
+    assert [m.version for m in watcher.poll()[0]] == [2]                 # each reported once
+    assert watcher.poll() == ([], [])
+    assert sorted(list_versions(repo)) == [1, 2]
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]    # no staging left
+    (repo / "v3").mkdir()                          # v2's manifest in v3: refused, by name
+    (repo / "v3" / "manifest.json").write_text((repo / "v2" / "manifest.json").read_text())
+    found, problems = watcher.poll()
+    assert not found and "does not match the directory" in str(problems[0])

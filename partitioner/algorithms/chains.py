@@ -1,27 +1,38 @@
-"""A fast, incomplete test of "is there a valid plan with every cost <= T?": depth-first search
-over chains of distinct nodes, pruned by the relaxation's backward reachability (a state from
-which even the relaxed problem cannot finish is never entered). It only ever answers with a
-valid path or "don't know" (None), so the exact search may trust a path and must still prove a
-None. Most feasible thresholds are settled here, in milliseconds, without a MILP."""
+"""A fast test of "is there a valid plan with every cost <= T?": depth-first search over chains
+of distinct nodes, each chain carrying every boundary it can end at, pruned by the relaxation's
+backward reachability (a state from which even the relaxed problem cannot finish is never
+entered) and by the stages still needed. The search is complete, so it answers with a valid
+path, or with "none" when it ran to the end (a proof), or with "don't know" when its budget
+ran out first. Plans of a few stages over many nodes are settled here in milliseconds either
+way; long chains over few nodes are left to the DP and the MILP."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from partitioner.algorithms.relaxed import reach
 from partitioner.algorithms.tables import Path
 
-# Expansions before giving up: the search is a cheap filter, not a proof.
-MAX_EXPANSIONS = 200
+# Expansions before giving up (each costs segments^2 x nodes boolean operations).
+MAX_EXPANSIONS = 500
+
+
+@dataclass
+class Chain:
+    path: Path | None       # a valid path with every cost <= the threshold
+    exhausted: bool         # no path and the search was complete: there is none
 
 
 def chain_search(stage: np.ndarray, hop: np.ndarray, threshold: float,
-                 max_expansions: int = MAX_EXPANSIONS) -> Path | None:
-    """A valid path whose every cost is <= threshold, or None when none was found quickly."""
+                 max_expansions: int = MAX_EXPANSIONS) -> Chain:
+    """A valid path whose every cost is <= threshold, or the proof that there is none, or
+    neither when the budget runs out first."""
     s, n = stage.shape[0] - 1, stage.shape[2]
     r = reach(stage, hop, threshold)
     if not r.feasible:
-        return None
+        return Chain(None, True)
     # stage_ok[b, e, w]: stage [b, e) on w is cheap enough and the relaxation can finish from e.
     stage_ok = (stage[:s] <= threshold) & np.isfinite(r.finish_done)[None, :, :]
     finish_ready = np.isfinite(r.finish_ready)
@@ -60,7 +71,8 @@ def chain_search(stage: np.ndarray, hop: np.ndarray, threshold: float,
 
     start = np.zeros(s + 1, dtype=bool)
     start[0] = True
-    return extend(n, start, np.zeros(n, dtype=bool), [])
+    found = extend(n, start, np.zeros(n, dtype=bool), [])
+    return Chain(found, found is None and budget[0] > 0)
 
 
 def _fewest_stages(stage: np.ndarray, threshold: float) -> np.ndarray:

@@ -31,8 +31,6 @@ class FlowResult:
     status: Status
     path: Path | None = None
     proven: bool = False          # for the latency objective: the path's latency is optimal
-    bound: float | None = None    # latency lower bound (latency objective only)
-    columns: int = 0
 
 
 @dataclass
@@ -60,13 +58,13 @@ class _Model:
 
 def solve_flow(stage: np.ndarray, hop: np.ndarray, threshold: float, *,
                latency: bool, time_limit_s: float | None, prune_above: float = math.inf,
-               bounds: Bounds | None = None, max_columns: int = 400_000) -> FlowResult:
+               bounds: Bounds | None = None, max_columns: int = 200_000) -> FlowResult:
     """Find a valid plan with every cost <= threshold; with `latency`, the one of least latency.
 
     `prune_above` is the latency of a known valid plan: arcs on no relaxed path cheaper than
     it (by `bounds`, latency bounds for this threshold) are left out (they cannot be on a
-    better plan), which shrinks the MILP many times over.
-    If the pruned model is infeasible, no plan beats the known one. No MIP start is passed:
+    better plan), which shrinks the MILP many times over. If the pruned model is infeasible,
+    no plan beats the known one. No MIP start is passed:
     HiGHS 1.16 misprices a start after presolve (it compares the start's objective without
     presolve's offset and stops early, "optimal" with a worse plan). Models with more than
     `max_columns` arcs are not attempted ("unknown"): HiGHS would not finish them in any budget
@@ -77,7 +75,7 @@ def solve_flow(stage: np.ndarray, hop: np.ndarray, threshold: float, *,
     if not len(arcs.stage):
         return FlowResult("infeasible")
     if columns > max_columns:
-        return FlowResult("unknown", columns=columns)
+        return FlowResult("unknown")
 
     m = _Model()
     ready_row = np.full((s + 1, n + 1), -1)
@@ -138,9 +136,8 @@ def _run(m: _Model, source_row: int, colour_row: list[int], latency: bool,
     lp.col_lower_, lp.col_upper_ = np.zeros(cols), np.ones(cols)
     lower = np.zeros(m.rows)
     upper = np.zeros(m.rows)
-    lower[source_row] = upper[source_row] = 1.0
-    lower[colour_row] = 0.0
-    upper[colour_row] = 1.0
+    lower[source_row] = upper[source_row] = 1.0   # one unit leaves the source
+    upper[colour_row] = 1.0                       # at most one stage per node
     lp.row_lower_, lp.row_upper_ = lower, upper
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_ = start.astype(np.int32)
@@ -168,11 +165,9 @@ def _run(m: _Model, source_row: int, colour_row: list[int], latency: bool,
         values = np.array(h.getSolution().col_value)
         path = sorted(m.stages[c] for c in m.stages if values[c] > 0.5)
     if status == highspy.HighsModelStatus.kOptimal:
-        return FlowResult("feasible", path, proven=True,
-                          bound=info.mip_dual_bound if latency else None, columns=cols)
+        return FlowResult("feasible", path, proven=True)
     if status == highspy.HighsModelStatus.kInfeasible:
-        return FlowResult("infeasible", columns=cols)
+        return FlowResult("infeasible")
     if path:
-        return FlowResult("feasible", path, proven=False,
-                          bound=info.mip_dual_bound if latency else None, columns=cols)
-    return FlowResult("unknown", columns=cols)
+        return FlowResult("feasible", path, proven=False)
+    return FlowResult("unknown")

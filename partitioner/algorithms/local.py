@@ -1,8 +1,10 @@
-"""Local search on valid plans, for good upper bounds: the exact search prunes every state
-whose bound exceeds the best known plan, so a plan close to the optimum makes its DPs and MILPs
-much smaller, and it is what auto returns when the proof runs out of time.
+"""Heuristics on valid plans, for good upper bounds: the exact search prunes every state whose
+bound exceeds the best known plan, so a plan close to the optimum makes its DPs and MILPs much
+smaller, and it is what auto returns when the proof runs out of time.
 
-The neighbourhood is over node sequences (replace a node by an unused one, swap two, insert
+`descend` lowers the bottleneck (a binary search over thresholds with quick, incomplete
+tests); `improve` lowers the latency under a fixed threshold by local search. Its
+neighbourhood is over node sequences (replace a node by an unused one, swap two, insert
 an unused node, drop one); each sequence gets its best cuts exactly, by a DP over boundaries
 (`best_cuts`), so a move is judged as if every cut were re-chosen. First improvement, until
 no move helps or the evaluation budget is spent."""
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -74,7 +77,7 @@ def improve(stage: np.ndarray, hop: np.ndarray, path: Path, threshold: float,
     return best
 
 
-def _neighbours(nodes: list[int], n: int):  # noqa: ANN202 - a generator of node lists
+def _neighbours(nodes: list[int], n: int) -> Iterator[list[int]]:
     unused = [u for u in range(n) if u not in nodes]
     for i in range(len(nodes)):
         for u in unused:
@@ -108,7 +111,7 @@ def descend(stage: np.ndarray, hop: np.ndarray, path: Path, lower: float,
         if found and not relaxed.distinct(found):
             found = repair(stage, hop, found, threshold)
         if not found:
-            found = chain_search(stage, hop, threshold, max_expansions=50)
+            found = chain_search(stage, hop, threshold, max_expansions=50).path
         if found:
             hi, path = mid, found
         else:

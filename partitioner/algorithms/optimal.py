@@ -3,24 +3,29 @@ latency), with a proof or an honest lower bound.
 
 Why it is exact. A plan is a path through the DAG of (segment boundary, node) states; the only
 rule a path can break is "each node holds at most one stage". Relaxing that rule for all nodes
-but a *critical* set K gives a dynamic programme (relaxed.best_path) whose optimum is a lower
+but a *critical* set K gives a label-setting DP (relaxed.best_path) whose optimum is a lower
 bound, and which is the true optimum as soon as its best path uses each node once. Decremental
 state-space relaxation: solve with K = {}, add the nodes the best path repeats to K, solve
 again; K only grows, so the loop ends, at worst with K = every node (the exact problem).
 
-1. Bottleneck: the min-max DP over K gives a lower bound V. If its path, or any path found by
-   the quick chain search with every cost <= V, is valid, then V is the optimum T*.
+1. Bottleneck: the min-max DP over K gives a lower bound V. If its path, or a path the quick
+   chain search finds with every cost <= V, is valid, V is the optimum T*. Otherwise phase 2
+   is run with the threshold V: it ends with a valid plan (V = T*) or with the proof that no
+   plan fits under V, having grown K, so the next min-max DP returns a larger V.
 2. Latency: with every cost capped at T* (times 1 + TIE, for float rounding), the min-sum DP
    over K, grown the same way, ends with a valid path: the least latency among optimal plans.
+   Each round also runs the DP on the mirrored instance (segments backwards): its values and
+   the forward ones are lower bounds from either side, and with the best known plan (local
+   search, local.py) they discard every label that cannot beat it.
 
-The DP costs 2^|K| times the relaxed one, so it is run only while its predicted time and
-memory fit (MAX_DP_S, MAX_CRITICAL, MAX_LABELS, the deadline). Past that, phase 1
-becomes a binary search over the finitely many candidate bottlenecks (each a stage compute or
-a hop time) from V upwards, each test settled by the chain search (a valid plan: feasible) or
-by HiGHS on the flow MILP (partitioner.algorithms.flow; proven feasible or infeasible), and
-phase 2 becomes that MILP with the latency objective. Anything that runs out of time stops
-the search: the result keeps the best plan found, proven=False, and the largest lower bound
-established (the smallest candidate not proven infeasible)."""
+The DP may keep up to 2^|K| labels per state, so it runs only while its predicted time and
+memory fit (MAX_DP_S, MAX_CRITICAL, MAX_LABELS, the deadline). Past that, phase 1 becomes a
+binary search over the finitely many candidate bottlenecks (each a stage compute or a hop
+time) from the last bound upwards, each test settled by the chain search (a valid plan:
+feasible) or by HiGHS on the flow MILP (partitioner.algorithms.flow; proven feasible or
+infeasible), and phase 2 becomes that MILP with the latency objective. Anything that runs out
+of time stops the search: the result keeps the best plan found, proven=False, and the largest
+lower bound established."""
 
 from __future__ import annotations
 
@@ -44,8 +49,8 @@ TIE = 1e-9
 # 50 bytes each). Within them, the time left decides (see _Clock).
 MAX_CRITICAL = 62
 MAX_LABELS = 4_000_000
-# A DP predicted to take longer than this hands over to the MILP, which on such instances
-# (many stages fighting for the same fast nodes) usually proves faster.
+# A DP predicted to take longer than this hands over to the MILP: the prediction is rough, and
+# one runaway DP must not hold the whole search.
 MAX_DP_S = 8.0
 # Share of the time left for the heuristic descent before the proof starts.
 DESCENT_SHARE = 0.25
@@ -56,8 +61,6 @@ class ExactResult:
     path: Path                  # empty only when time ran out before any plan was found
     proven: bool
     lower_bound_ms: float       # on the bottleneck
-    critical: int = 0           # size of the final critical set
-    milp_calls: int = 0
 
 
 class _Clock:
@@ -118,8 +121,15 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
             # Nothing within the incumbent's bottleneck but itself.
             return search.least_latency(upper).result(upper, search)
         lower = max(lower, found.value)
-        if relaxed.distinct(found.path) or chain_search(stage, hop, found.value) is not None:
+        if relaxed.distinct(found.path):
             return search.least_latency(found.value).result(found.value, search)
+        chain = chain_search(stage, hop, found.value)
+        if chain.path is not None:
+            return search.least_latency(found.value).result(found.value, search)
+        if chain.exhausted:
+            # No plan fits under V: the next candidates are settled by the binary search,
+            # whose tests the chain search mostly proves either way in this case.
+            return search.bisect(np.nextafter(found.value, math.inf))
         if not search.critical and search.best:
             # First round: a quick descent from the incumbent towards V gives every later DP
             # a tighter upper bound (and auto a better answer if time runs out).
@@ -140,16 +150,14 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
 class _Outcome:
     status: str                 # "optimal", "infeasible" or "timeout"
     path: Path | None = None
-    calls: int = 0
 
     def result(self, bottleneck: float, search: _Search) -> ExactResult:
         """The answer once `bottleneck` is known to be optimal."""
         if self.status == "optimal":
-            return ExactResult(self.path, True, bottleneck, len(search.critical), self.calls)
+            return ExactResult(self.path, True, bottleneck)
         # Out of time: the bottleneck is optimal, the latency perhaps not.
         search.keep(self.path)
-        return ExactResult(search.best or [], False, bottleneck, len(search.critical),
-                           self.calls)
+        return ExactResult(search.best or [], False, bottleneck)
 
 
 class _Search:
@@ -180,29 +188,27 @@ class _Search:
         best = self.best if self.best and self.key(self.best)[0] <= tied else None
         if best:
             best = improve(stage, hop, best, tied)
-        calls = 0
         while True:
             upper = path_latency(stage, hop, best)
             found = self.clock.dp(stage, hop, "sum", self.critical, tied, upper, bounds)
             if found is None:
                 if self.clock.expired():
-                    return _Outcome("timeout", best, calls)
-                calls += 1
+                    return _Outcome("timeout", best)
                 result = solve_flow(stage, hop, tied, latency=True,
                                     time_limit_s=self.clock.remaining(), prune_above=upper,
                                     bounds=bounds)
                 if result.status == "infeasible":
                     # Nothing under the pruning limit: the known plan is the best there is.
-                    return _Outcome("optimal", best, calls) if best else _Outcome("infeasible")
+                    return _Outcome("optimal", best) if best else _Outcome("infeasible")
                 if result.proven:
-                    return _Outcome("optimal", result.path, calls)
+                    return _Outcome("optimal", result.path)
                 if result.path and path_latency(stage, hop, result.path) < upper:
                     best = result.path
-                return _Outcome("timeout", best, calls)
+                return _Outcome("timeout", best)
             if math.isinf(found.value):
-                return _Outcome("optimal", best, calls) if best else _Outcome("infeasible")
+                return _Outcome("optimal", best) if best else _Outcome("infeasible")
             if relaxed.distinct(found.path):
-                return _Outcome("optimal", found.path, calls)
+                return _Outcome("optimal", found.path)
             fixed = repair(stage, hop, found.path, tied)
             if fixed and path_latency(stage, hop, fixed) < upper:
                 best = improve(stage, hop, fixed, tied)
@@ -215,9 +221,9 @@ class _Search:
             if back is None:
                 continue
             if math.isinf(back.value):
-                return _Outcome("optimal", best, calls) if best else _Outcome("infeasible")
+                return _Outcome("optimal", best) if best else _Outcome("infeasible")
             if relaxed.distinct(back.path):
-                return _Outcome("optimal", relaxed.unreverse(back.path, s), calls)
+                return _Outcome("optimal", relaxed.unreverse(back.path, s))
             bounds = bounds.finishing_from(back)
             self.critical.extend(v for v in relaxed.repeated(back.path)
                                  if v not in self.critical)
@@ -225,12 +231,10 @@ class _Search:
     def bisect(self, lower: float) -> ExactResult:
         result = _bisect(self.stage, self.hop, lower, self.best, self.clock)
         if result.latency_proven:
-            return ExactResult(result.path, True, result.lower_bound_ms, len(self.critical),
-                               result.milp_calls)
+            return ExactResult(result.path, True, result.lower_bound_ms)
         self.keep(result.path)
         if not result.proven:
-            return ExactResult(self.best or [], False, result.lower_bound_ms,
-                               len(self.critical), result.milp_calls)
+            return ExactResult(self.best or [], False, result.lower_bound_ms)
         return self.least_latency(result.lower_bound_ms).result(result.lower_bound_ms, self)
 
 
@@ -239,7 +243,6 @@ class _Bisection:
     path: Path | None
     proven: bool                # the bottleneck is optimal
     lower_bound_ms: float
-    milp_calls: int
     latency_proven: bool = False
 
 
@@ -250,18 +253,21 @@ def _bisect(stage: np.ndarray, hop: np.ndarray, lower: float, best: Path | None,
     for the least latency too: when that is feasible both phases are done at once."""
     upper = key_of(stage, hop, best)[0]
     values = candidates(stage, hop, lower, upper)
+    if best is not None and not len(values):
+        return _Bisection(best, True, upper)    # the bound met the incumbent
     lo, hi = 0, len(values) - 1 if best else len(values)
-    witness, calls, first = best, 0, True
+    witness, first = best, True
     # Invariant: every candidate below values[lo] is infeasible; values[hi] is feasible (or,
     # with no plan yet, hi is past the end).
-    while lo < hi:
+    while lo < hi and not clock.expired():
         mid = lo if first else (lo + hi) // 2
         threshold = float(values[mid])
-        found = chain_search(stage, hop, threshold)
+        chain = chain_search(stage, hop, threshold)
+        found = chain.path
+        if chain.exhausted:
+            lo, first = mid + 1, False
+            continue
         if found is None:
-            if clock.expired():
-                break
-            calls += 1
             result = solve_flow(stage, hop, threshold * (1 + TIE) if first else threshold,
                                 latency=first, time_limit_s=clock.remaining())
             if result.status == "unknown":
@@ -271,11 +277,11 @@ def _bisect(stage: np.ndarray, hop: np.ndarray, lower: float, best: Path | None,
                 continue
             found = result.path
             if first and result.proven:
-                return _Bisection(found, True, threshold, calls, latency_proven=True)
+                return _Bisection(found, True, threshold, latency_proven=True)
         hi, witness, first = mid, found, False
     if lo >= len(values):
         raise InfeasibleError(_infeasible_reason([0]))
-    return _Bisection(witness, lo == hi, float(values[lo]), calls)
+    return _Bisection(witness, lo == hi, float(values[lo]))
 
 
 def _infeasible_reason(critical: list[int]) -> str:

@@ -21,7 +21,7 @@ from partitioner.algorithms.tables import Path
 SLACK = 1e-9
 
 
-def _join(combine: str):  # noqa: ANN202 - a numpy ufunc
+def _join(combine: str) -> np.ufunc:
     return np.maximum if combine == "max" else np.add
 
 
