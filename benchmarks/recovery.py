@@ -18,10 +18,6 @@ the prediction, and the contract bar can then not be reached even without a faul
 `switched` is when the new epoch took over. `dup` counts results that arrived twice and were
 suppressed by the sink (none is ever delivered twice: requests.csv has one row per request).
 JSON: OUT/recovery.json.
-
-Controller options the scenario format does not carry (replan_delay_s) and the `model.update`
-action, until the driver implements it, are supplied by this script in the child process that
-runs each scenario (`--child`); see `child_main`.
 """
 
 from __future__ import annotations
@@ -73,7 +69,7 @@ def scenarios(hosts: list[str], duration: float, k8s_wait: float) -> dict[str, d
                               "params": {"version": 2}}]},
         "k8s-wait": {"steps": [{"at": at, "action": "node.crash", "target": hosts[1]}],
                      "duration": FAULT_AT_S + k8s_wait + 15.0,
-                     "controller": {"replan_delay_s": k8s_wait}},
+                     "control": {"replan_delay": f"{k8s_wait:g}s"}},
     }
 
 
@@ -86,40 +82,8 @@ def scenario_yaml(name: str, spec: dict[str, Any], duration: float) -> str:
             f"workload: {{mode: closed, concurrency: 6, duration: "
             f"{spec.get('duration', duration):g}s, warmup: 5s, seed: 1}}\n"
             f"steps:\n{steps}"
-            f"slo: {{lost: 0, mismatched: 0}}\n")
-
-
-# -- the child: one scenario through the driver, with what the driver does not do yet ----------
-
-def child_main(scenario: str, out: str, controller: dict[str, Any]) -> int:
-    """Run one scenario through testbed.driver.main in this process, adding the controller
-    options the scenario names and a `model.update` action when the driver has none."""
-    from testbed import driver, faults, run
-    from testbed.repository import prepare_version, publish_prepared
-    from testbed.scenario import load_scenario
-
-    if controller:
-        base = run._controller_config
-
-        def with_options(*args: Any, **kwargs: Any) -> dict[str, Any]:
-            return {**base(*args, **kwargs), **controller}
-
-        run._controller_config = with_options
-    if "model.update" not in faults.FAULTS:
-        loaded = load_scenario(scenario)
-        versions = {step.params["version"] for step in loaded.steps
-                    if step.action == "model.update"}
-        work = Path(out) / "versions"
-        work.mkdir(parents=True, exist_ok=True)
-        # built and profiled now, in the root namespace, before the network exists
-        ready = {v: prepare_version(loaded.model, v, work) for v in versions}
-
-        def update(_ctx: Any, step: Any) -> dict[str, Any]:
-            manifest = publish_prepared(Path(out) / "repository", ready[step.params["version"]])
-            return {"published": manifest.version, "sha256": manifest.sha256[:12]}
-
-        faults.FAULTS["model.update"] = faults.FaultKind(update)
-    return driver.main([scenario, "--out", out])
+            + (f"control: {json.dumps(spec['control'])}\n" if "control" in spec else "")
+            + "slo: {lost: 0, mismatched: 0}\n")
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -226,11 +190,7 @@ def main() -> int:
     parser.add_argument("--k8s-wait", type=float, default=K8S_DEFAULT_WAIT_S,
                         help="simulated Kubernetes wait before re-planning (default 340 s)")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_recovery"))
-    parser.add_argument("--child", nargs=3, metavar=("SCENARIO", "OUT", "CONTROLLER_JSON"),
-                        help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child_main(args.child[0], args.child[1], json.loads(args.child[2]))
     if os.geteuid() != 0:
         print("error: needs root (Mininet)", file=sys.stderr)
         return 2
@@ -246,8 +206,8 @@ def main() -> int:
         path.write_text(scenario_yaml(name, spec, args.duration))
         print(f"== {name}", file=sys.stderr, flush=True)
         run_dir = out / name
-        result = subprocess.run([sys.executable, __file__, "--child", str(path), str(run_dir),
-                                 json.dumps(spec.get("controller", {}))], check=False)
+        result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"), str(path),
+                                 "--out", str(run_dir)], check=False)
         if not (run_dir / "summary.json").exists():
             rows.append({"scenario": name, "error": f"no summary (exit {result.returncode})"})
             continue

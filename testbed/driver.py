@@ -43,6 +43,7 @@ class Prepared:
     instance_path: Path
     plan: Any
     predicted_rps: float
+    activation_reserve_bytes: int
 
 
 def prepare(scenario: Any, out_dir: Path) -> Prepared:
@@ -62,7 +63,8 @@ def prepare(scenario: Any, out_dir: Path) -> Prepared:
     plan = solve(instance, scenario.algorithm, time_limit_s=scenario.time_limit_s, seed=0)
     log(f"plan: {len(plan.stages)} stages, bottleneck {plan.bottleneck_ms:.1f} ms, predicted "
         f"{plan.predicted_throughput_rps:.2f} rps ({'optimal' if plan.optimal else 'heuristic'})")
-    return Prepared(model_path, instance_path, plan, plan.predicted_throughput_rps)
+    return Prepared(model_path, instance_path, plan, plan.predicted_throughput_rps,
+                    profile.activation_reserve_bytes)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -47,17 +47,24 @@ def _no_controller(cmd: str, **fields: Any) -> dict[str, Any] | None:
     raise RuntimeError(f"no controller hook: cannot send {cmd!r}")
 
 
+def _no_publish(version: int) -> Any:
+    raise RuntimeError(f"no publish hook: cannot publish model version {version}")
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What only the driver can do, called from the timeline's thread.
 
     restart_host(host): start the host's software again (the embedded driver: its agent)
         after its processes were killed (node.restart, and the heal of node.crash);
-    controller(cmd, **fields): a command to the controller, its reply or None on timeout.
+    controller(cmd, **fields): a command to the controller, its reply or None on timeout;
+    publish_version(n): put model version n (prepared before the run) into the repository
+        the controller watches; returns its manifest.
     """
 
     restart_host: Callable[[str], None] = _no_restart
     controller: Callable[..., dict[str, Any] | None] = _no_controller
+    publish_version: Callable[[int], Any] = _no_publish
 
 
 @dataclass
@@ -212,6 +219,18 @@ def _conn_reset(ctx: Context, step: Step) -> Detail:
     return {"connections": ctx.net.reset_connections(step.target)}
 
 
+def _model_update(ctx: Context, step: Step) -> Detail:
+    manifest = ctx.hooks.publish_version(step.params["version"])
+    return {"version": manifest.version, "sha256": manifest.sha256}
+
+
+def _model_rollback(ctx: Context, step: Step) -> Detail:
+    reply = ctx.hooks.controller("rollback")
+    if not reply or not reply.get("ok"):
+        raise RuntimeError(f"the controller refused the rollback: {reply}")
+    return {"reply": {k: v for k, v in reply.items() if k != "ok"}}
+
+
 FAULTS: dict[str, FaultKind] = {
     "node.crash": FaultKind(_crash, _crash_heal),
     "node.pause": FaultKind(_pause, _resume),
@@ -228,9 +247,9 @@ FAULTS: dict[str, FaultKind] = {
     "io.read_only": FaultKind(_read_only, _read_write),
     "io.corrupt_model": FaultKind(_corrupt_model),
     "io.conn_reset": FaultKind(_conn_reset),
+    "model.update": FaultKind(_model_update),
+    "model.rollback": FaultKind(_model_rollback),
 }
-# model.update is a valid action that stays refused until the controller can roll out a new
-# version (it will go through Hooks.controller).
 
 
 def check_supported(scenario: Scenario) -> None:

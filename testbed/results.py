@@ -16,6 +16,10 @@ from testbed.scenario import Scenario, Slo
 # Events (in events.jsonl) that show the system noticed a fault on a host.
 DETECTION_EVENTS = ("node.suspected", "worker.exited", "worker.failed", "agent.lost",
                     "link.suspected", "model.corrupt")
+# Model rollouts are not failures: noticing one means finding the version (or the rollback
+# command), and recovery is measured from the switch-over.
+MODEL_DETECTION = {"model.update": ("version.found",),
+                   "model.rollback": ("version.rollback", "version.switched")}
 RECOVERY_FRACTION = 0.9
 
 
@@ -132,14 +136,23 @@ def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_sta
     injected = [e for e in events if e.get("type") == "fault.injected"]
     for fault in injected:
         at = fault["t"]
-        detected = next((e["t"] for e in events
-                         if e["t"] >= at and e.get("type") in DETECTION_EVENTS
-                         and (fault.get("target") is None
-                              or e.get("host") in _hosts_of(fault.get("target")))), None)
+        action = fault["action"]
+        if action in MODEL_DETECTION:
+            detected = next((e["t"] for e in events if e["t"] >= at
+                             and e.get("type") in MODEL_DETECTION[action]), None)
+            switched = next((e["t"] for e in events if e["t"] >= at
+                             and e.get("type") == "version.switched"), None)
+            recovery_from = switched if switched is not None else at
+        else:
+            targets = _hosts_of(fault.get("target"))
+            detected = next((e["t"] for e in events
+                             if e["t"] >= at and e.get("type") in DETECTION_EVENTS
+                             and (not targets or e.get("host") in targets)), None)
+            recovery_from = at
         recovered = None
         for bucket in series:
             bucket_end = window_start + bucket.start_s + 1.0
-            if bucket_end <= at + 1.0:
+            if bucket_end <= recovery_from + 1.0:
                 continue
             predicted = _predicted_at(events, bucket_end, initial_predicted)
             if bucket.throughput_rps >= RECOVERY_FRACTION * predicted:
@@ -164,6 +177,28 @@ def _hosts_of(target: Any) -> set[str]:
     for item in target:
         hosts |= _hosts_of(item)
     return hosts
+
+
+def control_summary(events: list[dict[str, Any]], window_start: float) -> dict[str, Any]:
+    """What the control plane did: the epochs it deployed and the periods in which no plan
+    fitted the live nodes (from each plan.infeasible to the next plan.deployed)."""
+    epochs, infeasible = [], []
+    open_period: dict[str, Any] | None = None
+    for event in events:
+        kind = event.get("type")
+        if kind == "plan.deployed":
+            epochs.append({"epoch": event.get("epoch"), "version": event.get("version"),
+                           "at_s": round(event["t"] - window_start, 3),
+                           "hosts": event.get("hosts"), "kind": event.get("kind"),
+                           "predicted_throughput_rps": event.get("predicted_throughput_rps")})
+            if open_period is not None:
+                open_period["until_s"] = round(event["t"] - window_start, 3)
+                open_period = None
+        elif kind == "plan.infeasible" and open_period is None:
+            open_period = {"from_s": round(event["t"] - window_start, 3), "until_s": None,
+                           "reason": event.get("reason"), "live": event.get("live")}
+            infeasible.append(open_period)
+    return {"epochs": epochs, "infeasible": infeasible}
 
 
 def check_slo(slo: Slo, summary: dict[str, Any]) -> list[str]:
@@ -227,6 +262,7 @@ def summarise(scenario: Scenario, backend: str, records: list[RequestRecord],
             "replayed": sum(r.attempts > 1 for r in records),
         },
         "faults": fault_timings(events, series, window_start, predicted_rps),
+        "control": control_summary(events, window_start),
         "window": {"start_unix": window_start, "duration_s": scenario.workload.duration_s,
                    "warmup_s": scenario.workload.warmup_s},
         "invalid": late,

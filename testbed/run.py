@@ -90,6 +90,8 @@ def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir
         "control_port": CONTROL_PORT,
         "sink_port": SINK_PORT,
         "control_ipc": control_ipc,
+        "base_reserve_bytes": prepared.activation_reserve_bytes,
+        **scenario.control,
     }
 
 
@@ -105,16 +107,18 @@ def control_address(out_dir: Path) -> str:
     return f"ipc://{path}"
 
 
-def start_agent(net: Any, out_dir: Path, host: str) -> None:
+def start_agent(net: Any, out_dir: Path, host: str, heartbeat_ms: float | None) -> None:
     """Start (or, after a crash, restart) a host's agent; its log is appended to."""
     dispatcher = net.topology.dispatcher().name
     host_logs = out_dir / "logs" / host
     host_logs.mkdir(parents=True, exist_ok=True)
-    net.popen(host, [sys.executable, "-m", "stage_image.agent", "--host", host,
-                     "--controller", f"tcp://{net.ip(dispatcher)}:{CONTROL_PORT}",
-                     "--data-dir", str(net.data_dir(host)), "--ip", net.ip(host),
-                     "--log-dir", str(host_logs)],
-              host_logs / "agent.log", env=PROCESS_ENV)
+    argv = [sys.executable, "-m", "stage_image.agent", "--host", host,
+            "--controller", f"tcp://{net.ip(dispatcher)}:{CONTROL_PORT}",
+            "--data-dir", str(net.data_dir(host)), "--ip", net.ip(host),
+            "--log-dir", str(host_logs)]
+    if heartbeat_ms is not None:
+        argv += ["--heartbeat-ms", f"{heartbeat_ms:g}"]
+    net.popen(host, argv, host_logs / "agent.log", env=PROCESS_ENV)
 
 
 def _start_processes(scenario: Scenario, prepared: Prepared, net: Any, out_dir: Path,
@@ -127,8 +131,22 @@ def _start_processes(scenario: Scenario, prepared: Prepared, net: Any, out_dir: 
                            [sys.executable, "-m", "testbed.controller", str(config_path)],
                            out_dir / "logs" / "controller.log", env=PROCESS_ENV)
     for host in scenario.topology.edge_hosts():
-        start_agent(net, out_dir, host.name)
+        start_agent(net, out_dir, host.name, scenario.control.get("heartbeat_ms"))
     return controller
+
+
+def _prepare_versions(scenario: Scenario, out_dir: Path) -> dict[int, Any]:
+    """Build and profile every model version the steps publish, before any network exists
+    (the root namespace has the whole CPU; the dispatcher host does not)."""
+    from testbed.repository import prepare_version
+
+    versions = sorted({s.params["version"] for s in scenario.steps
+                       if s.action == "model.update"})
+    prepared = {}
+    for version in versions:
+        log(f"preparing model version {version} of {scenario.model}")
+        prepared[version] = prepare_version(scenario.model, version, out_dir / "versions")
+    return prepared
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -216,11 +234,17 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
     (out_dir / "plan.json").write_text(json.dumps(plan_json, indent=1))
     log(f"building network {scenario.topology.name} as run {net.run_id} "
         f"({len(scenario.topology.hosts)} hosts)")
+    from testbed.repository import publish_prepared
+
+    versions = _prepare_versions(scenario, out_dir)
     control_ipc = control_address(out_dir)
     # The timeline's thread gets its own REQ socket: one cannot be shared between threads.
     step_client = ControlClient(control_ipc)
-    hooks = Hooks(restart_host=lambda host: start_agent(net, out_dir, host),
-                  controller=step_client.call)
+    heartbeat_ms = scenario.control.get("heartbeat_ms")
+    hooks = Hooks(
+        restart_host=lambda host: start_agent(net, out_dir, host, heartbeat_ms),
+        controller=step_client.call,
+        publish_version=lambda v: publish_prepared(out_dir / "repository", versions[v]))
     timeline = FaultTimeline(scenario.steps, net, hooks)
     client = ControlClient(control_ipc)
     monitor: HostMonitor | None = None

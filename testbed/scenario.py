@@ -53,6 +53,7 @@ ACTIONS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "io.corrupt_model": (_NODE, {}, ()),
     "io.conn_reset": (_NODE, {}, ()),
     "model.update": (_NONE, {"version": _version}, ("version",)),
+    "model.rollback": (_NONE, {}, ()),
 }
 
 
@@ -87,6 +88,32 @@ class Slo:
     p99_ms: float | None = None
 
 
+# scenario `control:` key -> (controller config field, converter): detection, re-plan and
+# rejoin knobs of the control plane (defaults live in testbed.controller).
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"expected a fraction in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+CONTROL_FIELDS: dict[str, tuple[str, Any]] = {
+    "heartbeat": ("heartbeat_ms", lambda v: parse_duration_s(v) * 1000),
+    "suspect_after_missed": ("suspect_after_missed", lambda v: _positive_int(v)),
+    "replan_delay": ("replan_delay_s", parse_duration_s),
+    "reuse_tolerance": ("reuse_tolerance", _fraction),
+    "rejoin_hold": ("rejoin_hold_s", parse_duration_s),
+    "rejoin_margin": ("rejoin_margin", _fraction),
+    "standby": ("standby", _flag),
+    "drain": ("drain_s", parse_duration_s),
+}
+
+
 @dataclass
 class Scenario:
     name: str
@@ -99,6 +126,7 @@ class Scenario:
     workload: Workload
     steps: list[Step] = field(default_factory=list)
     slo: Slo = field(default_factory=Slo)
+    control: dict[str, Any] = field(default_factory=dict)   # controller config fields
 
 
 def _count(value: Any) -> int:
@@ -277,9 +305,16 @@ def load_scenario(path: str | Path) -> Scenario:
     workload = _workload(fields)
     steps = _steps(fields, topology, workload)
     slo = _slo(fields)
+    control: dict[str, Any] = {}
+    control_fields = fields.sub("control", None)
+    if control_fields is not None:
+        for key, (config_field, convert) in CONTROL_FIELDS.items():
+            if control_fields.has(key):
+                control[config_field] = control_fields.get(key, convert)
+        control_fields.done()
     fields.done()
     return Scenario(name, path, topology, model, algorithm, time_limit, backend, workload,
-                    steps, slo)
+                    steps, slo, control)
 
 
 def with_duration(scenario: Scenario, text: str) -> Scenario:

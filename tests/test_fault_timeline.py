@@ -185,7 +185,8 @@ steps:
 
 
 @pytest.mark.parametrize("text,field,message", [
-    ("{at: 1s, action: model.update, params: {version: 2}}", "action", "not supported"),
+    ("{at: 1s, action: model.update, params: {version: 2}, duration: 2s}", "duration",
+     "takes no duration"),
     ("{at: 1s, action: node.restart, target: edge1, duration: 2s}", "duration",
      "takes no duration"),
     ("{at: 1s, action: io.conn_reset, target: edge1, duration: 2s}", "duration",
@@ -206,16 +207,15 @@ def test_unsupported_steps_are_refused_before_any_network(tmp_path: Path, text: 
     assert caught.value.line == 6
 
 
-def test_every_scenario_action_but_model_update_is_supported() -> None:
+def test_every_scenario_action_is_supported() -> None:
     from testbed.scenario import ACTIONS
 
-    assert set(ACTIONS) - set(FAULTS) == {"model.update"}
-    assert set(FAULTS) <= set(ACTIONS)
+    assert set(FAULTS) == set(ACTIONS)
 
 
 def test_the_scenario_library_loads_and_is_supported(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every scenario file is valid; all but model_update (waiting for rollouts) are
-    supported. The delay and loss probes are forced: they need root, this test does not."""
+    """Every scenario file is valid and supported. The delay and loss probes are forced:
+    they need root, this test does not."""
     import testbed.netfilter
     import testbed.network
 
@@ -225,11 +225,7 @@ def test_the_scenario_library_loads_and_is_supported(monkeypatch: pytest.MonkeyP
     assert len(files) >= 11
     for path in files:
         scenario = load_scenario(path)
-        if path.stem == "model_update":
-            with pytest.raises(InputError, match="model.update is valid but not supported"):
-                check_supported(scenario)
-        else:
-            check_supported(scenario)
+        check_supported(scenario)
         # short CI versions (--duration 30s) keep every step of these
         if path.stem in ("node_failure", "link_degradation", "io_faults"):
             assert all(step.at_s < 30 for step in scenario.steps)

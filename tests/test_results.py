@@ -63,3 +63,15 @@ def test_summary_and_slo_verdict() -> None:
     violations = " ".join(failed["slo"]["violations"])
     assert "lost 1" in violations and "mismatched 1" in violations
     assert "of predicted" in violations          # 10 rps measured vs 20 predicted
+
+
+def test_model_update_is_detected_by_its_version_and_recovers_after_the_switch() -> None:
+    records = steady(10, 10, gap=(3.0, 4.0))
+    events = [{"t": T0 + 2.0, "type": "fault.injected", "action": "model.update",
+               "target": None},
+              {"t": T0 + 2.1, "type": "node.suspected", "host": "edge2"},
+              {"t": T0 + 2.4, "type": "version.found", "version": 2},
+              {"t": T0 + 3.5, "type": "version.switched", "version": 2}]
+    (fault,) = fault_timings(events, buckets(records, T0, T0 + 10), T0, 10.0)
+    assert fault["detected_s"] == 2.4           # the version, not an unrelated suspicion
+    assert fault["recovered_s"] == 5.0          # measured from the switch at 3.5 s

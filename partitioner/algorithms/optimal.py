@@ -54,6 +54,8 @@ MAX_LABELS = 4_000_000
 MAX_DP_S = 8.0
 # Share of the time left for the heuristic descent before the proof starts.
 DESCENT_SHARE = 0.25
+# Labels per layer of the beam search that seeds the latency phase with a good plan.
+BEAM = 500
 
 
 @dataclass
@@ -188,6 +190,15 @@ class _Search:
         best = self.best if self.best and self.key(self.best)[0] <= tied else None
         if best:
             best = improve(stage, hop, best, tied)
+        n = stage.shape[2]
+        if n <= MAX_CRITICAL:
+            # A beam search with every node critical: a valid plan, usually near the optimum,
+            # so the exact DPs below start with a tight upper bound.
+            guess = relaxed.best_path(stage, hop, "sum", list(range(n)), tied,
+                                      path_latency(stage, hop, best), bounds, beam=BEAM)
+            if guess.path and path_latency(stage, hop, guess.path) < path_latency(stage, hop,
+                                                                                 best):
+                best = improve(stage, hop, guess.path, tied)
         while True:
             upper = path_latency(stage, hop, best)
             found = self.clock.dp(stage, hop, "sum", self.critical, tied, upper, bounds)

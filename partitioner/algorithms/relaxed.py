@@ -186,10 +186,13 @@ def _pairs(label_node: np.ndarray, arc_node: np.ndarray) -> tuple[np.ndarray, np
 
 def best_path(stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[int] = (),
               threshold: float = math.inf, upper: float = math.inf,
-              bounds: Bounds | None = None, max_labels: float | None = None) -> Relaxed | None:
+              bounds: Bounds | None = None, max_labels: float | None = None,
+              beam: int | None = None) -> Relaxed | None:
     """Best relaxed path with every cost <= threshold in which the `critical` nodes appear at
     most once; value inf when there is none with value <= `upper`; None when it would keep
-    more than `max_labels` labels.
+    more than `max_labels` labels. With `beam`, only the `beam` most promising labels of each
+    layer are kept: a heuristic (its path is still valid for the critical set, but neither
+    its value nor its per-state values bound anything).
 
     A label is a state (boundary, node) with the set of critical nodes used on its way (a bit
     mask) and its best value, so there can be 2^len(critical) per state; every label that
@@ -225,6 +228,9 @@ def best_path(stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[i
             done = _Labels(*(np.concatenate([getattr(c, f) for c in chunks])
                              for f in ("node", "mask", "value", "parent", "origin")))
             done = done.best_per_key()
+            if beam is not None and len(done.node) > beam:
+                promise = join(done.value, r.finish_done[b, done.node])
+                done = _select(done, np.argsort(promise, kind="stable")[:beam])
             done_layers[b] = done
             done_min[b] = done.minima(n)
             total += len(done.node)
@@ -242,6 +248,9 @@ def best_path(stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[i
             ready = _Labels(at[arc, 2], done.mask[label], join(done.value[label], cost[arc]),
                             label)
         ready = _select(ready, alive(ready.value, r.finish_ready[b, ready.node])).best_per_key()
+        if beam is not None and len(ready.node) > beam:
+            promise = join(ready.value, r.finish_ready[b, ready.node])
+            ready = _select(ready, np.argsort(promise, kind="stable")[:beam])
         ready_layers[b] = ready
         ready_min[b] = ready.minima(n)
         total += len(ready.node)
