@@ -31,11 +31,18 @@ class Node:
 
 @dataclass
 class Instance:
+    """A planning problem. `frame_overhead_ms` extends the DESIGN.md contract (optional in the
+    JSON, default 0 = the contract's model): the CPU a stage spends per request besides its
+    segments (receiving, checking and sending frames, the agent beside it), in full-core ms,
+    so a stage computes (sum of its segments + frame_overhead_ms) / speed. On hosts of 0.1-0.3
+    cores it is worth 10-25% of a stage's time, which the contract's model leaves out."""
+
     segments: list[Segment]
     input_bytes: int
     nodes: list[Node]
     source: str
     bandwidth_mbps: dict[tuple[str, str], float] = field(default_factory=dict)
+    frame_overhead_ms: float = 0.0
 
     def bandwidth(self, a: str, b: str) -> float | None:
         """Symmetric bandwidth between two endpoints; None when the pair is missing."""
@@ -59,13 +66,16 @@ class Instance:
         raise KeyError(name)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "segments": [asdict(s) for s in self.segments],
             "input_bytes": self.input_bytes,
             "nodes": [asdict(n) for n in self.nodes],
             "source": self.source,
             "bandwidth_mbps": [[a, b, bw] for (a, b), bw in self.bandwidth_mbps.items()],
         }
+        if self.frame_overhead_ms:
+            data["frame_overhead_ms"] = self.frame_overhead_ms
+        return data
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,8 @@ def plan_cost(instance: Instance, stages: list[Stage]) -> PlanCost:
     for stage in stages:
         node = instance.node(stage.node)
         run = instance.segments[stage.first:stage.end]
-        compute.append(sum(s.compute_ms for s in run) / node.speed)
+        compute.append((sum(s.compute_ms for s in run) + instance.frame_overhead_ms)
+                       / node.speed)
         memory.append(sum(s.memory_bytes for s in run))
         hops.append(instance.hop_ms(previous_bytes, previous, stage.node))
         previous, previous_bytes = stage.node, run[-1].output_bytes
@@ -213,7 +224,8 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
     """Validate and build an Instance; InputError names the offending field."""
     if not isinstance(data, dict):
         raise InputError("the instance must be a JSON object", file=file)
-    unknown = set(data) - {"segments", "input_bytes", "nodes", "source", "bandwidth_mbps"}
+    unknown = set(data) - {"segments", "input_bytes", "nodes", "source", "bandwidth_mbps",
+                           "frame_overhead_ms"}
     if unknown:
         raise InputError("unknown field", file=file, field=sorted(unknown)[0])
     for key in ("segments", "input_bytes", "nodes", "source", "bandwidth_mbps"):
@@ -260,8 +272,9 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
             if end not in names and end != source:
                 raise InputError(f"unknown endpoint {end!r}", file=file, field=where)
         bandwidth[(a, b)] = float(_number(mbps, where, file, positive=True))
+    overhead = float(_number(data.get("frame_overhead_ms", 0.0), "frame_overhead_ms", file))
     return Instance(segments, int(_number(data["input_bytes"], "input_bytes", file)), nodes,
-                    source, bandwidth)
+                    source, bandwidth, overhead)
 
 
 def load_instance(path: str | Path) -> Instance:

@@ -77,6 +77,11 @@ AGENT_RSS_BYTES = 28 * MiB          # `import stage_image.agent`: 23.5 MiB; + fe
 WORKER_RSS_BYTES = 60 * MiB         # numpy + onnxruntime + pyzmq + stage_image.worker: 56.9 MiB
 SESSION_OVERHEAD_BYTES = 10 * MiB   # a 2-node session, worker options, after a run: 8.6 MiB
 RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
+# CPU a stage spends per request besides onnxruntime (full-core ms): receiving and sending
+# frames over 1500-byte-MTU veths, header checks, the agent's share. Measured on resnet18
+# pipelines on 0.2-0.3-core hosts as host CPU (cgroup) / rate - profiled compute: 0.8-3.9 ms
+# over seven stages, mean 2.4 (it grows with the bytes moved and with CFS throttling).
+FRAME_OVERHEAD_MS = 2.5
 
 # Copies of a weight onnxruntime holds at its load peak (ORT_ENABLE_ALL), by the reading op.
 # From single-op models of ~80 MB of weights and the zoo's stages (load peak - session cost).
@@ -426,7 +431,8 @@ def instance_for_hosts(profile: ModelProfile, source: str,
     for (a, b), mbps in bandwidth_mbps.items():
         if a != b and a in known and b in known and (b, a) not in bandwidth:
             bandwidth[(a, b)] = float(mbps)
-    return Instance(list(profile.segments), profile.input_bytes, nodes, source, bandwidth)
+    return Instance(list(profile.segments), profile.input_bytes, nodes, source, bandwidth,
+                    FRAME_OVERHEAD_MS)
 
 
 def instance_for_topology(profile: ModelProfile, topology: Any) -> Instance:

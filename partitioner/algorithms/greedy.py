@@ -4,6 +4,8 @@ one; the start whose plan has the lowest bottleneck (then latency) wins."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from partitioner.algorithms.minsum import min_sum_partition
@@ -32,6 +34,6 @@ def greedy(tables: Tables) -> Path:
         path = [(first, end, v) for (first, end), v in zip(groups, chain)]
         if tables.key(path) < tables.key(best):
             best = path
-    if best is None or tables.key(best)[0] == np.inf:
+    if best is None or math.isinf(tables.key(best)[0]):
         raise InfeasibleError("greedy: no start node yields a chain connected to the source")
     return best

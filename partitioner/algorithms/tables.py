@@ -73,7 +73,8 @@ class Tables:
         work = self.prefix_compute[None, :] - self.prefix_compute[:, None]
         need = self.prefix_memory[None, :] - self.prefix_memory[:, None]
         upper = np.triu(np.ones((s + 1, s + 1), dtype=bool), k=1)
-        costs = work[:, :, None] / self.speed[None, None, :]
+        overhead = self.instance.frame_overhead_ms    # per stage, see Instance
+        costs = (work[:, :, None] + overhead) / self.speed[None, None, :]
         fits = upper[:, :, None] & (need[:, :, None] <= self.memory[None, None, :])
         return np.where(fits, costs, math.inf)
 
