@@ -1132,14 +1132,12 @@ class EmulatedNetwork:
         self.record.set_status("stopping")
         problems: list[str] = []
         if self.docker is not None:
-            # A frozen process cannot act on SIGTERM: thaw paused containers first (process
-            # hosts' freezers are thawed by undo(), after their processes were killed).
+            # A frozen process cannot act on SIGTERM: thaw paused containers first, through
+            # their freezer groups (no daemon call that could hang; `docker rm -f` copes
+            # with the daemon still thinking them paused). Process hosts' freezers are
+            # thawed by undo(), after their processes were killed.
             for host in self.docker.containers:
-                try:
-                    self.docker.unpause(host)
-                except (RuntimeError, subprocess.SubprocessError) as exc:
-                    # Keep going: undo() removes the container whatever its state.
-                    problems.append(f"unpause {host}: {exc}")
+                problems += filter(None, [records.thaw(self.docker.cgroup(host, "freezer"))])
         self._terminate_processes(grace_s)
         for shim in self._shims.values():  # they hold no state; undo() kills any that linger
             shim.close()

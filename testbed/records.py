@@ -320,14 +320,19 @@ def our_mount(path: str, run_id: str) -> bool:
 
 
 def thaw(cgroup: str) -> str | None:
-    """Thaw a freezer cgroup: a frozen task does not die of SIGKILL until it is thawed."""
-    state = CGROUP_ROOT / cgroup / "freezer.state"
-    try:
-        state.write_text("THAWED\n")
-    except FileNotFoundError:
+    """Thaw a freezer cgroup and the groups under it (a paused container's, whose state
+    its parent's does not override): a frozen task does not die of SIGKILL until thawed,
+    and a container frozen while runc set up an exec blocks its daemon until thawed."""
+    path = CGROUP_ROOT / cgroup
+    if not path.is_dir():
         return None
-    except OSError as exc:
-        return f"could not thaw {cgroup}: {exc.strerror}"
+    for group in [path, *(Path(entry.path) for entry in os.scandir(path) if entry.is_dir())]:
+        try:
+            (group / "freezer.state").write_text("THAWED\n")
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"could not thaw {group.relative_to(CGROUP_ROOT)}: {exc.strerror}"
     return None
 
 

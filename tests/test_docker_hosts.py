@@ -99,12 +99,14 @@ def network(image: str, state_dir: Path, tmp_path: Path) -> Iterator:
         assert ping(Dockerd().host) == daemon_was_up
 
 
-def _ping_ms(net, src: str, dst: str) -> float | None:
-    """Average RTT of a few pings from src's namespace, None if none came back."""
-    out = net.cmd(src, f"ping -c 3 -i 0.2 -W 1 -q {net.ip(dst)}")
-    for line in out.splitlines():
-        if line.startswith("rtt"):
-            return float(line.split("=")[1].split("/")[1])
+def _ping_ms(net, src: str, dst: str, tries: int = 1) -> float | None:
+    """Average RTT of a few pings from src's namespace, None if none came back in `tries`
+    rounds (a link just brought up may drop its first packets while neighbours resolve)."""
+    for _ in range(tries):
+        out = net.cmd(src, f"ping -c 3 -i 0.2 -W 1 -q {net.ip(dst)}")
+        for line in out.splitlines():
+            if line.startswith("rtt"):
+                return float(line.split("=")[1].split("/")[1])
     return None
 
 
@@ -189,7 +191,7 @@ def test_host_and_io_faults_act_on_docker_hosts(network, tmp_path: Path) -> None
     assert state == "exited"
     # ... healed: docker start, an empty machine on the same network, limits kept.
     net.host_up("edge1")
-    assert _ping_ms(net, "dispatcher", "edge1") is not None
+    assert _ping_ms(net, "dispatcher", "edge1", tries=3) is not None
     assert net.host_pids("edge1") == []
     assert net.host_cpu("edge1") == pytest.approx(0.25)
     net.popen("edge1", ["sleep", "600"], tmp_path / "sleep.log")
