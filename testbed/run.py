@@ -5,6 +5,7 @@ the records are turned into the results directory. Teardown always happens, what
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -156,12 +157,22 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def _exit_reason(returncode: int) -> str:
+    if returncode == -signal.SIGKILL:
+        return ("killed: most likely the dispatcher host's memory limit (see dmesg); give the "
+                "dispatcher more memory in the topology")
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}"
+
+
 def _wait_ready(client: ControlClient, controller: Any, out_dir: Path) -> dict[str, Any]:
     deadline = time.monotonic() + READY_TIMEOUT_S
     last_state = None
     while time.monotonic() < deadline:
         if controller.poll() is not None:
-            raise RuntimeError("the controller exited during deployment:\n"
+            raise RuntimeError(f"the controller exited during deployment "
+                               f"({_exit_reason(controller.returncode)}):\n"
                                + _tail(out_dir / "logs" / "controller.log"))
         status = client.call("status")
         if status:
@@ -199,7 +210,8 @@ def _run_workload(scenario: Scenario, client: ControlClient, controller: Any,
     next_print = time.time()
     while time.time() < deadline:
         if controller.poll() is not None:
-            raise RuntimeError("the controller exited during the run")
+            raise RuntimeError(f"the controller exited during the run "
+                               f"({_exit_reason(controller.returncode)})")
         reply = client.call("status")
         if reply:
             status = reply

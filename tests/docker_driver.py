@@ -2,9 +2,12 @@
 until `testbed/run.py` has it (then delete this file and call run_scenario.py).
 
 The change (the H8 report has it as a patch): `start_agent` starts the agent with
-`net.popen_python`, which runs a Docker host's agent inside its container from the image's
-Python and code, and the network shares the results directory with Docker hosts, so their
-agents write worker logs where process hosts' do.
+`net.popen_python(host, ["-m", "stage_image.agent", ...], log, env)` instead of
+`net.popen(host, [sys.executable, "-m", ...], log, env)` (PYTHONPATH left to popen_python),
+so a Docker host's agent runs inside its container from the image's Python and code; and
+`run_embedded` builds `EmulatedNetwork(topology, shared_dirs=[out_dir])`, so those agents
+write worker logs into the results directory like process hosts' do. Here both are done by
+wrapping run.py's own functions, so this follows run.py as it changes.
 
     python -m tests.docker_driver SCENARIO --out DIR [--duration 20s]
 """
@@ -12,41 +15,47 @@ agents write worker logs where process hosts' do.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from testbed import network, run
-from testbed.driver import CONTROL_PORT, main
-
-AGENT_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from testbed.driver import main
 
 
-def start_agent(net: Any, out_dir: Path, host: str) -> None:
-    """run.start_agent through `popen_python` (the interpreter and code of the host's kind)."""
-    dispatcher = net.topology.dispatcher().name
-    host_logs = out_dir / "logs" / host
-    host_logs.mkdir(parents=True, exist_ok=True)
-    net.popen_python(host, ["-m", "stage_image.agent", "--host", host,
-                            "--controller", f"tcp://{net.ip(dispatcher)}:{CONTROL_PORT}",
-                            "--data-dir", str(net.data_dir(host)), "--ip", net.ip(host),
-                            "--log-dir", str(host_logs)],
-                     host_logs / "agent.log", env=AGENT_ENV)
+class _AgentsByKind:
+    """The network as run.start_agent sees it, with its `popen` of the driver's Python
+    going through `popen_python` (the interpreter and code of the host's kind)."""
+
+    def __init__(self, net: network.EmulatedNetwork) -> None:
+        self._net = net
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._net, name)
+
+    def popen(self, host: str, argv: Sequence[str], log_path: Path,
+              env: Mapping[str, str] | None = None) -> Any:
+        assert argv[0] == sys.executable, argv
+        extra = {k: v for k, v in (env or {}).items() if k != "PYTHONPATH"}
+        return self._net.popen_python(host, argv[1:], log_path, extra)
 
 
-def with_shared_results(out_dir: Path) -> type[network.EmulatedNetwork]:
-    """EmulatedNetwork that shares `out_dir` with Docker hosts (run_embedded builds it)."""
+def main_with_docker_hosts(args: list[str]) -> int:
+    out = Path(args[args.index("--out") + 1]).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    start_agent = run.start_agent
+
+    def start_agent_by_kind(net: network.EmulatedNetwork, *rest: Any) -> None:
+        start_agent(_AgentsByKind(net), *rest)
 
     class SharedResults(network.EmulatedNetwork):
         def __init__(self, topology: Any, **kwargs: Any) -> None:
-            super().__init__(topology, shared_dirs=[out_dir], **kwargs)
+            super().__init__(topology, shared_dirs=[out], **kwargs)
 
-    return SharedResults
+    run.start_agent = start_agent_by_kind
+    network.EmulatedNetwork = SharedResults  # type: ignore[misc]
+    return main(args)
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    out = Path(args[args.index("--out") + 1]).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    run.start_agent = start_agent
-    network.EmulatedNetwork = with_shared_results(out)  # type: ignore[misc]
-    sys.exit(main(args))
+    sys.exit(main_with_docker_hosts(sys.argv[1:]))
