@@ -152,16 +152,21 @@ class DockerHosts:
         """`docker kill`: every process of the machine dies at once (a paused machine too:
         the daemon thaws it to deliver the signal)."""
         container = self.containers[host]
-        if container.init_pid is not None:
-            self._docker("kill", container.node)
-            container.init_pid = None
+        killed = self.daemon.docker("kill", container.node, check=False,
+                                    timeout=DOCKER_TIMEOUT_S)
+        self._refresh(container)
+        if container.init_pid is not None:  # still running: the kill itself failed
+            raise ContainerError(f"docker kill {container.node}: "
+                                 f"{killed.stderr.decode(errors='replace').strip()}")
 
     def start(self, host: str) -> None:
-        """`docker start` a killed machine: the idle init again, no software."""
+        """`docker start` a killed machine (the idle init again, no software); nothing if
+        it runs."""
         container = self.containers[host]
+        self._refresh(container)
         if container.init_pid is None:
             self._docker("start", container.node)
-        self._refresh(container)
+            self._refresh(container)
 
     def pause(self, host: str) -> None:
         self._docker("pause", self.containers[host].node)

@@ -402,8 +402,8 @@ def release_for_runs(host: str, paths: DaemonPaths = DaemonPaths()) -> int | Non
 
 def run_containers(host: str, run_id: str) -> list[str]:
     """Names of the containers (running or not) labelled with this run id; [] when no
-    daemon answers on `host`."""
-    if not ping(host):
+    daemon answers on `host` (or it is not a unix socket, which `ping` cannot ask)."""
+    if not host.startswith("unix://") or not ping(host):
         return []
     listing = Dockerd(host=host).docker("ps", "-a", "--format", "{{.Names}}", "--filter",
                                         f"label={RUN_LABEL}={run_id}", check=False)

@@ -390,7 +390,7 @@ def remove_containers(record: RunRecord) -> list[str]:
         return []
     from testbed.dockerd import Dockerd, DockerError, ping, run_containers
 
-    if not ping(record.docker_host):
+    if record.docker_host.startswith("unix://") and not ping(record.docker_host):
         # A dead daemon runs nothing: what its containers' processes left is killed by
         # kill_cgroup_members (they are in the run's network namespaces) and their cgroups
         # go with ours. Its store may keep the stopped containers; they hold nothing.

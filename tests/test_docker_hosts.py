@@ -296,15 +296,18 @@ def test_clear_stale_runs_removes_a_killed_drivers_containers(image: str, state_
 
 def test_docker_node_failure_scenario(image: str, state_dir: Path, tmp_path: Path) -> None:
     """The scenario end to end: agents in the containers, a docker kill of a pipeline host,
-    nothing lost or wrong. Through tests/docker_driver.py (run_scenario.py with the run.py
-    change for Docker hosts) until testbed/run.py has that change."""
+    nothing lost or wrong. Whether throughput is back to 90% of the new plan's prediction
+    within 10 s depends on the controller and on how busy the machine is (it passed at a
+    load of ~2 on 2 cores, and failed at ~2.5 with the same lost 0 / mismatched 0), so the
+    recovery SLO is printed, not asserted. Through tests/docker_driver.py (run_scenario.py
+    with the run.py change for Docker hosts) until testbed/run.py has that change."""
     from testbed.records import list_records
 
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "tests.docker_driver",
          str(ROOT / "scenarios" / "docker_node_failure.yaml"), "--out", str(out),
-         "--duration", "20s"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "--duration", "25s"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     summary_path = out / "summary.json"
     assert summary_path.exists(), result.stdout + result.stderr[-4000:]
     summary = json.loads(summary_path.read_text())
@@ -321,3 +324,4 @@ def test_docker_node_failure_scenario(image: str, state_dir: Path, tmp_path: Pat
     assert len(hellos) == 3 and all(e["pid"] < 100 for e in hellos)
     assert any((out / "logs" / "edge2").glob("worker_*.log"))
     assert list_records() == []
+    assert result.returncode in (0, 1), result.stderr[-2000:]     # 1: an SLO, not a crash
