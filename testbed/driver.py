@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     backend = args.backend or scenario.backend
-    out_dir = Path(args.out or ROOT / "results" / scenario.name)
+    # Absolute: processes in hosts and containers do not share the driver's working directory.
+    out_dir = Path(args.out or ROOT / "results" / scenario.name).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     from testbed.run import run_embedded
 

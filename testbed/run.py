@@ -97,6 +97,9 @@ def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir
 
 
 PROCESS_ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# The agents': net.popen_python sets PYTHONPATH for the host's kind (this checkout on a
+# process host, the image's code on a Docker host).
+AGENT_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def control_address(out_dir: Path) -> str:
@@ -111,15 +114,15 @@ def control_address(out_dir: Path) -> str:
 def start_agent(net: Any, out_dir: Path, host: str, heartbeat_ms: float | None) -> None:
     """Start (or, after a crash, restart) a host's agent; its log is appended to."""
     dispatcher = net.topology.dispatcher().name
-    host_logs = out_dir / "logs" / host
+    host_logs = out_dir.resolve() / "logs" / host
     host_logs.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "stage_image.agent", "--host", host,
+    args = ["-m", "stage_image.agent", "--host", host,
             "--controller", f"tcp://{net.ip(dispatcher)}:{CONTROL_PORT}",
             "--data-dir", str(net.data_dir(host)), "--ip", net.ip(host),
             "--log-dir", str(host_logs)]
     if heartbeat_ms is not None:
-        argv += ["--heartbeat-ms", f"{heartbeat_ms:g}"]
-    net.popen(host, argv, host_logs / "agent.log", env=PROCESS_ENV)
+        args += ["--heartbeat-ms", f"{heartbeat_ms:g}"]
+    net.popen_python(host, args, host_logs / "agent.log", env=AGENT_ENV)
 
 
 def _start_processes(scenario: Scenario, prepared: Prepared, net: Any, out_dir: Path,
@@ -241,7 +244,8 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
 
     for line in clear_stale_runs():
         log(f"cleared a dead run's leftovers: {line}")
-    net = EmulatedNetwork(scenario.topology)
+    # Docker hosts see the results directory at the same path (their agents' worker logs).
+    net = EmulatedNetwork(scenario.topology, shared_dirs=[out_dir])
     plan_json = {**prepared.plan.to_json(), "model": str(prepared.model_path)}
     (out_dir / "plan.json").write_text(json.dumps(plan_json, indent=1))
     log(f"building network {scenario.topology.name} as run {net.run_id} "

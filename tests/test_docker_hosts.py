@@ -299,13 +299,12 @@ def test_docker_node_failure_scenario(image: str, state_dir: Path, tmp_path: Pat
     nothing lost or wrong. Whether throughput is back to 90% of the new plan's prediction
     within 10 s depends on the controller and on how busy the machine is (it passed at a
     load of ~2 on 2 cores, and failed at ~2.5 with the same lost 0 / mismatched 0), so the
-    recovery SLO is printed, not asserted. Through tests/docker_driver.py (run_scenario.py
-    with the run.py change for Docker hosts) until testbed/run.py has that change."""
+    recovery SLO is printed, not asserted."""
     from testbed.records import list_records
 
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "tests.docker_driver",
+        [sys.executable, str(ROOT / "run_scenario.py"),
          str(ROOT / "scenarios" / "docker_node_failure.yaml"), "--out", str(out),
          "--duration", "25s"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     summary_path = out / "summary.json"
