@@ -4,13 +4,12 @@ algorithms (partitioner.algorithms) only search."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import InputError
+from testbed.errors import InputError, read_json
 
 
 @dataclass(frozen=True)
@@ -278,10 +277,4 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
 
 
 def load_instance(path: str | Path) -> Instance:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", file=path) from exc
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON: {exc.msg}", file=path, line=exc.lineno) from exc
-    return instance_from_json(data, str(path))
+    return instance_from_json(read_json(path), str(path))

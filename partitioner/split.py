@@ -26,7 +26,7 @@ import onnx
 import onnx.utils
 
 from partitioner import cuts as cutlib
-from testbed.errors import InputError
+from testbed.errors import InputError, read_json
 
 STAGES_FILE = "stages.json"
 
@@ -114,12 +114,7 @@ def split_model(model_path: str | os.PathLike[str], cut_indices: list[int],
 
 def load_stages(stage_dir: str | os.PathLike[str]) -> list[StageSpec]:
     path = Path(stage_dir) / STAGES_FILE
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", file=path) from exc
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON: {exc.msg}", file=path, line=exc.lineno) from exc
+    data = read_json(path)
     if not isinstance(data, list):
         raise InputError("expected a list of stages", file=path)
     return [StageSpec(str(s["file"]), list(s["inputs"]), list(s["outputs"])) for s in data]

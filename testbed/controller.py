@@ -108,7 +108,7 @@ from testbed.dispatcher import (
     make_pool,
     vocab_sizes,
 )
-from testbed.errors import EXIT_BAD_INPUT, InputError
+from testbed.errors import EXIT_BAD_INPUT, InputError, read_json
 from testbed.planning import (
     Planner,
     PlanRequest,
@@ -175,13 +175,7 @@ class ControllerConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ControllerConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise InputError(f"cannot read: {exc.strerror}", file=path) from exc
-        except json.JSONDecodeError as exc:
-            raise InputError(f"not valid JSON: {exc.msg}", file=path, line=exc.lineno) from exc
-        return cls.from_json(data, str(path))
+        return cls.from_json(read_json(path), str(path))
 
     @classmethod
     def from_json(cls, data: Any, file: str = "<config>") -> ControllerConfig:

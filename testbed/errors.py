@@ -3,7 +3,9 @@ line and the field, and the CLI turns it into exit code 2."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 EXIT_BAD_INPUT = 2
 
@@ -26,3 +28,13 @@ class InputError(Exception):
         if self.field:
             where += f": {self.field}"
         return f"{where}: {self.reason}"
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; unreadable or invalid files become InputErrors that say where."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror}", file=path) from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON: {exc.msg}", file=path, line=exc.lineno) from exc

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -25,9 +24,10 @@ import pytest
 from testbed import records
 from testbed.faults import FAULTS, Context, FaultTimeline, Hooks
 from testbed.hostmon import HostMonitor
-from testbed.network import EmulatedNetwork, clear_stale_runs, leftovers
+from testbed.network import EmulatedNetwork, leftovers
 from testbed.scenario import Step
 from testbed.topology import load_topology
+from tests.conftest import fresh_run_id
 
 pytestmark = pytest.mark.root
 
@@ -35,28 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STAR5 = ROOT / "topologies" / "star-5.yaml"
 
 
-def fresh_run_id() -> str:
-    """'h6' + 3 random base-36 characters (h6 marks this module's things on the machine)."""
-    return "h6" + "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz")
-                          for _ in range(3))
-
-
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("state")
-    old = os.environ.get(records.STATE_ENV)
-    os.environ[records.STATE_ENV] = str(path)
-    yield path
-    clear_stale_runs()
-    if old is None:
-        del os.environ[records.STATE_ENV]
-    else:
-        os.environ[records.STATE_ENV] = old
-
-
 @pytest.fixture(scope="module")
 def net(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedNetwork]:
-    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id(),
+    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id("tf"),
                               run_dir=tmp_path_factory.mktemp("run"))
     network.build()
     yield network
@@ -452,7 +433,7 @@ def test_timeline_fires_on_time_and_heals_everything(net: EmulatedNetwork) -> No
 def test_stop_with_faults_in_force_leaves_nothing(state_dir: Path, tmp_path: Path) -> None:
     """Frozen processes, a full and read-only disk, delay shims and partitions: stop()
     removes all of it (the freezer cgroup, the shim processes) by the run's record."""
-    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id(), run_dir=tmp_path)
+    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id("tf"), run_dir=tmp_path)
     network.build()
     ctx = Context(network, Hooks())
     proc = network.popen("edge1", ["sleep", "600"], tmp_path / "sleep.log")

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from testbed import network, records
 from testbed.errors import InputError
 from testbed.network import EmulatedNetwork, clear_stale_runs, leftovers
 from testbed.topology import load_topology
+from tests.conftest import fresh_run_id
 
 pytestmark = pytest.mark.root
 
@@ -31,29 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STAR5 = ROOT / "topologies" / "star-5.yaml"
 
 
-def fresh_run_id() -> str:
-    """'h3' + 3 random base-36 characters (h3 marks this module's things on the machine)."""
-    return "h3" + "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz")
-                          for _ in range(3))
-
-
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private state dir: clear_stale_runs() here only ever sees this module's runs."""
-    path = tmp_path_factory.mktemp("state")
-    old = os.environ.get(records.STATE_ENV)
-    os.environ[records.STATE_ENV] = str(path)
-    yield path
-    clear_stale_runs()  # anything a failed test left behind
-    if old is None:
-        del os.environ[records.STATE_ENV]
-    else:
-        os.environ[records.STATE_ENV] = old
-
-
 @pytest.fixture(scope="module")
 def net(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedNetwork]:
-    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id(),
+    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id("tn"),
                               run_dir=tmp_path_factory.mktemp("run"))
     network.build()
     yield network
@@ -208,7 +188,7 @@ def test_topology_delay_and_jitter_are_applied(state_dir: Path, tmp_path: Path) 
                                      "- {endpoints: [edge2, s1], delay: 5ms}")
     path = tmp_path / "delayed.yaml"
     path.write_text(text)
-    with EmulatedNetwork(load_topology(path), run_id=fresh_run_id(), run_dir=tmp_path) as net:
+    with EmulatedNetwork(load_topology(path), run_id=fresh_run_id("tn"), run_dir=tmp_path) as net:
         # -U: user-to-user time (the kernel's receive timestamp predates a receiver's shim)
         out = net.cmd("edge1", f"ping -U -c 10 -i 0.05 {net.ip('edge2')}")
         rtt = float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))
@@ -230,7 +210,7 @@ def test_delay_without_a_mechanism_is_refused_clearly(state_dir: Path, tmp_path:
                                      "- {endpoints: [edge2, s1], delay: 5ms}")
     path = tmp_path / "delayed.yaml"
     path.write_text(text)
-    net = EmulatedNetwork(load_topology(path), run_id=fresh_run_id())
+    net = EmulatedNetwork(load_topology(path), run_id=fresh_run_id("tn"))
     with pytest.raises(InputError) as info:
         net.build()
     assert "link edge2-s1 asks for delay 5ms" in str(info.value)
@@ -252,7 +232,7 @@ def test_loss_by_iptables(state_dir: Path, tmp_path: Path) -> None:
     so a ping across it loses 1 - 0.9^2 = 19%; scenario steps can change it later."""
     path = tmp_path / "lossy.yaml"
     path.write_text(TWO_SWITCHES.replace("bandwidth: 50Mbit", "bandwidth: 50Mbit, loss: 10%"))
-    with EmulatedNetwork(load_topology(path), run_id=fresh_run_id(), run_dir=tmp_path) as net:
+    with EmulatedNetwork(load_topology(path), run_id=fresh_run_id("tn"), run_dir=tmp_path) as net:
         if net.impairment != "iptables":
             pytest.skip(f"this kernel uses {net.impairment} for loss")
         across = _ping_loss(net, "edge2", "dispatcher")
@@ -270,7 +250,7 @@ def test_loss_by_iptables(state_dir: Path, tmp_path: Path) -> None:
 
 
 def test_teardown_leaves_nothing(state_dir: Path, tmp_path: Path) -> None:
-    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id(), run_dir=tmp_path)
+    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id("tn"), run_dir=tmp_path)
     network.build()
     proc = network.popen("edge1", ["sleep", "60"], tmp_path / "sleep.log")
     # a grandchild in its own session still dies: it is in the host's cgroups
@@ -293,7 +273,7 @@ def test_failed_build_removes_what_it_made(state_dir: Path, monkeypatch: pytest.
         raise RuntimeError("injected failure after the network was up")
 
     monkeypatch.setattr(EmulatedNetwork, "_check_links", broken)
-    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id(), run_dir=tmp_path)
+    network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id("tn"), run_dir=tmp_path)
     with pytest.raises(RuntimeError, match="injected"):
         network.build()
     assert leftovers(network.run_id) == []
@@ -332,7 +312,7 @@ def test_killed_driver_is_cleared(state_dir: Path, tmp_path: Path) -> None:
     """Build in a subprocess, SIGKILL it, then clear_stale_runs() removes everything."""
     topology = tmp_path / "two-switches.yaml"
     topology.write_text(TWO_SWITCHES)
-    run_id = fresh_run_id()
+    run_id = fresh_run_id("tn")
     driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, str(topology), run_id,
                                str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
