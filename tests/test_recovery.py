@@ -370,7 +370,7 @@ def test_crash_and_partition(cluster):
     c.signal_node(cut, signal.SIGCONT)                         # the partition heals
     c.wait_event("node.returned", 3, lambda e: e["host"] == cut)
     # its worker of epoch 1 is told the epoch is over, and gives up its route
-    c.wait_event("worker.stopped", 3, lambda e: e["host"] == cut)
+    c.wait_event("worker.stopped", 10, lambda e: e["host"] == cut)
     time.sleep(0.5)
     crash = [e["host"] for e in c("status")["endpoints"]][1]
     crashed_at = time.time()
