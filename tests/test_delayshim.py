@@ -40,7 +40,8 @@ def test_delays_per_source_and_passes_others_at_once() -> None:
     assert direct.accepted is not None and unknown.accepted is not None
     assert delayed.accepted is None
     drain(shim, start + 0.05)
-    assert delayed.accepted is not None and 0.019 <= delayed.accepted - start <= 0.03
+    # lower bound: the delay was applied; upper bound generous for a busy 2-core machine
+    assert delayed.accepted is not None and 0.019 <= delayed.accepted - start <= 0.1
 
 
 def test_jitter_varies_delay_but_never_reorders_a_source() -> None:
@@ -56,7 +57,7 @@ def test_jitter_varies_delay_but_never_reorders_a_source() -> None:
     assert all(a is not None for a in accepted)
     assert accepted == sorted(accepted)                       # FIFO per source
     delays = [a - start for a in accepted]
-    assert min(delays) >= 0.005 and max(delays) <= 0.05
+    assert min(delays) >= 0.005 and max(delays) <= 0.15   # upper: scheduler noise
     assert max(b - a for a, b in zip(delays, delays[1:])) > 0.001   # not one fixed delay
 
 
