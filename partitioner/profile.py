@@ -83,6 +83,11 @@ RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_
 # (cgroup) / rate - profiled compute, 19 stages in 6 runs: 0.8-3.9 ms when the machine was
 # otherwise idle, 3.5-8.3 ms when it was busy; 3.5 ms is the median of all of them.
 FRAME_OVERHEAD_MS = 3.5
+# Topology links give line rates; a stage's frames see TCP payload rate. A full 1514-byte
+# Ethernet frame carries 1448 bytes of payload (IPv4 + TCP with timestamps): 0.956 of the
+# line rate, what iperf3 measures through the testbed's HTB links (9.57 of 10 Mbit, 942 of
+# 1000). Measured bandwidths (`--measure`, iperf3) are payload rates already.
+TCP_PAYLOAD_SHARE = 1448 / 1514
 
 # Copies of a weight onnxruntime holds at its load peak (ORT_ENABLE_ALL), by the reading op.
 # From single-op models of ~80 MB of weights and the zoo's stages (load peak - session cost).
@@ -438,10 +443,12 @@ def instance_for_hosts(profile: ModelProfile, source: str,
 
 def instance_for_topology(profile: ModelProfile, topology: Any) -> Instance:
     """Instance for a `testbed.topology.Topology`: its edge hosts are the nodes, its
-    dispatcher the source, path bandwidth the narrowest link on the route."""
+    dispatcher the source, path bandwidth the TCP payload rate of the narrowest link on the
+    route."""
     hosts = [(h.name, h.cpu, h.memory_bytes) for h in topology.edge_hosts()]
-    return instance_for_hosts(profile, topology.dispatcher().name, hosts,
-                              topology.path_bandwidth_mbps())
+    payload = {pair: mbps * TCP_PAYLOAD_SHARE
+               for pair, mbps in topology.path_bandwidth_mbps().items()}
+    return instance_for_hosts(profile, topology.dispatcher().name, hosts, payload)
 
 
 # -- measuring a real stage process -----------------------------------------------------------

@@ -437,7 +437,12 @@ _CONTROL: dict[str, dict[str, tuple[Check, bool]]] = {
     "chunk": {"sha256": (_check_sha, True), "offset": (_nonneg, True),
               "total": (_nonneg, True),
               "error": (_detail, False)},                        # addition: unknown sha256
+    # k3s backend: a stage pod's worker -> the controller (there is no agent in a pod).
+    "stage_heartbeat": {"host": (_check_host, True), "epoch": (_positive, True),
+                        "stage": (_stage, True), "seq": (_nonneg, True)},
 }
+# A stage heartbeat is a few dozen bytes; the receiver refuses anything larger before parsing.
+MAX_STAGE_HEARTBEAT_BYTES = 512
 CONTROL_TYPES = tuple(_CONTROL)
 
 

@@ -37,6 +37,9 @@ CONFIG.json fields (written by stage_image.agent, or testbed.k8s for a pod):
   (default 4), stats_every_s (default 5.0),
   max_bytes (default 256 MiB), linger_ms (0), parent_pid (the agent: the worker dies with
   it), nice (added to the worker's niceness).
+  Under Kubernetes only (no agent in a pod): heartbeat (the controller's address) and
+  heartbeat_ms (default 200): a thread sends `stage_heartbeat` (host, epoch, stage, seq) there
+  every interval, CURVE-encrypted to the controller's public key when keys are mounted.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +60,14 @@ import onnxruntime as ort
 import zmq
 
 from stage_image.security import KeyPair, apply_client, apply_server
-from stage_image.wire import DEFAULT_MAX_BYTES, FrameError, Limits, decode_tensors, encode_tensors
+from stage_image.wire import (
+    DEFAULT_MAX_BYTES,
+    FrameError,
+    Limits,
+    decode_tensors,
+    encode_control,
+    encode_tensors,
+)
 
 ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -95,6 +106,9 @@ class WorkerConfig:
     linger_ms: int = 0
     parent_pid: int | None = None
     nice: int = 0
+    heartbeat: str | None = None
+    heartbeat_ms: float = 200.0
+    heartbeat_public: str | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> WorkerConfig:
@@ -106,6 +120,8 @@ class WorkerConfig:
         cfg = cls(**data)
         if (cfg.epoch is None) != (cfg.next is None):
             raise ValueError("epoch and next come together (or neither, for a standby)")
+        if cfg.heartbeat is not None and (cfg.epoch is None or not cfg.heartbeat_ms > 0):
+            raise ValueError("a heartbeat needs the epoch it reports and heartbeat_ms > 0")
         return cfg
 
     def initial_routes(self) -> dict[int, Route]:
@@ -123,6 +139,7 @@ class WorkerConfig:
         self.curve_secret = (curve_dir / "own.secret").read_text().strip()
         publics = json.loads((config_dir / "curve-public.json").read_text())
         self.next_public = publics.get(f"stage-{self.stage + 1}", publics["controller"])
+        self.heartbeat_public = publics["controller"]
 
 
 class Throttled:
@@ -178,6 +195,60 @@ def die_with_parent(parent_pid: int) -> None:
     libc.prctl(1, signal.SIGKILL)     # 1 = PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:    # the agent died before prctl took effect
         os._exit(1)
+
+
+class Heartbeat:
+    """Under Kubernetes the pod has no agent: the worker itself tells the controller it is
+    alive. A thread of its own, so a long inference (seconds on a small CPU share) or a
+    blocked downstream never delays a beat. Beats are dropped, never queued, while the
+    controller is unreachable: a stale beat delivered late would vouch for a dead node."""
+
+    def __init__(self, ctx: zmq.Context, cfg: WorkerConfig, keys: KeyPair | None) -> None:
+        assert cfg.heartbeat is not None and cfg.epoch is not None
+        self.interval = cfg.heartbeat_ms / 1000.0
+        self.fields = {"host": cfg.host, "epoch": cfg.epoch, "stage": cfg.stage}
+        self.stop_event = threading.Event()
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, 1)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # ZMTP heartbeats: a connection cut silently (partition) is dropped and re-dialled
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        if keys is not None:
+            if cfg.heartbeat_public is None:
+                raise ValueError("CurveZMQ is on: the heartbeat needs the controller's "
+                                 "public key")
+            apply_client(self.sock, keys, cfg.heartbeat_public)
+        self.sock.connect(cfg.heartbeat)
+        # the socket is created here and then used by the thread alone (ZeroMQ sockets are
+        # not thread-safe; handing one over before first use is allowed)
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            try:
+                self.sock.send_multipart(encode_control("stage_heartbeat", seq=seq,
+                                                        **self.fields), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass            # no connection yet, or the last beat is still queued
+            if self.stop_event.wait(self.interval):
+                break
+        self.sock.close(0)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        else:
+            self.sock.close(0)
 
 
 def make_session(model: str) -> ort.InferenceSession:
@@ -237,10 +308,14 @@ class Worker:
         if cfg.commands:
             self.stdin_fd = sys.stdin.fileno()
             os.set_blocking(self.stdin_fd, False)
+        self.heartbeat = (Heartbeat(self.ctx, cfg, self.keys)
+                          if cfg.heartbeat is not None else None)
         self.window = Counters()
         self.total = Counters()
 
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.pull.close(0)
         for push in self.pushes.values():
             push.close(self.cfg.linger_ms)
@@ -391,6 +466,12 @@ class Worker:
 
     def run(self) -> None:
         print("ready", flush=True)
+        # beats start once the model is loaded and the socket bound: a beat of this epoch
+        # tells the controller that this stage serves
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+            self.log.info("heartbeat to %s every %.0f ms", self.cfg.heartbeat,
+                          self.cfg.heartbeat_ms)
         self.log.info("ready: version %d, PULL %s, routes %s", self.cfg.version,
                       self.cfg.bind, {e: (r.stage, r.next) for e, r in self.routes.items()})
         poller = zmq.Poller()

@@ -61,7 +61,7 @@ CONFIG.json (unknown fields are refused):
   (120), replan (true), version (1), plan (plan.json for epoch 1, instead of solving),
   stages_dir (a split matching that plan, instead of splitting),
   reuse_tolerance (0.05), rejoin_hold_s (5.0), rejoin_margin (0.10), standby (true),
-  standby_per_node (1), replan_delay_s (0.0), drain_s (5.0), unhealthy_hold_s (10.0),
+  standby_per_node (4), replan_delay_s (0.0), drain_s (5.0), unhealthy_hold_s (10.0),
   repository (RUN_DIR/repository), repository_poll_s (0.5), auto_rollout (true),
   base_reserve_bytes (the initial model's activation reserve, when known), curve_keypair
   (a stage_image.security keypair file: CurveZMQ on; agents then need its public key).
@@ -163,7 +163,7 @@ class ControllerConfig:
     rejoin_hold_s: float = 5.0
     rejoin_margin: float = 0.10
     standby: bool = True
-    standby_per_node: int = 1
+    standby_per_node: int = 4
     replan_delay_s: float = 0.0
     drain_s: float = 5.0
     unhealthy_hold_s: float = 10.0
@@ -466,11 +466,19 @@ class Controller:
             avoid = frozenset(s.host for s in self.slots.values() if s.routes)
         if kind == "contingency":
             # new stages where a standby can wait for them: not on nodes that serve (loading
-            # a model there would slow the pipeline), hold a standby already, or that an
-            # earlier contingency plan wants a new stage on
-            avoid = frozenset({s.host for s in self.slots.values() if s.standby or s.routes}
-                              | {p.plan.stages[i].node for p in self.contingency.values()
-                                 for i, f in enumerate(p.stages) if f is not None})
+            # a model there would slow the pipeline) nor on spares whose standby places the
+            # earlier contingency plans have used up (memory is checked when loading)
+            wanted: dict[str, int] = {}
+            for slot in self.slots.values():
+                if slot.standby:
+                    wanted[slot.host] = wanted.get(slot.host, 0) + 1
+            for planned in self.contingency.values():
+                for stage, file in zip(planned.plan.stages, planned.stages):
+                    if file is not None:
+                        wanted[stage.node] = wanted.get(stage.node, 0) + 1
+            avoid = frozenset({s.host for s in self.slots.values() if s.routes}
+                              | {h for h, n in wanted.items()
+                                 if n >= self.cfg.standby_per_node})
         return PlanRequest(kind, reason, version, frozenset(live), base, held, avoid,
                            excluded=excluded, generation=self.next_epoch)
 
@@ -1431,8 +1439,13 @@ class Controller:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--backend" or a.startswith("--backend=") for a in argv):
+        # the k3s backend's control loop (its pod's command, testbed.k8s): its own arguments
+        from testbed.k8s_control import main as k3s_main
+        return k3s_main(argv)
     if len(argv) != 1:
-        print("usage: python -m testbed.controller CONFIG.json", file=sys.stderr)
+        print("usage: python -m testbed.controller CONFIG.json\n"
+              "       python -m testbed.controller --backend k3s ... (--help)", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         cfg = ControllerConfig.load(argv[0])

@@ -19,7 +19,11 @@ How the embedded design maps onto Kubernetes (one to one, see docs/architecture.
                               pod is reached by re-resolving, without kube-proxy conntrack)
 - the controller           -> a Deployment + Service with a ServiceAccount that may manage
                               this namespace's stage objects (Role) and only *read* Nodes
-                              (ClusterRole: Nodes are cluster-scoped, so no Role can grant them)
+                              (ClusterRole: Nodes are cluster-scoped, so no Role can grant them);
+                              what it starts from (settings, planner instance, first plan,
+                              model hash) in a ConfigMap, the model file copied into its volume
+- the agent's heartbeat    -> the stage worker's own `stage_heartbeat` to the controller
+                              Service's control port (testbed/k8s_control.py receives it)
 - CurveZMQ keys            -> a Secret per epoch, one keypair per endpoint; each pod mounts
                               only its own secret key; public keys are in the ConfigMap
 Labels carry the epoch and model version on everything that belongs to one deployment.
@@ -33,7 +37,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +65,10 @@ STAGE_UID = 65532         # the image's USER; the pod security context says the 
 MODEL_DIR = "/models"
 CONFIG_DIR = "/etc/edgepipe"
 CURVE_DIR = "/etc/edgepipe/curve"
+CONTROLLER_INPUT_DIR = "/etc/edgepipe/controller"
+CONTROLLER_MODELS_DIR = "/var/lib/edgepipe/models"
 MiB = 1024 * 1024
+CONFIG_MAP_LIMIT = 1024 * 1024      # the API server refuses larger ConfigMaps
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,9 @@ class K8sSettings:
     # Admit only this namespace's pods to ours. Off for CNIs that would also block the
     # kubelet's probes (not verified on k3s' kube-router yet: docs/lab.md).
     network_policy: bool = True
+    # Stage workers beat to the controller's control port this often (the embedded agents'
+    # default); None: no heartbeats, node health from the API alone.
+    heartbeat_ms: float | None = 200.0
     curve_keys: Mapping[str, Any] | None = None  # name -> security.KeyPair; None: generate
     extra_labels: Mapping[str, str] = field(default_factory=dict)
 
@@ -315,16 +325,25 @@ def stage_next_address(index: int, n_stages: int, settings: K8sSettings) -> str:
     return f"tcp://{service_host(controller_name(), settings.namespace)}:{settings.sink_port}"
 
 
+def heartbeat_address(settings: K8sSettings) -> str:
+    return f"tcp://{service_host(controller_name(), settings.namespace)}:{settings.control_port}"
+
+
 def worker_config(index: int, plan: Plan, stages: Sequence[StageModel],
                   settings: K8sSettings) -> dict[str, Any]:
     """The worker's JSON config (stage_image.worker.WorkerConfig fields) for stage `index`."""
     stage, model = plan.stages[index], stages[index]
-    return {"host": stage.node, "epoch": settings.epoch, "stage": index,
-            "version": settings.model_version, "model": f"{MODEL_DIR}/stage.onnx",
-            # Bind on all of the pod's addresses: its IP is not known when this is written.
-            "bind": f"tcp://*:{settings.data_port()}",
-            "next": stage_next_address(index, len(plan.stages), settings),
-            "inputs": list(model.inputs), "outputs": list(model.outputs)}
+    config: dict[str, Any] = {
+        "host": stage.node, "epoch": settings.epoch, "stage": index,
+        "version": settings.model_version, "model": f"{MODEL_DIR}/stage.onnx",
+        # Bind on all of the pod's addresses: its IP is not known when this is written.
+        "bind": f"tcp://*:{settings.data_port()}",
+        "next": stage_next_address(index, len(plan.stages), settings),
+        "inputs": list(model.inputs), "outputs": list(model.outputs)}
+    if settings.heartbeat_ms is not None:
+        config["heartbeat"] = heartbeat_address(settings)
+        config["heartbeat_ms"] = settings.heartbeat_ms
+    return config
 
 
 def config_map_manifest(plan: Plan, stages: Sequence[StageModel], settings: K8sSettings,
@@ -472,14 +491,130 @@ def stage_service(index: int, settings: K8sSettings) -> Manifest:
 
 # --- the controller ------------------------------------------------------------------------
 
-def controller_manifests(settings: K8sSettings) -> list[Manifest]:
+# What a controller may be started from: every field but the per-epoch ones (the controller
+# numbers the epochs and makes fresh keys for each) and how the controller itself is run.
+_SETTINGS_NOT_IN_JSON = {"epoch", "curve_keys", "controller_command"}
+
+
+def settings_to_json(settings: K8sSettings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(K8sSettings):
+        if f.name in _SETTINGS_NOT_IN_JSON:
+            continue
+        value = getattr(settings, f.name)
+        if f.name == "nodes":
+            value = {name: {"cpu": r.cpu, "memory_bytes": r.memory_bytes}
+                     for name, r in value.items()}
+        elif f.name == "extra_labels":
+            value = dict(value)
+        out[f.name] = value
+    return out
+
+
+def settings_from_json(data: Any) -> K8sSettings:
+    """The inverse of settings_to_json; ValueError names what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("settings must be a JSON object")
+    known = {f.name for f in fields(K8sSettings)} - _SETTINGS_NOT_IN_JSON
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown settings fields {unknown}")
+    nodes = data.get("nodes")
+    if not isinstance(nodes, dict) or not nodes:
+        raise ValueError("settings need nodes: {name: {cpu, memory_bytes}}")
+    try:
+        resources = {str(name): NodeResources(float(r["cpu"]), int(r["memory_bytes"]))
+                     for name, r in nodes.items()}
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"settings.nodes: {exc}") from exc
+    return K8sSettings(**{**data, "nodes": resources})
+
+
+def controller_inputs_name() -> str:
+    return f"{NAME}-controller-inputs"
+
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ControllerInputs:
+    """What the controller starts from besides the settings: the planner instance (JSON),
+    the first epoch's plan (plan.json; None: the controller solves), and the model file's
+    name and SHA-256. The model itself is too large for a ConfigMap (1 MiB): it is copied
+    into the controller's models volume, and the controller waits until a file of that
+    hash is there (docs/lab.md)."""
+
+    instance: Mapping[str, Any]
+    model_sha256: str
+    plan: Mapping[str, Any] | None = None
+    model_file: str = "model.onnx"
+    algorithm: str = "auto"
+    time_limit_s: float = 2.0
+
+    def files(self, settings: K8sSettings) -> dict[str, str]:
+        """The input directory's files (the ConfigMap's keys)."""
+        if not _FILE_NAME.match(self.model_file):
+            raise ValueError(f"model_file {self.model_file!r} must be a plain file name")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.model_sha256):
+            raise ValueError("model_sha256 must be 64 hex digits")
+        out = {"settings.json": json.dumps(settings_to_json(settings), indent=1),
+               "instance.json": json.dumps(dict(self.instance)),
+               "controller.json": json.dumps(
+                   {"model_file": self.model_file, "model_sha256": self.model_sha256,
+                    "algorithm": self.algorithm, "time_limit_s": self.time_limit_s},
+                   indent=1)}
+        if self.plan is not None:
+            out["plan.json"] = json.dumps(dict(self.plan), indent=1)
+        return out
+
+
+def load_controller_inputs(directory: str | Path) -> tuple[K8sSettings, ControllerInputs]:
+    """Read an input directory written from ControllerInputs.files (the mounted ConfigMap,
+    or the same files on disk). ValueError or OSError names what is wrong."""
+    directory = Path(directory)
+    settings = settings_from_json(json.loads((directory / "settings.json").read_text()))
+    control = json.loads((directory / "controller.json").read_text())
+    if not isinstance(control, dict) or set(control) != {"model_file", "model_sha256",
+                                                         "algorithm", "time_limit_s"}:
+        raise ValueError("controller.json needs exactly model_file, model_sha256, algorithm, "
+                         "time_limit_s")
+    plan_path = directory / "plan.json"
+    inputs = ControllerInputs(
+        instance=json.loads((directory / "instance.json").read_text()),
+        model_sha256=control["model_sha256"],
+        plan=json.loads(plan_path.read_text()) if plan_path.exists() else None,
+        model_file=control["model_file"], algorithm=control["algorithm"],
+        time_limit_s=float(control["time_limit_s"]))
+    inputs.files(settings)          # the same checks as when they were written
+    return settings, inputs
+
+
+def controller_inputs_manifest(inputs: ControllerInputs, settings: K8sSettings) -> Manifest:
+    data = inputs.files(settings)
+    size = sum(len(k) + len(v.encode()) for k, v in data.items())
+    if size > CONFIG_MAP_LIMIT:
+        raise ValueError(f"the controller's inputs are {size} bytes, more than a ConfigMap "
+                         f"holds ({CONFIG_MAP_LIMIT})")
+    # Not immutable: a new run re-applies it, and the controller reads it once at start.
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(controller_inputs_name(), settings,
+                              base_labels("controller", settings)),
+            "data": data}
+
+
+def controller_manifests(settings: K8sSettings,
+                         inputs: ControllerInputs | None = None) -> list[Manifest]:
+    """The controller's Deployment and Service, and its inputs ConfigMap when given (the
+    Deployment mounts it either way: the pod starts once the ConfigMap exists)."""
     name = controller_name()
     # No epoch labels: the controller outlives epochs (it is the one that changes them).
     labels = base_labels("controller", settings)
     selector = {LABEL_NAME: NAME, LABEL_COMPONENT: "controller"}
     command = list(settings.controller_command or [
         "python3", "-m", "testbed.controller", "--backend", "k3s",
-        "--namespace", settings.namespace, "--models", "/var/lib/edgepipe/models"])
+        "--namespace", settings.namespace, "--models", CONTROLLER_MODELS_DIR,
+        "--inputs", CONTROLLER_INPUT_DIR])
     budget = NodeResources(settings.controller_cpu, settings.controller_memory_bytes)
     if settings.controller_node and settings.controller_node in settings.nodes:
         budget = settings.nodes[settings.controller_node]
@@ -495,14 +630,18 @@ def controller_manifests(settings: K8sSettings) -> list[Manifest]:
                       {"name": "models", "containerPort": settings.model_port},
                       {"name": "sink", "containerPort": settings.sink_port}],
             "resources": _resources(budget.cpu, budget.memory_bytes),
-            "volumeMounts": [{"name": "models", "mountPath": "/var/lib/edgepipe/models"},
+            "volumeMounts": [{"name": "models", "mountPath": CONTROLLER_MODELS_DIR},
+                             {"name": "inputs", "mountPath": CONTROLLER_INPUT_DIR,
+                              "readOnly": True},
                              {"name": "tmp", "mountPath": "/tmp"}],
             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "models"},
                                "periodSeconds": 2},
             "securityContext": _restricted_container_security(),
         }],
-        # The root filesystem is read-only: the split models and scratch files go here.
-        "volumes": [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        # The root filesystem is read-only: the model, its split stages, scratch files here.
+        "volumes": [{"name": "models", "emptyDir": {}},
+                    {"name": "inputs", "configMap": {"name": controller_inputs_name()}},
+                    {"name": "tmp", "emptyDir": {}}],
     }
     if settings.controller_node:
         pod_spec["nodeSelector"] = {HOSTNAME_LABEL: settings.controller_node}
@@ -524,7 +663,8 @@ def controller_manifests(settings: K8sSettings) -> list[Manifest]:
                             "targetPort": "models"},
                            {"name": "sink", "port": settings.sink_port, "targetPort": "sink"}]},
     }
-    return [deployment, service]
+    config = [controller_inputs_manifest(inputs, settings)] if inputs is not None else []
+    return [*config, deployment, service]
 
 
 # --- all of it -----------------------------------------------------------------------------
@@ -558,11 +698,12 @@ def epoch_manifests(plan: Plan, stages: Sequence[StageModel],
     return out
 
 
-def manifests(plan: Plan, stages: Sequence[StageModel], settings: K8sSettings) -> list[Manifest]:
+def manifests(plan: Plan, stages: Sequence[StageModel], settings: K8sSettings,
+              inputs: ControllerInputs | None = None) -> list[Manifest]:
     """Every object of a deployment, in apply order."""
     policy = [network_policy_manifest(settings)] if settings.network_policy else []
     return [namespace_manifest(settings), *rbac_manifests(settings), *policy,
-            *controller_manifests(settings), *epoch_manifests(plan, stages, settings)]
+            *controller_manifests(settings, inputs), *epoch_manifests(plan, stages, settings)]
 
 
 def _file_for(manifest: Manifest) -> str:
@@ -574,6 +715,8 @@ def _file_for(manifest: Manifest) -> str:
         return "01-rbac.yaml"
     if kind == "NetworkPolicy":
         return "02-network-policy.yaml"
+    if kind == "ConfigMap" and name == controller_inputs_name():
+        return "10-controller.yaml"
     if kind in ("ConfigMap",):
         return "03-config.yaml"
     if kind == "Secret":
@@ -587,13 +730,13 @@ def _file_for(manifest: Manifest) -> str:
 
 
 def write_manifests(plan: Plan, stages: Sequence[StageModel], settings: K8sSettings,
-                    out_dir: str | Path) -> list[Path]:
+                    out_dir: str | Path, inputs: ControllerInputs | None = None) -> list[Path]:
     """Write every manifest to OUT_DIR/k8s/*.yaml (files sorted in apply order, several
     documents per file); `kubectl apply -f OUT_DIR/k8s/` deploys them. Returns the files."""
     target = Path(out_dir) / "k8s"
     target.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[Manifest]] = {}
-    for manifest in manifests(plan, stages, settings):
+    for manifest in manifests(plan, stages, settings, inputs):
         groups.setdefault(_file_for(manifest), []).append(manifest)
     written = []
     for filename in sorted(groups):

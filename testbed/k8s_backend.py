@@ -2,11 +2,11 @@
 patching Deployments, and serve stage models to the init containers over HTTP.
 
 Division of labour: what to deploy is testbed/k8s.py (manifests); when to re-plan and what the
-new plan is belongs to the controller (testbed/controller.py), which calls this backend the way
-it calls the embedded agents. Here, every decision is a pure function of Kubernetes client
-model objects (V1Node, V1Pod, V1Deployment, ...), unit-tested without a cluster; the API calls
-in `K3sBackend` are thin wrappers around those decisions. No cluster can run on the project's
-machines, so the class is exercised only in the lab VM (docs/lab.md).
+new plan is belongs to the k3s control loop (testbed/k8s_control.py), which calls this backend
+the way the embedded controller calls its agents. Here, every decision is a pure function of
+Kubernetes client model objects (V1Node, V1Pod, V1Deployment, ...), unit-tested without a
+cluster; the API calls in `K3sBackend` are thin wrappers around those decisions. No cluster can
+run on the project's machines, so the class is exercised only in the lab VM (docs/lab.md).
 
 Node health combines two signals. The API's Ready condition is authoritative but slow (the
 node controller marks a node NotReady only after its grace period, 40-50 s); our own
@@ -203,6 +203,18 @@ def rollout_actions(existing: Iterable[client.V1Deployment], desired: Sequence[M
     return rollout
 
 
+def latest_epoch(objects: Iterable[Any]) -> int:
+    """The highest epoch label among our objects (0: none). A restarted controller numbers
+    its first epoch after it: an epoch's ConfigMap and Secret are immutable, so a number is
+    never used twice."""
+    epochs = [0]
+    for obj in objects:
+        labels = _labels(obj)
+        if labels.get(LABEL_NAME) == NAME and labels.get(LABEL_EPOCH, "").isdigit():
+            epochs.append(int(labels[LABEL_EPOCH]))
+    return max(epochs)
+
+
 def stale_epoch_objects(objects: Iterable[Any], current_epoch: int, keep: int = 1) -> list[str]:
     """Names of per-epoch objects (ConfigMaps, Secrets) older than the `keep` epochs before
     `current_epoch`. The previous epoch is kept by default: its pods may still be
@@ -393,6 +405,17 @@ class K3sBackend:
     def stage_pods(self) -> list[client.V1Pod]:
         return self.core.list_namespaced_pod(self.namespace,
                                              label_selector=STAGE_SELECTOR).items
+
+    def nodes(self) -> list[client.V1Node]:
+        return self.core.list_node().items
+
+    def epoch_objects(self) -> list[Any]:
+        """Our stage Deployments and per-epoch ConfigMaps: what `latest_epoch` reads."""
+        selector = f"{LABEL_NAME}={NAME}"
+        return [*self.apps.list_namespaced_deployment(self.namespace,
+                                                      label_selector=STAGE_SELECTOR).items,
+                *self.core.list_namespaced_config_map(self.namespace,
+                                                      label_selector=selector).items]
 
     def watch_nodes(self, on_event: Callable[[str, client.V1Node], None],
                     stop: threading.Event, timeout_s: int = 30) -> None:

@@ -13,6 +13,7 @@ graph surgery, and are cached per (model version, cuts).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -73,7 +74,8 @@ def restrict(instance: Instance, live: set[str]) -> Instance:
     keep = live | {instance.source}
     bandwidth = {pair: bw for pair, bw in instance.bandwidth_mbps.items()
                  if pair[0] in keep and pair[1] in keep}
-    return Instance(instance.segments, instance.input_bytes, nodes, instance.source, bandwidth)
+    # replace(), not a new Instance: every other field (the per-frame overhead) carries over
+    return dataclasses.replace(instance, nodes=nodes, bandwidth_mbps=bandwidth)
 
 
 @dataclass(frozen=True)
@@ -239,12 +241,13 @@ def split_model(model: Path, cuts: list[int], out_dir: Path) -> None:
 
 def version_instance(base: Instance, manifest: Any, base_reserve: int | None) -> Instance:
     """The planner instance of a published version: its own segments and input size, the
-    cluster's nodes and bandwidth. Node memory is the host's memory less a per-model
-    activation reserve; when the reserve of the base model is known, the difference is
-    applied, else both are taken as equal."""
+    cluster's nodes, bandwidth and per-frame overhead. Node memory is the host's memory less
+    a per-model activation reserve; when the reserve of the base model is known, the
+    difference is applied, else both are taken as equal."""
     from partitioner.instance import Node
 
     delta = 0 if base_reserve is None else base_reserve - manifest.activation_reserve_bytes
     nodes = [Node(n.name, n.speed, max(0, n.memory_bytes + delta)) for n in base.nodes]
-    return Instance(list(manifest.segments), manifest.input_bytes, nodes, base.source,
-                    dict(base.bandwidth_mbps))
+    return dataclasses.replace(base, segments=list(manifest.segments),
+                               input_bytes=manifest.input_bytes, nodes=nodes,
+                               bandwidth_mbps=dict(base.bandwidth_mbps))

@@ -161,7 +161,10 @@ def test_pipeline_addresses_chain_to_the_sink(all_manifests) -> None:
     assert stage1["next"] == "tcp://edgepipe-controller.edgepipe.svc.cluster.local:19000"
     assert stage0["bind"] == f"tcp://*:{port}" and stage0["host"] == "edge1"
     assert set(stage0) == {"host", "epoch", "stage", "version", "model", "bind", "next",
-                           "inputs", "outputs"}       # stage_image.worker.WorkerConfig
+                           "inputs", "outputs", "heartbeat",
+                           "heartbeat_ms"}       # stage_image.worker.WorkerConfig
+    # stage pods beat to the controller Service's control port (testbed/k8s_control.py)
+    assert stage0["heartbeat"] == "tcp://edgepipe-controller.edgepipe.svc.cluster.local:18000"
     assert config["immutable"] is True
 
 

@@ -187,9 +187,10 @@ def test_instance_for_topology(resnet18, tmp_path):
     assert [(n.name, n.speed) for n in instance.nodes] == [("e1", 0.5), ("e2", 0.25)]
     assert instance.node("e2").memory_bytes == profile.node_memory_bytes(
         256 * MiB, resnet18.activation_reserve_bytes)
-    assert instance.bandwidth("d", "e1") == 100.0
-    assert instance.bandwidth("e1", "e2") == 20.0
-    assert instance.bandwidth("e2", "d") == 20.0
+    share = profile.TCP_PAYLOAD_SHARE                    # line rate -> TCP payload rate
+    assert instance.bandwidth("d", "e1") == pytest.approx(100.0 * share)
+    assert instance.bandwidth("e1", "e2") == pytest.approx(20.0 * share)
+    assert instance.bandwidth("e2", "d") == pytest.approx(20.0 * share)
 
 
 def _topology_file(tmp_path) -> str:

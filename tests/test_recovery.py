@@ -73,6 +73,29 @@ def test_reuse_rule_prefers_running_stages_within_tolerance():
     assert policy.choose([fast, near], 2, held, 0.05).reused == 0
 
 
+def test_version_instance_keeps_the_cluster_cost_model(tmp_path):
+    """A re-plan prices stages like the initial plan: same nodes, bandwidth and per-frame
+    overhead (losing the overhead once made re-plans prefer other cuts than the first plan)."""
+    from testbed.planning import restrict, version_instance
+    from testbed.repository import Manifest
+
+    base = _instance({"a": 0.5, "b": 1.0})
+    base.frame_overhead_ms = 3.5
+    manifest = Manifest(2, tmp_path, "0" * 64, 1, 0.0, "test",
+                        [Segment(5.0, 10, 100)] * 3, 400, 15.0, 1000)
+    inst = version_instance(base, manifest, base_reserve=3000)
+    assert inst.frame_overhead_ms == 3.5
+    assert inst.bandwidth_mbps == base.bandwidth_mbps and inst.input_bytes == 400
+    assert [(n.name, n.speed, n.memory_bytes) for n in inst.nodes] == [
+        ("a", 0.5, (1 << 30) + 2000), ("b", 1.0, (1 << 30) + 2000)]
+    from partitioner.instance import plan_cost
+
+    assert plan_cost(inst, [Stage(0, 3, "a")]).compute_ms == [pytest.approx((15.0 + 3.5) / 0.5)]
+    live = restrict(inst, {"b"})                    # the re-plan after losing a
+    assert [n.name for n in live.nodes] == ["b"] and live.frame_overhead_ms == 3.5
+    assert set(live.bandwidth_mbps) == {("dispatcher", "b")}
+
+
 def test_rejoin_margin():
     inst = _instance({"a": 1.0, "b": 1.0, "c": 1.0})
     current = Plan.of(inst, [Stage(0, 3, "a"), Stage(3, 6, "b")], "x", False)    # 30 ms
@@ -313,7 +336,8 @@ def kinds(c: Cluster) -> list[str]:
 
 def test_worker_death_replans_reuses_and_replays(cluster):
     """A worker process dies (its agent lives): reported at once, the host is left out, the
-    re-plan keeps the surviving workers (same processes) and everything is answered once."""
+    re-plan keeps the surviving workers (same processes), the spare's standby takes the lost
+    stage, and everything is answered once."""
     c = cluster({"edge1": 1.0, "edge2": 1.0, "edge3": 1.0, "edge4": 1.0})
     ready = c.ready()
     hosts = [e["host"] for e in ready["endpoints"]]
@@ -334,7 +358,8 @@ def test_worker_death_replans_reuses_and_replays(cluster):
     failed = next(e for e in events if e["type"] == "worker.failed" and e["host"] == victim)
     assert failed["t"] - killed_at < 0.5                      # reported at once, no heartbeat
     deployed = next(e for e in events if e["type"] == "plan.deployed" and e["epoch"] >= 2)
-    assert deployed["reused_stages"] == 2 and deployed["replayed"] > 0
+    # the two survivors and the standby that waited on the spare for the lost stage
+    assert deployed["reused_stages"] == 3 and deployed["replayed"] > 0
     # the two surviving stages kept their processes: no restart, no reload
     for host in hosts:
         if host != victim:
@@ -351,8 +376,9 @@ def test_crash_and_partition(cluster):
                 rejoin_hold_s=30.0, workload={"mode": "closed", "concurrency": 4,
                                               "duration_s": 7.0, "timeout_s": 2.0,
                                               "drain_timeout_s": 8.0, "pool_size": 8})
+    # one standby per stage: whichever node is lost, its stage is waiting on a spare
     ready = c.wait("standbys loaded", lambda s: s["state"] == "ready" and len(
-        s["standbys"]) == 2 and all(x["state"] == "ready" for x in s["standbys"]), 40)
+        s["standbys"]) == 3 and all(x["state"] == "ready" for x in s["standbys"]), 40)
     hosts = [e["host"] for e in ready["endpoints"]]
     assert not {s["host"] for s in ready["standbys"]} & set(hosts)
     assert c("start_workload")["ok"]
