@@ -28,8 +28,9 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
+# Both images: the stage image, and FROM it the k3s controller's (each rebuilt only if stale).
 image: setup
-	$(PY) -m stage_image.build_image
+	$(PY) -m stage_image.build_image --target controller
 
 # Only inside the lab VM (Vagrantfile): k3s in Docker hosts over shaped links.
 lab-test: setup

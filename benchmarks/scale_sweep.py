@@ -37,9 +37,22 @@ def topology_text(size: int, cpu: float, bandwidth: str) -> str:
             f"links:\n  - {{endpoints: [dispatcher, s1], bandwidth: 1Gbit}}\n{links}")
 
 
+def planned_stages(model: str, topology: Path) -> int:
+    """How many stages the run's plan will have (the driver's profile and solver)."""
+    sys.path.insert(0, str(ROOT))
+    from partitioner.algorithms import solve
+    from partitioner.profile import instance_for_topology, profile_model
+    from testbed.topology import load_topology
+
+    instance = instance_for_topology(profile_model(model, progress=False),
+                                     load_topology(topology))
+    return len(solve(instance, "auto", time_limit_s=2.0, seed=0).stages)
+
+
 def scenario_text(size: int, model: str, topology: Path, duration: str, warmup: str) -> str:
-    # A closed loop needs enough requests in flight to keep every stage and hop busy.
-    concurrency = max(4, 2 * size + 2)
+    # A closed loop needs enough requests in flight to keep every stage and hop busy, and no
+    # more: extra ones only queue (the plan may use fewer hosts than there are).
+    concurrency = max(4, 2 * planned_stages(model, topology) + 2)
     return (f"name: sweep-{model}-{size}\n"
             f"topology: {topology}\n"
             f"model: {{zoo: {model}}}\n"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make lab-test` in the lab VM (docs/lab.md): a k3s cluster in Docker with one node per
-# topology host (CPU and memory limits from the topology), the stage image imported into it,
-# the scenario's manifests checked by the real API server (server-side dry run: schema,
-# defaulting and Pod Security admission), then the scenario run with the k3s backend.
+# topology host (CPU and memory limits from the topology), the stage and controller images
+# imported into it, the scenario's manifests checked by the real API server (server-side dry
+# run: schema, defaulting and Pod Security admission), then the scenario run with the k3s
+# backend.
 # The cluster is removed at the end, also on failure or Ctrl-C.
 #
 #   sudo lab/lab-test.sh [SCENARIO]      (default: scenarios/baseline.yaml)
@@ -41,6 +42,7 @@ EOF
 trap '"$CLUSTER" down' EXIT
 "$CLUSTER" up "${NODES[@]}"
 "$CLUSTER" import edgepipe-stage:latest
+"$CLUSTER" import edgepipe-controller:latest
 # Each host's link to its switch, from the topology (lab VMs have sch_netem for the delay).
 "$PY" - "$SCENARIO" <<'EOF' | while read -r name mbit delay; do "$CLUSTER" shape "$name" "$mbit" "$delay"; done
 import sys

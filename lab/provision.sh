@@ -3,7 +3,8 @@
 #
 # Installs Docker (Ubuntu's docker.io, running under systemd), the project via the same
 # `make setup` as CI, Containernet from source into the project's venv, the k3s image, and
-# builds the stage image. Environment: PROJECT_DIR, K3S_IMAGE, CONTAINERNET_REF.
+# builds the stage and controller images. Environment: PROJECT_DIR, K3S_IMAGE,
+# CONTAINERNET_REF.
 set -euo pipefail
 
 PROJECT_DIR=${PROJECT_DIR:-/vagrant}
@@ -46,10 +47,10 @@ git -C "$src" fetch -q origin && git -C "$src" checkout -q "$CONTAINERNET_REF"
 echo "== k3s image ($K3S_IMAGE)"
 docker pull "$K3S_IMAGE"
 
-echo "== the stage image, built against the system dockerd"
+echo "== the stage and controller images, built against the system dockerd"
 # The VM's dockerd runs under systemd with iptables on: build there (no private daemon),
 # from Docker Hub's debian image, which is reachable here.
 EDGEPIPE_DOCKER_HOST=unix:///var/run/docker.sock BASE=debian:bookworm-slim \
-  .venv/bin/python -m stage_image.build_image --quiet
+  .venv/bin/python -m stage_image.build_image --quiet --target controller
 
 echo "== done: vagrant ssh, then: cd $PROJECT_DIR && sudo make lab-test"

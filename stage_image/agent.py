@@ -57,6 +57,18 @@ from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_con
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # so `-m stage_image.worker` imports
 STOP_GRACE_S = 3.0
 
+def parse_load(line: str) -> tuple[int, float] | None:
+    """`load FRAMES MS` from a worker's stdout (None if it is not one)."""
+    parts = line.split()
+    try:
+        frames, mean_ms = int(parts[1]), float(parts[2])
+    except (IndexError, ValueError):
+        return None
+    if len(parts) != 3 or frames < 0 or not 0.0 <= mean_ms < 1e7:
+        return None
+    return frames, mean_ms
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -94,6 +106,7 @@ class WorkerRecord:
     deadline: float = 0.0             # start timeout, then kill deadline once stopping
     stopping: bool = False
     log_path: Path | None = None
+    load: tuple[int, float] | None = None    # the worker's last `load FRAMES MS` line
 
     @property
     def alive(self) -> bool:
@@ -185,6 +198,7 @@ class Agent:
         self.send("heartbeat", host=self.host, seq=self.seq,
                   workers=[{"port": r.port, "sha256": r.sha256, "state": r.state,
                             "standby": r.standby,
+                            "load": list(r.load) if r.load is not None else None,
                             "routes": [[e, r.routes[e][0]] for e in sorted(r.confirmed)
                                        if e in r.routes]}
                            for r in self.workers.values()])
@@ -501,6 +515,8 @@ class Agent:
             rec.confirmed |= rec.in_config & set(rec.routes)
             self.report(rec, "ready", reason="started",
                         epochs=sorted(rec.confirmed) if rec.routes else [0])
+        elif line.startswith("load "):
+            rec.load = parse_load(line)
         elif line.startswith("routed "):
             epoch = int(line.split()[1])
             if epoch in rec.routes and epoch not in rec.confirmed:

@@ -330,7 +330,19 @@ def _check_reason(value: Any, what: str) -> str:
     return value
 
 
-_WORKER_ENTRY_KEYS = {"port", "sha256", "state", "standby", "routes"}
+_WORKER_ENTRY_KEYS = {"port", "sha256", "state", "standby", "routes", "load"}
+
+
+def _check_load(value: Any, what: str) -> list[Any] | None:
+    """[frames, mean compute ms] of the worker's last second, or null before the first."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise FrameError(f"{what} must be [frames, mean compute ms] or null")
+    _int(value[0], f"{what} frames", 0, 1_000_000)
+    if not 0 <= _float(value[1], f"{what} mean compute ms") < 1e7:
+        raise FrameError(f"{what} mean compute ms must be in [0, 1e7)")
+    return value
 
 
 def _check_routes(value: Any, what: str) -> list[list[int]]:
@@ -360,6 +372,7 @@ def _check_workers(value: Any, what: str) -> list[dict[str, Any]]:
         if not isinstance(entry["standby"], bool):
             raise FrameError("standby must be true or false")
         _check_routes(entry["routes"], "routes")
+        _check_load(entry["load"], "load")
     return value
 
 

@@ -37,6 +37,9 @@ CONFIG.json fields (written by stage_image.agent, or testbed.k8s for a pod):
   (default 4), stats_every_s (default 5.0),
   max_bytes (default 256 MiB), linger_ms (0), parent_pid (the agent: the worker dies with
   it), nice (added to the worker's niceness).
+  With commands on (an agent reads stdout), every LOAD_EVERY_S it prints `load FRAMES MS`:
+  frames computed in that second and their mean onnxruntime wall time, which the agent puts
+  in its heartbeat (the controller's straggler check).
   Under Kubernetes only (no agent in a pod): heartbeat (the controller's address) and
   heartbeat_ms (default 200): a thread sends `stage_heartbeat` (host, epoch, stage, seq) there
   every interval, CURVE-encrypted to the controller's public key when keys are mounted.
@@ -197,6 +200,9 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+LOAD_EVERY_S = 1.0
+
+
 class Heartbeat:
     """Under Kubernetes the pod has no agent: the worker itself tells the controller it is
     alive. A thread of its own, so a long inference (seconds on a small CPU share) or a
@@ -312,6 +318,7 @@ class Worker:
                           if cfg.heartbeat is not None else None)
         self.window = Counters()
         self.total = Counters()
+        self.load = Counters()          # the current LOAD_EVERY_S window, for the agent
 
     def close(self) -> None:
         if self.heartbeat is not None:
@@ -419,6 +426,8 @@ class Worker:
         elapsed = time.perf_counter() - started
         self.window.compute_s += elapsed
         self.window.compute_max_s = max(self.window.compute_max_s, elapsed)
+        self.load.frames += 1
+        self.load.compute_s += elapsed
         produced = dict(zip(self.computed, results, strict=True))
         out = [(name, produced[name] if name in produced else frame.tensors[name])
                for name in cfg.outputs]
@@ -478,13 +487,18 @@ class Worker:
         poller.register(self.pull, zmq.POLLIN)
         if self.stdin_fd is not None:
             poller.register(self.stdin_fd, zmq.POLLIN)
-        window_start = time.monotonic()
+        window_start = load_start = time.monotonic()
         busy = False
         while not self.stopping:
             now = time.monotonic()
             if now - window_start >= self.cfg.stats_every_s:
                 self._flush_stats(now - window_start)
                 window_start = now
+            if self.stdin_fd is not None and now - load_start >= LOAD_EVERY_S:
+                frames = self.load.frames
+                mean_ms = 1000 * self.load.compute_s / frames if frames else 0.0
+                print(f"load {frames} {mean_ms:.3f}", flush=True)
+                self.load, load_start = Counters(), now
             # after a frame, look again at once; idle, sleep in poll
             ready = dict(poller.poll(0 if busy else 200))
             if self.stdin_fd is not None and self.stdin_fd in ready:

@@ -29,8 +29,13 @@ prepares for the next failure while all is well: for each node of the active pla
 the plan it would move to if that node died (contingency plans, in the background), and
 loads the stages those plans would newly need as warm standbys on spare nodes (`prepare`). On
 a failure that matches a contingency, the new epoch is all existing workers: a few routes, no
-model transfer, no model load. When no plan fits the live nodes, `plan.infeasible` says why,
-the controller waits, and tries again whenever a node becomes usable; nothing blocks.
+model transfer, no model load. A straggler (a stage of the active epoch computing
+`straggler_factor` x slower than planned, and slower than the bottleneck, for
+`straggler_after_s`, from the per-second load its agent reports) is handled like a failing
+host (`node.straggler`, `node.unhealthy`): the pipeline moves off it, draining rather than
+replaying, and it is tried again after the unhealthy back-off. When no plan fits the live
+nodes, `plan.infeasible` says why, the controller waits, and tries again whenever a node
+becomes usable; nothing blocks.
 
 Switching. When the old epoch is broken, the dispatcher switches and replays every unanswered
 request at once, and the old epoch is retired. When it is healthy (a rejoin, a new model
@@ -50,7 +55,7 @@ for new versions; a new one is hashed and its reference outputs computed, then (
 `{"cmd": "rollback"}` goes back to the version that served before; `{"cmd": "rollout",
 "version": N}` to any known version.
 
-CONFIG.json (unknown fields are refused):
+CONFIG.json (testbed.control_state.ControllerConfig; unknown fields are refused):
   run_dir, model (ONNX path, version `version`), instance (planner instance JSON path),
   hosts {name: IP}, dispatcher_ip,
   planner {algorithm: "auto", time_limit_s: 2.0, seed: 0},
@@ -62,6 +67,7 @@ CONFIG.json (unknown fields are refused):
   stages_dir (a split matching that plan, instead of splitting),
   reuse_tolerance (0.05), rejoin_hold_s (5.0), rejoin_margin (0.10), standby (true),
   standby_per_node (4), replan_delay_s (0.0), drain_s (5.0), unhealthy_hold_s (10.0),
+  straggler_factor (2.0; 0: off), straggler_after_s (2.0),
   repository (RUN_DIR/repository), repository_poll_s (0.5), auto_rollout (true),
   base_reserve_bytes (the initial model's activation reserve, when known), curve_keypair
   (a stage_image.security keypair file: CurveZMQ on; agents then need its public key).
@@ -82,7 +88,7 @@ import signal
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +98,21 @@ from partitioner.instance import (
     InfeasibleError,
     Plan,
     load_instance,
+    plan_cost,
     plan_from_json,
     plan_problems,
 )
 from stage_image.security import KeyPair, apply_server, load_keypair
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 from testbed import policy
+from testbed.control_state import (
+    UNHEALTHY_CAP_S,
+    AgentInfo,
+    ControllerConfig,
+    Epoch,
+    EventLog,
+    Slot,
+)
 from testbed.dispatcher import (
     Dispatcher,
     Route,
@@ -108,7 +123,7 @@ from testbed.dispatcher import (
     make_pool,
     vocab_sizes,
 )
-from testbed.errors import EXIT_BAD_INPUT, InputError, read_json
+from testbed.errors import EXIT_BAD_INPUT, InputError
 from testbed.planning import (
     Planner,
     PlanRequest,
@@ -124,198 +139,6 @@ from testbed.policy import Held
 __all__ = ["Controller", "ControllerConfig", "cut_indices", "main"]
 
 FIXED_WORKLOAD_FIELDS = ("seed", "pool_size", "input_dims")  # the pool is built at start
-UNHEALTHY_CAP_S = 120.0     # the longest a failing host is left out before another chance
-
-
-# -- configuration ----------------------------------------------------------------------------
-
-@dataclass
-class PlannerConfig:
-    algorithm: str = "auto"
-    time_limit_s: float = 2.0
-    seed: int = 0
-
-
-@dataclass
-class ControllerConfig:
-    run_dir: Path
-    model: Path
-    instance: Path
-    hosts: dict[str, str]
-    dispatcher_ip: str
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    workload: Workload = field(default_factory=Workload)
-    host: str = "dispatcher"
-    control_port: int = 18000
-    sink_port: int = 19000
-    data_port_base: int = 20000
-    data_port_span: int = 20000
-    control_ipc: str = ""
-    heartbeat_ms: float = 200.0
-    suspect_after_missed: int = 3
-    hello_timeout_s: float = 60.0
-    deploy_timeout_s: float = 120.0
-    replan: bool = True
-    version: int = 1
-    plan: Path | None = None
-    stages_dir: Path | None = None
-    reuse_tolerance: float = 0.05
-    rejoin_hold_s: float = 5.0
-    rejoin_margin: float = 0.10
-    standby: bool = True
-    standby_per_node: int = 4
-    replan_delay_s: float = 0.0
-    drain_s: float = 5.0
-    unhealthy_hold_s: float = 10.0
-    repository: Path | None = None
-    repository_poll_s: float = 0.5
-    auto_rollout: bool = True
-    base_reserve_bytes: int | None = None
-    curve_keypair: Path | None = None
-
-    @classmethod
-    def load(cls, path: str | Path) -> ControllerConfig:
-        return cls.from_json(read_json(path), str(path))
-
-    @classmethod
-    def from_json(cls, data: Any, file: str = "<config>") -> ControllerConfig:
-        if not isinstance(data, dict):
-            raise InputError("the controller config must be a JSON object", file=file)
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise InputError("unknown field", file=file, field=unknown[0])
-        for key in ("run_dir", "model", "instance", "hosts", "dispatcher_ip"):
-            if key not in data:
-                raise InputError("required field is missing", file=file, field=key)
-        values = dict(data)
-        try:
-            planner = values.get("planner", {})
-            if not isinstance(planner, dict) or set(planner) - set(
-                    PlannerConfig.__dataclass_fields__):
-                raise ValueError("planner takes algorithm, time_limit_s, seed")
-            values["planner"] = PlannerConfig(**planner)
-            values["workload"] = Workload.from_json(values.get("workload", {}))
-        except (TypeError, ValueError) as exc:
-            raise InputError(str(exc), file=file, field="planner/workload") from exc
-        hosts = values["hosts"]
-        if not isinstance(hosts, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in hosts.items()):
-            raise InputError("must map host names to IP addresses", file=file, field="hosts")
-        for key in ("run_dir", "model", "instance", "plan", "stages_dir", "repository",
-                    "curve_keypair"):
-            if values.get(key) is not None:
-                values[key] = Path(values[key])
-        cfg = cls(**values)
-        if not cfg.control_ipc:
-            cfg.control_ipc = f"ipc://{cfg.run_dir / 'control.sock'}"
-        elif "://" not in cfg.control_ipc:
-            cfg.control_ipc = f"ipc://{cfg.control_ipc}"
-        if cfg.repository is None:
-            cfg.repository = cfg.run_dir / "repository"
-        for key in ("control_port", "sink_port", "data_port_base"):
-            if not 1 <= getattr(cfg, key) <= 65535:
-                raise InputError("not a port number", file=file, field=key)
-        if cfg.data_port_span < 1 or cfg.data_port_base + cfg.data_port_span > 65536:
-            raise InputError("data ports must stay below 65536", file=file,
-                             field="data_port_span")
-        if cfg.suspect_after_missed < 1 or cfg.heartbeat_ms <= 0:
-            raise InputError("must be positive", file=file, field="suspect_after_missed")
-        for key in ("reuse_tolerance", "rejoin_margin"):
-            if not 0 <= getattr(cfg, key) < 1:
-                raise InputError("must be a fraction in [0, 1)", file=file, field=key)
-        for key in ("rejoin_hold_s", "replan_delay_s", "drain_s", "unhealthy_hold_s"):
-            if not getattr(cfg, key) >= 0:
-                raise InputError("must be a non-negative number of seconds", file=file,
-                                 field=key)
-        if cfg.standby_per_node < 0 or cfg.repository_poll_s <= 0:
-            raise InputError("must be positive", file=file, field="standby_per_node")
-        return cfg
-
-
-# -- events -----------------------------------------------------------------------------------
-
-class EventLog:
-    """events.jsonl: one JSON object per line, {"t": unix time, "type": ..., ...}. Each line
-    is one append write, so the driver may append its fault events to the same file."""
-
-    def __init__(self, path: Path, log: logging.Logger) -> None:
-        self.path, self.log = path, log
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a run starts its own record: a results directory used again must not mix two runs
-        path.write_text("")
-        self.last: dict[str, Any] | None = None
-
-    def emit(self, kind: str, /, **fields: Any) -> None:
-        record = {"t": time.time(), "type": kind, **fields}
-        line = json.dumps(record, default=str, separators=(",", ":"))
-        try:
-            with self.path.open("a") as handle:
-                handle.write(line + "\n")
-        except OSError as exc:
-            self.log.error("cannot write event %s: %s", kind, exc)
-        brief = {k: v for k, v in fields.items() if k not in ("plan", "workload")}
-        self.log.info("event %s %s", kind, json.dumps(brief, default=str)[:300])
-        self.last = record
-
-
-# -- workers, epochs, agents ------------------------------------------------------------------
-
-@dataclass
-class Slot:
-    """One worker we want on a host: a stage model of one version on a data port, serving
-    the epochs in `routes` (epoch -> stage index), or standing by when it has none."""
-
-    host: str
-    port: int
-    version: int
-    first: int
-    end: int
-    stage: StageFile
-    standby: bool = False
-    routes: dict[int, int] = field(default_factory=dict)
-    confirmed: set[int] = field(default_factory=set)     # routes the agent says are in force
-    state: str = "new"          # as reported: fetching | starting | ready (| new: not yet)
-    sent: dict[int, float] = field(default_factory=dict)  # epoch (0: prepare) -> when asked
-    keys: KeyPair | None = None     # CurveZMQ: the worker's own keypair
-
-    @property
-    def held(self) -> Held:
-        return Held(self.host, self.first, self.end, self.version)
-
-
-@dataclass
-class Epoch:
-    number: int
-    version: int
-    plan: Plan
-    slots: list[Slot]
-    kind: str
-    state: str = "waiting"     # waiting | deploying | active | draining | retired | abandoned
-    broken: bool = False       # lost a worker: it can never serve again
-    created: float = 0.0
-    deployed: float = 0.0
-    drain_until: float = 0.0
-    reused: int = 0            # stages served by workers that were loaded before
-
-    @property
-    def hosts(self) -> list[str]:
-        return [s.host for s in self.slots]
-
-    def ready(self) -> bool:
-        return all(self.number in s.confirmed for s in self.slots)
-
-
-@dataclass
-class AgentInfo:
-    host: str
-    pid: int
-    last_seen: float              # monotonic
-    suspected: bool = False
-    returned: float | None = None     # came back (or restarted) at; None: stable
-    failures: int = 0                 # worker failures, for the unhealthy back-off
-    unhealthy_until: float = 0.0
-    reported: set[int] = field(default_factory=set)       # ports in its last heartbeat
-    asked: dict[tuple[str, int], float] = field(default_factory=dict)  # (stop|release, n)
 
 
 # -- the controller ---------------------------------------------------------------------------
@@ -375,6 +198,7 @@ class Controller:
         self.replan_reason: str | None = None
         self.replan_at: float | None = None          # a delayed re-plan (simulated wait)
         self.replan_exclude: set[str] = set()
+        self.straggling = False     # the pending re-plan leaves a straggler behind
         self.rejoin_hosts: set[str] = set()          # stable again: is a better plan there?
         self.contingency: dict[str, Prepared] = {}   # host assumed lost -> plan
         self.contingency_queue: list[str] = []
@@ -573,11 +397,13 @@ class Controller:
         if self.replan_reason is not None:
             live = self.usable_hosts() - self.replan_exclude
             broken = self.active is None or self.active.broken
-            fast = self.precomputed(live) if broken else None
+            fast = self.precomputed(live) if broken or self.straggling else None
             if fast is not None:
                 reason, self.replan_reason, self.replan_exclude = self.replan_reason, None, set()
                 self.log.info("re-plan over %s: contingency plan ready", sorted(live))
-                fast.request = replace(fast.request, kind="failure", reason=reason)
+                fast.request = replace(fast.request, kind="failure" if broken else "straggler",
+                                       reason=reason)
+                self.straggling = False
                 self.new_epoch(fast)
                 return
         if self.job is not None:
@@ -585,8 +411,11 @@ class Controller:
         if self.replan_reason is not None:
             live = self.usable_hosts() - self.replan_exclude
             reason, self.replan_reason, self.replan_exclude = self.replan_reason, None, set()
+            straggling, self.straggling = self.straggling, False
             if self.active is None or self.active.broken:
                 kind = "failure"
+            elif straggling:
+                kind = "straggler"
             elif self.target_version != self.active.version:
                 kind = "rollout"
             else:
@@ -782,6 +611,42 @@ class Controller:
                 epoch.broken = True
                 needed = True
         return needed
+
+    def check_straggler(self, slot: Slot, load: list[Any] | None, now: float) -> None:
+        """A stage of the active epoch whose frames take `straggler_factor` x the planned
+        compute time, and longer than the plan's bottleneck, for `straggler_after_s` (a noisy
+        neighbour, a throttled CPU) makes its host unhealthy, like a failing one: the
+        pipeline moves off it (a contingency plan, so at once where a standby waits) and it
+        is tried again after the unhealthy back-off. Not judged while a model loads on the
+        host (that takes its CPU for a while) or in a second without frames (no evidence)."""
+        active = self.active
+        if self.cfg.straggler_factor <= 0 or load is None or active is None or \
+                active.state != "active" or active.number not in slot.routes or \
+                any(s.host == slot.host and s.state != "ready" for s in self.slots.values()):
+            slot.slow_since = None
+            return
+        frames, observed_ms = load
+        if frames == 0:
+            return
+        stage = slot.routes[active.number]
+        planned_ms = plan_cost(self.versions[active.version].instance,
+                               active.plan.stages).compute_ms[stage]
+        # a slow stage that still keeps up with the bottleneck costs no throughput
+        if observed_ms < max(self.cfg.straggler_factor * planned_ms, active.plan.bottleneck_ms):
+            slot.slow_since = None
+            return
+        if slot.slow_since is None:
+            slot.slow_since = now
+        if now - slot.slow_since < self.cfg.straggler_after_s:
+            return
+        slot.slow_since = None
+        self.events.emit("node.straggler", host=slot.host, epoch=active.number, stage=stage,
+                         compute_ms=round(observed_ms, 3), planned_ms=round(planned_ms, 3),
+                         factor=round(observed_ms / planned_ms, 2))
+        self.mark_unhealthy(slot.host, f"straggler: stage {stage} at {observed_ms:.0f} ms a "
+                                       f"frame, {planned_ms:.0f} ms planned")
+        self.straggling = True
+        self.request_replan(f"{slot.host}: straggler")
 
     def mark_unhealthy(self, host: str, why: str) -> None:
         agent = self.agents.get(host)
@@ -1137,6 +1002,7 @@ class Controller:
             confirmed = {e for e, _ in entry["routes"]} if entry is not None else set()
             if entry is not None:
                 slot.state = entry["state"]
+                self.check_straggler(slot, entry["load"], now)
             slot.confirmed = confirmed & set(slot.routes)
             for number in slot.routes:
                 epoch = self.epochs.get(number)

@@ -115,6 +115,7 @@ class K8sSettings:
     epoch: int = 1
     model_version: int = 1
     image: str = "edgepipe-stage:latest"
+    # `make image` builds it (stage_image.build_image.CONTROLLER_TAG; a test keeps them equal).
     controller_image: str = "edgepipe-controller:latest"
     # In the lab the images are imported into k3s' containerd, never pulled.
     image_pull_policy: str = "IfNotPresent"

@@ -70,7 +70,7 @@ from partitioner.instance import (
 from stage_image.security import KeyPair, apply_server, generate_deployment_keys
 from stage_image.wire import MAX_STAGE_HEARTBEAT_BYTES, FrameError, decode_control
 from testbed import k8s, policy
-from testbed.controller import UNHEALTHY_CAP_S, EventLog
+from testbed.control_state import UNHEALTHY_CAP_S, EventLog
 from testbed.errors import EXIT_BAD_INPUT, InputError
 from testbed.k8s import ControllerInputs, K8sSettings, StageModel
 from testbed.k8s_backend import (

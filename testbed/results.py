@@ -14,7 +14,8 @@ from typing import Any
 from testbed.scenario import Scenario, Slo
 
 # Events (in events.jsonl) that show the system noticed a fault on a host.
-DETECTION_EVENTS = ("node.suspected", "worker.exited", "worker.failed", "model.corrupt")
+DETECTION_EVENTS = ("node.suspected", "node.straggler", "worker.exited", "worker.failed",
+                    "model.corrupt")
 # Model rollouts are not failures: noticing one means finding the version (or the rollback
 # command), and recovery is measured from the switch-over.
 MODEL_DETECTION = {"model.update": ("version.found",),

@@ -102,6 +102,13 @@ def _flag(value: Any) -> bool:
     return value
 
 
+def _straggler_factor(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (value == 0 or value > 1):
+        raise ValueError(f"expected a factor above 1 (0: off), got {value!r}")
+    return float(value)
+
+
 CONTROL_FIELDS: dict[str, tuple[str, Any]] = {
     "heartbeat": ("heartbeat_ms", lambda v: parse_duration_s(v) * 1000),
     "suspect_after_missed": ("suspect_after_missed", lambda v: _positive_int(v)),
@@ -111,6 +118,8 @@ CONTROL_FIELDS: dict[str, tuple[str, Any]] = {
     "rejoin_margin": ("rejoin_margin", _fraction),
     "standby": ("standby", _flag),
     "drain": ("drain_s", parse_duration_s),
+    "straggler_factor": ("straggler_factor", _straggler_factor),
+    "straggler_after": ("straggler_after_s", parse_duration_s),
 }
 
 

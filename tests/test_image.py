@@ -12,40 +12,22 @@ Timing on the project's machine (2 cores): from nothing ~110 s (debootstrap with
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from testbed.dockerd import Dockerd
+from tests.conftest import RunInImage
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "edgepipe-stage:latest"
 MAX_IMAGE_MB = 400          # ~250 MB today; catches a compiler or apt lists sneaking in
-
-
-def _missing_tools() -> list[str]:
-    return [tool for tool in ("dockerd", "debootstrap") if shutil.which(tool) is None]
-
-
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Dockerd]:
-    missing = _missing_tools()
-    if missing:
-        message = f"needs {', '.join(missing)}: apt-get install docker.io debootstrap"
-        if os.environ.get("CI"):
-            pytest.fail(message)        # in CI a missing install step must not pass silently
-        pytest.skip(message)
-    dockerd = Dockerd().start()         # owned only if nothing answered already
-    yield dockerd
-    dockerd.stop()
 
 
 @pytest.fixture(scope="module")
@@ -61,20 +43,8 @@ def image(daemon: Dockerd) -> str:
 
 
 @pytest.fixture
-def run(daemon: Dockerd, image: str) -> Iterator:
-    label = f"edgepipe.test={uuid.uuid4().hex[:12]}"
-
-    def _run(*argv: str, entrypoint: str = "python3", mounts: tuple[str, ...] = (),
-             ) -> subprocess.CompletedProcess[bytes]:
-        volume_args = [arg for m in mounts for arg in ("-v", m)]
-        return daemon.docker("run", "--rm", "--network", "none", "--label", label,
-                             *volume_args, "--entrypoint", entrypoint, image, *argv,
-                             check=False, timeout=120)
-
-    yield _run
-    leftover = daemon.docker("ps", "-aq", "--filter", f"label={label}").stdout.split()
-    if leftover:
-        daemon.docker("rm", "-f", *[c.decode() for c in leftover], check=False)
+def run(run_in: RunInImage, image: str) -> RunInImage:
+    return functools.partial(run_in, image)
 
 
 def test_runtime_imports(run) -> None:

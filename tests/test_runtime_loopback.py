@@ -310,6 +310,18 @@ def test_everything_exits_cleanly(run):
     assert run["agent_children"] == {"edge1": [], "edge2": []}
 
 
+def test_agent_reads_worker_load_lines():
+    """`load FRAMES MS` from a worker's stdout becomes the heartbeat's load; anything else
+    that starts like one is ignored, not trusted."""
+    from stage_image.agent import parse_load
+
+    assert parse_load("load 12 63.250") == (12, 63.25)
+    assert parse_load("load 0 0.000") == (0, 0.0)
+    for bad in ("load", "load 3", "load x 1.0", "load 3 nan", "load -1 2.0", "load 3 1e9",
+                "load 3 2.0 extra"):
+        assert parse_load(bad) is None, bad
+
+
 # -- the agent's disk errors ------------------------------------------------------------------
 
 def test_agent_reports_disk_full_instead_of_crashing(tmp_path):
@@ -338,7 +350,8 @@ def test_agent_reports_disk_full_instead_of_crashing(tmp_path):
         assert not (tmp_path / "models" / f"{sha}.part").exists()
         agent.heartbeat()
         assert sent[-1][1]["workers"] == [{"port": PORT + 18, "sha256": sha,
-                                           "state": "failed", "standby": False, "routes": []}]
+                                           "state": "failed", "standby": False, "routes": [],
+                                           "load": None}]
         # the model directory being a file: reported, not raised
         sha2 = "ef" * 32
         (tmp_path / "models2").write_text("")

@@ -72,6 +72,19 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert caught.value.field == "colour" and caught.value.line == 10
 
 
+def test_control_fields(tmp_path: Path) -> None:
+    scenario = load_scenario(write(tmp_path, GOOD + "control: {straggler_factor: 3, "
+                                   "straggler_after: 1500ms, rejoin_hold: 2s}\n"))
+    assert scenario.control == {"straggler_factor": 3.0, "straggler_after_s": 1.5,
+                                "rejoin_hold_s": 2.0}
+    for bad, field in (("straggler_factor: 1", "control.straggler_factor"),
+                       ("straggler_after: soon", "control.straggler_after"),
+                       ("straggle: 2", "control.straggle")):
+        with pytest.raises(InputError) as caught:
+            load_scenario(write(tmp_path, GOOD + f"control: {{{bad}}}\n"))
+        assert caught.value.field == field and caught.value.line == 10
+
+
 def test_shorter_duration_refuses_steps_that_no_longer_fit(tmp_path: Path) -> None:
     scenario = load_scenario(write(tmp_path, GOOD))
     assert with_duration(scenario, "10s").workload.duration_s == 10

@@ -241,9 +241,10 @@ CONTROL_EXAMPLES = [
     ("hello", None, {"host": "edge1", "pid": 12, "ip": "10.0.0.2"}),
     ("heartbeat", None, {"host": "edge1", "seq": 3,
                          "workers": [{"port": 20001, "sha256": SHA, "state": "ready",
-                                      "standby": False, "routes": [[1, 0], [2, 0]]},
+                                      "standby": False, "routes": [[1, 0], [2, 0]],
+                                      "load": [12, 63.5]},
                                      {"port": 20002, "sha256": SHA, "state": "starting",
-                                      "standby": True, "routes": []}]}),
+                                      "standby": True, "routes": [], "load": None}]}),
     ("fetch", None, {"sha256": SHA, "offset": CHUNK_BYTES}),
     ("worker", None, {"port": 20001, "epoch": 1, "stage": 0, "state": "failed",
                       "detail": "ENOSPC", "reason": "disk"}),
@@ -291,10 +292,19 @@ def test_control_round_trip(kind, blob, fields):
     ({"type": "worker", "epoch": 1, "stage": 0, "state": "ready", "detail": ""}, None),
     ({"type": "heartbeat", "host": "e", "seq": 1, "workers": [{"epoch": 1}]}, None),
     ({"type": "heartbeat", "host": "e", "seq": 1, "workers": [
-        {"port": 1, "sha256": SHA, "state": "ready", "standby": 0, "routes": []}]}, None),
+        {"port": 1, "sha256": SHA, "state": "ready", "standby": 0, "routes": [],
+         "load": None}]}, None),
     ({"type": "heartbeat", "host": "e", "seq": 1, "workers": [
-        {"port": 1, "sha256": SHA, "state": "ready", "standby": False, "routes": [[0, 0]]}]},
-     None),
+        {"port": 1, "sha256": SHA, "state": "ready", "standby": False, "routes": [[0, 0]],
+         "load": None}]}, None),
+    ({"type": "heartbeat", "host": "e", "seq": 1, "workers": [          # no load
+        {"port": 1, "sha256": SHA, "state": "ready", "standby": False, "routes": []}]}, None),
+    ({"type": "heartbeat", "host": "e", "seq": 1, "workers": [
+        {"port": 1, "sha256": SHA, "state": "ready", "standby": False, "routes": [],
+         "load": [3, float("nan")]}]}, None),
+    ({"type": "heartbeat", "host": "e", "seq": 1, "workers": [
+        {"port": 1, "sha256": SHA, "state": "ready", "standby": False, "routes": [],
+         "load": [-1, 5.0]}]}, None),
     ({"type": "deploy", "epoch": 0, "stage": 0, "version": 1, "sha256": SHA, "size": 1,
       "port": 7000, "next": "tcp://a:1", "inputs": ["x"], "outputs": ["y"]}, None),
     ({"type": "release", "port": 0}, None),
