@@ -83,6 +83,13 @@ RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_
 # (cgroup) / rate - profiled compute, 19 stages in 6 runs: 0.8-3.9 ms when the machine was
 # otherwise idle, 3.5-8.3 ms when it was busy; 3.5 ms is the median of all of them.
 FRAME_OVERHEAD_MS = 3.5
+# A host limited by a CFS quota runs in slices (`cores` x the 100 ms period) and starts each
+# slice with caches the other hosts have since filled: about 2 ms of every period is spent
+# warming up. So a host of `cores` computes like `cores - CFS_WARMUP_CORES` of a free core.
+# Measured here with resnet18 alone in a cgroup (34.2 ms profiled at a full core): 406-430
+# ms a frame at 0.1 core (0.080-0.084 effective), 201-226 at 0.2, 118-147 at 0.3, 70 at 0.5;
+# and resnet50 on one 0.1-core Mininet host: 970 ms a frame, 986 by this rule, 789 without.
+CFS_WARMUP_CORES = 0.02
 # Topology links give line rates; a stage's frames see TCP payload rate. A full 1514-byte
 # Ethernet frame carries 1448 bytes of payload (IPv4 + TCP with timestamps): 0.956 of the
 # line rate, what iperf3 measures through the testbed's HTB links (9.57 of 10 Mbit, 942 of
@@ -424,14 +431,21 @@ def node_memory_bytes(host_memory_bytes: int, activation_reserve_bytes: int = 0)
     return max(0, int(host_memory_bytes) - RUNTIME_ALLOWANCE_BYTES - activation_reserve_bytes)
 
 
+def effective_speed(cores: float) -> float:
+    """What a host of `cores` (a CFS quota) computes like, in free cores (never below half
+    its quota: the warm-up is a share of each slice, not all of it)."""
+    return max(cores - CFS_WARMUP_CORES, cores / 2)
+
+
 def instance_for_hosts(profile: ModelProfile, source: str,
                        hosts: list[tuple[str, float, int]],
                        bandwidth_mbps: dict[tuple[str, str], float]) -> Instance:
-    """Planner instance: one node per (name, cpu cores, memory bytes) host, speed = cores,
-    memory = host memory - runtime allowance - activation reserve. Bandwidth pairs between
-    endpoints the instance does not know are left out."""
+    """Planner instance: one node per (name, cpu cores, memory bytes) host, speed =
+    effective_speed(cores), memory = host memory - runtime allowance - activation
+    reserve. Bandwidth pairs between endpoints the instance does not know are left out."""
     reserve = profile.activation_reserve_bytes
-    nodes = [Node(name, float(cpu), node_memory_bytes(mem, reserve)) for name, cpu, mem in hosts]
+    nodes = [Node(name, effective_speed(float(cpu)), node_memory_bytes(mem, reserve))
+             for name, cpu, mem in hosts]
     known = {source, *(n.name for n in nodes)}
     bandwidth: dict[tuple[str, str], float] = {}
     for (a, b), mbps in bandwidth_mbps.items():

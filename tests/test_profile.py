@@ -148,13 +148,22 @@ def test_weight_term_of_the_formula(resnet18):
         resnet18.segments[0].memory_bytes + resnet18.activation_reserve_bytes)
 
 
+def test_effective_speed_of_a_cfs_quota():
+    """The scaling rule: a host of c cores computes like c - 0.02 free cores (one CFS
+    period's cache warm-up), never below c / 2."""
+    assert profile.effective_speed(1.0) == pytest.approx(0.98)
+    assert profile.effective_speed(0.1) == pytest.approx(0.08)
+    assert profile.effective_speed(0.03) == pytest.approx(0.015)
+    assert profile.effective_speed(0.2) < 0.2
+
+
 def test_instance_for_hosts(resnet18):
     hosts = [("edge1", 0.5, 512 * MiB), ("edge2", 1.0, 64 * MiB)]
     bandwidth = {("dispatcher", "edge1"): 100.0, ("edge1", "dispatcher"): 100.0,
                  ("edge1", "edge2"): 20.0, ("edge2", "elsewhere"): 5.0}
     instance = profile.instance_for_hosts(resnet18, "dispatcher", hosts, bandwidth)
     assert [n.name for n in instance.nodes] == ["edge1", "edge2"]
-    assert instance.nodes[0].speed == 0.5
+    assert instance.nodes[0].speed == pytest.approx(0.5 - profile.CFS_WARMUP_CORES)
     assert instance.nodes[0].memory_bytes == (512 * MiB - profile.RUNTIME_ALLOWANCE_BYTES
                                               - resnet18.activation_reserve_bytes)
     assert instance.nodes[1].memory_bytes == 0              # less than the allowance
@@ -184,7 +193,8 @@ def test_instance_for_topology(resnet18, tmp_path):
         "  - {endpoints: [e2, s1], bandwidth: 20Mbit}\n")
     instance = profile.instance_for_topology(resnet18, load_topology(path))
     assert instance.source == "d"
-    assert [(n.name, n.speed) for n in instance.nodes] == [("e1", 0.5), ("e2", 0.25)]
+    assert [(n.name, n.speed) for n in instance.nodes] == [
+        ("e1", pytest.approx(0.48)), ("e2", pytest.approx(0.23))]
     assert instance.node("e2").memory_bytes == profile.node_memory_bytes(
         256 * MiB, resnet18.activation_reserve_bytes)
     share = profile.TCP_PAYLOAD_SHARE                    # line rate -> TCP payload rate
