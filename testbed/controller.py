@@ -629,8 +629,7 @@ class Controller:
         if frames == 0:
             return
         stage = slot.routes[active.number]
-        planned_ms = plan_cost(self.versions[active.version].instance,
-                               active.plan.stages).compute_ms[stage]
+        planned_ms = active.compute_ms[stage]
         # a slow stage that still keeps up with the bottleneck costs no throughput
         if observed_ms < max(self.cfg.straggler_factor * planned_ms, active.plan.bottleneck_ms):
             slot.slow_since = None
@@ -793,7 +792,9 @@ class Controller:
         prepared.epoch = number
         reused = len(slots) - len(fresh)
         epoch = Epoch(number, version, prepared.plan, slots, prepared.request.kind,
-                      created=time.monotonic(), reused=reused)
+                      created=time.monotonic(), reused=reused,
+                      compute_ms=plan_cost(prepared.request.version.instance,
+                                           prepared.plan.stages).compute_ms)
         for i, slot in enumerate(slots):
             slot.routes[number] = i
             slot.standby = False          # it serves now; its standby role is over
