@@ -115,6 +115,7 @@ from testbed.control_state import (
 )
 from testbed.dispatcher import (
     Dispatcher,
+    Head,
     Route,
     Workload,
     compute_references,
@@ -845,9 +846,9 @@ class Controller:
         epoch.state = "active"
         self.active, self.deploying = epoch, None
         replayed = self.dispatcher.switch(
-            Route(epoch.number, epoch.version, self.address(epoch, 0),
-                  epoch.slots[0].stage.inputs,
-                  self.public(epoch, 0) if self.curve else None), replay=not handover)
+            Route(epoch.number, epoch.version,
+                  [Head(self.address(epoch, 0), self.public(epoch, 0) if self.curve else None)],
+                  epoch.slots[0].stage.inputs), replay=not handover)
         self.events.emit("plan.deployed", epoch=epoch.number, version=epoch.version,
                          kind=epoch.kind, hosts=epoch.hosts, replayed=replayed,
                          handover=handover,

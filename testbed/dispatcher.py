@@ -246,14 +246,23 @@ class Request:
 
 
 @dataclass
+class Head:
+    """Stage 0 of one pipeline of the active epoch (and its CurveZMQ public key)."""
+
+    address: str
+    public: str | None = None
+
+
+@dataclass
 class Route:
-    """Where requests go now: stage 0 of the active epoch (and its CurveZMQ public key)."""
+    """Where requests go now: the stage 0 of every pipeline of the active epoch (one, or
+    several side by side when the plan replicates the pipeline; ZeroMQ's PUSH deals requests
+    to them in turn)."""
 
     epoch: int
     version: int
-    address: str
+    heads: list[Head]
     inputs: list[str]
-    public: str | None = None
 
 
 class Dispatcher:
@@ -320,11 +329,15 @@ class Dispatcher:
         push.setsockopt(zmq.SNDHWM, self.hwm)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.IMMEDIATE, 1)   # nothing queues before stage 0 is connected
-        if self.keys is not None:
-            if route.public is None:
-                raise ValueError("CurveZMQ is on: stage 0's public key is missing")
-            apply_client(push, self.keys, route.public)
-        push.connect(route.address)
+        if not route.heads:
+            raise ValueError("a route needs at least one stage 0")
+        for head in route.heads:
+            if self.keys is not None:
+                # the server key applies to the connects after it: one per head
+                if head.public is None:
+                    raise ValueError("CurveZMQ is on: stage 0's public key is missing")
+                apply_client(push, self.keys, head.public)
+            push.connect(head.address)
         self.push, self.route = push, route
         if not replay:
             return 0

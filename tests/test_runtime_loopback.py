@@ -475,6 +475,7 @@ def test_dispatcher_replays_dedupes_and_checks(tmp_path):
 
     from testbed.dispatcher import (
         Dispatcher,
+        Head,
         Route,
         Workload,
         compute_references,
@@ -500,7 +501,7 @@ def test_dispatcher_replays_dedupes_and_checks(tmp_path):
         stages.append(pull)
     out = ctx.socket(zmq.PUSH)
     out.connect(f"tcp://127.0.0.26:{base}")
-    dispatcher.switch(Route(1, 1, f"tcp://127.0.0.26:{base + 1}", ["x"]))
+    dispatcher.switch(Route(1, 1, [Head(f"tcp://127.0.0.26:{base + 1}")], ["x"]))
     dispatcher.start(Workload.from_json({"mode": "open", "rate": 300.0, "duration_s": 1.0,
                                          "timeout_s": 0.5, "drain_timeout_s": 3.0}))
     from stage_image.wire import decode_tensors as decode
@@ -513,7 +514,7 @@ def test_dispatcher_replays_dedupes_and_checks(tmp_path):
             now = time.monotonic()
             if not switched and now - dispatcher.started_mono > 0.5:
                 switched = True                     # a new epoch: stage 0 moves
-                dispatcher.switch(Route(2, 1, f"tcp://127.0.0.26:{base + 2}", ["x"]))
+                dispatcher.switch(Route(2, 1, [Head(f"tcp://127.0.0.26:{base + 2}")], ["x"]))
             dispatcher.pump(now)
             for k, pull in enumerate(stages):
                 while pull.poll(0):
