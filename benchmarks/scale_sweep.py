@@ -37,26 +37,29 @@ def topology_text(size: int, cpu: float, bandwidth: str) -> str:
             f"links:\n  - {{endpoints: [dispatcher, s1], bandwidth: 1Gbit}}\n{links}")
 
 
-def planned_stages(model: str, topology: Path) -> int:
-    """How many stages the run's plan will have (the driver's profile and solver)."""
+def planned_stages(model: str, topology: Path, pipelines: int) -> int:
+    """How many stages the run's plan will have, over all its pipelines (the driver's
+    profile and planner)."""
     sys.path.insert(0, str(ROOT))
-    from partitioner.algorithms import solve
     from partitioner.profile import instance_for_topology, profile_model
+    from partitioner.replicate import plan_pipelines
     from testbed.topology import load_topology
 
     instance = instance_for_topology(profile_model(model, progress=False),
                                      load_topology(topology))
-    return len(solve(instance, "auto", time_limit_s=2.0, seed=0).stages)
+    return len(plan_pipelines(instance, "auto", 2.0, 0, pipelines).stages)
 
 
-def scenario_text(size: int, model: str, topology: Path, duration: str, warmup: str) -> str:
+def scenario_text(size: int, model: str, topology: Path, duration: str, warmup: str,
+                  pipelines: str) -> str:
     # A closed loop needs enough requests in flight to keep every stage and hop busy, and no
     # more: extra ones only queue (the plan may use fewer hosts than there are).
-    concurrency = max(4, 2 * planned_stages(model, topology) + 2)
+    count = 0 if pipelines == "auto" else int(pipelines)
+    concurrency = max(4, 2 * planned_stages(model, topology, count) + 2)
     return (f"name: sweep-{model}-{size}\n"
             f"topology: {topology}\n"
             f"model: {{zoo: {model}}}\n"
-            f"planner: {{algorithm: auto}}\n"
+            f"planner: {{algorithm: auto, pipelines: {pipelines}}}\n"
             f"workload: {{mode: closed, concurrency: {concurrency}, duration: {duration}, "
             f"warmup: {warmup}, seed: 1}}\n"
             f"slo: {{lost: 0, mismatched: 0}}\n")
@@ -68,7 +71,8 @@ def run_size(size: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     topology = directory / "topology.yaml"
     topology.write_text(topology_text(size, args.cpu, args.bandwidth))
     scenario = directory / "scenario.yaml"
-    scenario.write_text(scenario_text(size, args.model, topology, args.duration, args.warmup))
+    scenario.write_text(scenario_text(size, args.model, topology, args.duration, args.warmup,
+                                      args.pipelines))
     print(f"== {size} hosts", file=sys.stderr, flush=True)
     result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"), str(scenario),
                              "--out", str(directory / "results")], check=False)
@@ -78,6 +82,7 @@ def run_size(size: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     summary = json.loads(summary_path.read_text())
     return {
         "hosts": size, "stages": len(summary.get("plan", {}).get("stages", [])),
+        "pipelines": len(summary.get("plan", {}).get("chains", [])) or 1,
         "predicted_rps": summary["predicted_throughput_rps"],
         "measured_rps": summary["throughput_rps"], "ratio": summary["throughput_ratio"],
         "p50_ms": summary["latency_ms"]["p50"], "p99_ms": summary["latency_ms"]["p99"],
@@ -120,6 +125,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="1,2,5,10,15,20", help="edge host counts")
     parser.add_argument("--cpu", type=float, default=0.1, help="cores per edge host")
     parser.add_argument("--bandwidth", default="100Mbit", help="each edge host's link")
+    parser.add_argument("--pipelines", default="auto",
+                        help="most pipelines side by side: auto, or a number (1: one pipeline)")
     parser.add_argument("--duration", default="30s", help="measured window per size")
     parser.add_argument("--warmup", default="5s")
     parser.add_argument("--out", default=str(ROOT / "results" / "scale_sweep"))
@@ -129,7 +136,7 @@ def main() -> int:
     rows = [run_size(int(size), args, out) for size in args.sizes.split(",")]
     single = next((row["measured_rps"] for row in rows
                    if row.get("hosts") == 1 and "error" not in row), None)
-    print(f"\n{'hosts':>5} {'stages':>6} {'pred rps':>9} {'meas rps':>9} {'ratio':>6} "
+    print(f"\n{'hosts':>5} {'pipes':>5} {'stages':>6} {'pred rps':>9} {'meas rps':>9} {'ratio':>6} "
           f"{'speed-up':>8} {'p50 ms':>8} {'p99 ms':>8} {'lost':>5} {'mism':>5}")
     for row in rows:
         if "error" in row:
@@ -137,8 +144,9 @@ def main() -> int:
             continue
         row["speedup"] = round(row["measured_rps"] / single, 2) if single else None
         speedup = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
-        print(f"{row['hosts']:>5} {row['stages']:>6} {row['predicted_rps']:>9.2f} "
-              f"{row['measured_rps']:>9.2f} {row['ratio']:>6.2f} {speedup:>8} "
+        print(f"{row['hosts']:>5} {row['pipelines']:>5} {row['stages']:>6} "
+              f"{row['predicted_rps']:>9.2f} {row['measured_rps']:>9.2f} {row['ratio']:>6.2f} "
+              f"{speedup:>8} "
               f"{row['p50_ms']:>8.0f} {row['p99_ms']:>8.0f} {row['lost']:>5} "
               f"{row['mismatched']:>5}")
     (out / "scale_sweep.json").write_text(json.dumps(

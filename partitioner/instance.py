@@ -5,7 +5,7 @@ algorithms (partitioner.algorithms) only search."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,11 @@ class Instance:
     JSON, default 0 = the contract's model): the CPU a stage spends per request besides its
     segments (receiving, checking and sending frames, the agent beside it), in full-core ms,
     so a stage computes (sum of its segments + frame_overhead_ms) / speed. On hosts of 0.1-0.3
-    cores it is worth 10-25% of a stage's time, which the contract's model leaves out."""
+    cores it is worth 10-25% of a stage's time, which the contract's model leaves out.
+
+    `cpu_budget` (optional too, 0 = no limit) is the summed speed the nodes can deliver at
+    once: an emulation whose hosts are promised more cores than its machine has sets it, and
+    pipelines side by side cannot together compute faster than that."""
 
     segments: list[Segment]
     input_bytes: int
@@ -42,6 +46,7 @@ class Instance:
     source: str
     bandwidth_mbps: dict[tuple[str, str], float] = field(default_factory=dict)
     frame_overhead_ms: float = 0.0
+    cpu_budget: float = 0.0
 
     def bandwidth(self, a: str, b: str) -> float | None:
         """Symmetric bandwidth between two endpoints; None when the pair is missing."""
@@ -74,7 +79,19 @@ class Instance:
         }
         if self.frame_overhead_ms:
             data["frame_overhead_ms"] = self.frame_overhead_ms
+        if self.cpu_budget:
+            data["cpu_budget"] = self.cpu_budget
         return data
+
+
+def restrict(instance: Instance, live: set[str]) -> Instance:
+    """The instance over the `live` nodes only (links to the others dropped too)."""
+    nodes = [n for n in instance.nodes if n.name in live]
+    keep = live | {instance.source}
+    bandwidth = {pair: bw for pair, bw in instance.bandwidth_mbps.items()
+                 if pair[0] in keep and pair[1] in keep}
+    # replace(), not a new Instance: every other field (the per-frame overhead) carries over
+    return replace(instance, nodes=nodes, bandwidth_mbps=bandwidth)
 
 
 @dataclass(frozen=True)
@@ -118,8 +135,34 @@ def plan_cost(instance: Instance, stages: list[Stage]) -> PlanCost:
     return PlanCost(compute, hops, out, memory)
 
 
-def plan_problems(instance: Instance, stages: list[Stage]) -> list[str]:
-    """Why a plan is not valid for an instance (empty list: valid)."""
+def split_pipelines(stages: list[Stage], chains: tuple[int, ...] = ()) -> list[list[Stage]]:
+    """The pipelines of a plan: `chains` gives each one's stage count (empty: one pipeline)."""
+    if not chains:
+        return [list(stages)]
+    if sum(chains) != len(stages) or min(chains) < 1:
+        raise ValueError(f"pipelines of {list(chains)} stages do not add up to {len(stages)}")
+    out, start = [], 0
+    for count in chains:
+        out.append(list(stages[start:start + count]))
+        start += count
+    return out
+
+
+def plan_problems(instance: Instance, stages: list[Stage],
+                  chains: tuple[int, ...] = ()) -> list[str]:
+    """Why a plan is not valid for an instance (empty list: valid). With `chains`, every
+    pipeline must be valid on its own and no node may serve two of them."""
+    if chains:
+        try:
+            pipelines = split_pipelines(stages, chains)
+        except ValueError as exc:
+            return [str(exc)]
+        problems = [f"pipeline {i}: {problem}" for i, pipeline in enumerate(pipelines)
+                    for problem in plan_problems(instance, pipeline)]
+        names = [s.node for s in stages]
+        if len(set(names)) != len(names):
+            problems.append("a node holds more than one stage")
+        return problems
     problems = []
     if not stages:
         return ["a plan needs at least one stage"]
@@ -149,9 +192,55 @@ def plan_problems(instance: Instance, stages: list[Stage]) -> list[str]:
     return problems
 
 
+def shared_source_ms(instance: Instance) -> float:
+    """Per request, the time the source's own link is busy with the larger of the input and
+    the output, when several pipelines share it. Its rate is taken as the widest path from
+    the source to any node (a lower bound of the link's own rate)."""
+    widest = max((instance.bandwidth(instance.source, n.name) or 0.0 for n in instance.nodes),
+                 default=0.0)
+    if widest <= 0:
+        return math.inf
+    if math.isinf(widest):
+        return 0.0
+    largest = max(instance.input_bytes, instance.segments[-1].output_bytes)
+    return largest * 8 / (widest * 1000)
+
+
+def budget_ms(instance: Instance, pipelines: list[list[Stage]]) -> float:
+    """Per request, the time the instance's CPU budget is busy with the average request (a
+    request runs through one pipeline; each gets the same share); 0 without a budget."""
+    if instance.cpu_budget <= 0:
+        return 0.0
+    work = [sum(sum(s.compute_ms for s in instance.segments[stage.first:stage.end])
+                + instance.frame_overhead_ms for stage in pipeline) for pipeline in pipelines]
+    return sum(work) / len(work) / instance.cpu_budget
+
+
+def pipelines_cost(instance: Instance, pipelines: list[list[Stage]]) -> tuple[float, float,
+                                                                               PlanCost]:
+    """Bottleneck, latency and the per-stage costs (flat, pipeline after pipeline) of
+    pipelines side by side. The dispatcher deals requests to them in turn, so each carries
+    1/R of them and the slowest sets the pace: the bottleneck is max(pipeline bottleneck) / R,
+    or the source's shared link, or the instance's CPU budget, when one is slower. Latency is
+    the slowest pipeline's."""
+    costs = [plan_cost(instance, p) for p in pipelines]
+    flat = PlanCost([c for cost in costs for c in cost.compute_ms],
+                    [h for cost in costs for h in cost.in_ms],
+                    max(cost.out_ms for cost in costs),
+                    [m for cost in costs for m in cost.memory_bytes])
+    if len(costs) == 1:
+        return costs[0].bottleneck_ms, costs[0].latency_ms, costs[0]
+    bottleneck = max(max(cost.bottleneck_ms for cost in costs) / len(costs),
+                     shared_source_ms(instance), budget_ms(instance, pipelines))
+    return bottleneck, max(cost.latency_ms for cost in costs), flat
+
+
 @dataclass
 class Plan:
-    """A solved plan, as printed by `solve` (DESIGN.md) and stored in plan.json."""
+    """A solved plan, as printed by `solve` (DESIGN.md) and stored in plan.json. `chains`
+    extends the contract: when the plan runs several copies of the pipeline side by side
+    (data parallelism), the stage count of each, their stages listed one pipeline after the
+    other in `stages` (empty: one pipeline, the contract's plan)."""
 
     algorithm: str
     stages: list[Stage]
@@ -161,13 +250,38 @@ class Plan:
     lower_bound_ms: float | None = None
     solve_s: float | None = None
     cost: PlanCost | None = None
+    chains: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, instance: Instance, stages: list[Stage], algorithm: str, optimal: bool,
-           lower_bound_ms: float | None = None, solve_s: float | None = None) -> Plan:
-        cost = plan_cost(instance, stages)
-        return cls(algorithm, stages, cost.bottleneck_ms, cost.latency_ms, optimal,
-                   lower_bound_ms, solve_s, cost)
+           lower_bound_ms: float | None = None, solve_s: float | None = None,
+           chains: tuple[int, ...] = ()) -> Plan:
+        chains = chains if len(chains) > 1 else ()
+        bottleneck, latency, cost = pipelines_cost(instance, split_pipelines(stages, chains))
+        return cls(algorithm, stages, bottleneck, latency, optimal, lower_bound_ms, solve_s,
+                   cost, chains)
+
+    @property
+    def pipelines(self) -> list[list[Stage]]:
+        return split_pipelines(self.stages, self.chains)
+
+    def next_stage(self, index: int) -> int | None:
+        """The stage after `index` in its pipeline (None: the last, it answers the source)."""
+        end = 0
+        for count in self.chains or (len(self.stages),):
+            end += count
+            if index < end:
+                return index + 1 if index + 1 < end else None
+        raise IndexError(index)
+
+    @property
+    def heads(self) -> list[int]:
+        """The index of each pipeline's first stage."""
+        starts, start = [], 0
+        for count in self.chains or (len(self.stages),):
+            starts.append(start)
+            start += count
+        return starts
 
     @property
     def predicted_throughput_rps(self) -> float:
@@ -189,6 +303,8 @@ class Plan:
             ],
             "out_ms": cost.out_ms if cost else None,
         }
+        if self.chains:
+            out["chains"] = list(self.chains)
         if self.lower_bound_ms is not None:
             out["lower_bound_ms"] = self.lower_bound_ms
             out["gap"] = (self.bottleneck_ms / self.lower_bound_ms - 1
@@ -202,8 +318,9 @@ def plan_from_json(instance: Instance, data: dict[str, Any]) -> Plan:
     """Read back a plan (plan.json / solve output) and recompute its cost on `instance`."""
     stages = [Stage(int(s["segments"][0]), int(s["segments"][1]), str(s["node"]))
               for s in data["stages"]]
+    chains = tuple(int(c) for c in data.get("chains", ()))
     return Plan.of(instance, stages, data.get("algorithm", "given"),
-                   bool(data.get("optimal", False)), data.get("lower_bound_ms"))
+                   bool(data.get("optimal", False)), data.get("lower_bound_ms"), chains=chains)
 
 
 class InfeasibleError(Exception):
@@ -224,7 +341,7 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
     if not isinstance(data, dict):
         raise InputError("the instance must be a JSON object", file=file)
     unknown = set(data) - {"segments", "input_bytes", "nodes", "source", "bandwidth_mbps",
-                           "frame_overhead_ms"}
+                           "frame_overhead_ms", "cpu_budget"}
     if unknown:
         raise InputError("unknown field", file=file, field=sorted(unknown)[0])
     for key in ("segments", "input_bytes", "nodes", "source", "bandwidth_mbps"):
@@ -272,8 +389,9 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
                 raise InputError(f"unknown endpoint {end!r}", file=file, field=where)
         bandwidth[(a, b)] = float(_number(mbps, where, file, positive=True))
     overhead = float(_number(data.get("frame_overhead_ms", 0.0), "frame_overhead_ms", file))
+    budget = float(_number(data.get("cpu_budget", 0.0), "cpu_budget", file))
     return Instance(segments, int(_number(data["input_bytes"], "input_bytes", file)), nodes,
-                    source, bandwidth, overhead)
+                    source, bandwidth, overhead, budget)
 
 
 def load_instance(path: str | Path) -> Instance:

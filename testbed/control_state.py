@@ -33,6 +33,7 @@ class PlannerConfig:
     algorithm: str = "auto"
     time_limit_s: float = 2.0
     seed: int = 0
+    pipelines: int = 1          # at most this many side by side (0: as many as pay off)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class ControllerConfig:
             planner = values.get("planner", {})
             if not isinstance(planner, dict) or set(planner) - set(
                     PlannerConfig.__dataclass_fields__):
-                raise ValueError("planner takes algorithm, time_limit_s, seed")
+                raise ValueError("planner takes algorithm, time_limit_s, seed, pipelines")
             values["planner"] = PlannerConfig(**planner)
             values["workload"] = Workload.from_json(values.get("workload", {}))
         except (TypeError, ValueError) as exc:

@@ -98,7 +98,7 @@ from partitioner.instance import (
     InfeasibleError,
     Plan,
     load_instance,
-    plan_cost,
+    pipelines_cost,
     plan_from_json,
     plan_problems,
 )
@@ -184,7 +184,7 @@ class Controller:
                                      self.events.emit, dispatch_log,
                                      keys=KeyPair.generate() if self.curve else None)
         self.planner = Planner(cfg.run_dir, cfg.planner.algorithm, cfg.planner.time_limit_s,
-                               cfg.planner.seed, cfg.reuse_tolerance)
+                               cfg.planner.seed, cfg.reuse_tolerance, cfg.planner.pipelines)
         self.agents: dict[str, AgentInfo] = {}
         self.slots: dict[tuple[str, int], Slot] = {}
         self.next_port: dict[str, int] = {}
@@ -201,6 +201,7 @@ class Controller:
         self.replan_exclude: set[str] = set()
         self.straggling = False     # the pending re-plan leaves a straggler behind
         self.rejoin_hosts: set[str] = set()          # stable again: is a better plan there?
+        self.improve: str | None = None     # running on fewer pipelines: is better possible?
         self.contingency: dict[str, Prepared] = {}   # host assumed lost -> plan
         self.contingency_queue: list[str] = []
         self.contingency_for: tuple[int, frozenset[str]] | None = None
@@ -374,7 +375,7 @@ class Controller:
         if cfg.plan is None:
             return self.planner.prepare(PlanRequest("initial", "initial", info, live))
         plan = plan_from_json(info.instance, json.loads(cfg.plan.read_text()))
-        problems = plan_problems(info.instance, plan.stages)
+        problems = plan_problems(info.instance, plan.stages, plan.chains)
         if problems:
             raise InfeasibleError(f"the given plan is not valid: {'; '.join(problems)}")
         return self.planner.prepare(PlanRequest("initial", "initial (given)", info, live,
@@ -398,7 +399,8 @@ class Controller:
         if self.replan_reason is not None:
             live = self.usable_hosts() - self.replan_exclude
             broken = self.active is None or self.active.broken
-            fast = self.precomputed(live) if broken or self.straggling else None
+            fast = self.precomputed(live) or self.surviving(live) \
+                if broken or self.straggling else None
             if fast is not None:
                 reason, self.replan_reason, self.replan_exclude = self.replan_reason, None, set()
                 self.log.info("re-plan over %s: contingency plan ready", sorted(live))
@@ -438,10 +440,13 @@ class Controller:
             return
         if active.broken:
             return
-        if self.rejoin_hosts:
+        if self.rejoin_hosts or self.improve:
             hosts, self.rejoin_hosts = sorted(self.rejoin_hosts), set()
+            reasons = ([f"{', '.join(hosts)} stable again"] if hosts else []) + \
+                ([self.improve] if self.improve else [])
+            self.improve = None
             self.start_job("rejoin", self.planner.prepare, self.plan_request(
-                "rejoin", f"{', '.join(hosts)} stable again", self.usable_hosts()))
+                "rejoin", "; ".join(reasons), self.usable_hosts()))
             return
         self.next_contingency()
 
@@ -462,10 +467,30 @@ class Controller:
                 return prepared
         return None
 
+    def surviving(self, live: set[str]) -> Prepared | None:
+        """Pipelines side by side of which some lost a node: the others, as a plan ready at
+        once (every worker is loaded and serving). It stands in for the contingency plans
+        such epochs do not get; a better plan is looked for after it is deployed."""
+        active = self.active
+        if active is None or not active.plan.chains or active.version != self.target_version:
+            return None
+        kept = [p for p in active.plan.pipelines if all(s.node in live for s in p)]
+        if not kept or len(kept) == len(active.plan.chains):
+            return None
+        version = self.versions[active.version]
+        stages = [s for p in kept for s in p]
+        plan = Plan.of(version.instance, stages, f"{active.plan.algorithm}-survivors", False,
+                       chains=tuple(len(p) for p in kept))
+        request = PlanRequest("failure", "the surviving pipelines", version, frozenset(live),
+                              active.plan, self.held(), generation=self.next_epoch)
+        self.improve = f"{len(kept)} of {len(active.plan.chains)} pipelines left"
+        return Prepared(request, plan, [None] * len(stages), None, precomputed=True)
+
     def next_contingency(self) -> None:
         active = self.active
+        # pipelines side by side need none: the surviving ones are the plan for any loss
         if not (self.cfg.standby and self.cfg.replan) or active is None or \
-                active.state != "active":
+                active.state != "active" or active.plan.chains:
             return
         live = frozenset(self.usable_hosts())
         key = (active.number, live)
@@ -631,8 +656,10 @@ class Controller:
             return
         stage = slot.routes[active.number]
         planned_ms = active.compute_ms[stage]
-        # a slow stage that still keeps up with the bottleneck costs no throughput
-        if observed_ms < max(self.cfg.straggler_factor * planned_ms, active.plan.bottleneck_ms):
+        # a slow stage that still keeps up with its pipeline's pace costs no throughput (each
+        # of R pipelines side by side gets every R-th request)
+        pace_ms = active.plan.bottleneck_ms * max(1, len(active.plan.chains))
+        if observed_ms < max(self.cfg.straggler_factor * planned_ms, pace_ms):
             slot.slow_since = None
             return
         if slot.slow_since is None:
@@ -745,18 +772,20 @@ class Controller:
         stage = slot.routes[epoch.number]
         slot.sent[epoch.number] = time.monotonic()
         f = slot.stage
+        after = epoch.plan.next_stage(stage)
         curve = {}
         if slot.keys is not None:
             curve = {"curve": {"secret": slot.keys.secret.decode(),
-                               "next_public": self.public(epoch, stage + 1)}}
+                               "next_public": self.public(epoch, after)}}
         self.send(slot.host, "deploy", epoch=epoch.number, stage=stage, version=slot.version,
                   sha256=f.sha256, size=f.size, port=slot.port,
-                  next=self.address(epoch, stage + 1), inputs=f.inputs, outputs=f.outputs,
+                  next=self.address(epoch, after), inputs=f.inputs, outputs=f.outputs,
                   **curve)
 
-    def public(self, epoch: Epoch, stage: int) -> str:
-        """CurveZMQ public key of a stage's worker (after the last: the sink's)."""
-        keys = epoch.slots[stage].keys if stage < len(epoch.slots) else self.dispatcher.keys
+    def public(self, epoch: Epoch, stage: int | None) -> str:
+        """CurveZMQ public key of a stage's worker (None, after a pipeline's last: the
+        sink's)."""
+        keys = self.dispatcher.keys if stage is None else epoch.slots[stage].keys
         assert keys is not None
         return keys.public.decode()
 
@@ -794,8 +823,8 @@ class Controller:
         reused = len(slots) - len(fresh)
         epoch = Epoch(number, version, prepared.plan, slots, prepared.request.kind,
                       created=time.monotonic(), reused=reused,
-                      compute_ms=plan_cost(prepared.request.version.instance,
-                                           prepared.plan.stages).compute_ms)
+                      compute_ms=pipelines_cost(prepared.request.version.instance,
+                                                prepared.plan.pipelines)[2].compute_ms)
         for i, slot in enumerate(slots):
             slot.routes[number] = i
             slot.standby = False          # it serves now; its standby role is over
@@ -826,8 +855,8 @@ class Controller:
                              loaded=slot.state == "ready")
         self.maybe_activate(epoch)
 
-    def address(self, epoch: Epoch, stage: int) -> str:
-        if stage >= len(epoch.slots):
+    def address(self, epoch: Epoch, stage: int | None) -> str:
+        if stage is None:
             return self.dispatcher.sink_address
         slot = epoch.slots[stage]
         return f"tcp://{self.cfg.hosts[slot.host]}:{slot.port}"
@@ -847,7 +876,8 @@ class Controller:
         self.active, self.deploying = epoch, None
         replayed = self.dispatcher.switch(
             Route(epoch.number, epoch.version,
-                  [Head(self.address(epoch, 0), self.public(epoch, 0) if self.curve else None)],
+                  [Head(self.address(epoch, i), self.public(epoch, i) if self.curve else None)
+                   for i in epoch.plan.heads],
                   epoch.slots[0].stage.inputs), replay=not handover)
         self.events.emit("plan.deployed", epoch=epoch.number, version=epoch.version,
                          kind=epoch.kind, hosts=epoch.hosts, replayed=replayed,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from partitioner.instance import InfeasibleError, Instance, Plan
+from partitioner.instance import InfeasibleError, Instance, Plan, Stage, restrict
 from stage_image.wire import CHUNK_BYTES
 from testbed import policy
 from testbed.policy import Held
@@ -62,20 +62,15 @@ def load_stage_files(stage_dir: Path) -> list[StageFile]:
     return files
 
 
-def cut_indices(plan: Plan) -> tuple[int, ...]:
+def stage_cuts(stages: list[Stage]) -> tuple[int, ...]:
     """Cut after the last segment of every stage but the last. Segment i lies between cuts
     i-1 and i (partitioner.split.cut_indices_from_plan uses the same rule)."""
-    return tuple(stage.end - 1 for stage in plan.stages[:-1])
+    return tuple(stage.end - 1 for stage in stages[:-1])
 
 
-def restrict(instance: Instance, live: set[str]) -> Instance:
-    """The instance over the live nodes only (links to dead nodes dropped too)."""
-    nodes = [n for n in instance.nodes if n.name in live]
-    keep = live | {instance.source}
-    bandwidth = {pair: bw for pair, bw in instance.bandwidth_mbps.items()
-                 if pair[0] in keep and pair[1] in keep}
-    # replace(), not a new Instance: every other field (the per-frame overhead) carries over
-    return dataclasses.replace(instance, nodes=nodes, bandwidth_mbps=bandwidth)
+def cut_indices(plan: Plan) -> tuple[int, ...]:
+    """The cuts of a one-pipeline plan (of the first pipeline of several)."""
+    return stage_cuts(plan.pipelines[0])
 
 
 @dataclass(frozen=True)
@@ -134,6 +129,8 @@ class Prepared:
             "predicted_throughput_rps": self.plan.predicted_throughput_rps,
             "hosts": [s.node for s in self.plan.stages],
             "cuts": list(cut_indices(self.plan))}
+        if self.plan.chains:
+            out["pipelines"] = [[s.node for s in p] for p in self.plan.pipelines]
         if self.choice is not None:
             out["choice"] = self.choice.describe()
         return out
@@ -148,6 +145,7 @@ class Planner:
     time_limit_s: float
     seed: int
     tolerance: float
+    pipelines: int = 1                  # at most this many side by side (0: auto)
     split_cache: dict[tuple[int, tuple[int, ...]], Path] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -160,11 +158,11 @@ class Planner:
         choice = None
         if req.given is not None:
             plan = req.given
-            if req.given_stages is not None:
+            if req.given_stages is not None and not plan.chains:
                 with self.lock:
                     self.split_cache[(req.version.version, cut_indices(plan))] = req.given_stages
         else:
-            from partitioner.algorithms import solve  # the planners are needed only here
+            from partitioner.replicate import plan_pipelines  # needed only here
 
             candidates = policy.repair_candidates(instance, req.base) if req.base else []
             # the best plan, and the best that keeps off the nodes to avoid (a new version
@@ -174,8 +172,9 @@ class Planner:
             problem: InfeasibleError | None = None
             for pool in pools:
                 try:
-                    candidates.append(solve(restrict(instance, pool), self.algorithm,
-                                            time_limit_s=self.time_limit_s, seed=self.seed))
+                    candidates.append(plan_pipelines(restrict(instance, pool),
+                                                     self.algorithm, self.time_limit_s,
+                                                     self.seed, self.pipelines))
                 except InfeasibleError as exc:
                     problem = problem or exc
             if not candidates:
@@ -201,22 +200,31 @@ class Planner:
 
     def stage_files(self, version: VersionInfo, plan: Plan,
                     ) -> tuple[list[StageFile], Path, bool]:
-        """The stage files of `plan`'s cuts: split once per (version, cuts)."""
-        key = (version.version, cut_indices(plan))
-        with self.lock:
-            stage_dir = self.split_cache.get(key)
-        cached = stage_dir is not None
-        if stage_dir is None:
-            name = "_".join(str(c) for c in key[1]) or "whole"
-            stage_dir = self.run_dir / "stages" / f"v{version.version}" / f"cuts_{name}"
-            split_model(version.model, list(key[1]), stage_dir)
+        """The stage files of `plan`, pipeline after pipeline: the model is split once per
+        (version, cuts), so identical pipelines share one split. Returns the files, the
+        first pipeline's split directory and whether every split was cached."""
+        files: list[StageFile] = []
+        dirs: list[Path] = []
+        cached = True
+        for pipeline in plan.pipelines:
+            cuts = stage_cuts(pipeline)
+            key = (version.version, cuts)
             with self.lock:
-                self.split_cache[key] = stage_dir
-        files = load_stage_files(stage_dir)
-        if len(files) != len(plan.stages):
-            raise InfeasibleError(f"split at {list(key[1])} gave {len(files)} stages, the "
-                                  f"plan has {len(plan.stages)}")
-        return files, stage_dir, cached
+                stage_dir = self.split_cache.get(key)
+            if stage_dir is None:
+                cached = False
+                name = "_".join(str(c) for c in cuts) or "whole"
+                stage_dir = self.run_dir / "stages" / f"v{version.version}" / f"cuts_{name}"
+                split_model(version.model, list(cuts), stage_dir)
+                with self.lock:
+                    self.split_cache[key] = stage_dir
+            split = load_stage_files(stage_dir)
+            if len(split) != len(pipeline):
+                raise InfeasibleError(f"split at {list(cuts)} gave {len(split)} stages, the "
+                                      f"pipeline has {len(pipeline)}")
+            files.extend(split)
+            dirs.append(stage_dir)
+        return files, dirs[0], cached
 
 
 def split_model(model: Path, cuts: list[int], out_dir: Path) -> None:

@@ -55,7 +55,7 @@ def repair_candidates(instance: Instance, base: Plan, limit: int = MAX_REPAIRS) 
     still there stay; the others go to nodes `base` does not use. Empty when there are not
     enough spare nodes or no assignment is valid."""
     live = {n.name for n in instance.nodes}
-    if base.stages[-1].end != len(instance.segments):
+    if any(p[-1].end != len(instance.segments) for p in base.pipelines):
         return []                                   # another model version's plan
     lost = [i for i, s in enumerate(base.stages) if s.node not in live]
     spares = sorted(live - {s.node for s in base.stages})
@@ -66,8 +66,9 @@ def repair_candidates(instance: Instance, base: Plan, limit: int = MAX_REPAIRS) 
         stages = list(base.stages)
         for i, node in zip(lost, nodes):
             stages[i] = Stage(stages[i].first, stages[i].end, node)
-        if not plan_problems(instance, stages):
-            plans.append(Plan.of(instance, stages, f"{base.algorithm}+repair", False))
+        if not plan_problems(instance, stages, base.chains):
+            plans.append(Plan.of(instance, stages, f"{base.algorithm}+repair", False,
+                                 chains=base.chains))
     return plans
 
 

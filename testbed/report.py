@@ -202,8 +202,21 @@ def _plans(summary: dict[str, Any], events: list[dict[str, Any]]) -> list[tuple[
     return plans
 
 
+def first_pipeline(plan: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """The stages of a plan's first pipeline, and a note naming the others' hosts when it
+    runs several side by side (they are drawn as one: the same model cut for each)."""
+    chains = plan.get("chains") or [len(plan["stages"])]
+    stages = plan["stages"][:chains[0]]
+    if len(chains) == 1:
+        return stages, ""
+    others = [s["node"] for s in plan["stages"][chains[0]:]]
+    shown = ", ".join(others[:6]) + (", ..." if len(others) > 6 else "")
+    return stages, f"; 1 of {len(chains)} pipelines side by side (the others on {shown})"
+
+
 def _plot_plans(path: Path, plans: list[tuple[str, dict[str, Any]]]) -> None:
-    rows_per_plan = [1 + (len(plan["stages"]) + 1) // STAGES_PER_ROW for _, plan in plans]
+    rows_per_plan = [1 + (len(first_pipeline(plan)[0]) + 1) // STAGES_PER_ROW
+                     for _, plan in plans]
     figure, axes_list = plt.subplots(len(plans), 1, squeeze=False, figsize=(
         2.0 * (STAGES_PER_ROW + 1), sum(1.7 * r + 0.6 for r in rows_per_plan)),
         gridspec_kw={"height_ratios": rows_per_plan})
@@ -217,7 +230,7 @@ def _plot_plans(path: Path, plans: list[tuple[str, dict[str, Any]]]) -> None:
 def _draw_plan(axes: Axes, title: str, plan: dict[str, Any]) -> None:
     """Boxes: the dispatcher, each stage, the dispatcher's sink; laid out in rows of
     STAGES_PER_ROW + 1, each hop an arrow labelled with its transfer time."""
-    stages = plan["stages"]
+    stages, others = first_pipeline(plan)
     hops = [s.get("in_ms") for s in stages] + [plan.get("out_ms")]
     times = [s.get("compute_ms") or 0.0 for s in stages] + [h or 0.0 for h in hops]
     bottleneck = max(times) if times else 0.0
@@ -259,7 +272,7 @@ def _draw_plan(axes: Axes, title: str, plan: dict[str, Any]) -> None:
     axes.set_aspect("equal")
     axes.axis("off")
     bottleneck_text = plan.get("bottleneck_ms")
-    axes.set_title(f"{title}: {len(stages)} stages"
+    axes.set_title(f"{title}: {len(stages)} stage{'' if len(stages) == 1 else 's'}{others}"
                    + (f", bottleneck {bottleneck_text:.1f} ms" if bottleneck_text else "")
                    + (f" ({plan.get('algorithm')})" if plan.get("algorithm") else ""),
                    fontsize=10)

@@ -136,6 +136,7 @@ class Scenario:
     steps: list[Step] = field(default_factory=list)
     slo: Slo = field(default_factory=Slo)
     control: dict[str, Any] = field(default_factory=dict)   # controller config fields
+    pipelines: int = 1          # planner.pipelines: at most this many (0: auto)
 
 
 def _count(value: Any) -> int:
@@ -148,6 +149,16 @@ def _positive_int(value: Any) -> int:
     if _count(value) == 0:
         raise ValueError("must be at least 1")
     return value
+
+
+def _pipelines(value: Any) -> int:
+    """`auto` (0: as many as pay off) or the most pipelines side by side."""
+    if value == "auto":
+        return 0
+    try:
+        return _positive_int(value)
+    except ValueError as exc:
+        raise ValueError(f"expected auto or a whole number >= 1, got {value!r}") from exc
 
 
 def _ratio(value: Any) -> float:
@@ -299,13 +310,14 @@ def load_scenario(path: str | Path) -> Scenario:
     topology = load_topology(topology_file)
     model = _model(fields, path.parent)
     planner = fields.sub("planner", None)
-    algorithm, time_limit = "auto", 2.0
+    algorithm, time_limit, pipelines = "auto", 2.0, 1
     if planner is not None:
         algorithm = planner.get("algorithm", expect_type(str, "an algorithm name"), "auto")
         if algorithm not in ALGORITHMS:
             raise planner.error("algorithm", f"unknown algorithm {algorithm!r}; known: "
                                              + ", ".join(ALGORITHMS))
         time_limit = planner.get("time_limit", parse_duration_s, 2.0)
+        pipelines = planner.get("pipelines", _pipelines, 1)
         planner.done()
     backend = fields.get("backend", expect_type(str, "a backend name"), "embedded")
     if backend not in BACKENDS:
@@ -323,7 +335,7 @@ def load_scenario(path: str | Path) -> Scenario:
         control_fields.done()
     fields.done()
     return Scenario(name, path, topology, model, algorithm, time_limit, backend, workload,
-                    steps, slo, control)
+                    steps, slo, control, pipelines)
 
 
 def with_duration(scenario: Scenario, text: str) -> Scenario:
