@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from partitioner.instance import InfeasibleError
+from partitioner.replicate import parse_pipelines
 from testbed.errors import EXIT_BAD_INPUT, InputError
 
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--topology", required=True, help="topology YAML")
     plan.add_argument("--algorithm", default="auto")
     plan.add_argument("--time-limit", type=float, default=2.0)
+    plan.add_argument("--pipelines", type=parse_pipelines, default=1,
+                      help="most pipelines side by side: a number, or auto (as many as pay "
+                           "off; default 1)")
     plan.add_argument("--out", default="plan.json", help="where to write plan.json")
     plan.add_argument("--measure", action="store_true",
                       help="measure bandwidth in the emulator instead of reading the topology")

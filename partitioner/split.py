@@ -125,10 +125,18 @@ def cut_indices_from_plan(plan: dict[str, Any], analysis: cutlib.CutAnalysis,
                           file: str = "<plan>") -> list[int]:
     """Cut where the stages of a plan end. A plan written by `plan` records the model hash
     and the tensors of each cut it uses; both are checked, so a plan made for another model
-    (or with other cut options) is refused instead of silently cutting elsewhere."""
+    (or with other cut options) is refused instead of silently cutting elsewhere. A plan of
+    pipelines side by side (`chains`) is cut like its first pipeline."""
     stages = plan.get("stages")
     if not isinstance(stages, list) or not stages:
         raise InputError("the plan has no stages", file=file, field="stages")
+    chains = plan.get("chains")
+    if chains:
+        if not isinstance(chains, list) or not all(isinstance(c, int) and c > 0
+                                                   for c in chains):
+            raise InputError("chains must list each pipeline's stage count", file=file,
+                             field="chains")
+        stages = stages[:chains[0]]
     if model_sha256 and plan.get("model_sha256") not in (None, model_sha256):
         raise InputError("the plan was made for another model (SHA-256 differs)",
                          file=file, field="model_sha256")

@@ -35,7 +35,9 @@ model transfer, no model load. A straggler (a stage of the active epoch computin
 host (`node.straggler`, `node.unhealthy`): the pipeline moves off it, draining rather than
 replaying, and it is tried again after the unhealthy back-off. When no plan fits the live
 nodes, `plan.infeasible` says why, the controller waits, and tries again whenever a node
-becomes usable; nothing blocks.
+becomes usable; nothing blocks. An epoch of pipelines side by side (`planner.pipelines`)
+gets no contingency plans: the pipelines a loss leaves whole are the next epoch at once, and
+a better plan is looked for afterwards (kept by the rejoin rule below).
 
 Switching. When the old epoch is broken, the dispatcher switches and replays every unanswered
 request at once, and the old epoch is retired. When it is healthy (a rejoin, a new model
@@ -47,7 +49,10 @@ Rejoin. A node back from a suspicion, restart or failure is used again only afte
 stable for `rejoin_hold_s` (a new suspicion restarts the clock), and then only if the plan
 with it beats the plan in force by `rejoin_margin` (policy.better_by_margin); otherwise
 `rejoin.declined` and it becomes a spare (and may hold a standby). While no plan fits, a node
-that returns is tried at once: nothing is running that could flap.
+that returns is tried at once: nothing is running that could flap. A suspected host that
+comes back with its workers still running (it was slow, not dead: a small CPU share starves
+its agent now and then) keeps them as standbys (`standby.readopted`), so taking it back
+loads nothing.
 
 Model versions. The controller polls the repository (`repository`, default RUN_DIR/repository)
 for new versions; a new one is hashed and its reference outputs computed, then (with
@@ -202,6 +207,8 @@ class Controller:
         self.straggling = False     # the pending re-plan leaves a straggler behind
         self.rejoin_hosts: set[str] = set()          # stable again: is a better plan there?
         self.improve: str | None = None     # running on fewer pipelines: is better possible?
+        # the workers of suspected hosts: if a host comes back with them, they are kept
+        self.suspended: dict[str, list[Slot]] = {}
         self.contingency: dict[str, Prepared] = {}   # host assumed lost -> plan
         self.contingency_queue: list[str] = []
         self.contingency_for: tuple[int, frozenset[str]] | None = None
@@ -612,7 +619,10 @@ class Controller:
         self.replan_reason = reason
 
     def host_lost(self, host: str, reason: str, suspected: bool) -> None:
-        """Forget every worker of `host`; re-plan if an epoch we need used one."""
+        """Forget every worker of `host`; re-plan if an epoch we need used one. A suspected
+        host's workers are remembered, in case it is back with them (`readopt`)."""
+        if suspected:
+            self.suspended[host] = [s for s in self.slots.values() if s.host == host]
         needed = False
         for slot in [s for s in self.slots.values() if s.host == host]:
             needed |= self.slot_lost(slot)
@@ -926,7 +936,9 @@ class Controller:
         """Take the epoch's routes away; a worker left serving nothing is released."""
         epoch.state = state
         for host in set(epoch.hosts):
-            if host in self.agents:
+            # not to a suspected host: if it comes back, its workers should still be up
+            # to be taken back (`readopt`); it is told to stop when it heartbeats again
+            if host in self.agents and not self.agents[host].suspected:
                 self.send(host, "stop", epoch=epoch.number)
         for slot in epoch.slots:
             slot.routes.pop(epoch.number, None)
@@ -993,6 +1005,7 @@ class Controller:
                          pid=f["pid"])
         if restarted:
             # its workers died with it; it is back, and held like any returning node
+            self.suspended.pop(host, None)
             agent.returned = now
             self.host_lost(host, "agent restarted", suspected=False)
         if self.waiting_for_nodes:
@@ -1013,10 +1026,29 @@ class Controller:
             self.events.emit("node.returned", host=host,
                              silent_ms=round(1000 * (now - agent.last_seen)),
                              hold_s=self.cfg.rejoin_hold_s)
+            self.readopt(host, f["workers"])
             if self.waiting_for_nodes:
                 self.request_replan(f"{host} returned")
         agent.last_seen = now
         self.reconcile(agent, f["workers"], now)
+
+    def readopt(self, host: str, workers: list[dict[str, Any]]) -> None:
+        """A suspected host is back (it was slow, not dead): the workers it still runs are
+        kept as standbys, so a plan that takes the host back re-uses them instead of loading
+        their models again (seconds on a small CPU share)."""
+        reported = {w["port"]: w for w in workers}
+        for slot in self.suspended.pop(host, []):
+            entry = reported.get(slot.port)
+            if entry is None or entry["sha256"] != slot.stage.sha256 or \
+                    entry["state"] != "ready" or (host, slot.port) in self.slots:
+                continue
+            slot.routes.clear()
+            slot.confirmed.clear()
+            slot.standby = True
+            self.slots[(host, slot.port)] = slot
+            self.send_prepare(slot)
+            self.events.emit("standby.readopted", host=host, port=slot.port,
+                             version=slot.version, segments=[slot.first, slot.end])
 
     def reconcile(self, agent: AgentInfo, workers: list[dict[str, Any]], now: float) -> None:
         """Make the host's workers what we want (level-triggered, rate-limited per action)."""

@@ -47,8 +47,8 @@ class Prepared:
 
 
 def prepare(scenario: Any, out_dir: Path) -> Prepared:
-    from partitioner.algorithms import solve
     from partitioner.profile import instance_for_topology, profile_model
+    from partitioner.replicate import plan_pipelines
     from partitioner.zoo import resolve_model
 
     log(f"model {scenario.model}: building / loading")
@@ -60,9 +60,12 @@ def prepare(scenario: Any, out_dir: Path) -> Prepared:
     instance_path.write_text(json.dumps(instance.to_json(), indent=1))
     log(f"planning with '{scenario.algorithm}' over {len(instance.nodes)} hosts, "
         f"{len(instance.segments)} segments")
-    plan = solve(instance, scenario.algorithm, time_limit_s=scenario.time_limit_s, seed=0)
-    log(f"plan: {len(plan.stages)} stages, bottleneck {plan.bottleneck_ms:.1f} ms, predicted "
-        f"{plan.predicted_throughput_rps:.2f} rps ({'optimal' if plan.optimal else 'heuristic'})")
+    plan = plan_pipelines(instance, scenario.algorithm, scenario.time_limit_s, 0,
+                          scenario.pipelines)
+    shape = f" in {len(plan.chains)} pipelines" if plan.chains else ""
+    log(f"plan: {len(plan.stages)} stages{shape}, bottleneck {plan.bottleneck_ms:.1f} ms, "
+        f"predicted {plan.predicted_throughput_rps:.2f} rps "
+        f"({'optimal' if plan.optimal else 'heuristic'})")
     return Prepared(model_path, instance_path, plan, plan.predicted_throughput_rps,
                     profile.activation_reserve_bytes)
 
@@ -77,6 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="plan and write the deployment (k3s: manifests) without running")
     parser.add_argument("--duration", help="override the workload duration, e.g. 10s")
+    parser.add_argument("--kubeconfig", help="k3s: the cluster's kubeconfig (default "
+                        "$KUBECONFIG)")
+    parser.add_argument("--keep", action="store_true",
+                        help="k3s: leave the namespace on the cluster after the run")
     return parser.parse_args(argv)
 
 
@@ -103,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         from testbed.faults import check_supported
 
         check_supported(scenario)
+        if backend == "k3s" and scenario.pipelines != 1:
+            raise InputError("the k3s backend deploys one pipeline; pipelines side by side "
+                             "run on the embedded backend", file=scenario.path,
+                             field="planner.pipelines")
         if backend == "k3s" and not args.dry_run:
-            print("error: the k3s backend needs a cluster (see docs/lab.md); here use "
-                  "--dry-run to write the manifests", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            from testbed.k8s_live import run_k3s
+
+            # no root needed: everything happens through the cluster's API
+            return run_k3s(scenario, out_dir, args.kubeconfig, keep=args.keep)
         if backend == "embedded" and not args.dry_run and os.geteuid() != 0:
             print("error: the embedded backend builds a Mininet network and needs root "
                   "(sudo)", file=sys.stderr)

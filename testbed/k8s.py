@@ -37,7 +37,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,9 @@ class K8sSettings:
     control_port: int = 18000
     model_port: int = 18080
     sink_port: int = 19000
+    # The driver's commands (start the workload, status, results): reached through the API
+    # server's pod port-forward only, so no Service exposes it (testbed/k8s_live.py).
+    command_port: int = 18001
     data_port_base: int = 20000
     # What the worker needs besides its model (interpreter, onnxruntime, buffers): must fit
     # in the host's memory together with the plan's memory for the stage.
@@ -185,6 +188,10 @@ def curve_secret_name(epoch: int) -> str:
 
 def controller_name() -> str:
     return f"{NAME}-controller"
+
+
+def controller_secret_name() -> str:
+    return f"{NAME}-controller-curve"
 
 
 def service_host(name: str, namespace: str) -> str:
@@ -319,10 +326,14 @@ def _curve_keys(settings: K8sSettings, n_stages: int) -> Mapping[str, Any]:
     return generate_deployment_keys(endpoint_names(n_stages))
 
 
+def stage_address(index: int, settings: K8sSettings) -> str:
+    """Where stage `index` of the settings' epoch listens (its headless Service)."""
+    return f"tcp://{service_host(stage_name(index), settings.namespace)}:{settings.data_port()}"
+
+
 def stage_next_address(index: int, n_stages: int, settings: K8sSettings) -> str:
     if index + 1 < n_stages:
-        return (f"tcp://{service_host(stage_name(index + 1), settings.namespace)}:"
-                f"{settings.data_port()}")
+        return stage_address(index + 1, settings)
     return f"tcp://{service_host(controller_name(), settings.namespace)}:{settings.sink_port}"
 
 
@@ -552,6 +563,11 @@ class ControllerInputs:
     model_file: str = "model.onnx"
     algorithm: str = "auto"
     time_limit_s: float = 2.0
+    # The load generator's workload (testbed.dispatcher.Workload JSON, workload.json); None:
+    # the controller runs no workload and opens no command port.
+    workload: Mapping[str, Any] | None = None
+    # The driver's CurveZMQ public key: the only client the command port admits.
+    driver_public: str | None = None
 
     def files(self, settings: K8sSettings) -> dict[str, str]:
         """The input directory's files (the ConfigMap's keys)."""
@@ -559,14 +575,20 @@ class ControllerInputs:
             raise ValueError(f"model_file {self.model_file!r} must be a plain file name")
         if not re.fullmatch(r"[0-9a-f]{64}", self.model_sha256):
             raise ValueError("model_sha256 must be 64 hex digits")
+        control: dict[str, Any] = {
+            "model_file": self.model_file, "model_sha256": self.model_sha256,
+            "algorithm": self.algorithm, "time_limit_s": self.time_limit_s}
+        if self.driver_public is not None:
+            if not re.fullmatch(r"[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}", self.driver_public):
+                raise ValueError("driver_public must be a 40-character Z85 CurveZMQ key")
+            control["driver_public"] = self.driver_public
         out = {"settings.json": json.dumps(settings_to_json(settings), indent=1),
                "instance.json": json.dumps(dict(self.instance)),
-               "controller.json": json.dumps(
-                   {"model_file": self.model_file, "model_sha256": self.model_sha256,
-                    "algorithm": self.algorithm, "time_limit_s": self.time_limit_s},
-                   indent=1)}
+               "controller.json": json.dumps(control, indent=1)}
         if self.plan is not None:
             out["plan.json"] = json.dumps(dict(self.plan), indent=1)
+        if self.workload is not None:
+            out["workload.json"] = json.dumps(dict(self.workload), indent=1)
         return out
 
 
@@ -576,17 +598,21 @@ def load_controller_inputs(directory: str | Path) -> tuple[K8sSettings, Controll
     directory = Path(directory)
     settings = settings_from_json(json.loads((directory / "settings.json").read_text()))
     control = json.loads((directory / "controller.json").read_text())
-    if not isinstance(control, dict) or set(control) != {"model_file", "model_sha256",
-                                                         "algorithm", "time_limit_s"}:
+    required = {"model_file", "model_sha256", "algorithm", "time_limit_s"}
+    if not isinstance(control, dict) or not required <= set(control) <= required | {
+            "driver_public"}:
         raise ValueError("controller.json needs exactly model_file, model_sha256, algorithm, "
-                         "time_limit_s")
+                         "time_limit_s (and optionally driver_public)")
     plan_path = directory / "plan.json"
+    workload_path = directory / "workload.json"
     inputs = ControllerInputs(
         instance=json.loads((directory / "instance.json").read_text()),
         model_sha256=control["model_sha256"],
         plan=json.loads(plan_path.read_text()) if plan_path.exists() else None,
         model_file=control["model_file"], algorithm=control["algorithm"],
-        time_limit_s=float(control["time_limit_s"]))
+        time_limit_s=float(control["time_limit_s"]),
+        workload=json.loads(workload_path.read_text()) if workload_path.exists() else None,
+        driver_public=control.get("driver_public"))
     inputs.files(settings)          # the same checks as when they were written
     return settings, inputs
 
@@ -604,18 +630,35 @@ def controller_inputs_manifest(inputs: ControllerInputs, settings: K8sSettings) 
             "data": data}
 
 
-def controller_manifests(settings: K8sSettings,
-                         inputs: ControllerInputs | None = None) -> list[Manifest]:
+CONTROLLER_KEY_DIR = "/etc/edgepipe/controller-curve"
+
+
+def controller_secret_manifest(keys: Any, settings: K8sSettings) -> Manifest:
+    """The controller's own CurveZMQ keypair, for every epoch: the sink, the heartbeat
+    receiver and the command port are CURVE servers with it. Made by the driver (which then
+    knows the public key it talks to), mounted only into the controller's pod."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _meta(controller_secret_name(), settings,
+                              base_labels("controller", settings)),
+            "stringData": {"controller.secret": keys.secret.decode()}}
+
+
+def controller_manifests(settings: K8sSettings, inputs: ControllerInputs | None = None,
+                         controller_keys: Any = None) -> list[Manifest]:
     """The controller's Deployment and Service, and its inputs ConfigMap when given (the
-    Deployment mounts it either way: the pod starts once the ConfigMap exists)."""
+    Deployment mounts it either way: the pod starts once the ConfigMap exists). With
+    CurveZMQ and `controller_keys` (a security.KeyPair), its Secret, mounted and passed as
+    --keypair; without, the controller makes a keypair of its own."""
     name = controller_name()
     # No epoch labels: the controller outlives epochs (it is the one that changes them).
     labels = base_labels("controller", settings)
     selector = {LABEL_NAME: NAME, LABEL_COMPONENT: "controller"}
+    keyed = settings.curve and controller_keys is not None
     command = list(settings.controller_command or [
         "python3", "-m", "testbed.controller", "--backend", "k3s",
         "--namespace", settings.namespace, "--models", CONTROLLER_MODELS_DIR,
-        "--inputs", CONTROLLER_INPUT_DIR])
+        "--inputs", CONTROLLER_INPUT_DIR,
+        *(["--keypair", f"{CONTROLLER_KEY_DIR}/controller.secret"] if keyed else [])])
     budget = NodeResources(settings.controller_cpu, settings.controller_memory_bytes)
     if settings.controller_node and settings.controller_node in settings.nodes:
         budget = settings.nodes[settings.controller_node]
@@ -629,7 +672,8 @@ def controller_manifests(settings: K8sSettings,
             "command": command,
             "ports": [{"name": "control", "containerPort": settings.control_port},
                       {"name": "models", "containerPort": settings.model_port},
-                      {"name": "sink", "containerPort": settings.sink_port}],
+                      {"name": "sink", "containerPort": settings.sink_port},
+                      {"name": "command", "containerPort": settings.command_port}],
             "resources": _resources(budget.cpu, budget.memory_bytes),
             "volumeMounts": [{"name": "models", "mountPath": CONTROLLER_MODELS_DIR},
                              {"name": "inputs", "mountPath": CONTROLLER_INPUT_DIR,
@@ -646,6 +690,13 @@ def controller_manifests(settings: K8sSettings,
     }
     if settings.controller_node:
         pod_spec["nodeSelector"] = {HOSTNAME_LABEL: settings.controller_node}
+    secret = []
+    if keyed:
+        secret = [controller_secret_manifest(controller_keys, settings)]
+        pod_spec["volumes"].append({"name": "curve", "secret": {
+            "secretName": controller_secret_name(), "defaultMode": 0o440}})
+        pod_spec["containers"][0]["volumeMounts"].append(
+            {"name": "curve", "mountPath": CONTROLLER_KEY_DIR, "readOnly": True})
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta(name, settings, labels),
@@ -665,7 +716,7 @@ def controller_manifests(settings: K8sSettings,
                            {"name": "sink", "port": settings.sink_port, "targetPort": "sink"}]},
     }
     config = [controller_inputs_manifest(inputs, settings)] if inputs is not None else []
-    return [*config, deployment, service]
+    return [*secret, *config, deployment, service]
 
 
 # --- all of it -----------------------------------------------------------------------------
@@ -703,8 +754,15 @@ def manifests(plan: Plan, stages: Sequence[StageModel], settings: K8sSettings,
               inputs: ControllerInputs | None = None) -> list[Manifest]:
     """Every object of a deployment, in apply order."""
     policy = [network_policy_manifest(settings)] if settings.network_policy else []
+    controller_keys = None
+    if settings.curve:
+        # one controller keypair for its Secret and for this epoch's public keys
+        settings = replace(settings, curve_keys=_curve_keys(settings, len(plan.stages)))
+        assert settings.curve_keys is not None
+        controller_keys = settings.curve_keys["controller"]
     return [namespace_manifest(settings), *rbac_manifests(settings), *policy,
-            *controller_manifests(settings, inputs), *epoch_manifests(plan, stages, settings)]
+            *controller_manifests(settings, inputs, controller_keys),
+            *epoch_manifests(plan, stages, settings)]
 
 
 def _file_for(manifest: Manifest) -> str:
@@ -716,7 +774,7 @@ def _file_for(manifest: Manifest) -> str:
         return "01-rbac.yaml"
     if kind == "NetworkPolicy":
         return "02-network-policy.yaml"
-    if kind == "ConfigMap" and name == controller_inputs_name():
+    if name in (controller_inputs_name(), controller_secret_name()):
         return "10-controller.yaml"
     if kind in ("ConfigMap",):
         return "03-config.yaml"
@@ -743,7 +801,7 @@ def write_manifests(plan: Plan, stages: Sequence[StageModel], settings: K8sSetti
     for filename in sorted(groups):
         path = target / filename
         text = yaml.safe_dump_all(groups[filename], sort_keys=False, default_flow_style=False)
-        if filename == "04-curve-secret.yaml":
+        if any(m["kind"] == "Secret" for m in groups[filename]):
             # Holds secret keys: owner-only, created with that mode (no window of 0644).
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:

@@ -19,6 +19,10 @@ on plain data, the API calls sit at the edges.
 - `K3sController` wires it up: watch threads and the receiver fill one queue, a single loop
   thread feeds the Decider and starts the slow work (planning, API calls) in one job thread,
   and events.jsonl is written with the embedded controller's EventLog and event names.
+- With a workload in its inputs, the controller also hosts the load generator + sink and the
+  driver's command port (testbed.k8s_workload.WorkloadHost, a thread of its own): the last
+  stage of every epoch sends to the sink, and when an epoch is ready (`plan.deployed`) the
+  dispatcher switches to its stage 0 and replays what is unanswered.
 
 Node health. A node is dead when the API says so (NotReady, cordoned, a NoSchedule/NoExecute
 taint, gone) *or* its stage's heartbeats have been silent for `suspect_after_missed` x
@@ -71,6 +75,7 @@ from stage_image.security import KeyPair, apply_server, generate_deployment_keys
 from stage_image.wire import MAX_STAGE_HEARTBEAT_BYTES, FrameError, decode_control
 from testbed import k8s, policy
 from testbed.control_state import UNHEALTHY_CAP_S, EventLog
+from testbed.dispatcher import Head, Route, Workload
 from testbed.errors import EXIT_BAD_INPUT, InputError
 from testbed.k8s import ControllerInputs, K8sSettings, StageModel
 from testbed.k8s_backend import (
@@ -84,6 +89,7 @@ from testbed.k8s_backend import (
     node_usable,
     stage_pod,
 )
+from testbed.k8s_workload import WorkloadHost
 from testbed.planning import Planner, PlanRequest, Prepared, VersionInfo, restrict
 
 # -- settings and actions ---------------------------------------------------------------------
@@ -651,7 +657,9 @@ class K3sController:
                  model: Path, timing: Timing, log: logging.Logger,
                  events: Path | None = None, backend: K3sBackend | None = None,
                  model_server: ModelServer | None = None,
-                 heartbeat_bind: str | None = None) -> None:
+                 heartbeat_bind: str | None = None, keys: KeyPair | None = None,
+                 sink_bind: str | None = None, command_bind: str | None = None,
+                 stage0_address: Callable[[K8sSettings, str], str] | None = None) -> None:
         self.settings, self.inputs, self.log = settings, inputs, log
         self.work_dir, self.model = work_dir, model
         self.timing = timing
@@ -668,8 +676,9 @@ class K3sController:
         self.backend = backend or K3sBackend(settings)      # no API, no side effects
         work_dir.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(events or work_dir / "events.jsonl", log)
-        # the controller's own CurveZMQ keypair, for every epoch (epoch_settings)
-        self.keys = KeyPair.generate() if settings.curve else None
+        # the controller's own CurveZMQ keypair, for every epoch (epoch_settings): the driver's
+        # (its Secret, --keypair), so that it knows whom it talks to; else one of our own
+        self.keys = (keys or KeyPair.generate()) if settings.curve else None
         self.planner = Planner(work_dir, inputs.algorithm, inputs.time_limit_s, seed=0,
                                tolerance=0.05)
         self.model_server = model_server or ModelServer(port=settings.model_port)
@@ -685,9 +694,38 @@ class K3sController:
         self.decider: Decider | None = None
         self.version: VersionInfo | None = None
         self.prepared: Prepared | None = None
+        # where the dispatcher sends an epoch's requests, from its settings and stage 0's
+        # node: stage 0's Service (tests map it to loopback)
+        self.stage0_address = stage0_address or (lambda s, _node: k8s.stage_address(0, s))
+        self.routes: dict[int, Route] = {}
+        self.workload: WorkloadHost | None = None
+        if inputs.workload is not None:
+            self.workload = WorkloadHost(
+                Workload.from_json(dict(inputs.workload)), work_dir, model,
+                inputs.model_sha256, self.events.path, self.events.emit, log, self.view,
+                sink_bind or f"tcp://*:{settings.sink_port}",
+                command_bind or f"tcp://*:{settings.command_port}", self.keys,
+                inputs.driver_public)
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def view(self) -> dict[str, Any]:
+        """The loop's state for the command port's status (read from the workload's thread:
+        a few attribute reads, no locks needed for a snapshot this coarse)."""
+        decider = self.decider
+        if decider is None:
+            return {"state": "starting", "epoch": None, "last_event": self.events.last}
+        plan = decider.plan
+        state = ("waiting_nodes" if decider.waiting is not None else
+                 "ready" if decider.ready and not decider.broken() else
+                 "deploying" if plan is not None and decider.deployed_at is not None else
+                 "planning")
+        return {"state": state, "epoch": decider.epoch if plan is not None else None,
+                "version": decider.version, "degraded": decider.waiting,
+                "plan": plan.to_json() if plan is not None else None,
+                "predicted_throughput_rps": plan.predicted_throughput_rps if plan else None,
+                "dead": sorted(decider.dead), "last_event": self.events.last}
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -741,9 +779,13 @@ class K3sController:
 
     def run(self) -> int:
         self.model_server.start()          # the readiness probe (/healthz) answers from now
+        if self.workload is not None:
+            self.workload.start()          # the driver uploads the model through it
         try:
             if not self.wait_for_model():
                 return 0
+            if self.workload is not None:
+                self.workload.bootstrap()
             try:
                 self.start()
             except Exception as exc:  # noqa: BLE001 - API unreachable or refused at start
@@ -791,6 +833,9 @@ class K3sController:
         for action in actions:
             if isinstance(action, Event):
                 self.events.emit(action.kind, **action.fields)
+                route = self.routes.get(action.fields.get("epoch", 0))
+                if action.kind == "plan.deployed" and self.workload and route is not None:
+                    self.workload.activate(route)
             elif isinstance(action, Replan):
                 self._submit(lambda a=action: self._plan(a), self._planned(action))
             elif isinstance(action, Deploy):
@@ -844,6 +889,11 @@ class K3sController:
         models, directory = stage_models(prepared)
         settings = epoch_settings(self.settings, epoch, len(plan.stages), self.keys)
         self.model_server.register(models, directory)
+        head = Head(self.stage0_address(settings, plan.stages[0].node),
+                    settings.curve_keys["stage-0"].public.decode()
+                    if settings.curve_keys else None)
+        self.routes[epoch] = Route(epoch, settings.model_version, [head],
+                                   list(models[0].inputs))
         self.events.emit("plan.computed", epoch=epoch, **prepared.summary(),
                          plan=plan.to_json())
 
@@ -875,6 +925,8 @@ class K3sController:
     def shutdown(self) -> None:
         self.stopping.set()
         self.events.emit("controller.stopped", backend="k3s")
+        if self.workload is not None:
+            self.workload.stop()
         if self.receiver is not None:
             self.receiver.stop()
         self.jobs.shutdown(wait=False, cancel_futures=True)
@@ -897,6 +949,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", type=Path,
                    help="the model file (default: MODELS/<model_file of controller.json>)")
     p.add_argument("--events", type=Path, help="default MODELS/events.jsonl")
+    p.add_argument("--keypair", type=Path,
+                   help="the controller's CurveZMQ secret key (Z85 text; its Secret, mounted "
+                        "by testbed.k8s); default: a keypair of its own")
     p.add_argument("--suspect-after-missed", type=int, default=3)
     p.add_argument("--rejoin-hold-s", type=float, default=5.0)
     p.add_argument("--rejoin-margin", type=float, default=0.10)
@@ -913,6 +968,7 @@ def main(argv: list[str]) -> int:
                              f"{settings.namespace}")
         timing = Timing(settings.heartbeat_ms or 200.0, args.suspect_after_missed,
                         args.rejoin_hold_s, args.rejoin_margin, args.deploy_timeout_s)
+        keys = KeyPair.from_secret(args.keypair.read_text().strip()) if args.keypair else None
     except (OSError, ValueError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -922,7 +978,7 @@ def main(argv: list[str]) -> int:
     try:
         controller = K3sController(settings, inputs, args.models,
                                    args.model or args.models / inputs.model_file, timing, log,
-                                   args.events)
+                                   args.events, keys=keys)
     except (ValueError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

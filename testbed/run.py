@@ -10,11 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from stage_image.security import KeyPair, apply_client
 from testbed.driver import CONTROL_PORT, SINK_PORT, Prepared, log
 from testbed.faults import FaultTimeline, Hooks
 from testbed.report import write_report
@@ -33,11 +35,15 @@ DRAIN_GRACE_S = 30.0
 
 
 class ControlClient:
-    """REQ/REP JSON commands to the controller over its ipc socket (crosses namespaces)."""
+    """REQ/REP JSON commands to the controller: over its ipc socket (embedded: crosses
+    namespaces), or over TCP as a CurveZMQ client (`curve`: our keypair and the server's
+    public key; the k3s controller's command port)."""
 
-    def __init__(self, address: str, timeout_ms: int = 3000) -> None:
+    def __init__(self, address: str, timeout_ms: int = 3000,
+                 curve: tuple[KeyPair, str] | None = None) -> None:
         self.address = address
         self.timeout_ms = timeout_ms
+        self.curve = curve
         self.context = zmq.Context.instance()
         self.socket: zmq.Socket | None = None
 
@@ -46,16 +52,21 @@ class ControlClient:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
         socket.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+        if self.curve is not None:
+            apply_client(socket, *self.curve)
         socket.connect(self.address)
         return socket
 
-    def call(self, cmd: str, **fields: Any) -> dict[str, Any] | None:
-        """The reply, or None when the controller did not answer in time."""
+    def call(self, cmd: str, data: bytes | None = None, **fields: Any) -> dict[str, Any] | None:
+        """The reply, or None when the controller did not answer in time. `data`: a binary
+        part after the JSON one."""
         if self.socket is None:
             self.socket = self._connect()
         try:
-            self.socket.send_json({"cmd": cmd, **fields})
-            return self.socket.recv_json()
+            header = json.dumps({"cmd": cmd, **fields}).encode()
+            self.socket.send_multipart([header] if data is None else [header, data])
+            reply = self.socket.recv_json()
+            return reply if isinstance(reply, dict) else None
         except zmq.Again:
             # A REQ socket that missed its reply is stuck in the wrong state: start over.
             self.socket.close(0)
@@ -67,9 +78,19 @@ class ControlClient:
             self.socket.close(0)
 
 
+def workload_json(scenario: Scenario) -> dict[str, Any]:
+    """The dispatcher's Workload (testbed.dispatcher) for a scenario: it issues for the
+    warm-up and the measured window."""
+    workload = scenario.workload
+    return {"mode": workload.mode, "concurrency": workload.concurrency,
+            "rate": workload.rate_rps or 10.0, "seed": workload.seed,
+            "pool_size": workload.pool,
+            "duration_s": workload.warmup_s + workload.duration_s,
+            "warmup_s": workload.warmup_s}
+
+
 def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir: Path,
                        control_ipc: str) -> dict[str, Any]:
-    workload = scenario.workload
     dispatcher = scenario.topology.dispatcher().name
     return {
         "run_dir": str(out_dir),
@@ -80,14 +101,8 @@ def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir
         "dispatcher_ip": net.ip(dispatcher),
         "host": dispatcher,
         "planner": {"algorithm": scenario.algorithm, "time_limit_s": scenario.time_limit_s,
-                    "seed": 0},
-        "workload": {
-            "mode": workload.mode, "concurrency": workload.concurrency,
-            "rate": workload.rate_rps or 10.0, "seed": workload.seed,
-            "pool_size": workload.pool,
-            "duration_s": workload.warmup_s + workload.duration_s,
-            "warmup_s": workload.warmup_s,
-        },
+                    "seed": 0, "pipelines": scenario.pipelines},
+        "workload": workload_json(scenario),
         "control_port": CONTROL_PORT,
         "sink_port": SINK_PORT,
         "control_ipc": control_ipc,
@@ -169,14 +184,25 @@ def _exit_reason(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _wait_ready(client: ControlClient, controller: Any, out_dir: Path) -> dict[str, Any]:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def _process_check(controller: Any, out_dir: Path | None = None) -> Callable[[str], None]:
+    """A liveness check of the controller process for wait_ready / run_workload."""
+    def check(phase: str) -> None:
+        if controller.poll() is not None:
+            raise RuntimeError(f"the controller exited {phase} "
+                               f"({_exit_reason(controller.returncode)})" + (
+                                   ":\n" + _tail(out_dir / "logs" / "controller.log")
+                                   if out_dir is not None else ""))
+    return check
+
+
+def wait_ready(client: ControlClient, check: Callable[[str], None],
+               timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
+    """Poll the controller's status until its first epoch serves ("ready"). `check(phase)`
+    raises when the controller is gone."""
+    deadline = time.monotonic() + timeout_s
     last_state = None
     while time.monotonic() < deadline:
-        if controller.poll() is not None:
-            raise RuntimeError(f"the controller exited during deployment "
-                               f"({_exit_reason(controller.returncode)}):\n"
-                               + _tail(out_dir / "logs" / "controller.log"))
+        check("during deployment")
         status = client.call("status")
         if status:
             state = status.get("state")
@@ -188,7 +214,7 @@ def _wait_ready(client: ControlClient, controller: Any, out_dir: Path) -> dict[s
             if state == "failed":
                 raise RuntimeError(f"deployment failed: {status.get('reason')}")
         time.sleep(0.5)
-    raise RuntimeError(f"the pipeline was not ready after {READY_TIMEOUT_S:.0f} s")
+    raise RuntimeError(f"the pipeline was not ready after {timeout_s:.0f} s")
 
 
 def _progress_line(elapsed: float, status: dict[str, Any], last_fault: str) -> str:
@@ -199,8 +225,10 @@ def _progress_line(elapsed: float, status: dict[str, Any], last_fault: str) -> s
             f"last={last_fault or event.get('type', '-')}")
 
 
-def _run_workload(scenario: Scenario, client: ControlClient, controller: Any,
-                  timeline: FaultTimeline) -> tuple[float, dict[str, Any]]:
+def run_workload(scenario: Scenario, client: ControlClient, check: Callable[[str], None],
+                 timeline: FaultTimeline) -> tuple[float, dict[str, Any]]:
+    """Start the workload, fire the timeline, print progress every second until the
+    controller says "done": (window start, last status)."""
     reply = client.call("start_workload")
     if not reply or not reply.get("ok"):
         raise RuntimeError(f"the controller refused the workload: {reply}")
@@ -212,9 +240,7 @@ def _run_workload(scenario: Scenario, client: ControlClient, controller: Any,
     status: dict[str, Any] = {}
     next_print = time.time()
     while time.time() < deadline:
-        if controller.poll() is not None:
-            raise RuntimeError(f"the controller exited during the run "
-                               f"({_exit_reason(controller.returncode)})")
+        check("during the run")
         reply = client.call("status")
         if reply:
             status = reply
@@ -271,10 +297,11 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
         monitor = HostMonitor.for_network(net)
         monitor.start()
         controller = _start_processes(scenario, prepared, net, out_dir, control_ipc)
-        _wait_ready(client, controller, out_dir)
+        wait_ready(client, _process_check(controller, out_dir))
         log(f"running {scenario.workload.mode} workload: {scenario.workload.warmup_s:g}s "
             f"warm-up + {scenario.workload.duration_s:g}s measured")
-        window_start, status = _run_workload(scenario, client, controller, timeline)
+        window_start, status = run_workload(scenario, client, _process_check(controller),
+                                            timeline)
         client.call("stop")
         try:
             controller.wait(timeout=DRAIN_GRACE_S)
@@ -292,19 +319,32 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
         for problem in problems:
             log(f"teardown: {problem}")
         log(f"network {net.run_id} torn down in {net.stop_seconds:.1f} s")
-    events = _merge_events(out_dir, timeline.events)
+    duration = scenario.workload.duration_s
+    summary = write_results(scenario, "embedded", out_dir, timeline.events, window_start,
+                            prepared.predicted_rps, int(status.get("duplicates", 0)),
+                            {"links": link_report, "plan": plan_json},
+                            monitor.buckets(window_start, duration))
+    return 0 if summary["slo"]["passed"] else 1
+
+
+def write_results(scenario: Scenario, backend: str, out_dir: Path,
+                  driver_events: list[dict[str, Any]], window_start: float,
+                  predicted_rps: float, duplicates: int, extra: dict[str, Any],
+                  host_samples: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """From OUT/requests.csv and OUT/events.jsonl (the controller's, merged with the
+    driver's fault events): summary.json, timeseries.csv, the report; prints the verdict."""
+    events = _merge_events(out_dir, driver_events)
     records = read_requests(out_dir / "requests.csv")
-    summary = summarise(scenario, "embedded", records, events, window_start,
-                        prepared.predicted_rps, int(status.get("duplicates", 0)),
-                        extra={"links": link_report, "plan": plan_json})
+    summary = summarise(scenario, backend, records, events, window_start, predicted_rps,
+                        duplicates, extra=extra)
     duration = scenario.workload.duration_s
     write_timeseries(out_dir / "timeseries.csv",
                      buckets(records, window_start, window_start + duration),
-                     host_samples=monitor.buckets(window_start, duration))
+                     host_samples=host_samples)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     write_report(out_dir, summary, events, out_dir / "timeseries.csv")
     _report(summary, out_dir)
-    return 0 if summary["slo"]["passed"] else 1
+    return summary
 
 
 def _report(summary: dict[str, Any], out_dir: Path) -> None:

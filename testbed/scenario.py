@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from partitioner.replicate import parse_pipelines
 from testbed.errors import InputError
 from testbed.topology import Topology, load_topology
 from testbed.units import (
@@ -149,16 +150,6 @@ def _positive_int(value: Any) -> int:
     if _count(value) == 0:
         raise ValueError("must be at least 1")
     return value
-
-
-def _pipelines(value: Any) -> int:
-    """`auto` (0: as many as pay off) or the most pipelines side by side."""
-    if value == "auto":
-        return 0
-    try:
-        return _positive_int(value)
-    except ValueError as exc:
-        raise ValueError(f"expected auto or a whole number >= 1, got {value!r}") from exc
 
 
 def _ratio(value: Any) -> float:
@@ -317,7 +308,7 @@ def load_scenario(path: str | Path) -> Scenario:
             raise planner.error("algorithm", f"unknown algorithm {algorithm!r}; known: "
                                              + ", ".join(ALGORITHMS))
         time_limit = planner.get("time_limit", parse_duration_s, 2.0)
-        pipelines = planner.get("pipelines", _pipelines, 1)
+        pipelines = planner.get("pipelines", parse_pipelines, 1)
         planner.done()
     backend = fields.get("backend", expect_type(str, "a backend name"), "embedded")
     if backend not in BACKENDS:

@@ -81,6 +81,11 @@ def by_kind(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [m for m in manifests if m["kind"] == kind]
 
 
+def epoch_secrets(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in by_kind(manifests, "Secret")
+            if m["metadata"]["name"] != k8s.controller_secret_name()]
+
+
 # --- schema and client models --------------------------------------------------------------
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -188,7 +193,7 @@ def test_init_container_fetches_and_checks_the_model(all_manifests) -> None:
 
 
 def test_epoch_and_version_labels(all_manifests) -> None:
-    for manifest in (by_kind(all_manifests, "ConfigMap") + by_kind(all_manifests, "Secret")
+    for manifest in (by_kind(all_manifests, "ConfigMap") + epoch_secrets(all_manifests)
                      + stage_deployments(all_manifests)):
         assert manifest["metadata"]["labels"][k8s.LABEL_EPOCH] == "1"
         assert manifest["metadata"]["labels"][k8s.LABEL_VERSION] == "1"
@@ -224,7 +229,7 @@ def test_stage_pods_have_no_api_token_and_run_restricted(all_manifests) -> None:
 
 
 def test_each_pod_mounts_only_its_own_curve_key(all_manifests) -> None:
-    (secret,) = by_kind(all_manifests, "Secret")
+    (secret,) = epoch_secrets(all_manifests)
     assert set(secret["stringData"]) == {"stage-0.secret", "stage-1.secret",
                                          "controller.secret"}
     for index, deployment in enumerate(stage_deployments(all_manifests)):
@@ -233,6 +238,38 @@ def test_each_pod_mounts_only_its_own_curve_key(all_manifests) -> None:
             {"key": f"stage-{index}.secret", "path": "own.secret"}]
     plain = k8s.manifests(plan(PLAN_A), models(2), settings(curve=False))
     assert not by_kind(plain, "Secret")
+
+
+def test_the_controller_has_its_own_key_and_a_command_port(all_manifests) -> None:
+    """The driver makes the controller's keypair (it must know whom its commands go to):
+    the controller's Secret holds the same key as the epoch's, mounted only into the
+    controller's pod and passed as --keypair; the command port is a container port that no
+    Service exposes (the driver reaches it through the API server's port-forward)."""
+    (own,) = [m for m in by_kind(all_manifests, "Secret")
+              if m["metadata"]["name"] == k8s.controller_secret_name()]
+    (epoch,) = epoch_secrets(all_manifests)
+    assert own["stringData"] == {"controller.secret": epoch["stringData"]["controller.secret"]}
+    (controller,) = [m for m in by_kind(all_manifests, "Deployment")
+                     if m["metadata"]["name"] == k8s.controller_name()]
+    pod_spec = controller["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    key_file = container["command"][container["command"].index("--keypair") + 1]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "curve"]
+    assert key_file == f"{mount['mountPath']}/controller.secret"
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    assert volumes["curve"]["secret"]["secretName"] == k8s.controller_secret_name()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["command"] == settings().command_port
+    for deployment in stage_deployments(all_manifests):
+        names = [v.get("secret", {}).get("secretName")
+                 for v in deployment["spec"]["template"]["spec"]["volumes"]]
+        assert k8s.controller_secret_name() not in names
+    (service,) = [m for m in by_kind(all_manifests, "Service")
+                  if m["metadata"]["name"] == k8s.controller_name()]
+    assert "command" not in {p["name"] for p in service["spec"]["ports"]}
+    # the command line parses as the controller's
+    from testbed.k8s_control import parse_args
+    assert str(parse_args(container["command"][3:]).keypair) == key_file
 
 
 # --- files ---------------------------------------------------------------------------------

@@ -14,10 +14,8 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -62,6 +60,7 @@ from testbed.k8s_control import (
     stage_models,
 )
 from testbed.planning import Planner, PlanRequest, VersionInfo, restrict, sha256_file
+from tests.fake_k8s import node, serve_fake_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -70,14 +69,6 @@ EDGES = ("edge1", "edge2", "edge3")
 
 
 # --- helpers: client model objects, instances, plans ---------------------------------------
-
-def node(name: str, ready: str = "True", unschedulable: bool = False) -> client.V1Node:
-    return client.V1Node(
-        metadata=client.V1ObjectMeta(name=name, labels={"kubernetes.io/hostname": name}),
-        spec=client.V1NodeSpec(unschedulable=unschedulable),
-        status=client.V1NodeStatus(conditions=[
-            client.V1NodeCondition(type="Ready", status=ready)]))
-
 
 def pod(stage: int, epoch: int, host: str, ready: bool = True) -> client.V1Pod:
     return client.V1Pod(
@@ -601,163 +592,10 @@ def test_a_real_worker_heartbeats_to_the_receiver(worker_dir: Path) -> None:
 
 # --- the whole loop against a fake API server ----------------------------------------------
 
-_PATH = re.compile(r"^/(?:api/v1|apis/apps/v1)/(?:namespaces/([^/]+)/)?([a-z]+)(?:/([^/?]+))?"
-                   r"(?:\?(.*))?$")
-_KINDS = {"nodes": ("v1", "Node"), "pods": ("v1", "Pod"), "services": ("v1", "Service"),
-          "configmaps": ("v1", "ConfigMap"), "secrets": ("v1", "Secret"),
-          "deployments": ("apps/v1", "Deployment")}
-
-
-class FakeCluster:
-    """What the loop sees of a cluster: lists, watches (Nodes, Pods), server-side apply and
-    delete. A Deployment applied gets a Ready pod on its nodeSelector's node at once; the
-    pods it replaces go away, except on nodes that are `down`, where they stay Terminating
-    until force-deleted (their kubelet cannot confirm it)."""
-
-    def __init__(self, nodes: list[str]) -> None:
-        self.lock = threading.Lock()
-        self.objects: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in _KINDS}
-        self.pending: dict[str, list[dict[str, Any]]] = {"nodes": [], "pods": []}
-        self.requests: list[tuple[str, str, str, Any]] = []    # method, kind, name, body
-        self.down: set[str] = set()
-        self.version = 100
-        for name in nodes:
-            self.objects["nodes"][name] = client.ApiClient().sanitize_for_serialization(
-                node(name))
-
-    def _stamp(self, obj: dict[str, Any]) -> dict[str, Any]:
-        self.version += 1
-        obj.setdefault("metadata", {})["resourceVersion"] = str(self.version)
-        return obj
-
-    def _event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
-        if kind in self.pending:
-            self.pending[kind].append({"type": type_, "object": json.loads(json.dumps(obj))})
-
-    def apply(self, kind: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        with self.lock:
-            self.requests.append(("PATCH", kind, name, body))
-            self.objects[kind][name] = self._stamp(body)
-            if kind == "deployments":
-                self._roll(body)
-            return body
-
-    def _roll(self, deployment: dict[str, Any]) -> None:
-        template = deployment["spec"]["template"]
-        labels = template["metadata"]["labels"]
-        host = template["spec"]["nodeSelector"]["kubernetes.io/hostname"]
-        for name, old in list(self.objects["pods"].items()):
-            if old["metadata"]["labels"][k8s.LABEL_STAGE] != labels[k8s.LABEL_STAGE]:
-                continue
-            if old["spec"]["nodeName"] in self.down:
-                old["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-                self._event("pods", "MODIFIED", self._stamp(old))
-            else:
-                del self.objects["pods"][name]
-                self._event("pods", "DELETED", old)
-        name = f"{deployment['metadata']['name']}-e{labels[k8s.LABEL_EPOCH]}"
-        new = self._stamp({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "edgepipe", "labels": dict(labels)},
-            "spec": {"nodeName": host, "containers": [{"name": "worker"}]},
-            "status": {"phase": "Running",
-                       "conditions": [{"type": "Ready", "status": "True"}]}})
-        self.objects["pods"][name] = new
-        self._event("pods", "ADDED", new)
-
-    def delete(self, kind: str, name: str, query: str) -> dict[str, Any] | None:
-        with self.lock:
-            self.requests.append(("DELETE", kind, name, query))
-            obj = self.objects[kind].pop(name, None)
-            if obj is not None:
-                self._event(kind, "DELETED", obj)
-            return obj
-
-    def list(self, kind: str) -> dict[str, Any]:
-        api, name = _KINDS[kind]
-        with self.lock:
-            return {"apiVersion": api, "kind": f"{name}List",
-                    "metadata": {"resourceVersion": str(self.version)},
-                    "items": [json.loads(json.dumps(o)) for o in self.objects[kind].values()]}
-
-    def watch(self, kind: str) -> list[dict[str, Any]]:
-        """The events since the last watch request; waits a little for some (a real server
-        holds the request open)."""
-        deadline = time.monotonic() + 0.3
-        while True:
-            with self.lock:
-                events, self.pending[kind] = self.pending[kind], []
-            if events or time.monotonic() >= deadline:
-                return events
-            time.sleep(0.02)
-
-    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
-        cluster = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _route(self) -> tuple[str, str | None, str]:
-                match = _PATH.match(self.path)
-                assert match, self.path
-                return match.group(2), match.group(3), match.group(4) or ""
-
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                kind, name, query = self._route()
-                if "watch=true" in query:
-                    lines = "".join(json.dumps(e) + "\n" for e in cluster.watch(kind))
-                    self._send(200, lines.encode())
-                elif name is None:
-                    self._send(200, json.dumps(cluster.list(kind)).encode())
-                else:
-                    self._send(404, b'{"kind":"Status","code":404}')
-
-            def do_PATCH(self) -> None:  # noqa: N802
-                kind, name, _ = self._route()
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert name is not None
-                self._send(200, json.dumps(cluster.apply(kind, name, body)).encode())
-
-            def do_DELETE(self) -> None:  # noqa: N802
-                kind, name, query = self._route()
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
-                assert name is not None
-                found = cluster.delete(kind, name, query)
-                status = {"kind": "Status", "apiVersion": "v1", "code": 200 if found else 404,
-                          "status": "Success" if found else "Failure"}
-                # like the API server: Pods and Services answer with the deleted object
-                body = found if found is not None and kind in ("pods", "services") else status
-                self._send(200 if found else 404, json.dumps(body).encode())
-
-            def _send(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
-
-
 @pytest.fixture
-def fake_cluster() -> Iterator[tuple[FakeCluster, client.ApiClient]]:
-    cluster = FakeCluster([*EDGES, "dispatcher"])
-    # a previous controller's epoch 6 is still there: the loop numbers from 7, prunes it
-    cluster.objects["configmaps"]["edgepipe-e6-stages"] = {
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "edgepipe-e6-stages", "namespace": "edgepipe",
-                     "labels": {k8s.LABEL_NAME: "edgepipe", k8s.LABEL_EPOCH: "6"}}}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), cluster.handler())
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    api = client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{server.server_port}"))
-    yield cluster, api
-    api.close()
-    server.shutdown()
-    server.server_close()
+def fake_cluster() -> Iterator[tuple[Any, client.ApiClient]]:
+    with serve_fake_cluster() as served:
+        yield served
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

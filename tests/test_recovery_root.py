@@ -126,3 +126,20 @@ def test_pipelines_side_by_side_survive_a_crash(tmp_path: Path) -> None:
     assert after[0]["t"] - detected < 1.0
     assert any(e["type"] in ("rejoin.accepted", "rejoin.declined") for e in events)
     assert code == 0, summary["slo"]
+
+
+def test_a_host_back_from_a_suspicion_keeps_its_workers(tmp_path: Path) -> None:
+    """edge5 frozen for 1.5 s: suspected, left out at once (the other pipeline serves), and
+    when it heartbeats again its worker, still loaded, is kept as a standby instead of being
+    stopped and its model loaded again later."""
+    summary, events, code = run_star6(tmp_path, "{at: 6s, action: node.pause, target: edge5, "
+                                                "duration: 1500ms}", pipelines=2,
+                                      concurrency=14)
+    kinds = [(e["type"], e.get("host")) for e in events]
+    assert ("node.suspected", "edge5") in kinds
+    returned = kinds.index(("node.returned", "edge5"))
+    readopted = [e for e in events[returned:] if e["type"] == "standby.readopted"]
+    assert readopted and readopted[0]["host"] == "edge5"
+    planned = next(s for s in summary["plan"]["stages"] if s["node"] == "edge5")
+    assert readopted[0]["segments"] == planned["segments"]
+    assert code == 0, summary["slo"]

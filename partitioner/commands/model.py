@@ -179,21 +179,23 @@ def plan(args: argparse.Namespace) -> int:
               "the emulator yet; plan from the topology's link bandwidths instead",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    from partitioner.algorithms import solve  # the solver stack loads only when planning
+    from partitioner.replicate import plan_pipelines  # the solvers load only when planning
 
     prof = _profile(args.model, 20)
     instance = _instance(prof, args.topology)
     print(f"planning with {args.algorithm} over {len(instance.nodes)} nodes, "
           f"{len(instance.segments)} segments ...", file=sys.stderr, flush=True)
-    result = solve(instance, args.algorithm, time_limit_s=args.time_limit, seed=0)
+    result = plan_pipelines(instance, args.algorithm, args.time_limit, 0, args.pipelines)
     cost = result.cost
     rows = []
+    pipeline_of = [i for i, p in enumerate(result.pipelines) for _ in p]
     for k, stage in enumerate(result.stages):
         first = prof.segment_nodes[stage.first]
         last = prof.segment_nodes[stage.end - 1]
         memory = prof.stage_memory_bytes(stage.first, stage.end)
         node = instance.node(stage.node)
-        rows.append((k, f"{stage.first}-{stage.end - 1}: {first[0] if first else ''} .. "
+        rows.append((f"{pipeline_of[k]}.{k}" if result.chains else k,
+                     f"{stage.first}-{stage.end - 1}: {first[0] if first else ''} .. "
                         f"{last[-1] if last else ''}", stage.node,
                      cost.compute_ms[k] if cost else float("nan"),
                      cost.in_ms[k] if cost else float("nan"),
@@ -201,6 +203,9 @@ def plan(args: argparse.Namespace) -> int:
                      f"{format_size(node.memory_bytes + prof.activation_reserve_bytes)}"))
     print(table(["stage", "layers (segments: first .. last node)", "node", "compute ms",
                  "transfer ms", "memory"], rows))
+    if result.chains:
+        print(f"\n{len(result.chains)} pipelines side by side (stage = pipeline.stage); "
+              "requests are dealt to them in turn")
     print(f"\nback to {instance.source}: {cost.out_ms if cost else float('nan'):.2f} ms; "
           f"bottleneck {result.bottleneck_ms:.2f} ms = "
           f"{result.predicted_throughput_rps:.2f} inferences/s; latency "
@@ -208,7 +213,7 @@ def plan(args: argparse.Namespace) -> int:
           f"{'optimal' if result.optimal else 'not proven optimal'})")
     data = result.to_json()
     data.update({"model": str(prof.model), "model_sha256": prof.sha256,
-                 "cuts": [prof.cuts[s.end - 1].names for s in result.stages[:-1]]})
+                 "cuts": [prof.cuts[s.end - 1].names for s in result.pipelines[0][:-1]]})
     out = Path(args.out)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"plan written to {out}")
