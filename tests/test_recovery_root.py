@@ -2,8 +2,8 @@
 run_scenario.py. The crash is noticed within a second, the pipeline moves to the nodes left
 (a warm standby takes the lost stage), throughput comes back, and no request is lost, answered
 twice or wrong. A node that only slows down (a straggler) is left behind the same way. With
-two pipelines side by side, both carry requests, and losing a node of one leaves the other
-serving at once while a better plan is made."""
+two pipelines side by side, both carry requests, losing a node of one leaves the other
+serving at once, and a node back from a suspicion keeps its loaded worker."""
 
 from __future__ import annotations
 
@@ -104,42 +104,33 @@ def test_straggler_is_left_behind(tmp_path: Path) -> None:
     assert code == 0, summary["slo"]
 
 
-def test_pipelines_side_by_side_survive_a_crash(tmp_path: Path) -> None:
-    summary, events, code = run_star6(tmp_path, "{at: 8s, action: node.crash, target: edge5}",
-                                      pipelines=2, concurrency=14)
+def test_pipelines_side_by_side_survive_a_lost_node(tmp_path: Path) -> None:
+    """Two pipelines of three stages on star-6; edge5 is frozen for 1.5 s. Both pipelines
+    carry requests; when edge5 is suspected the pipeline without it serves on its own within
+    a second (all its workers re-used, nothing loaded); when edge5 heartbeats again its
+    worker, still loaded, is kept as a standby instead of being stopped and loaded again."""
+    summary, events, code = run_star6(tmp_path, "{at: 6s, action: node.pause, target: edge5, "
+                                                "duration: 1500ms}", pipelines=2,
+                                      concurrency=14)
     planned = summary["plan"]
     assert planned["chains"] == [3, 3]
     assert summary["predicted_throughput_rps"] > 1.2 * star6_plan().predicted_throughput_rps
     with (tmp_path / "out" / "timeseries.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    # before the crash every host of both pipelines computes (an idle agent uses ~0.005)
+    # before the fault every host of both pipelines computes (an idle agent uses ~0.005)
     for host in (s["node"] for s in planned["stages"]):
-        assert sum(float(r[f"{host}_cpu"] or 0) for r in rows[1:7]) / 6 > 0.05, host
-    crashed = summary["window"]["start_unix"] + summary["faults"][0]["at_s"]
-    after = [e for e in events if e["type"] == "plan.deployed" and e["t"] > crashed]
-    # the pipeline without edge5 serves on its own at once: every stage re-used, no loading
+        assert sum(float(r[f"{host}_cpu"] or 0) for r in rows[1:6]) / 5 > 0.05, host
+    suspected = next(e for e in events
+                     if e["type"] == "node.suspected" and e["host"] == "edge5")
+    after = [e for e in events if e["type"] == "plan.deployed" and e["t"] > suspected["t"]]
     survivors = next(p for p in (planned["stages"][:3], planned["stages"][3:])
                      if "edge5" not in {s["node"] for s in p})
     assert after[0]["hosts"] == [s["node"] for s in survivors]
-    assert after[0]["reused_stages"] == 3
-    detected = next(e["t"] for e in events if e["type"] == "node.suspected")
-    assert after[0]["t"] - detected < 1.0
-    assert any(e["type"] in ("rejoin.accepted", "rejoin.declined") for e in events)
-    assert code == 0, summary["slo"]
-
-
-def test_a_host_back_from_a_suspicion_keeps_its_workers(tmp_path: Path) -> None:
-    """edge5 frozen for 1.5 s: suspected, left out at once (the other pipeline serves), and
-    when it heartbeats again its worker, still loaded, is kept as a standby instead of being
-    stopped and its model loaded again later."""
-    summary, events, code = run_star6(tmp_path, "{at: 6s, action: node.pause, target: edge5, "
-                                                "duration: 1500ms}", pipelines=2,
-                                      concurrency=14)
-    kinds = [(e["type"], e.get("host")) for e in events]
-    assert ("node.suspected", "edge5") in kinds
-    returned = kinds.index(("node.returned", "edge5"))
+    assert after[0]["reused_stages"] == 3 and after[0]["t"] - suspected["t"] < 1.0
+    returned = next(i for i, e in enumerate(events)
+                    if e["type"] == "node.returned" and e["host"] == "edge5")
     readopted = [e for e in events[returned:] if e["type"] == "standby.readopted"]
     assert readopted and readopted[0]["host"] == "edge5"
-    planned = next(s for s in summary["plan"]["stages"] if s["node"] == "edge5")
-    assert readopted[0]["segments"] == planned["segments"]
+    own = next(s for s in planned["stages"] if s["node"] == "edge5")
+    assert readopted[0]["segments"] == own["segments"]
     assert code == 0, summary["slo"]
