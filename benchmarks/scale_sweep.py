@@ -1,15 +1,18 @@
 """Throughput and latency against cluster size: the same model on a star of 1, 2, 5, 10, 15
 and 20 edge hosts (each `--cpu` cores behind a `--bandwidth` link), one embedded run per size.
-Prints a table (measured vs predicted throughput, speed-up over the single host, latency),
-writes scale_sweep.json and scale_sweep.png (throughput and p50/p99 latency against the
-number of hosts). Needs root (Mininet).
+Prints a table (measured vs predicted throughput, speed-up over the single host, latency,
+and the machine's speed at that CPU share right before each size: `speed` = the cost model's
+frame time of the whole model on one host / the frame time measured then, `adj` = ratio /
+speed), writes scale_sweep.json and scale_sweep.png (throughput and p50/p99 latency against
+the number of hosts). Needs root (Mininet).
 
     sudo .venv/bin/python benchmarks/scale_sweep.py [--model resnet50] [--sizes 1,2,5,10,15,20]
         [--duration 30s] [--out results/scale_sweep]
 
 The issue's targets (resnet50, 0.1 core hosts, 100 Mbit): 20 hosts deliver at least 5x the
-best single host, and every size at least 90% of the planner's prediction. A 2-core machine
-runs 20 x 0.1 + 0.5 = 2.5 promised cores: above ~15 busy hosts they contend for the CPU.
+best single host, and every size at least 90% of the planner's prediction. The planner runs
+pipelines side by side (`--pipelines auto`); a 2-core machine promises 20 x 0.1 + 0.5 = 2.5
+cores, so from 15 busy hosts on the machine's CPU budget caps the plan (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -65,6 +68,66 @@ def scenario_text(size: int, model: str, topology: Path, duration: str, warmup: 
             f"slo: {{lost: 0, mismatched: 0}}\n")
 
 
+PROBE_SCRIPT = """
+import statistics, sys, time
+import numpy as np, onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads = options.inter_op_num_threads = 1
+options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+feeds = {i.name: np.random.default_rng(0).random(
+    [d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+    for i in session.get_inputs()}
+session.run(None, feeds)
+times = []
+for _ in range(int(sys.argv[2])):
+    start = time.perf_counter()
+    session.run(None, feeds)
+    times.append(1000 * (time.perf_counter() - start))
+print(statistics.median(times))
+"""
+
+
+def speed_probe(model: str, cores: float, frames: int = 4) -> float:
+    """The whole model's ms a frame in a cgroup of `cores` (CFS quota), now: this machine's
+    speed at small CPU shares drifts by a quarter within the hour, and a ratio measured in a
+    slow phase says more about the machine than about the plan. The cgroup and the process
+    are in a run record of their own, so a crash leaves nothing behind a driver start does
+    not clear."""
+    import secrets
+    import string
+
+    sys.path.insert(0, str(ROOT))
+    from partitioner.zoo import resolve_model
+    from testbed import records
+
+    run_id = "pb" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(4))
+    record = records.RunRecord.claim(run_id, ROOT)
+    cgroup = f"cpu/{run_id}"
+    try:
+        record.add("cgroups", cgroup)
+        path = records.CGROUP_ROOT / cgroup
+        path.mkdir()
+        (path / "cpu.cfs_period_us").write_text("100000")
+        (path / "cpu.cfs_quota_us").write_text(str(round(cores * 100000)))
+        child = subprocess.Popen(
+            ["cgexec", "-g", f"cpu:/{run_id}", sys.executable, "-c", PROBE_SCRIPT,
+             str(resolve_model(model)), str(frames)], stdout=subprocess.PIPE, text=True)
+        record.add_process(child.pid, records.process_start_time(child.pid), "", "probe")
+        output, _ = child.communicate(timeout=600)
+        return float(output.strip())
+    finally:
+        records.undo(record)
+
+
+def predicted_frame_ms(model: str, cores: float) -> float:
+    """What the cost model says the whole model takes a frame on one host of `cores`."""
+    from partitioner.profile import FRAME_OVERHEAD_MS, effective_speed, profile_model
+
+    segments = profile_model(model, progress=False).segments
+    return (sum(s.compute_ms for s in segments) + FRAME_OVERHEAD_MS) / effective_speed(cores)
+
+
 def run_size(size: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     directory = out / f"hosts-{size}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,12 +136,16 @@ def run_size(size: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     scenario = directory / "scenario.yaml"
     scenario.write_text(scenario_text(size, args.model, topology, args.duration, args.warmup,
                                       args.pipelines))
-    print(f"== {size} hosts", file=sys.stderr, flush=True)
+    probe_ms = speed_probe(args.model, args.cpu)
+    # above 1: the machine computes faster now than the cost model assumes; below, slower
+    speed = predicted_frame_ms(args.model, args.cpu) / probe_ms
+    print(f"== {size} hosts (a frame on one host takes {probe_ms:.0f} ms now: speed "
+          f"{speed:.2f} of the model's)", file=sys.stderr, flush=True)
     result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"), str(scenario),
                              "--out", str(directory / "results")], check=False)
     summary_path = directory / "results" / "summary.json"
     if not summary_path.exists():
-        return {"hosts": size, "error": f"exit {result.returncode}"}
+        return {"hosts": size, "error": f"exit {result.returncode}", "speed": speed}
     summary = json.loads(summary_path.read_text())
     return {
         "hosts": size, "stages": len(summary.get("plan", {}).get("stages", [])),
@@ -87,6 +154,7 @@ def run_size(size: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "measured_rps": summary["throughput_rps"], "ratio": summary["throughput_ratio"],
         "p50_ms": summary["latency_ms"]["p50"], "p99_ms": summary["latency_ms"]["p99"],
         "lost": summary["requests"]["lost"], "mismatched": summary["requests"]["mismatched"],
+        "probe_ms": round(probe_ms, 1), "speed": round(speed, 3),
     }
 
 
@@ -137,16 +205,19 @@ def main() -> int:
     single = next((row["measured_rps"] for row in rows
                    if row.get("hosts") == 1 and "error" not in row), None)
     print(f"\n{'hosts':>5} {'pipes':>5} {'stages':>6} {'pred rps':>9} {'meas rps':>9} {'ratio':>6} "
-          f"{'speed-up':>8} {'p50 ms':>8} {'p99 ms':>8} {'lost':>5} {'mism':>5}")
+          f"{'speed':>6} {'adj':>5} {'speed-up':>8} {'p50 ms':>8} {'p99 ms':>8} {'lost':>5} "
+          f"{'mism':>5}")
     for row in rows:
         if "error" in row:
             print(f"{row['hosts']:>5} {row['error']}")
             continue
         row["speedup"] = round(row["measured_rps"] / single, 2) if single else None
+        # the ratio the plan would have had at the cost model's machine speed
+        row["adjusted_ratio"] = round(row["ratio"] / row["speed"], 3)
         speedup = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
         print(f"{row['hosts']:>5} {row['pipelines']:>5} {row['stages']:>6} "
               f"{row['predicted_rps']:>9.2f} {row['measured_rps']:>9.2f} {row['ratio']:>6.2f} "
-              f"{speedup:>8} "
+              f"{row['speed']:>6.2f} {row['adjusted_ratio']:>5.2f} {speedup:>8} "
               f"{row['p50_ms']:>8.0f} {row['p99_ms']:>8.0f} {row['lost']:>5} "
               f"{row['mismatched']:>5}")
     (out / "scale_sweep.json").write_text(json.dumps(
