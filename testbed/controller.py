@@ -124,10 +124,7 @@ from testbed.dispatcher import (
     Route,
     Workload,
     compute_references,
-    default_generator,
-    input_specs,
-    make_pool,
-    vocab_sizes,
+    seeded_pool,
 )
 from testbed.errors import EXIT_BAD_INPUT, InputError
 from testbed.planning import (
@@ -226,10 +223,7 @@ class Controller:
 
     def _bootstrap(self) -> tuple[Any, Any, VersionInfo]:
         """The input pool and the first version's references (once)."""
-        w = self.cfg.workload
-        specs = input_specs(self.cfg.model)
-        pool = make_pool(specs, w.pool_size, w.seed, w.input_dims,
-                         default_generator(vocab_sizes(self.cfg.model)))
+        pool = seeded_pool(self.cfg.model, self.cfg.workload)
         info = VersionInfo(self.cfg.version, self.cfg.model, sha256_file(self.cfg.model),
                            self.base_instance, str(self.cfg.model))
         return pool, compute_references(self.cfg.model, pool), info

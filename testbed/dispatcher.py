@@ -197,6 +197,13 @@ def make_pool(specs: list[InputSpec], size: int, seed: int, dims: dict[str, int]
     return pool
 
 
+def seeded_pool(model: str | Path, workload: Workload) -> list[dict[str, np.ndarray]]:
+    """The workload's input pool for a model: the same inputs for the same seed and model,
+    whichever controller (embedded or k3s) builds it."""
+    return make_pool(input_specs(model), workload.pool_size, workload.seed,
+                     workload.input_dims, default_generator(vocab_sizes(model)))
+
+
 def compute_references(model: str | Path,
                        pool: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The full model's outputs for every pool input (computed once, one thread)."""

@@ -51,10 +51,7 @@ from testbed.dispatcher import (
     Route,
     Workload,
     compute_references,
-    default_generator,
-    input_specs,
-    make_pool,
-    vocab_sizes,
+    seeded_pool,
 )
 
 MODEL_CHUNK = 1 << 20              # bytes of model per put_model request
@@ -69,8 +66,7 @@ Emit = Callable[..., None]
 def build_references(model: Path, workload: Workload) -> tuple[list[Any], list[Any]]:
     """The seeded input pool and the full model's outputs for it (as the embedded
     controller's bootstrap: the same pool for the same seed and model)."""
-    pool = make_pool(input_specs(model), workload.pool_size, workload.seed,
-                     workload.input_dims, default_generator(vocab_sizes(model)))
+    pool = seeded_pool(model, workload)
     return pool, compute_references(model, pool)
 
 
