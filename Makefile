@@ -30,7 +30,7 @@ lint: setup
 
 # Both images: the stage image, and FROM it the k3s controller's (each rebuilt only if stale).
 image: setup
-	$(PY) -m stage_image.build_image --target controller
+	$(PY) -m testbed.emulation.images --target controller
 
 # Only inside the lab VM (Vagrantfile): k3s in Docker hosts over shaped links.
 lab-test: setup

@@ -19,7 +19,7 @@ if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resol
 
 sys.path.insert(0, str(ROOT))
 
-from testbed.driver import main  # noqa: E402  (after the interpreter check above)
+from testbed.experiment.driver import main  # noqa: E402  (after the interpreter check above)
 
 if __name__ == "__main__":
     sys.exit(main())

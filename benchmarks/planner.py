@@ -230,8 +230,8 @@ def plot(summaries: dict[str, Any], large: list[dict[str, Any]], path: Path) -> 
 
 def topology_runs(names: list[str], reference_s: float, seed: int) -> list[dict[str, Any]]:
     """Every algorithm on our own topologies (topologies/*.yaml) with the profiled models."""
+    from formats.topology import load_topology
     from partitioner.profile import instance_for_topology, profile_model
-    from testbed.topology import load_topology
 
     runs = []
     for path in sorted((ROOT / "topologies").glob("*.yaml")):

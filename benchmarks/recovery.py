@@ -42,9 +42,9 @@ K8S_DEFAULT_WAIT_S = 340.0      # node-monitor grace (~40 s) + not-ready tolerat
 
 def initial_hosts() -> list[str]:
     """The hosts of the plan the run will start with (the same profile and solver)."""
+    from formats.topology import load_topology
     from partitioner.algorithms import solve
     from partitioner.profile import instance_for_topology, profile_model
-    from testbed.topology import load_topology
 
     instance = instance_for_topology(profile_model("resnet18", progress=False),
                                      load_topology(ROOT / "topologies" / "star-6.yaml"))

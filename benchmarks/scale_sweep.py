@@ -44,9 +44,9 @@ def planned_stages(model: str, topology: Path, pipelines: int) -> int:
     """How many stages the run's plan will have, over all its pipelines (the driver's
     profile and planner)."""
     sys.path.insert(0, str(ROOT))
+    from formats.topology import load_topology
     from partitioner.profile import instance_for_topology, profile_model
     from partitioner.replicate import plan_pipelines
-    from testbed.topology import load_topology
 
     instance = instance_for_topology(profile_model(model, progress=False),
                                      load_topology(topology))
@@ -99,7 +99,7 @@ def speed_probe(model: str, cores: float, frames: int = 4) -> float:
 
     sys.path.insert(0, str(ROOT))
     from partitioner.zoo import resolve_model
-    from testbed import records
+    from testbed.emulation import records
 
     run_id = "pb" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(4))
     record = records.RunRecord.claim(run_id, ROOT)

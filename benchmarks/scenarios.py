@@ -28,7 +28,7 @@ NEEDS_IMAGE = {"docker_node_failure"}
 
 def image_ready() -> bool:
     """Build the stage image if it is missing or stale (the project's builder, offline)."""
-    build = subprocess.run([sys.executable, "-m", "stage_image.build_image", "--quiet"],
+    build = subprocess.run([sys.executable, "-m", "testbed.emulation.images", "--quiet"],
                            cwd=ROOT, check=False)
     return build.returncode == 0
 

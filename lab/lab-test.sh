@@ -26,7 +26,7 @@ AGENT_CPU=${AGENT_CPU:-0.25}
 AGENT_MEMORY_MIB=${AGENT_MEMORY_MIB:-384}
 mapfile -t NODES < <("$PY" - "$SCENARIO" "$AGENT_CPU" "$AGENT_MEMORY_MIB" <<'EOF'
 import sys
-from testbed.scenario import load_scenario
+from formats.scenario import load_scenario
 scenario = load_scenario(sys.argv[1])
 extra_cpu, extra_mib = float(sys.argv[2]), int(sys.argv[3])
 hosts = scenario.topology.hosts
@@ -46,7 +46,7 @@ trap '"$CLUSTER" down' EXIT
 # Each host's link to its switch, from the topology (lab VMs have sch_netem for the delay).
 "$PY" - "$SCENARIO" <<'EOF' | while read -r name mbit delay; do "$CLUSTER" shape "$name" "$mbit" "$delay"; done
 import sys
-from testbed.scenario import load_scenario
+from formats.scenario import load_scenario
 topology = load_scenario(sys.argv[1]).topology
 for name in topology.hosts:
     link = next((l for l in topology.links if name in (l.a, l.b)), None)

@@ -51,6 +51,6 @@ echo "== the stage and controller images, built against the system dockerd"
 # The VM's dockerd runs under systemd with iptables on: build there (no private daemon),
 # from Docker Hub's debian image, which is reachable here.
 EDGEPIPE_DOCKER_HOST=unix:///var/run/docker.sock BASE=debian:bookworm-slim \
-  .venv/bin/python -m stage_image.build_image --quiet --target controller
+  .venv/bin/python -m testbed.emulation.images --quiet --target controller
 
 echo "== done: vagrant ssh, then: cd $PROJECT_DIR && sudo make lab-test"

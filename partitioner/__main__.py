@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from formats.errors import EXIT_BAD_INPUT, InputError
+from formats.scenario import parse_pipelines
 from partitioner.instance import InfeasibleError
-from partitioner.replicate import parse_pipelines
-from testbed.errors import EXIT_BAD_INPUT, InputError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper
 
-from testbed.errors import InputError
+from formats.errors import InputError
 
 DEFAULT_MAX_TENSORS = 2
 DEFAULT_REGION_SHARE = 0.25

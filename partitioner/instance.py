@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import InputError, read_json
+from formats.errors import InputError, read_json
 
 
 @dataclass(frozen=True)

@@ -457,7 +457,7 @@ def instance_for_hosts(profile: ModelProfile, source: str,
 
 def instance_for_topology(profile: ModelProfile, topology: Any,
                           machine_cores: float | None = None) -> Instance:
-    """Instance for a `testbed.topology.Topology`: its edge hosts are the nodes, its
+    """Instance for a `formats.topology.Topology`: its edge hosts are the nodes, its
     dispatcher the source, path bandwidth the TCP payload rate of the narrowest link on the
     route, and the CPU budget of the machine that emulates it (`machine_budget`)."""
     hosts = [(h.name, h.cpu, h.memory_bytes) for h in topology.edge_hosts()]

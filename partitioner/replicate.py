@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 from partitioner.instance import (
     InfeasibleError,
@@ -41,18 +40,6 @@ from partitioner.instance import (
 )
 
 SolveOne = Callable[[Instance], Plan]
-
-
-def parse_pipelines(value: Any) -> int:
-    """`auto` (0: as many as pay off) or the most pipelines side by side (>= 1), from a
-    scenario field or a command-line argument."""
-    if value == "auto":
-        return 0
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected auto or a whole number >= 1, got {value!r}")
-    return value
 
 
 def ranked_nodes(instance: Instance) -> list[Node]:

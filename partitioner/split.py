@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 import onnx.utils
 
+from formats.errors import InputError, read_json
 from partitioner import cuts as cutlib
-from testbed.errors import InputError, read_json
 
 STAGES_FILE = "stages.json"
 

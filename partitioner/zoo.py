@@ -27,7 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from testbed.errors import InputError
+from formats.errors import InputError
+from formats.models import ZOO_MODELS
 
 OPSET = 17
 IR_VERSION = 8            # the IR version that goes with opset 17; old enough for any runtime
@@ -328,13 +329,7 @@ BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
     "bert_mini": build_bert_mini,
 }
 
-DESCRIPTIONS = {
-    "resnet18": "ResNet-18, 224x224 image, 11.7M parameters",
-    "resnet50": "ResNet-50 (v1.5), 224x224 image, 25.6M parameters",
-    "mobilenetv2": "MobileNetV2, 224x224 image, 3.5M parameters",
-    "vgg16": "VGG-16, 224x224 image, 138M parameters (about 550 MB)",
-    "bert_mini": "BERT-mini encoder: 4 layers, hidden 256, 4 heads, 128 tokens + mask",
-}
+DESCRIPTIONS = ZOO_MODELS
 
 
 def model_seed(name: str, seed: int = 0) -> int:

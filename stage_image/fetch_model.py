@@ -3,7 +3,7 @@ stage pod (`python -m stage_image.fetch_model URL SHA256 DEST`).
 
 Division of labour: in the embedded backend the agent fetches models over the ZeroMQ control
 channel (stage_image.agent); under Kubernetes there is no agent, so this init container does
-the same job against the controller's HTTP model server (testbed/k8s_backend.py), and the
+the same job against the controller's HTTP model server (testbed/k8s/backend.py), and the
 worker container starts only once the verified file is in the shared volume. The file is
 written under a temporary name and renamed after the check, so the worker never sees a partial
 or corrupt model. Standard library only.

@@ -27,7 +27,7 @@ worker never dies of one. Queues stay bounded (small ZeroMQ high-water marks, an
 downstream blocks us instead of buffering); a frame blocked on a hop whose route is withdrawn
 meanwhile is dropped. SIGTERM ends the loop and exits 0.
 
-CONFIG.json fields (written by stage_image.agent, or testbed.k8s for a pod):
+CONFIG.json fields (written by stage_image.agent, or testbed.k8s.manifests for a pod):
   host, version, model (path), bind (tcp://IP:PORT), inputs, outputs (tensor names,
   stages.json order); the first route as epoch, stage, next (optional: a standby has none);
   more routes as routes {"EPOCH": {"stage", "next", "public"}}; with CurveZMQ the worker's
@@ -135,7 +135,7 @@ class WorkerConfig:
         return routes
 
     def load_pod_keys(self, curve_dir: Path, config_dir: Path) -> None:
-        """CurveZMQ under Kubernetes (testbed.k8s): the pod's own secret key is mounted in
+        """CurveZMQ under Kubernetes (testbed.k8s.manifests): the pod's own secret key is mounted in
         `curve_dir/own.secret`, every endpoint's public key in the config map's
         `curve-public.json` ({"stage-0": ..., "controller": ...}); the next hop is the next
         stage, or the controller's sink after the last one."""

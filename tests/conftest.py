@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from testbed.dockerd import Dockerd
+    from testbed.emulation.dockerd import Dockerd
 
 
 def _root_problem() -> str | None:
@@ -48,8 +48,8 @@ def fresh_run_id(prefix: str) -> str:
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private run-record directory: clear_stale_runs() in it only ever sees this module's
     runs (and clears whatever a failed test left behind)."""
-    from testbed import records
-    from testbed.network import clear_stale_runs
+    from testbed.emulation import records
+    from testbed.emulation.network import clear_stale_runs
 
     path = tmp_path_factory.mktemp("state")
     old = os.environ.get(records.STATE_ENV)
@@ -71,7 +71,7 @@ RunInImage = Callable[..., "subprocess.CompletedProcess[bytes]"]
 def daemon() -> Iterator[Dockerd]:
     """The project's Docker daemon: started if nothing answers, stopped by PID at the end of
     the module only if started here."""
-    from testbed.dockerd import Dockerd
+    from testbed.emulation.dockerd import Dockerd
 
     missing = [tool for tool in ("dockerd", "debootstrap") if shutil.which(tool) is None]
     if missing:

@@ -22,7 +22,7 @@ from typing import Any
 
 from kubernetes import client
 
-from testbed import k8s
+from testbed.k8s import manifests as k8s
 
 _PATH = re.compile(r"^/(?:api/v1|apis/[a-z0-9.]+/v1)/(?:namespaces/([^/]+)/)?([a-z]+)"
                    r"(?:/([^/?]+))?(?:/(portforward))?(?:\?(.*))?$")

@@ -1,11 +1,11 @@
 """The k3s controller's image builds offline FROM the stage image and runs the control loop's
 code with no network at all.
 
-Builds with `python -m stage_image.build_image --target controller` (the stage image first,
+Builds with `python -m testbed.emulation.images --target controller` (the stage image first,
 up to date or rebuilt, then the controller image; each is rebuilt only when its inputs
 changed), then in containers started with `--network none`: the controller's command line,
 the loop's imports, the real planner solving an instance, and a model split the way the loop
-does it on a re-plan (`testbed.planning.split_model`: a `python -m partitioner split` child
+does it on a re-plan (`testbed.control.planning.split_model`: a `python -m partitioner split` child
 process) checked against the full model with the image's onnxruntime.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stage_image import build_image
-from testbed.dockerd import Dockerd
-from testbed.k8s import K8sSettings
+from testbed.emulation import images as build_image
+from testbed.emulation.dockerd import Dockerd
+from testbed.k8s.manifests import K8sSettings
 from tests.conftest import RunInImage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,18 +37,18 @@ def test_default_controller_image_is_the_one_built() -> None:
 def test_controller_modules_follow_the_imports() -> None:
     app = build_image.controller_app()
     # The pod's command, the planner (imported inside a function), the split child process.
-    for name in ("testbed/controller.py", "testbed/k8s_control.py",
+    for name in ("testbed/k8s/loop.py", "formats/scenario.py",
                  "partitioner/algorithms/optimal.py", "partitioner/__main__.py",
                  "partitioner/split.py"):
         assert name in app
     # The emulator is not the controller's business; stage_image is the stage image's.
-    assert not any(name.startswith(("testbed/network", "testbed/driver", "stage_image/"))
+    assert not any(name.startswith(("testbed/emulation/", "testbed/experiment/", "stage_image/"))
                    for name in app)
 
 
 @pytest.fixture(scope="module")
 def image(daemon: Dockerd) -> str:
-    build = subprocess.run([sys.executable, "-m", "stage_image.build_image", "--quiet",
+    build = subprocess.run([sys.executable, "-m", "testbed.emulation.images", "--quiet",
                             "--target", "controller"], cwd=REPO, capture_output=True,
                            text=True, timeout=900)
     print(build.stdout, build.stderr, sep="\n")
@@ -78,16 +78,16 @@ class TestControllerImage:
                                                                "{{.Size}}"))
         assert extra < MAX_EXTRA_MB * 1e6, f"the controller adds {extra / 1e6:.0f} MB"
         assert inspect(image, "{{json .Config.Entrypoint}}") == \
-            '["python3","-m","testbed.controller"]'
+            '["python3","-m","testbed.k8s.loop"]'
         assert inspect(image, "{{.Config.User}}") == "65532:65532"
 
     def test_controller_command_line(self, run: RunInImage) -> None:
-        proc = run("-m", "testbed.controller", "--backend", "k3s", "--help")
+        proc = run("-m", "testbed.k8s.loop", "--backend", "k3s", "--help")
         assert proc.returncode == 0, proc.stderr.decode()
         assert b"usage" in proc.stdout.lower()
 
     def test_loop_imports(self, run: RunInImage) -> None:
-        proc = run("-c", "import testbed.k8s_control, partitioner.algorithms, kubernetes; "
+        proc = run("-c", "import testbed.k8s.loop, partitioner.algorithms, kubernetes; "
                          "import highspy, onnx, yaml; print(kubernetes.__version__)")
         assert proc.returncode == 0, proc.stderr.decode()
         import kubernetes
@@ -131,7 +131,7 @@ class TestControllerImage:
         script = (
             "from pathlib import Path\n"
             "from partitioner.split import check_split\n"
-            "from testbed.planning import split_model\n"
+            "from testbed.control.planning import split_model\n"
             "out = Path('/tmp/ctlimg-split/stages')\n"
             "split_model(Path('/m/chain.onnx'), [0, 1], out)\n"
             "print(len(list(out.glob('stage_*.onnx'))), check_split('/m/chain.onnx', out))\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
-from testbed.delayshim import DelayShim
+from testbed.emulation.delayshim import DelayShim
 
 
 class FakePacket:

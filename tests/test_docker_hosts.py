@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from testbed.dockerd import Dockerd, ping
-from testbed.faults import FaultTimeline, Hooks
-from testbed.scenario import Step
+from formats.scenario import Step
+from testbed.emulation.dockerd import Dockerd, ping
+from testbed.experiment.faults import FaultTimeline, Hooks
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ def image() -> str:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    build = subprocess.run([sys.executable, "-m", "stage_image.build_image", "--quiet"],
+    build = subprocess.run([sys.executable, "-m", "testbed.emulation.images", "--quiet"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout + build.stderr
     return "edgepipe-stage:latest"
@@ -79,8 +79,8 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def network(image: str, state_dir: Path, tmp_path: Path) -> Iterator:
-    from testbed.network import EmulatedNetwork, leftovers
-    from testbed.topology import load_topology
+    from formats.topology import load_topology
+    from testbed.emulation.network import EmulatedNetwork, leftovers
 
     path = tmp_path / "docker-test.yaml"
     path.write_text(TOPOLOGY)
@@ -240,9 +240,9 @@ def test_host_and_io_faults_act_on_docker_hosts(network, tmp_path: Path) -> None
 def test_refusals_leave_nothing(image: str, state_dir: Path, tmp_path: Path) -> None:
     """A Docker dispatcher is refused before anything exists; an image the daemon lacks is
     refused with the way to build it, and the half-built run is removed."""
-    from testbed.errors import InputError
-    from testbed.network import EmulatedNetwork, leftovers
-    from testbed.topology import load_topology
+    from formats.errors import InputError
+    from formats.topology import load_topology
+    from testbed.emulation.network import EmulatedNetwork, leftovers
 
     path = tmp_path / "t.yaml"
     path.write_text(TOPOLOGY.replace("role: dispatcher,", "role: dispatcher, kind: docker,"))
@@ -260,8 +260,8 @@ def test_refusals_leave_nothing(image: str, state_dir: Path, tmp_path: Path) -> 
 
 BUILD_AND_WAIT = """
 import sys, time
-from testbed.network import EmulatedNetwork
-from testbed.topology import load_topology
+from testbed.emulation.network import EmulatedNetwork
+from formats.topology import load_topology
 net = EmulatedNetwork(load_topology(sys.argv[1]), run_id=sys.argv[2])
 net.build()
 net.popen("edge1", ["sleep", "600"], sys.argv[3])
@@ -272,7 +272,7 @@ time.sleep(600)
 
 def test_clear_stale_runs_removes_a_killed_drivers_containers(image: str, state_dir: Path,
                                                               tmp_path: Path) -> None:
-    from testbed.network import clear_stale_runs, leftovers
+    from testbed.emulation.network import clear_stale_runs, leftovers
 
     path = tmp_path / "docker-test.yaml"
     path.write_text(TOPOLOGY.replace("delay: 5ms", "bandwidth: 50Mbit"))
@@ -300,7 +300,7 @@ def test_docker_node_failure_scenario(image: str, state_dir: Path, tmp_path: Pat
     within 10 s depends on the controller and on how busy the machine is (it passed at a
     load of ~2 on 2 cores, and failed at ~2.5 with the same lost 0 / mismatched 0), so the
     recovery SLO is printed, not asserted."""
-    from testbed.records import list_records
+    from testbed.emulation.records import list_records
 
     out = tmp_path / "out"
     result = subprocess.run(

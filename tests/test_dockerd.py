@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from testbed import dockerd
-from testbed.dockerd import DaemonPaths, Dockerd
+from testbed.emulation import dockerd
+from testbed.emulation.dockerd import DaemonPaths, Dockerd
 
 
 def test_private_daemon_leaves_the_packet_path_alone(tmp_path) -> None:

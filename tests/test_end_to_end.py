@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.records import list_records
+from testbed.emulation.records import list_records
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.root, pytest.mark.slow]

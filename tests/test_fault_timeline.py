@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from testbed.errors import InputError
-from testbed.faults import FAULTS, FaultTimeline, Hooks, check_supported
-from testbed.scenario import Step, load_scenario
+from formats.errors import InputError
+from formats.scenario import Step, load_scenario
+from testbed.experiment.faults import FAULTS, FaultTimeline, Hooks, check_supported
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,7 +208,7 @@ def test_unsupported_steps_are_refused_before_any_network(tmp_path: Path, text: 
 
 
 def test_every_scenario_action_is_supported() -> None:
-    from testbed.scenario import ACTIONS
+    from formats.scenario import ACTIONS
 
     assert set(FAULTS) == set(ACTIONS)
 
@@ -216,11 +216,11 @@ def test_every_scenario_action_is_supported() -> None:
 def test_the_scenario_library_loads_and_is_supported(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every scenario file is valid and supported. The delay and loss probes are forced:
     they need root, this test does not."""
-    import testbed.netfilter
-    import testbed.network
+    import testbed.emulation.netfilter
+    import testbed.emulation.network
 
-    monkeypatch.setattr(testbed.netfilter, "nfqueue_available", lambda: True)
-    monkeypatch.setattr(testbed.network, "iptables_statistic_available", lambda: True)
+    monkeypatch.setattr(testbed.emulation.netfilter, "nfqueue_available", lambda: True)
+    monkeypatch.setattr(testbed.emulation.network, "iptables_statistic_available", lambda: True)
     files = sorted((ROOT / "scenarios").glob("*.yaml"))
     assert len(files) >= 11
     for path in files:

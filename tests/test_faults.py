@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from testbed import records
-from testbed.faults import FAULTS, Context, FaultTimeline, Hooks
-from testbed.hostmon import HostMonitor
-from testbed.network import EmulatedNetwork, leftovers
-from testbed.scenario import Step
-from testbed.topology import load_topology
+from formats.scenario import Step
+from formats.topology import load_topology
+from testbed.emulation import records
+from testbed.emulation.hostmon import HostMonitor
+from testbed.emulation.network import EmulatedNetwork, leftovers
+from testbed.experiment.faults import FAULTS, Context, FaultTimeline, Hooks
 from tests.conftest import fresh_run_id
 
 pytestmark = pytest.mark.root

@@ -1,6 +1,6 @@
 """The stage image builds without any registry and runs with no network at all.
 
-Builds with `python -m stage_image.build_image` (cached: the base image and wheelhouse are
+Builds with `python -m testbed.emulation.images` (cached: the base image and wheelhouse are
 reused, an unchanged image is not rebuilt), then in containers started with `--network none`:
 imports onnxruntime and zmq, runs an onnxruntime inference on a model made on the host, and
 starts the agent, worker and model fetcher entry points. Every container is labelled and
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.dockerd import Dockerd
+from testbed.emulation.dockerd import Dockerd
 from tests.conftest import RunInImage
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -32,7 +32,7 @@ MAX_IMAGE_MB = 400          # ~250 MB today; catches a compiler or apt lists sne
 
 @pytest.fixture(scope="module")
 def image(daemon: Dockerd) -> str:
-    build = subprocess.run([sys.executable, "-m", "stage_image.build_image", "--quiet",
+    build = subprocess.run([sys.executable, "-m", "testbed.emulation.images", "--quiet",
                             "--tag", TAG], cwd=REPO, capture_output=True, text=True,
                            timeout=900)
     print(build.stdout, build.stderr, sep="\n")

@@ -23,9 +23,8 @@ from kubernetes_validate import utils as kv_utils
 
 from partitioner.instance import Instance, Node, Plan, Segment, Stage
 from stage_image import fetch_model
-from testbed import k8s
-from testbed.k8s import K8sSettings, NodeResources, StageModel
-from testbed.k8s_backend import (
+from testbed.k8s import manifests as k8s
+from testbed.k8s.backend import (
     K3sBackend,
     ModelServer,
     NodeHealth,
@@ -36,6 +35,7 @@ from testbed.k8s_backend import (
     rollout_actions,
     stale_epoch_objects,
 )
+from testbed.k8s.manifests import K8sSettings, NodeResources, StageModel
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -168,7 +168,7 @@ def test_pipeline_addresses_chain_to_the_sink(all_manifests) -> None:
     assert set(stage0) == {"host", "epoch", "stage", "version", "model", "bind", "next",
                            "inputs", "outputs", "heartbeat",
                            "heartbeat_ms"}       # stage_image.worker.WorkerConfig
-    # stage pods beat to the controller Service's control port (testbed/k8s_control.py)
+    # stage pods beat to the controller Service's control port (testbed/k8s/loop.py)
     assert stage0["heartbeat"] == "tcp://edgepipe-controller.edgepipe.svc.cluster.local:18000"
     assert config["immutable"] is True
 
@@ -268,7 +268,7 @@ def test_the_controller_has_its_own_key_and_a_command_port(all_manifests) -> Non
                   if m["metadata"]["name"] == k8s.controller_name()]
     assert "command" not in {p["name"] for p in service["spec"]["ports"]}
     # the command line parses as the controller's
-    from testbed.k8s_control import parse_args
+    from testbed.k8s.loop import parse_args
     assert str(parse_args(container["command"][3:]).keypair) == key_file
 
 
@@ -289,7 +289,7 @@ def test_write_manifests(tmp_path) -> None:
 
 
 def test_manifests_for_a_shipped_topology(tmp_path) -> None:
-    from testbed.topology import load_topology
+    from formats.topology import load_topology
     topology = load_topology(REPO / "topologies" / "star-5.yaml")
     cfg = k8s.settings_for_topology(topology, epoch=7, model_version=2)
     assert cfg.controller_node == "dispatcher"

@@ -1,9 +1,9 @@
-"""The k3s backend's control loop (testbed/k8s_control.py), without a cluster and without root.
+"""The k3s backend's control loop (testbed/k8s/loop.py), without a cluster and without root.
 
 - The decision core on the official client's model objects (V1Node, V1Pod) and on plans from
   the real planner: a crash found by heartbeat silence, NotReady alone, Ready again while the
   stage's heartbeats stay silent, the rejoin hold and margin, infeasible then retried.
-- A re-plan turned into manifests by testbed.k8s that name only live nodes and validate
+- A re-plan turned into manifests by testbed.k8s.manifests that name only live nodes and validate
   offline (kubernetes-validate, strict).
 - A real stage worker (stage_image.worker, loopback, ephemeral ports, CURVE on as in a pod)
   whose heartbeats the real receiver accepts, while malformed frames are rejected.
@@ -40,10 +40,10 @@ from partitioner.algorithms import solve
 from partitioner.instance import InfeasibleError, Instance, Node, Plan, Segment, Stage
 from stage_image.security import KeyPair, apply_client
 from stage_image.wire import MAX_STAGE_HEARTBEAT_BYTES, FrameError, encode_control
-from testbed import k8s
-from testbed.k8s import ControllerInputs, K8sSettings, NodeResources
-from testbed.k8s_backend import K3sBackend, ModelServer, latest_epoch
-from testbed.k8s_control import (
+from testbed.control.planning import Planner, PlanRequest, VersionInfo, restrict, sha256_file
+from testbed.k8s import manifests as k8s
+from testbed.k8s.backend import K3sBackend, ModelServer, latest_epoch
+from testbed.k8s.loop import (
     Decider,
     Deploy,
     Event,
@@ -59,7 +59,7 @@ from testbed.k8s_control import (
     parse_heartbeat,
     stage_models,
 )
-from testbed.planning import Planner, PlanRequest, VersionInfo, restrict, sha256_file
+from testbed.k8s.manifests import ControllerInputs, K8sSettings, NodeResources
 from tests.fake_k8s import node, serve_fake_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -514,7 +514,7 @@ def worker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_real_worker_heartbeats_to_the_receiver(worker_dir: Path) -> None:
-    """The pod's path: the worker reads its CURVE keys as mounted by testbed.k8s
+    """The pod's path: the worker reads its CURVE keys as mounted by testbed.k8s.manifests
     (EDGEPIPE_CURVE_DIR, curve-public.json beside the config) and beats to the controller,
     whose receiver is a CURVE server with the controller's keypair."""
     import logging
@@ -733,7 +733,7 @@ def test_the_inputs_round_trip_and_the_controller_pod_reads_them(chain: dict[str
     assert set(config["data"]) == {"settings.json", "instance.json", "controller.json",
                                    "plan.json"}
     # the command is one the controller accepts
-    from testbed.k8s_control import parse_args
+    from testbed.k8s.loop import parse_args
     args = parse_args(command[3:])
     assert args.backend == "k3s" and str(args.inputs) == k8s.CONTROLLER_INPUT_DIR
     with pytest.raises(ValueError, match="plain file name"):

@@ -1,5 +1,6 @@
-"""`run_scenario.py SCENARIO --backend k3s` (testbed/k8s_live.py) and the controller's workload
-(testbed/k8s_workload.py), without a cluster and without root.
+"""`run_scenario.py SCENARIO --backend k3s` (testbed/experiment/k3s_live.py) and the controller's
+workload
+(testbed/k8s/workload.py), without a cluster and without root.
 
 Everything up to the cluster is real: the driver's code path (kubeconfig, official client,
 server-side apply, the controller pod's command port through a real WebSocket port-forward,
@@ -33,10 +34,11 @@ import pytest
 from kubernetes_validate import utils as kv_utils
 
 from stage_image.security import KeyPair
-from testbed import driver, k8s
-from testbed.k8s_backend import K3sBackend, ModelServer
-from testbed.k8s_control import K3sController, Timing
-from testbed.k8s_workload import parse_command
+from testbed.experiment import driver
+from testbed.k8s import manifests as k8s
+from testbed.k8s.backend import K3sBackend, ModelServer
+from testbed.k8s.loop import K3sController, Timing
+from testbed.k8s.workload import parse_command
 from tests.fake_k8s import FakeCluster, serve_fake_cluster
 from tests.test_k8s_control import build_chain
 
@@ -348,9 +350,9 @@ def _unused(port: int) -> bool:
 def test_only_the_driver_key_may_command(tmp_path: Path) -> None:
     """The command port admits the driver's key only (the stages know the controller's
     public key too); a wrong model is refused and not moved into place."""
-    from testbed.dispatcher import Workload
-    from testbed.k8s_workload import WorkloadHost
-    from testbed.run import ControlClient
+    from testbed.control.dispatcher import Workload
+    from testbed.experiment.run import ControlClient
+    from testbed.k8s.workload import WorkloadHost
 
     controller, driver_keys = KeyPair.generate(), KeyPair.generate()
     assert _unused(COMMAND + 10)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed import network, records
-from testbed.errors import InputError
-from testbed.network import EmulatedNetwork, clear_stale_runs, leftovers
-from testbed.topology import load_topology
+from formats.errors import InputError
+from formats.topology import load_topology
+from testbed.emulation import network, records
+from testbed.emulation.network import EmulatedNetwork, clear_stale_runs, leftovers
 from tests.conftest import fresh_run_id
 
 pytestmark = pytest.mark.root
@@ -281,8 +281,8 @@ def test_failed_build_removes_what_it_made(state_dir: Path, monkeypatch: pytest.
 
 KILLED_DRIVER = """
 import sys, time
-from testbed.network import EmulatedNetwork
-from testbed.topology import load_topology
+from testbed.emulation.network import EmulatedNetwork
+from formats.topology import load_topology
 net = EmulatedNetwork(load_topology(sys.argv[1]), run_id=sys.argv[2], run_dir=sys.argv[3])
 net.build()
 proc = net.popen("edge1", ["sleep", "300"], sys.argv[3] + "/sleep.log")

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from formats.topology import load_topology
 from partitioner import cuts, profile, split, zoo
 from partitioner.__main__ import main as cli
 from partitioner.instance import Plan, Stage, instance_from_json
-from testbed.topology import load_topology
 
 MiB = 1024 * 1024
 

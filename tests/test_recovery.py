@@ -5,7 +5,8 @@ connections stay up and go silent, like a partition) or restart (a new agent). A
 model gives plans of several stages. Each test checks the outcome a user sees (every request
 answered once, correctly, against the version that served it) and the control-plane decisions
 in events.jsonl (suspicion, re-plan, reuse, rejoin hold and margin, infeasible and back,
-version switch and rollback). The rules themselves (testbed.policy) are unit-tested first."""
+version switch and rollback). The rules themselves (testbed.control.policy) are unit-tested
+first."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import zmq
 from onnx import TensorProto, helper, numpy_helper
 
 from partitioner.instance import Instance, Node, Plan, Segment, Stage
-from testbed import policy
+from testbed.control import policy
 
 ROOT = Path(__file__).resolve().parent.parent
 DISPATCHER_IP = "127.0.0.31"
@@ -76,8 +77,8 @@ def test_reuse_rule_prefers_running_stages_within_tolerance():
 def test_version_instance_keeps_the_cluster_cost_model(tmp_path):
     """A re-plan prices stages like the initial plan: same nodes, bandwidth and per-frame
     overhead (losing the overhead once made re-plans prefer other cuts than the first plan)."""
-    from testbed.planning import restrict, version_instance
-    from testbed.repository import Manifest
+    from testbed.control.planning import restrict, version_instance
+    from testbed.control.repository import Manifest
 
     base = _instance({"a": 0.5, "b": 1.0})
     base.frame_overhead_ms = 3.5
@@ -184,7 +185,7 @@ class Cluster:
         self.ctx = zmq.Context.instance()
         self.sock: zmq.Socket | None = None
         self.procs["controller"] = self._spawn(
-            ["-m", "testbed.controller", str(root / "controller.json")], "controller")
+            ["-m", "testbed.control.controller", str(root / "controller.json")], "controller")
         for host in self.hosts:
             self.start_agent(host)
 
@@ -491,7 +492,7 @@ def test_infeasible_until_a_node_returns(cluster):
 
 
 def publish_chain(repo: Path, version: int, layers: int = 3) -> None:
-    from testbed.repository import publish
+    from testbed.control.repository import publish
 
     model = build_chain(repo.parent / f"chain-v{version}.onnx", layers, seed=version)
 
@@ -533,7 +534,12 @@ def test_model_update_switch_and_rollback(cluster):
     gaps = [b - a for a, b in zip(dones, dones[1:])]
     assert max(gaps) < 0.5, max(gaps)
     # the versions compute different outputs, so the per-version check is meaningful
-    from testbed.dispatcher import compute_references, default_generator, input_specs, make_pool
+    from testbed.control.dispatcher import (
+        compute_references,
+        default_generator,
+        input_specs,
+        make_pool,
+    )
 
     pool = make_pool(input_specs(c.model), 2, 0, {}, default_generator({}))
     v1 = compute_references(c.model, pool)
@@ -568,7 +574,7 @@ def test_curve_encrypts_every_hop(cluster):
 
 
 def test_worker_reads_pod_keys_under_kubernetes(tmp_path):
-    """testbed.k8s mounts the pod's secret key and the endpoints' public keys: the worker
+    """testbed.k8s.manifests mounts the pod's secret key and the endpoints' public keys: the worker
     finds the next hop's key (the next stage, or the controller's sink after the last)."""
     from stage_image.security import KeyPair
     from stage_image.worker import WorkerConfig
@@ -586,8 +592,8 @@ def test_worker_reads_pod_keys_under_kubernetes(tmp_path):
 
 
 def test_repository_publishes_whole_immutable_versions(tmp_path):
-    from testbed.errors import InputError
-    from testbed.repository import Watcher, list_versions, publish, read_manifest
+    from formats.errors import InputError
+    from testbed.control.repository import Watcher, list_versions, publish, read_manifest
 
     class Profile:
         segments = [Segment(1.0, 10, 20)]

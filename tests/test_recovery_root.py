@@ -25,9 +25,9 @@ TOPOLOGY = ROOT / "topologies" / "star-6.yaml"
 
 def star6_plan(pipelines: int = 1) -> Any:
     """The run's first plan (the same profile and planner)."""
+    from formats.topology import load_topology
     from partitioner.profile import instance_for_topology, profile_model
     from partitioner.replicate import plan_pipelines
-    from testbed.topology import load_topology
 
     instance = instance_for_topology(profile_model("resnet18", progress=False),
                                      load_topology(TOPOLOGY))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from formats.errors import InputError
+from formats.scenario import load_scenario
 from partitioner.algorithms import solve
 from partitioner.instance import (
     Instance,
@@ -22,9 +24,7 @@ from partitioner.instance import (
 )
 from partitioner.profile import effective_speed, machine_budget
 from partitioner.replicate import plan_pipelines, replicate
-from testbed.errors import InputError
-from testbed.policy import repair_candidates
-from testbed.scenario import load_scenario
+from testbed.control.policy import repair_candidates
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from testbed.hostmon import HostMonitor
-from testbed.report import fault_windows, write_report
+from testbed.emulation.hostmon import HostMonitor
+from testbed.experiment.report import fault_windows, write_report
 
 START = 1_700_000_000.0
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testbed.results import RequestRecord, buckets, fault_timings, percentile, summarise
-from testbed.scenario import load_scenario
+from formats.scenario import load_scenario
+from testbed.experiment.results import RequestRecord, buckets, fault_timings, percentile, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_000_000.0

@@ -189,7 +189,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     procs: dict[str, subprocess.Popen] = {}
     started = time.monotonic()
     try:
-        procs["controller"] = start(["-m", "testbed.controller", str(root / "controller.json")],
+        procs["controller"] = start(["-m", "testbed.control.controller",
+                                     str(root / "controller.json")],
                                     root / "controller.log")
         for host, ip in HOSTS.items():
             procs[host] = start(["-m", "stage_image.agent", "--host", host, "--controller",
@@ -410,7 +411,7 @@ def test_node_crash_is_detected_replanned_and_replayed(tmp_path):
     (tmp_path / "controller.json").write_text(json.dumps(config))
     procs: dict[str, subprocess.Popen] = {}
     try:
-        procs["controller"] = start(["-m", "testbed.controller",
+        procs["controller"] = start(["-m", "testbed.control.controller",
                                      str(tmp_path / "controller.json")],
                                     tmp_path / "controller.log")
         for host, ip in THREE_HOSTS.items():
@@ -473,7 +474,7 @@ def test_dispatcher_replays_dedupes_and_checks(tmp_path):
 
     import onnxruntime as ort
 
-    from testbed.dispatcher import (
+    from testbed.control.dispatcher import (
         Dispatcher,
         Head,
         Route,

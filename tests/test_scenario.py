@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.errors import InputError
-from testbed.scenario import load_scenario, with_duration
+from formats.errors import InputError
+from formats.scenario import load_scenario, with_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 STAR5 = ROOT / "topologies" / "star-5.yaml"

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
+from formats.errors import InputError
 from partitioner import cuts, split, zoo
 from partitioner.__main__ import main as cli
-from testbed.errors import InputError
 from tests.test_cuts import HANDMADE
 
 TOLERANCE = 1e-4

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.errors import EXIT_BAD_INPUT, InputError
-from testbed.topology import load_topology
+from formats.errors import EXIT_BAD_INPUT, InputError
+from formats.topology import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGIES = sorted((ROOT / "topologies").glob("*.yaml"))
@@ -142,13 +142,13 @@ def test_two_tier_path_bandwidth() -> None:
 
 def test_cli_summarises_and_refuses(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run([sys.executable, "-m", "testbed.topology",
+    ok = subprocess.run([sys.executable, "-m", "formats.topology",
                          str(ROOT / "topologies" / "star-5.yaml")],
                         capture_output=True, text=True, env=env, check=False)
     assert ok.returncode == 0, ok.stderr
     assert "6 hosts (5 edge)" in ok.stdout
     bad = write(tmp_path, GOOD.replace("bandwidth: 40Mbit", "bandwidth: 40 furlongs"))
-    refused = subprocess.run([sys.executable, "-m", "testbed.topology", str(bad)],
+    refused = subprocess.run([sys.executable, "-m", "formats.topology", str(bad)],
                              capture_output=True, text=True, env=env, check=False)
     assert refused.returncode == EXIT_BAD_INPUT
     assert f"{bad}:12: links[1].bandwidth" in refused.stderr

@@ -8,9 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from formats.errors import InputError
 from partitioner import cuts, split, zoo
 from partitioner.__main__ import main as cli
-from testbed.errors import InputError
 
 SMALL = ("resnet18", "resnet50", "mobilenetv2", "bert_mini")
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import time
 
+from formats.errors import InputError
 from partitioner.algorithms.greedy import greedy
 from partitioner.algorithms.optimal import exact_search
 from partitioner.algorithms.randomised import random_plan
 from partitioner.algorithms.seifer import seifer
 from partitioner.algorithms.tables import Path, Tables, check_basic_feasibility
 from partitioner.instance import InfeasibleError, Instance, Plan
-from testbed.errors import InputError
 
 ALGORITHMS = ("auto", "optimal", "seifer", "greedy", "random")
 # `optimal` has no budget of its own; this only keeps a hopeless instance from running forever

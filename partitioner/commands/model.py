@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from formats.errors import EXIT_BAD_INPUT, InputError
+from formats.units import format_size
 from partitioner import cuts as cutlib
 from partitioner import zoo
-from testbed.errors import EXIT_BAD_INPUT, InputError
-from testbed.units import format_size
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -97,8 +97,8 @@ def _profile(spec: str, runs: int) -> Any:
 
 
 def _instance(profile: Any, topology_path: str) -> Any:
+    from formats.topology import load_topology
     from partitioner.profile import instance_for_topology
-    from testbed.topology import load_topology
 
     return instance_for_topology(profile, load_topology(topology_path))
 

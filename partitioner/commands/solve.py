@@ -9,9 +9,9 @@ import argparse
 import json
 import sys
 
+from formats.errors import InputError
 from partitioner.algorithms import solve as plan_instance
 from partitioner.instance import load_instance
-from testbed.errors import InputError
 
 
 def solve(args: argparse.Namespace) -> int:

@@ -1,0 +1,261 @@
+"""The controller's background work: plans and the stage files they need, model versions and
+their references. Everything here runs in the controller's job thread on snapshots (frozen
+requests), never on the controller's live state, so its main loop keeps serving heartbeats
+and the dispatcher meanwhile.
+
+Division of labour: `partitioner.algorithms.solve` searches, `testbed.control.policy` picks among
+candidate plans (the reuse and rejoin rules), this module turns a request into a `Prepared`
+plan: each stage either re-uses a loaded worker (no files needed) or comes with a stage file
+from a split of the model at the plan's cuts. Splits run as a child process (`python -m
+partitioner split`), so the controller's interpreter lock is never held for seconds by ONNX
+graph surgery, and are cached per (model version, cuts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from partitioner.instance import InfeasibleError, Instance, Plan, Stage, restrict
+from stage_image.wire import CHUNK_BYTES
+from testbed.control import policy
+from testbed.control.policy import Held
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StageFile:
+    path: Path
+    sha256: str
+    size: int
+    inputs: list[str]
+    outputs: list[str]
+
+
+def load_stage_files(stage_dir: Path) -> list[StageFile]:
+    """Read stages.json (the split contract) and hash every stage file."""
+    specs = json.loads((stage_dir / "stages.json").read_text())
+    files = []
+    for spec in specs:
+        path = stage_dir / spec["file"]
+        files.append(StageFile(path, sha256_file(path), path.stat().st_size,
+                               list(spec["inputs"]), list(spec["outputs"])))
+    return files
+
+
+def stage_cuts(stages: list[Stage]) -> tuple[int, ...]:
+    """Cut after the last segment of every stage but the last. Segment i lies between cuts
+    i-1 and i (partitioner.split.cut_indices_from_plan uses the same rule)."""
+    return tuple(stage.end - 1 for stage in stages[:-1])
+
+
+def cut_indices(plan: Plan) -> tuple[int, ...]:
+    """The cuts of a one-pipeline plan (of the first pipeline of several)."""
+    return stage_cuts(plan.pipelines[0])
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A model version the controller can deploy: its file and its planner instance."""
+
+    version: int
+    model: Path
+    sha256: str
+    instance: Instance
+    source: str
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """A snapshot of what a plan job needs. `kind`: initial | failure | rejoin | rollout |
+    manual | contingency."""
+
+    kind: str
+    reason: str
+    version: VersionInfo
+    live: frozenset[str]
+    base: Plan | None = None               # the plan in force (repairs keep its cuts)
+    held: frozenset[Held] = frozenset()    # loaded workers (serving or standby)
+    avoid: frozenset[str] = frozenset()    # nodes new stages should rather not go to
+    given: Plan | None = None              # use this plan instead of solving
+    given_stages: Path | None = None       # a split matching `given`
+    excluded: str | None = None            # contingency: the host assumed lost
+    generation: int = 0                    # the next epoch number when it was asked
+
+
+@dataclass
+class Prepared:
+    """A plan ready to deploy: per stage, a stage file, or None where a loaded worker with
+    the same segments of the same version on the same node serves it."""
+
+    request: PlanRequest
+    plan: Plan
+    stages: list[StageFile | None]
+    choice: policy.Choice | None
+    solve_s: float = 0.0
+    split_s: float = 0.0
+    split_cached: bool = True
+    stage_dir: Path | None = None
+    precomputed: bool = False
+    epoch: int = 0                          # given when it becomes an epoch
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.request.kind, "reason": self.request.reason,
+            "version": self.request.version.version, "algorithm": self.plan.algorithm,
+            "live": sorted(self.request.live), "solve_s": round(self.solve_s, 3),
+            "split_s": round(self.split_s, 3), "split_cached": self.split_cached,
+            "precomputed": self.precomputed,
+            "bottleneck_ms": round(self.plan.bottleneck_ms, 3),
+            "predicted_throughput_rps": self.plan.predicted_throughput_rps,
+            "hosts": [s.node for s in self.plan.stages],
+            "cuts": list(cut_indices(self.plan))}
+        if self.plan.chains:
+            out["pipelines"] = [[s.node for s in p] for p in self.plan.pipelines]
+        if self.choice is not None:
+            out["choice"] = self.choice.describe()
+        return out
+
+
+@dataclass
+class Planner:
+    """Runs plan requests (in the job thread). Holds the split cache; nothing else."""
+
+    run_dir: Path
+    algorithm: str
+    time_limit_s: float
+    seed: int
+    tolerance: float
+    pipelines: int = 1                  # at most this many side by side (0: auto)
+    split_cache: dict[tuple[int, tuple[int, ...]], Path] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def prepare(self, req: PlanRequest) -> Prepared:
+        """The plan for a request (InfeasibleError when none fits the live nodes)."""
+        instance = restrict(req.version.instance, set(req.live))
+        if not instance.nodes:
+            raise InfeasibleError("no live node to place a stage on")
+        started = time.monotonic()
+        choice = None
+        if req.given is not None:
+            plan = req.given
+            if req.given_stages is not None and not plan.chains:
+                with self.lock:
+                    self.split_cache[(req.version.version, cut_indices(plan))] = req.given_stages
+        else:
+            from partitioner.replicate import plan_pipelines  # needed only here
+
+            candidates = policy.repair_candidates(instance, req.base) if req.base else []
+            # the best plan, and the best that keeps off the nodes to avoid (a new version
+            # deployed beside the old one on nodes that do not serve takes no CPU from it)
+            spare = set(req.live) - req.avoid
+            pools = [set(req.live)] + ([spare] if req.avoid and spare else [])
+            problem: InfeasibleError | None = None
+            for pool in pools:
+                try:
+                    candidates.append(plan_pipelines(restrict(instance, pool),
+                                                     self.algorithm, self.time_limit_s,
+                                                     self.seed, self.pipelines))
+                except InfeasibleError as exc:
+                    problem = problem or exc
+            if not candidates:
+                assert problem is not None
+                raise problem
+            choice = policy.choose(candidates, req.version.version, set(req.held),
+                                   self.tolerance, req.avoid)
+            plan = choice.plan
+        solve_s = time.monotonic() - started
+        version = req.version.version
+        needed = [i for i, s in enumerate(plan.stages)
+                  if policy.stage_key(s, version) not in req.held]
+        stages: list[StageFile | None] = [None] * len(plan.stages)
+        prepared = Prepared(req, plan, stages, choice, solve_s)
+        if needed:
+            started = time.monotonic()
+            files, stage_dir, cached = self.stage_files(req.version, plan)
+            for i in needed:
+                stages[i] = files[i]
+            prepared.split_s, prepared.split_cached = time.monotonic() - started, cached
+            prepared.stage_dir = stage_dir
+        return prepared
+
+    def stage_files(self, version: VersionInfo, plan: Plan,
+                    ) -> tuple[list[StageFile], Path, bool]:
+        """The stage files of `plan`, pipeline after pipeline: the model is split once per
+        (version, cuts), so identical pipelines share one split. Returns the files, the
+        first pipeline's split directory and whether every split was cached."""
+        files: list[StageFile] = []
+        dirs: list[Path] = []
+        cached = True
+        for pipeline in plan.pipelines:
+            cuts = stage_cuts(pipeline)
+            key = (version.version, cuts)
+            with self.lock:
+                stage_dir = self.split_cache.get(key)
+            if stage_dir is None:
+                cached = False
+                name = "_".join(str(c) for c in cuts) or "whole"
+                stage_dir = self.run_dir / "stages" / f"v{version.version}" / f"cuts_{name}"
+                split_model(version.model, list(cuts), stage_dir)
+                with self.lock:
+                    self.split_cache[key] = stage_dir
+            split = load_stage_files(stage_dir)
+            if len(split) != len(pipeline):
+                raise InfeasibleError(f"split at {list(cuts)} gave {len(split)} stages, the "
+                                      f"pipeline has {len(pipeline)}")
+            files.extend(split)
+            dirs.append(stage_dir)
+        return files, dirs[0], cached
+
+
+def split_model(model: Path, cuts: list[int], out_dir: Path) -> None:
+    """`python -m partitioner split` in a child process, into a temporary directory renamed
+    into place (a crash mid-split leaves no half directory behind to be trusted)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "partitioner", "split", str(model), "--out", str(tmp),
+         "--cuts", ",".join(str(c) for c in cuts)],
+        capture_output=True, text=True, env=env, cwd=str(ROOT))
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        raise RuntimeError(f"split at {cuts} failed (exit {result.returncode}): {tail}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def version_instance(base: Instance, manifest: Any, base_reserve: int | None) -> Instance:
+    """The planner instance of a published version: its own segments and input size, the
+    cluster's nodes, bandwidth and per-frame overhead. Node memory is the host's memory less
+    a per-model activation reserve; when the reserve of the base model is known, the
+    difference is applied, else both are taken as equal."""
+    from partitioner.instance import Node
+
+    delta = 0 if base_reserve is None else base_reserve - manifest.activation_reserve_bytes
+    nodes = [Node(n.name, n.speed, max(0, n.memory_bytes + delta)) for n in base.nodes]
+    return dataclasses.replace(base, segments=list(manifest.segments),
+                               input_bytes=manifest.input_bytes, nodes=nodes,
+                               bandwidth_mbps=dict(base.bandwidth_mbps))

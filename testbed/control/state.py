@@ -1,0 +1,227 @@
+"""What the controller knows, as plain data: its configuration (CONFIG.json, validated), the
+event log it writes (events.jsonl), and its records of workers (`Slot`), epochs (`Epoch`) and
+agents (`AgentInfo`).
+
+Division of labour: testbed/control/controller.py decides and talks to agents and the dispatcher;
+this
+module only holds and checks state, so the k3s loop (testbed/k8s/loop.py) and tests can use
+the same records and event log without a running controller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from formats.errors import InputError, read_json
+from partitioner.instance import Plan
+from stage_image.security import KeyPair
+from testbed.control.dispatcher import Workload
+from testbed.control.planning import StageFile
+from testbed.control.policy import Held
+
+UNHEALTHY_CAP_S = 120.0     # the longest a failing host is left out before another chance
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+@dataclass
+class PlannerConfig:
+    algorithm: str = "auto"
+    time_limit_s: float = 2.0
+    seed: int = 0
+    pipelines: int = 1          # at most this many side by side (0: as many as pay off)
+
+
+@dataclass
+class ControllerConfig:
+    run_dir: Path
+    model: Path
+    instance: Path
+    hosts: dict[str, str]
+    dispatcher_ip: str
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    workload: Workload = field(default_factory=Workload)
+    host: str = "dispatcher"
+    control_port: int = 18000
+    sink_port: int = 19000
+    data_port_base: int = 20000
+    data_port_span: int = 20000
+    control_ipc: str = ""
+    heartbeat_ms: float = 200.0
+    suspect_after_missed: int = 3
+    hello_timeout_s: float = 60.0
+    deploy_timeout_s: float = 120.0
+    replan: bool = True
+    version: int = 1
+    plan: Path | None = None
+    stages_dir: Path | None = None
+    reuse_tolerance: float = 0.05
+    rejoin_hold_s: float = 5.0
+    rejoin_margin: float = 0.10
+    standby: bool = True
+    standby_per_node: int = 4
+    replan_delay_s: float = 0.0
+    straggler_factor: float = 2.0
+    straggler_after_s: float = 2.0
+    drain_s: float = 5.0
+    unhealthy_hold_s: float = 10.0
+    repository: Path | None = None
+    repository_poll_s: float = 0.5
+    auto_rollout: bool = True
+    base_reserve_bytes: int | None = None
+    curve_keypair: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ControllerConfig:
+        return cls.from_json(read_json(path), str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, file: str = "<config>") -> ControllerConfig:
+        if not isinstance(data, dict):
+            raise InputError("the controller config must be a JSON object", file=file)
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InputError("unknown field", file=file, field=unknown[0])
+        for key in ("run_dir", "model", "instance", "hosts", "dispatcher_ip"):
+            if key not in data:
+                raise InputError("required field is missing", file=file, field=key)
+        values = dict(data)
+        try:
+            planner = values.get("planner", {})
+            if not isinstance(planner, dict) or set(planner) - set(
+                    PlannerConfig.__dataclass_fields__):
+                raise ValueError("planner takes algorithm, time_limit_s, seed, pipelines")
+            values["planner"] = PlannerConfig(**planner)
+            values["workload"] = Workload.from_json(values.get("workload", {}))
+        except (TypeError, ValueError) as exc:
+            raise InputError(str(exc), file=file, field="planner/workload") from exc
+        hosts = values["hosts"]
+        if not isinstance(hosts, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in hosts.items()):
+            raise InputError("must map host names to IP addresses", file=file, field="hosts")
+        for key in ("run_dir", "model", "instance", "plan", "stages_dir", "repository",
+                    "curve_keypair"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        cfg = cls(**values)
+        if not cfg.control_ipc:
+            cfg.control_ipc = f"ipc://{cfg.run_dir / 'control.sock'}"
+        elif "://" not in cfg.control_ipc:
+            cfg.control_ipc = f"ipc://{cfg.control_ipc}"
+        if cfg.repository is None:
+            cfg.repository = cfg.run_dir / "repository"
+        for key in ("control_port", "sink_port", "data_port_base"):
+            if not 1 <= getattr(cfg, key) <= 65535:
+                raise InputError("not a port number", file=file, field=key)
+        if cfg.data_port_span < 1 or cfg.data_port_base + cfg.data_port_span > 65536:
+            raise InputError("data ports must stay below 65536", file=file,
+                             field="data_port_span")
+        if cfg.suspect_after_missed < 1 or cfg.heartbeat_ms <= 0:
+            raise InputError("must be positive", file=file, field="suspect_after_missed")
+        for key in ("reuse_tolerance", "rejoin_margin"):
+            if not 0 <= getattr(cfg, key) < 1:
+                raise InputError("must be a fraction in [0, 1)", file=file, field=key)
+        if not (cfg.straggler_factor == 0 or cfg.straggler_factor > 1):
+            raise InputError("must be above 1 (0: no straggler check)", file=file,
+                             field="straggler_factor")
+        for key in ("rejoin_hold_s", "replan_delay_s", "drain_s", "unhealthy_hold_s",
+                    "straggler_after_s"):
+            if not getattr(cfg, key) >= 0:
+                raise InputError("must be a non-negative number of seconds", file=file,
+                                 field=key)
+        if cfg.standby_per_node < 0 or cfg.repository_poll_s <= 0:
+            raise InputError("must be positive", file=file, field="standby_per_node")
+        return cfg
+
+
+# -- events -----------------------------------------------------------------------------------
+
+class EventLog:
+    """events.jsonl: one JSON object per line, {"t": unix time, "type": ..., ...}. Each line
+    is one append write, so the driver may append its fault events to the same file."""
+
+    def __init__(self, path: Path, log: logging.Logger) -> None:
+        self.path, self.log = path, log
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a run starts its own record: a results directory used again must not mix two runs
+        path.write_text("")
+        self.last: dict[str, Any] | None = None
+
+    def emit(self, kind: str, /, **fields: Any) -> None:
+        record = {"t": time.time(), "type": kind, **fields}
+        line = json.dumps(record, default=str, separators=(",", ":"))
+        try:
+            with self.path.open("a") as handle:
+                handle.write(line + "\n")
+        except OSError as exc:
+            self.log.error("cannot write event %s: %s", kind, exc)
+        brief = {k: v for k, v in fields.items() if k not in ("plan", "workload")}
+        self.log.info("event %s %s", kind, json.dumps(brief, default=str)[:300])
+        self.last = record
+
+
+# -- workers, epochs, agents ------------------------------------------------------------------
+
+@dataclass
+class Slot:
+    """One worker we want on a host: a stage model of one version on a data port, serving
+    the epochs in `routes` (epoch -> stage index), or standing by when it has none."""
+
+    host: str
+    port: int
+    version: int
+    first: int
+    end: int
+    stage: StageFile
+    standby: bool = False
+    routes: dict[int, int] = field(default_factory=dict)
+    confirmed: set[int] = field(default_factory=set)     # routes the agent says are in force
+    state: str = "new"          # as reported: fetching | starting | ready (| new: not yet)
+    sent: dict[int, float] = field(default_factory=dict)  # epoch (0: prepare) -> when asked
+    keys: KeyPair | None = None     # CurveZMQ: the worker's own keypair
+    slow_since: float | None = None     # computing straggler_factor x slower than planned
+
+    @property
+    def held(self) -> Held:
+        return Held(self.host, self.first, self.end, self.version)
+
+
+@dataclass
+class Epoch:
+    number: int
+    version: int
+    plan: Plan
+    slots: list[Slot]
+    kind: str
+    state: str = "waiting"     # waiting | deploying | active | draining | retired | abandoned
+    broken: bool = False       # lost a worker: it can never serve again
+    created: float = 0.0
+    deployed: float = 0.0
+    drain_until: float = 0.0
+    reused: int = 0            # stages served by workers that were loaded before
+    compute_ms: list[float] = field(default_factory=list)   # planned, per stage
+
+    @property
+    def hosts(self) -> list[str]:
+        return [s.host for s in self.slots]
+
+    def ready(self) -> bool:
+        return all(self.number in s.confirmed for s in self.slots)
+
+
+@dataclass
+class AgentInfo:
+    host: str
+    pid: int
+    last_seen: float              # monotonic
+    suspected: bool = False
+    returned: float | None = None     # came back (or restarted) at; None: stable
+    failures: int = 0                 # worker failures, for the unhealthy back-off
+    unhealthy_until: float = 0.0
+    reported: set[int] = field(default_factory=set)       # ports in its last heartbeat
+    asked: dict[tuple[str, int], float] = field(default_factory=dict)  # (stop|release, n)

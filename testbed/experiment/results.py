@@ -1,0 +1,273 @@
+"""The results directory: turns the raw records of a run (one row per request, one event per
+fault or decision) into the contract files of DESIGN.md: summary.json, timeseries.csv and the
+SLO verdict. Pure functions on plain records; the driver decides what to collect."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from formats.scenario import Scenario, Slo
+
+# Events (in events.jsonl) that show the system noticed a fault on a host.
+DETECTION_EVENTS = ("node.suspected", "node.straggler", "worker.exited", "worker.failed",
+                    "model.corrupt")
+# Model rollouts are not failures: noticing one means finding the version (or the rollback
+# command), and recovery is measured from the switch-over.
+MODEL_DETECTION = {"model.update": ("version.found",),
+                   "model.rollback": ("version.rollback", "version.switched")}
+RECOVERY_FRACTION = 0.9
+
+
+@dataclass
+class RequestRecord:
+    rid: int
+    sent: float            # unix time of the first send
+    done: float | None     # unix time the (first) result arrived
+    status: str            # completed | lost
+    mismatched: bool
+    epoch: int
+    version: int
+    attempts: int
+
+    @property
+    def latency_ms(self) -> float | None:
+        return None if self.done is None else (self.done - self.sent) * 1000
+
+
+def read_requests(path: Path) -> list[RequestRecord]:
+    records = []
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            records.append(RequestRecord(
+                rid=int(row["rid"]), sent=float(row["sent"]),
+                done=float(row["done"]) if row.get("done") else None,
+                status=row["status"], mismatched=row.get("mismatched") in ("1", "True", "true"),
+                epoch=int(row.get("epoch") or 0), version=int(row.get("version") or 0),
+                attempts=int(row.get("attempts") or 1)))
+    return records
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            events.append(json.loads(line))
+    return sorted(events, key=lambda e: e["t"])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; 0.0 for no values (so JSON stays numeric)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Bucket:
+    start_s: float
+    completed: int
+    latencies_ms: list[float]
+
+    @property
+    def throughput_rps(self) -> float:
+        return float(self.completed)
+
+
+def buckets(records: list[RequestRecord], window_start: float, window_end: float,
+            width_s: float = 1.0) -> list[Bucket]:
+    """Completions per 1 s bucket of the measured window, by completion time."""
+    count = max(1, math.ceil((window_end - window_start) / width_s - 1e-9))
+    result = [Bucket(i * width_s, 0, []) for i in range(count)]
+    for record in records:
+        if record.done is None or record.status != "completed":
+            continue
+        offset = record.done - window_start
+        if 0 <= offset < count * width_s:
+            bucket = result[int(offset // width_s)]
+            bucket.completed += 1
+            bucket.latencies_ms.append(record.latency_ms or 0.0)
+    return result
+
+
+def write_timeseries(path: Path, series: list[Bucket],
+                     host_samples: dict[int, dict[str, Any]] | None = None) -> None:
+    host_samples = host_samples or {}
+    host_columns = sorted({key for sample in host_samples.values() for key in sample})
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["t_s", "completed", "throughput_rps", "p50_ms", "p95_ms", "p99_ms",
+                         *host_columns])
+        for index, bucket in enumerate(series):
+            sample = host_samples.get(index, {})
+            writer.writerow([f"{bucket.start_s:.0f}", bucket.completed,
+                             f"{bucket.throughput_rps:.2f}",
+                             f"{percentile(bucket.latencies_ms, 50):.2f}",
+                             f"{percentile(bucket.latencies_ms, 95):.2f}",
+                             f"{percentile(bucket.latencies_ms, 99):.2f}",
+                             *[sample.get(column, "") for column in host_columns]])
+
+
+def _predicted_at(events: list[dict[str, Any]], t: float, initial: float) -> float:
+    """Predicted throughput of the plan in force at unix time t."""
+    predicted = initial
+    for event in events:
+        if event["t"] > t:
+            break
+        if event.get("type") == "plan.deployed" and event.get("predicted_throughput_rps"):
+            predicted = float(event["predicted_throughput_rps"])
+    return predicted
+
+
+def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_start: float,
+                  initial_predicted: float) -> list[dict[str, Any]]:
+    """Per injected fault: when it happened, when the system noticed, when throughput came
+    back to RECOVERY_FRACTION of the prediction of the plan in force (seconds from the
+    start of the measured window)."""
+    faults = []
+    injected = [e for e in events if e.get("type") == "fault.injected"]
+    for fault in injected:
+        at = fault["t"]
+        action = fault["action"]
+        if action in MODEL_DETECTION:
+            detected = next((e["t"] for e in events if e["t"] >= at
+                             and e.get("type") in MODEL_DETECTION[action]), None)
+            switched = next((e["t"] for e in events if e["t"] >= at
+                             and e.get("type") == "version.switched"), None)
+            recovery_from = switched if switched is not None else at
+        else:
+            targets = _hosts_of(fault.get("target"))
+            detected = next((e["t"] for e in events
+                             if e["t"] >= at and e.get("type") in DETECTION_EVENTS
+                             and (not targets or e.get("host") in targets)), None)
+            recovery_from = at
+        recovered = None
+        for bucket in series:
+            bucket_end = window_start + bucket.start_s + 1.0
+            if bucket_end <= recovery_from + 1.0:
+                continue
+            predicted = _predicted_at(events, bucket_end, initial_predicted)
+            if bucket.throughput_rps >= RECOVERY_FRACTION * predicted:
+                recovered = bucket_end
+                break
+        faults.append({
+            "action": fault["action"], "target": fault.get("target"),
+            "at_s": round(at - window_start, 3),
+            "late_ms": fault.get("late_ms"),
+            "detected_s": None if detected is None else round(detected - window_start, 3),
+            "recovered_s": None if recovered is None else round(recovered - window_start, 3),
+        })
+    return faults
+
+
+def _hosts_of(target: Any) -> set[str]:
+    if target is None:
+        return set()
+    if isinstance(target, str):
+        return {target}
+    hosts: set[str] = set()
+    for item in target:
+        hosts |= _hosts_of(item)
+    return hosts
+
+
+def control_summary(events: list[dict[str, Any]], window_start: float) -> dict[str, Any]:
+    """What the control plane did: the epochs it deployed and the periods in which no plan
+    fitted the live nodes (from each plan.infeasible to the next plan.deployed)."""
+    epochs, infeasible = [], []
+    open_period: dict[str, Any] | None = None
+    for event in events:
+        kind = event.get("type")
+        if kind == "plan.deployed":
+            epochs.append({"epoch": event.get("epoch"), "version": event.get("version"),
+                           "at_s": round(event["t"] - window_start, 3),
+                           "hosts": event.get("hosts"), "kind": event.get("kind"),
+                           "predicted_throughput_rps": event.get("predicted_throughput_rps")})
+            if open_period is not None:
+                open_period["until_s"] = round(event["t"] - window_start, 3)
+                open_period = None
+        elif kind == "plan.infeasible" and open_period is None:
+            open_period = {"from_s": round(event["t"] - window_start, 3), "until_s": None,
+                           "reason": event.get("reason"), "live": event.get("live")}
+            infeasible.append(open_period)
+    return {"epochs": epochs, "infeasible": infeasible}
+
+
+def check_slo(slo: Slo, summary: dict[str, Any]) -> list[str]:
+    """The SLO violations of a run (empty: passed)."""
+    violations = []
+    requests = summary["requests"]
+    for key in ("lost", "mismatched", "duplicates"):
+        limit = getattr(slo, key)
+        if limit is not None and requests[key] > limit:
+            violations.append(f"{key} {requests[key]} > {limit}")
+    if requests["completed"] == 0:
+        violations.append("no request completed")
+    if slo.min_throughput_ratio is not None:
+        ratio = summary["throughput_ratio"]
+        if ratio < slo.min_throughput_ratio:
+            violations.append(f"throughput {summary['throughput_rps']:.2f} rps is "
+                              f"{ratio:.2f} of predicted, below {slo.min_throughput_ratio}")
+    if slo.p99_ms is not None and summary["latency_ms"]["p99"] > slo.p99_ms:
+        violations.append(f"p99 {summary['latency_ms']['p99']:.1f} ms > {slo.p99_ms:.1f} ms")
+    if slo.recover_within_s is not None:
+        for fault in summary["faults"]:
+            if fault["recovered_s"] is None:
+                violations.append(f"{fault['action']} at {fault['at_s']}s never recovered")
+            elif fault["recovered_s"] - fault["at_s"] > slo.recover_within_s:
+                violations.append(f"{fault['action']} at {fault['at_s']}s recovered after "
+                                  f"{fault['recovered_s'] - fault['at_s']:.2f}s "
+                                  f"> {slo.recover_within_s:g}s")
+    if summary.get("invalid"):
+        violations.append("run invalid: " + "; ".join(summary["invalid"]))
+    return violations
+
+
+def summarise(scenario: Scenario, backend: str, records: list[RequestRecord],
+              events: list[dict[str, Any]], window_start: float, predicted_rps: float,
+              duplicates: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json of DESIGN.md from the raw records of a run."""
+    window_end = window_start + scenario.workload.duration_s
+    in_window = [r for r in records if r.status == "completed" and r.done is not None
+                 and window_start <= r.done < window_end]
+    latencies = [r.latency_ms or 0.0 for r in in_window]
+    throughput = len(in_window) / scenario.workload.duration_s
+    series = buckets(records, window_start, window_end)
+    late = [f"{e['action']} fired {e['late_ms']:.0f} ms late" for e in events
+            if e.get("type") == "fault.injected" and (e.get("late_ms") or 0) > 250]
+    summary: dict[str, Any] = {
+        "scenario": scenario.name,
+        "backend": backend,
+        "throughput_rps": round(throughput, 3),
+        "predicted_throughput_rps": round(predicted_rps, 3),
+        "throughput_ratio": round(throughput / predicted_rps, 4) if predicted_rps else 0.0,
+        "latency_ms": {"p50": round(percentile(latencies, 50), 2),
+                       "p95": round(percentile(latencies, 95), 2),
+                       "p99": round(percentile(latencies, 99), 2),
+                       "mean": round(sum(latencies) / len(latencies), 2) if latencies else 0.0},
+        "requests": {
+            "sent": len(records),
+            "completed": sum(r.status == "completed" for r in records),
+            "lost": sum(r.status != "completed" for r in records),
+            "duplicates": duplicates,
+            "mismatched": sum(r.mismatched for r in records),
+            "replayed": sum(r.attempts > 1 for r in records),
+        },
+        "faults": fault_timings(events, series, window_start, predicted_rps),
+        "control": control_summary(events, window_start),
+        "window": {"start_unix": window_start, "duration_s": scenario.workload.duration_s,
+                   "warmup_s": scenario.workload.warmup_s},
+        "invalid": late,
+    }
+    summary.update(extra or {})
+    violations = check_slo(scenario.slo, summary)
+    summary["slo"] = {"passed": not violations, "violations": violations}
+    return summary
