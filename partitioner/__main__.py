@@ -12,8 +12,8 @@ from formats.scenario import parse_pipelines
 from partitioner.instance import InfeasibleError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m partitioner", description=__doc__)
+def build_parser(prog: str = "python -m partitioner") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     zoo = verbs.add_parser("zoo", help="build the seeded model zoo (no downloads)")
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m partitioner") -> int:
+    """`prog`: the name in usage lines (`edgepipe` when called by its console command)."""
+    args = build_parser(prog).parse_args(argv)
     from partitioner import commands
 
     handler = {
