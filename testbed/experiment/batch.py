@@ -203,6 +203,10 @@ def run_batch(args: argparse.Namespace, results_root: Path,
             print(f"error: {len(errors)} of {len(files)} scenario files refused; nothing ran",
                   file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.check:
+        print(f"{len(scenarios)} scenario file{'s' if len(scenarios) != 1 else ''} checked: "
+              + ", ".join(s.name for s in scenarios))
+        return 0
 
     def out_dir_of(scenario: Scenario) -> Path:
         # Absolute: processes in hosts and containers do not share our working directory.

@@ -48,7 +48,7 @@ def _partitioner(verb: str) -> Callable[[list[str]], int]:
     return call
 
 
-def _cleanup(argv: list[str]) -> int:
+def cleanup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgepipe cleanup", description=(
         "Remove what runs whose driver died (kill -9, a cancelled CI job) left behind: "
         "processes, interfaces, bridges, cgroups, mounts, containers, by their run records "
@@ -56,7 +56,11 @@ def _cleanup(argv: list[str]) -> int:
     parser.add_argument("--list", action="store_true",
                         help="only list the run records, change nothing")
     parser.add_argument("--json", action="store_true", help="JSON instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _cleanup(argv: list[str]) -> int:
+    args = cleanup_parser().parse_args(argv)
     from testbed.emulation import records
 
     found = records.list_records()

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None, prog: str = "run_scenario.py") -> argpars
                         "$KUBECONFIG)")
     parser.add_argument("--keep", action="store_true",
                         help="k3s: leave the namespace on the cluster after the run")
+    parser.add_argument("--check", action="store_true",
+                        help="only check every file (and the baseline) and exit: 0 all good, "
+                        "2 bad input; builds nothing, needs no root")
     parser.add_argument("--junit", metavar="FILE", help="write a JUnit XML report: a test "
                         "case per scenario, per SLO check and per baseline comparison")
     parser.add_argument("--summary-md", metavar="FILE", help="write a Markdown summary "
@@ -77,7 +80,7 @@ def problem(scenario: Scenario, args: argparse.Namespace) -> str | None:
                              field="planner.pipelines")
     except InputError as exc:
         return str(exc)
-    if backend == "embedded" and not args.dry_run and os.geteuid() != 0:
+    if backend == "embedded" and not (args.dry_run or args.check) and os.geteuid() != 0:
         return "the embedded backend builds a Mininet network and needs root (sudo)"
     return None
 
