@@ -6,6 +6,7 @@ run_scenario.py over many files refusing every bad one before anything runs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -184,9 +185,10 @@ def _scenario_file(directory: Path, stem: str, replace: tuple[str, str] = ("", "
     return path
 
 
-def _call(*args: object) -> subprocess.CompletedProcess[str]:
+def _call(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(ROOT / "run_scenario.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def test_bad_files_anywhere_refuse_the_whole_call(tmp_path: Path) -> None:
@@ -218,10 +220,14 @@ def test_bad_files_anywhere_refuse_the_whole_call(tmp_path: Path) -> None:
 
 
 def test_one_file_keeps_out_as_its_results_directory(tmp_path: Path) -> None:
-    """One scenario file: --out is the results directory itself, as before this change."""
+    """One scenario file: --out is the results directory itself, as before this change;
+    in a GitHub Actions job the Markdown summary is appended to the step's summary."""
     scenario = _scenario_file(tmp_path, "nf")
     out = tmp_path / "out"
-    result = _call(scenario, "--out", out, "--dry-run", "--junit", tmp_path / "j.xml")
+    step_summary = tmp_path / "step.md"
+    step_summary.write_text("earlier step\n")
+    result = _call(scenario, "--out", out, "--dry-run", "--junit", tmp_path / "j.xml",
+                   env={"GITHUB_STEP_SUMMARY": str(step_summary)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "plan.json").is_file() and not (out / "node-failure").exists()
     assert "scenario files" not in result.stdout + result.stderr   # no batch table
@@ -229,3 +235,5 @@ def test_one_file_keeps_out_as_its_results_directory(tmp_path: Path) -> None:
     assert_valid_junit(text)
     (case,) = ET.fromstring(text).iter("testcase")          # no summary: only the run
     assert case.get("classname") == "node-failure" and len(case.findall("failure")) == 0
+    assert step_summary.read_text().startswith("earlier step\n## edgepipe: 1 scenario: "
+                                               "1 passed")

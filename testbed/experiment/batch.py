@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -100,7 +101,7 @@ class _SignalLatch:
 def _why_broken(console: str, exit_code: int) -> str:
     """The driver's last word on a run that wrote no summary."""
     for line in reversed(console.splitlines()):
-        if any(mark in line for mark in ("run failed:", "error:", "interrupted")):
+        if any(mark in line for mark in ("run failed:", "error:", "interrupted", "Error:")):
             return line.strip()
     return f"exit code {exit_code}"
 
@@ -173,6 +174,35 @@ def _print_table(result: BatchResult) -> None:
           f"passed, {len(result.outcomes) - result.count('passed')} not")
 
 
+def _run_into(outcome: Outcome, scenario: Scenario, run: Callable[[Scenario, Path], int],
+              several: bool) -> None:
+    """One run, its console output kept (and, with several scenarios, its driver.log)."""
+    outcome.out_dir.mkdir(parents=True, exist_ok=True)
+    console = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        copy: TextIO = console
+        if several:
+            copy = _Tee(stack.enter_context((outcome.out_dir / "driver.log").open("w")),
+                        console)
+        stack.enter_context(_captured(copy))
+        started = time.time()
+        try:
+            outcome.exit_code = run(scenario, outcome.out_dir)
+        except Interrupted:
+            raise
+        except Exception:
+            # A bug of ours in one run (its network is torn down by then) must not cost
+            # the other scenarios their runs, nor the call its reports.
+            traceback.print_exc()
+            outcome.exit_code = 1
+    outcome.wall_s = time.time() - started
+    outcome.summary = _read_summary(outcome.out_dir, started)
+    if outcome.summary is None:
+        text = console.getvalue()
+        outcome.error = "" if outcome.exit_code == 0 else _why_broken(text, outcome.exit_code)
+        outcome.log_tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+
+
 def _combined(outcomes: list[Outcome]) -> int:
     codes = [o.exit_code for o in outcomes if o.exit_code is not None]
     codes += [1 for o in outcomes if o.exit_code == 0 and o.regressed]
@@ -225,24 +255,8 @@ def run_batch(args: argparse.Namespace, results_root: Path,
             if several:
                 log(f"== scenario {index + 1}/{len(scenarios)}: {scenario.name} "
                     f"({scenario.path}) -> {outcome.out_dir}")
-            outcome.out_dir.mkdir(parents=True, exist_ok=True)
-            console = io.StringIO()
-            with contextlib.ExitStack() as stack:
-                copy: TextIO = console
-                if several:
-                    copy = stack.enter_context((outcome.out_dir / "driver.log").open("w"))
-                    copy = _Tee(copy, console)
-                stack.enter_context(_captured(copy))
-                run_started = time.time()
-                outcome.exit_code = run(scenario, outcome.out_dir)
-            outcome.wall_s = time.time() - run_started
-            text = console.getvalue()
-            outcome.summary = _read_summary(outcome.out_dir, run_started)
-            if outcome.summary is None:
-                outcome.error = "" if outcome.exit_code == 0 else \
-                    _why_broken(text, outcome.exit_code)
-                outcome.log_tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
-            else:
+            _run_into(outcome, scenario, run, several)
+            if outcome.summary is not None:
                 outcome.checks = slo_checks(scenario.slo, outcome.summary)
                 baseline = baselines.get(scenario.name)
                 if baseline is not None:
