@@ -20,6 +20,9 @@ from testbed.experiment.prepare import ROOT, Interrupted, log, prepare
 
 
 def _tolerance(text: str) -> float:
+    # '%' required: a bare 0.1 could mean 10% or 0.1%
+    if not text.strip().endswith("%"):
+        raise argparse.ArgumentTypeError(f"expected a percentage such as 10%, got {text!r}")
     try:
         return parse_percent(text) / 100
     except ValueError as exc:
