@@ -46,7 +46,7 @@ def _out(case: ET.Element, text: str) -> None:
 def _run_case(suite: ET.Element, outcome: Outcome) -> None:
     case = _case(suite, outcome, "run", outcome.wall_s)
     if outcome.exit_code is None:
-        _mark(case, "skipped", outcome.skipped or "not run")
+        _mark(case, "skipped", outcome.skipped or "not run yet")
         return
     if outcome.summary is None:
         if outcome.exit_code != 0:

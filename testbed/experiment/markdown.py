@@ -19,7 +19,7 @@ from testbed.experiment.regression import Comparison
 from testbed.experiment.results import fault_label
 
 VERDICTS = {"passed": "✅ passed", "failed": "❌ failed", "regressed": "❌ regressed",
-            "error": "💥 error", "skipped": "⏭ skipped"}
+            "error": "💥 error", "skipped": "⏭ skipped", "pending": "⏳ pending"}
 
 
 def _cell(value: object) -> str:
@@ -117,7 +117,7 @@ def _faults(outcome: Outcome) -> list[str]:
 def _section(outcome: Outcome, link_base: Path | None) -> list[str]:
     lines = [f"### {outcome.name}: {VERDICTS[outcome.verdict]}", ""]
     if outcome.exit_code is None:
-        return [*lines, f"Not run: {outcome.skipped}", ""]
+        return [*lines, f"Not run: {outcome.skipped or 'its turn has not come yet'}", ""]
     if outcome.summary is None:
         detail = outcome.error or f"exit code {outcome.exit_code}"
         return [*lines, f"`{outcome.scenario_file}`: no results ({_cell(detail)}).", ""]

@@ -15,7 +15,8 @@ from testbed.experiment.results import SloCheck
 
 @dataclass
 class Outcome:
-    """One scenario of the call. `exit_code` None: it did not run (`skipped` says why)."""
+    """One scenario of the call. `exit_code` None: it has not run (yet: the reports are
+    rewritten after each scenario), or will not (`skipped` says why)."""
 
     name: str
     scenario_file: Path
@@ -40,7 +41,7 @@ class Outcome:
     @property
     def verdict(self) -> str:
         if self.exit_code is None:
-            return "skipped"
+            return "skipped" if self.skipped else "pending"
         if self.summary is None:
             return "passed" if self.exit_code == 0 else "error"
         if not self.summary["slo"]["passed"]:
