@@ -202,7 +202,7 @@ def test_bad_files_anywhere_refuse_the_whole_call(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{scenarios / 'b_bad_action.yaml'}:13: steps[0].action: unknown action " \
            "'node.explode'" in result.stderr
-    assert f"{scenarios / 'c_same_name.yaml'}: name: scenario name 'node-failure'" \
+    assert f"{scenarios / 'c_same_name.yaml'}:6: name: scenario name 'node-failure'" \
         in result.stderr
     assert "2 of 3 scenario files refused; nothing ran" in result.stderr
     assert not out.exists() and not (tmp_path / "j.xml").exists()

@@ -118,6 +118,14 @@ def _read_summary(out_dir: Path, since: float) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
+def _line_of_name(path: Path) -> int | None:
+    """The line of a scenario file's top-level `name:` (the Scenario does not keep it)."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith("name:"):
+            return number
+    return None
+
+
 def _load_all(files: list[Path], args: argparse.Namespace,
               problem: Callable[[Scenario], str | None]) -> tuple[list[Scenario], list[str]]:
     """Every scenario read and checked; the errors of all of them, not just the first."""
@@ -141,7 +149,7 @@ def _load_all(files: list[Path], args: argparse.Namespace,
             errors.append(str(InputError(
                 f"scenario name {scenario.name!r} is also the name of {names[scenario.name]}: "
                 "their results would share OUT/<scenario name>/", file=scenario.path,
-                field="name")))
+                line=_line_of_name(scenario.path), field="name")))
         names.setdefault(scenario.name, scenario.path)
     return scenarios, errors
 
