@@ -1,25 +1,57 @@
 """Measured vs predicted pipeline throughput: runs the embedded backend on several
-(model x topology) configurations and prints measured / predicted for each, the figure the
-cost model is judged by (goal: >= 0.90). Needs root (Mininet).
+(model x topology) configurations and prints, for each, measured / predicted (the figure the
+cost model is judged by, goal >= 0.90) and measured / pure limit (goal >= 0.95), where the
+pure limit is what the plan in force could deliver with no per-frame CPU besides
+onnxruntime: ONNX compute at the hosts' effective speed and link times only
+(`partitioner.instance.pure_bottleneck_ms`). Needs root (Mininet).
 
     sudo .venv/bin/python benchmarks/pipeline.py [--duration 20s] [--out results/bench_pipeline]
+        [--only resnet18,bert_mini]
+
+Each run's closed loop keeps 2 x (plan latency / plan bottleneck) requests in flight (at least
+4): by Little's law latency / bottleneck are needed to keep the bottleneck busy at all, and a
+fixed concurrency below that measures the workload, not the pipeline. `overhead ms` is, per
+stage, what the cost model's `frame_overhead_ms` would have to be for the stage's measured
+host CPU (cgroup, over the measured window, agent and kernel included) at the measured rate:
+CPU per frame x effective speed / cores - the stage's profiled compute (the median over the
+stages is shown; a plan re-planned during the run is flagged, its figures are the first
+plan's).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = [  # (model, topology, closed-loop concurrency)
-    ("resnet18", "star-5", 6),
-    ("mobilenetv2", "star-5", 6),
-    ("resnet50", "star-10", 8),
-    ("bert_mini", "hetero-6", 6),
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = [  # (model, topology)
+    ("resnet18", "star-5"),            # the baseline scenario's pair
+    ("mobilenetv2", "star-5"),
+    ("resnet50", "star-10"),
+    ("bert_mini", "hetero-6"),         # a transformer (two-tensor cuts)
+    ("mobilenetv2", "two-tier-20"),    # a two-tier topology
 ]
+
+
+def concurrency_for(model: str, topology: str) -> int:
+    """Requests to keep in flight for the plan the run will make (the driver's planner)."""
+    from formats.topology import load_topology
+    from partitioner.profile import instance_for_topology, profile_model
+    from partitioner.replicate import plan_pipelines
+
+    instance = instance_for_topology(profile_model(model, progress=False),
+                                     load_topology(ROOT / "topologies" / f"{topology}.yaml"))
+    plan = plan_pipelines(instance, "auto", 2.0, 0, 1)
+    return max(4, math.ceil(2 * plan.latency_ms / plan.bottleneck_ms))
 
 
 def scenario_text(model: str, topology: str, concurrency: int, duration: str) -> str:
@@ -31,6 +63,39 @@ def scenario_text(model: str, topology: str, concurrency: int, duration: str) ->
             f"slo: {{lost: 0, mismatched: 0}}\n")
 
 
+def analyse(directory: Path, topology: str) -> dict[str, Any]:
+    """Pure limit of the first plan, and each stage's overhead implied by its host's CPU."""
+    from formats.topology import load_topology
+    from partitioner.instance import load_instance, plan_from_json, pure_bottleneck_ms
+    from partitioner.profile import effective_speed
+
+    summary = json.loads((directory / "summary.json").read_text())
+    instance = load_instance(directory / "instance.json")
+    plan = plan_from_json(instance, json.loads((directory / "plan.json").read_text()))
+    pure_rps = 1000.0 / pure_bottleneck_ms(instance, plan.stages, plan.chains)
+    measured = summary["throughput_rps"]
+    cores = {h.name: h.cpu for h in
+             load_topology(ROOT / "topologies" / f"{topology}.yaml").edge_hosts()}
+    with (directory / "timeseries.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    overheads = []
+    for stage in plan.stages:
+        used = [float(r[f"{stage.node}_cpu"]) for r in rows if r.get(f"{stage.node}_cpu")]
+        if not used or measured <= 0:
+            continue
+        cpu_ms = statistics.mean(used) / measured * 1000.0
+        compute = sum(s.compute_ms for s in instance.segments[stage.first:stage.end])
+        c = cores[stage.node]
+        overheads.append(cpu_ms * effective_speed(c) / c - compute)
+    events = [json.loads(line) for line in (directory / "events.jsonl").open()]
+    return {
+        "pure_rps": pure_rps, "pure_ratio": measured / pure_rps,
+        "overhead_ms": statistics.median(overheads) if overheads else None,
+        "replanned": sum(e.get("type") == "plan.deployed" for e in events) > 1,
+        "frame_overhead_ms": instance.frame_overhead_ms,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", default="20s", help="measured window per run")
@@ -40,13 +105,14 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for model, topology, concurrency in CONFIGS:
+    for model, topology in CONFIGS:
         if args.only and model not in args.only.split(","):
             continue
         name = f"{model}-{topology}"
+        concurrency = concurrency_for(model, topology)
         scenario = out / f"{name}.yaml"
         scenario.write_text(scenario_text(model, topology, concurrency, args.duration))
-        print(f"== {name}", file=sys.stderr, flush=True)
+        print(f"== {name} (concurrency {concurrency})", file=sys.stderr, flush=True)
         result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"), str(scenario),
                                  "--out", str(out / name)], check=False)
         summary_path = out / name / "summary.json"
@@ -57,22 +123,28 @@ def main() -> int:
         plan = summary.get("plan", {})
         rows.append({
             "config": name, "stages": len(plan.get("stages", [])),
+            "concurrency": concurrency,
             "predicted_rps": summary["predicted_throughput_rps"],
             "measured_rps": summary["throughput_rps"],
             "ratio": summary["throughput_ratio"],
             "p50_ms": summary["latency_ms"]["p50"], "p99_ms": summary["latency_ms"]["p99"],
             "lost": summary["requests"]["lost"],
             "mismatched": summary["requests"]["mismatched"],
+            **analyse(out / name, topology),
         })
-    print(f"\n{'config':24} {'stages':>6} {'pred rps':>9} {'meas rps':>9} {'ratio':>6} "
-          f"{'p50 ms':>8} {'p99 ms':>8} {'lost':>5} {'mism':>5}")
+    print(f"\n{'config':26} {'stages':>6} {'conc':>4} {'pred rps':>8} {'pure rps':>8} "
+          f"{'meas rps':>8} {'/pred':>5} {'/pure':>5} {'overhead ms':>11} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'lost':>4} {'mism':>4}")
     for row in rows:
         if "error" in row:
-            print(f"{row['config']:24} {row['error']}")
+            print(f"{row['config']:26} {row['error']}")
             continue
-        print(f"{row['config']:24} {row['stages']:>6} {row['predicted_rps']:>9.2f} "
-              f"{row['measured_rps']:>9.2f} {row['ratio']:>6.2f} {row['p50_ms']:>8.0f} "
-              f"{row['p99_ms']:>8.0f} {row['lost']:>5} {row['mismatched']:>5}")
+        overhead = "-" if row["overhead_ms"] is None else f"{row['overhead_ms']:.2f}"
+        print(f"{row['config']:26} {row['stages']:>6} {row['concurrency']:>4} "
+              f"{row['predicted_rps']:>8.2f} {row['pure_rps']:>8.2f} {row['measured_rps']:>8.2f} "
+              f"{row['ratio']:>5.2f} {row['pure_ratio']:>5.2f} {overhead:>11} "
+              f"{row['p50_ms']:>7.0f} {row['p99_ms']:>7.0f} {row['lost']:>4} "
+              f"{row['mismatched']:>4}" + (" (re-planned)" if row["replanned"] else ""))
     (out / "pipeline.json").write_text(json.dumps(rows, indent=1))
     return 0 if rows and all("error" not in r for r in rows) else 1
 

@@ -235,6 +235,16 @@ def pipelines_cost(instance: Instance, pipelines: list[list[Stage]]) -> tuple[fl
     return bottleneck, max(cost.latency_ms for cost in costs), flat
 
 
+
+def pure_bottleneck_ms(instance: Instance, stages: list[Stage],
+                       chains: tuple[int, ...] = ()) -> float:
+    """The bottleneck of a plan with no per-frame overhead: ONNX compute at the nodes'
+    speed and link times only (the DESIGN.md model). 1000 / this is the most a plan can
+    deliver whatever its stages cost per frame besides onnxruntime; benchmarks/pipeline.py
+    judges measured throughput against it."""
+    pure = replace(instance, frame_overhead_ms=0.0)
+    return pipelines_cost(pure, split_pipelines(stages, chains))[0]
+
 @dataclass
 class Plan:
     """A solved plan, as printed by `solve` (DESIGN.md) and stored in plan.json. `chains`

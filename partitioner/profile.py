@@ -78,11 +78,15 @@ WORKER_RSS_BYTES = 60 * MiB         # numpy + onnxruntime + pyzmq + stage_image.
 SESSION_OVERHEAD_BYTES = 10 * MiB   # a 2-node session, worker options, after a run: 8.6 MiB
 RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
 # CPU a stage spends per request besides onnxruntime (full-core ms): receiving and sending
-# frames over 1500-byte-MTU veths, header checks, the agent's share, and what CFS throttling
-# costs a throttled process. Measured on resnet18 pipelines on 0.2-0.3-core hosts as host CPU
-# (cgroup) / rate - profiled compute, 19 stages in 6 runs: 0.8-3.9 ms when the machine was
-# otherwise idle, 3.5-8.3 ms when it was busy; 3.5 ms is the median of all of them.
-FRAME_OVERHEAD_MS = 3.5
+# frames (mostly the kernel's TCP work in ZeroMQ's I/O thread: about half of it), header
+# checks and the worker's loop, the agent beside it. Measured by benchmarks/frame_overhead.py
+# --mininet (real workers in 0.2-core Mininet hosts behind 100 Mbit links, a trivial model,
+# 600 KB frames, host cgroup CPU per frame - the bare session.run): 1.4-1.55 ms for a stage
+# receiving and sending 600 KB, 1.2-1.4 ms receiving 600 KB and sending 12 bytes; the agent
+# adds 0.002 cores (~0.15 ms a frame at 15 frames/s). Real resnet18 stages on star-5 spent
+# 1.3-2.0 ms of host CPU per frame over their bare session.run. (The 3.5 ms this replaces
+# was host CPU / rate - the cached profile's compute, which folds the profile's own noise in.)
+FRAME_OVERHEAD_MS = 1.5
 # A host limited by a CFS quota runs in slices (`cores` x the 100 ms period) and starts each
 # slice with caches the other hosts have since filled: about 2 ms of every period is spent
 # warming up. So a host of `cores` computes like `cores - CFS_WARMUP_CORES` of a free core.

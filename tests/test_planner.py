@@ -28,6 +28,7 @@ from partitioner.instance import (
     Stage,
     plan_cost,
     plan_problems,
+    pure_bottleneck_ms,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,3 +217,25 @@ def test_cli_bad_json_and_algorithm_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2 and "not valid JSON" in done.stderr
     done = run_cli(write(tmp_path, SMALL), "--algorithm", "magic")
     assert done.returncode == 2 and "unknown algorithm" in done.stderr
+
+
+def test_pure_bottleneck_leaves_out_only_the_per_frame_overhead() -> None:
+    """benchmarks/pipeline.py judges a run against the plan's pure limit: the same stages
+    and hops with no per-frame CPU. Compute-bound, the overhead's share is removed; a hop
+    that is the bottleneck either way stays; pipelines side by side share the limit."""
+    segments = [Segment(10.0, 0, 1000), Segment(30.0, 0, 1000)]
+    nodes = [Node("a", 0.5, 1 << 30), Node("b", 0.25, 1 << 30)]
+    instance = Instance(segments, 1000, nodes, "src",
+                        {("src", "a"): 100.0, ("src", "b"): 100.0, ("a", "b"): 100.0},
+                        frame_overhead_ms=2.0)
+    stages = [Stage(0, 1, "a"), Stage(1, 2, "b")]
+    assert plan_cost(instance, stages).bottleneck_ms == pytest.approx((30 + 2) / 0.25)
+    assert pure_bottleneck_ms(instance, stages) == pytest.approx(30 / 0.25)
+    assert instance.frame_overhead_ms == 2.0          # the instance itself is left alone
+    slow_link = Instance(segments, 1000, nodes, "src",
+                         {("src", "a"): 100.0, ("src", "b"): 100.0, ("a", "b"): 0.05},
+                         frame_overhead_ms=2.0)
+    assert pure_bottleneck_ms(slow_link, stages) == pytest.approx(
+        plan_cost(slow_link, stages).bottleneck_ms) == pytest.approx(1000 * 8 / 50)
+    side_by_side = [Stage(0, 2, "a"), Stage(0, 2, "b")]
+    assert pure_bottleneck_ms(instance, side_by_side, (1, 1)) == pytest.approx(40 / 0.25 / 2)
