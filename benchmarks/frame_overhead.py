@@ -1,21 +1,27 @@
-"""Per-frame CPU of the data plane outside onnxruntime, on loopback (no Mininet): the real
-dispatcher (load generator + sink, in this process) feeds two real stage workers,
+"""Per-frame CPU of the data plane outside onnxruntime: the real dispatcher (load generator
++ sink) feeds two real stage workers,
 
     dispatcher --600 KB--> A (Identity) --600 KB--> B (GlobalAveragePool) --12 B--> sink
 
-in a closed loop, and the CPU each process spends per frame is read from the kernel
-(/proc/PID/task/*/schedstat: every thread, ZeroMQ's I/O thread included). A stage's
-overhead is that CPU minus what its bare `session.run` takes on the same input in this
-process (what the profiler charges as compute): the cost model's `frame_overhead_ms`.
+in a closed loop, every result checked, and the CPU each process spends per frame is read
+from the kernel (/proc/PID/task/*/schedstat: every thread, ZeroMQ's I/O thread included).
+A stage's overhead is that CPU minus what its bare `session.run` takes on the same input in
+this process (what the profiler charges as compute): the cost model's `frame_overhead_ms`.
 The dispatcher's figure is all of it (encode, send, receive, decode, result check).
 
     .venv/bin/python benchmarks/frame_overhead.py [--frames 1500] [--cpu 0.2]
-        [--port 35000] [--hold-s 0]
+        [--mininet [--bandwidth 100Mbit]] [--port 35000] [--hold-s 0] [--json OUT]
 
-`--cpu C` (root: cgroup v1) runs each worker under a CFS quota of C cores, as on an
-emulated host; `--hold-s S` keeps the load running S more seconds after the measurement,
-so a profiler can attach (`py-spy record --pid ...`, `perf record -p ...`); the workers'
-PIDs are printed.
+By default everything runs on loopback in this process's namespace. `--cpu C` (root,
+cgroup v1) runs each worker under a CFS quota of C cores. `--mininet` (root) runs the same
+pipeline in Mininet hosts (the workers on `--cpu` cores, 0.2 by default, behind shaped links;
+the dispatcher inside its own host, started by this script) and adds each host's cgroup
+CPU per frame, which also holds what the kernel charges the host for its packets: over a
+shaped veth a frame costs more than on loopback (ZeroMQ's I/O thread wakes for every paced
+burst of packets). `--hold-s S` keeps the load running S more seconds after the
+measurement, so a profiler can attach (`py-spy record --pid ...`, `perf record -p ...`);
+the workers' PIDs are printed. Timing noise from other processes is large on a shared
+machine: compare two versions by running them at the same time, several times.
 """
 
 from __future__ import annotations
@@ -355,7 +361,7 @@ def main() -> int:
         add_compute(result, build_models(Path(tmp)), image)
     where = (f"Mininet hosts of {args.cpu or 0.2} core, {args.bandwidth} links" if args.mininet
              else f"loopback, workers at {args.cpu} core" if args.cpu else "loopback")
-    print(f"{result['frames']} frames at {result['rps']:.0f}/s ({where})")
+    print(f"{result['frames']} frames at {result['rps']:.1f}/s ({where})")
     print(f"{'process':12} {'cpu ms/frame':>13} {'onnxruntime':>12} {'overhead':>9}"
           + (f" {'host cpu ms':>12} {'host overhead':>14}" if args.mininet else ""))
     for name in ("A", "B", "dispatcher"):
