@@ -111,7 +111,7 @@ from partitioner.instance import (
 )
 from stage_image.security import KeyPair, apply_server, load_keypair
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
-from testbed.control import policy
+from testbed.control import commands, policy
 from testbed.control.dispatcher import (
     Dispatcher,
     Head,
@@ -187,7 +187,7 @@ class Controller:
                                      self.events.emit, dispatch_log,
                                      keys=KeyPair.generate() if self.curve else None)
         self.planner = Planner(cfg.run_dir, cfg.planner.algorithm, cfg.planner.time_limit_s,
-                               cfg.planner.seed, cfg.reuse_tolerance, cfg.planner.pipelines)
+                               cfg.planner.seed, cfg.control.reuse_tolerance, cfg.planner.pipelines)
         self.agents: dict[str, AgentInfo] = {}
         self.slots: dict[tuple[str, int], Slot] = {}
         self.next_port: dict[str, int] = {}
@@ -217,8 +217,8 @@ class Controller:
         self.csv_written = False
         self.started = time.monotonic()
         self.last_tick = self.started
-        self.heartbeat_s = cfg.heartbeat_ms / 1000.0
-        self.resend_s = max(1.0, 3 * self.heartbeat_s)
+        self.heartbeat_s = cfg.control.heartbeat_s
+        self.resend_s = cfg.control.resend_s
 
     # -- versions ------------------------------------------------------------------------------
 
@@ -306,7 +306,7 @@ class Controller:
                         wanted[stage.node] = wanted.get(stage.node, 0) + 1
             avoid = frozenset({s.host for s in self.slots.values() if s.routes}
                               | {h for h, n in wanted.items()
-                                 if n >= self.cfg.standby_per_node})
+                                 if n >= self.cfg.control.standby_per_node})
         return PlanRequest(kind, reason, version, frozenset(live), base, held, avoid,
                            excluded=excluded, generation=self.next_epoch)
 
@@ -389,7 +389,7 @@ class Controller:
                          version=self.target_version)
         self.waiting_for_nodes = True
         self.infeasible_reason = reason
-        if not self.cfg.replan and self.active is None:
+        if not self.cfg.control.replan and self.active is None:
             self.failure = f"no plan: {reason}"
 
     def next_job(self, now: float) -> None:
@@ -491,7 +491,7 @@ class Controller:
     def next_contingency(self) -> None:
         active = self.active
         # pipelines side by side need none: the surviving ones are the plan for any loss
-        if not (self.cfg.standby and self.cfg.replan) or active is None or \
+        if not (self.cfg.control.standby and self.cfg.control.replan) or active is None or \
                 active.state != "active" or active.plan.chains:
             return
         live = frozenset(self.usable_hosts())
@@ -542,7 +542,7 @@ class Controller:
         for key, (prepared, stage, file) in needed.items():
             # only spare nodes: a model load on a serving node takes its CPU share
             if key in held or key.node in serving or \
-                    per_node.get(key.node, 0) >= self.cfg.standby_per_node or \
+                    per_node.get(key.node, 0) >= self.cfg.control.standby_per_node or \
                     not self.fits(key.node, prepared, stage):
                 continue
             per_node[key.node] = per_node.get(key.node, 0) + 1
@@ -604,7 +604,7 @@ class Controller:
         return {h for h in self.agents if self.usable(h, now)}
 
     def request_replan(self, reason: str, force: bool = False) -> None:
-        if not (self.cfg.replan or force):
+        if not (self.cfg.control.replan or force):
             self.events.emit("replan.disabled", reason=reason)
             if self.deploying is not None or self.active is None or self.active.broken:
                 self.failure = f"deployment broken and re-planning is off: {reason}"
@@ -623,9 +623,9 @@ class Controller:
             needed |= self.slot_lost(slot)
         if not needed:
             return
-        if suspected and self.cfg.replan_delay_s > 0:
-            self.replan_at = time.monotonic() + self.cfg.replan_delay_s
-            self.events.emit("replan.delayed", host=host, delay_s=self.cfg.replan_delay_s,
+        if suspected and self.cfg.control.replan_delay_s > 0:
+            self.replan_at = time.monotonic() + self.cfg.control.replan_delay_s
+            self.events.emit("replan.delayed", host=host, delay_s=self.cfg.control.replan_delay_s,
                              reason=f"{host}: {reason}")
             return
         self.request_replan(f"{host}: {reason}")
@@ -651,7 +651,7 @@ class Controller:
         is tried again after the unhealthy back-off. Not judged while a model loads on the
         host (that takes its CPU for a while) or in a second without frames (no evidence)."""
         active = self.active
-        if self.cfg.straggler_factor <= 0 or load is None or active is None or \
+        if self.cfg.control.straggler_factor <= 0 or load is None or active is None or \
                 active.state != "active" or active.number not in slot.routes or \
                 any(s.host == slot.host and s.state != "ready" for s in self.slots.values()):
             slot.slow_since = None
@@ -664,12 +664,12 @@ class Controller:
         # a slow stage that still keeps up with its pipeline's pace costs no throughput (each
         # of R pipelines side by side gets every R-th request)
         pace_ms = active.plan.bottleneck_ms * max(1, len(active.plan.chains))
-        if observed_ms < max(self.cfg.straggler_factor * planned_ms, pace_ms):
+        if observed_ms < max(self.cfg.control.straggler_factor * planned_ms, pace_ms):
             slot.slow_since = None
             return
         if slot.slow_since is None:
             slot.slow_since = now
-        if now - slot.slow_since < self.cfg.straggler_after_s:
+        if now - slot.slow_since < self.cfg.control.straggler_after_s:
             return
         slot.slow_since = None
         self.events.emit("node.straggler", host=slot.host, epoch=active.number, stage=stage,
@@ -685,7 +685,7 @@ class Controller:
         if agent is None:
             return
         agent.failures += 1
-        hold = min(UNHEALTHY_CAP_S, self.cfg.unhealthy_hold_s * 2 ** (agent.failures - 1))
+        hold = min(UNHEALTHY_CAP_S, self.cfg.control.unhealthy_hold_s * 2 ** (agent.failures - 1))
         agent.unhealthy_until = time.monotonic() + hold
         agent.returned = None
         self.events.emit("node.unhealthy", host=host, reason=why, hold_s=round(hold, 3),
@@ -693,7 +693,7 @@ class Controller:
 
     def check_hosts(self, now: float) -> None:
         """Suspicions (missed heartbeats), and hosts whose hold or back-off just ended."""
-        limit = self.cfg.suspect_after_missed * self.heartbeat_s
+        limit = self.cfg.control.suspect_after_missed * self.heartbeat_s
         for agent in self.agents.values():
             silent = now - agent.last_seen
             if not agent.suspected and silent > limit:
@@ -705,10 +705,11 @@ class Controller:
                 self.host_lost(agent.host, "suspected (missed heartbeats)", suspected=True)
             if agent.suspected:
                 continue
-            if agent.returned is not None and now - agent.returned >= self.cfg.rejoin_hold_s:
+            if agent.returned is not None and \
+                    now - agent.returned >= self.cfg.control.rejoin_hold_s:
                 agent.returned = None
                 self.events.emit("node.stable", host=agent.host,
-                                 held_s=self.cfg.rejoin_hold_s)
+                                 held_s=self.cfg.control.rejoin_hold_s)
                 self.host_usable(agent.host)
             if agent.unhealthy_until and now >= agent.unhealthy_until:
                 agent.unhealthy_until = 0.0
@@ -730,16 +731,16 @@ class Controller:
             return
         current = active.plan
         if policy.same_placement(prepared.plan, current) or not policy.better_by_margin(
-                prepared.plan, current, self.cfg.rejoin_margin):
+                prepared.plan, current, self.cfg.control.rejoin_margin):
             self.events.emit("rejoin.declined", reason=prepared.request.reason,
                              current_bottleneck_ms=round(current.bottleneck_ms, 3),
                              candidate_bottleneck_ms=round(prepared.plan.bottleneck_ms, 3),
-                             margin=self.cfg.rejoin_margin)
+                             margin=self.cfg.control.rejoin_margin)
             return
         self.events.emit("rejoin.accepted", reason=prepared.request.reason,
                          current_bottleneck_ms=round(current.bottleneck_ms, 3),
                          candidate_bottleneck_ms=round(prepared.plan.bottleneck_ms, 3),
-                         margin=self.cfg.rejoin_margin)
+                         margin=self.cfg.control.rejoin_margin)
         self.new_epoch(prepared)
 
     # -- workers -------------------------------------------------------------------------------
@@ -899,7 +900,7 @@ class Controller:
         if old is not None:
             if handover:
                 old.state = "draining"
-                old.drain_until = time.monotonic() + self.cfg.drain_s
+                old.drain_until = time.monotonic() + self.cfg.control.drain_s
                 self.draining.append(old)
                 self.events.emit("epoch.draining", epoch=old.number,
                                  in_flight=self.dispatcher.in_flight_on(old.number))
@@ -1020,7 +1021,7 @@ class Controller:
             agent.returned = now
             self.events.emit("node.returned", host=host,
                              silent_ms=round(1000 * (now - agent.last_seen)),
-                             hold_s=self.cfg.rejoin_hold_s)
+                             hold_s=self.cfg.control.rejoin_hold_s)
             self.readopt(host, f["workers"])
             if self.waiting_for_nodes:
                 self.request_replan(f"{host} returned")
@@ -1176,7 +1177,7 @@ class Controller:
     def check_timeouts(self, now: float) -> None:
         epoch = self.deploying
         if epoch is not None and epoch.state == "waiting" and \
-                now - epoch.created > self.cfg.hello_timeout_s:
+                now - epoch.created > self.cfg.control.hello_timeout_s:
             missing = [h for h in epoch.hosts if h not in self.agents]
             self.events.emit("deploy.timeout", epoch=epoch.number, waiting_for=missing,
                              phase="hello")
@@ -1185,7 +1186,7 @@ class Controller:
             epoch.created = now     # once per timeout period
             self.request_replan(f"no hello from {missing}")
         if epoch is not None and epoch.state == "deploying" and \
-                now - epoch.deployed > self.cfg.deploy_timeout_s:
+                now - epoch.deployed > self.cfg.control.deploy_timeout_s:
             late = [s for s in epoch.slots if epoch.number not in s.confirmed]
             self.events.emit("deploy.timeout", epoch=epoch.number,
                              waiting_for=[s.host for s in late], phase="ready")
@@ -1208,17 +1209,13 @@ class Controller:
 
     def on_command(self, raw: bytes) -> dict[str, Any]:
         try:
-            cmd = json.loads(raw)
-            if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
-                raise ValueError("expected {\"cmd\": ...}")
-        except ValueError as exc:
+            cmd, _ = commands.parse([raw], "embedded")
+        except commands.CommandError as exc:
             return {"ok": False, "error": f"bad command: {exc}"}
         handler = {"status": self.cmd_status, "start_workload": self.cmd_start_workload,
                    "stop": self.cmd_stop, "replan": self.cmd_replan,
                    "rollback": self.cmd_rollback, "rollout": self.cmd_rollout,
-                   }.get(cmd["cmd"])
-        if handler is None:
-            return {"ok": False, "error": f"unknown command {cmd['cmd']!r}"}
+                   }[cmd["cmd"]]
         try:
             return handler(cmd)
         except (ValueError, RuntimeError) as exc:
@@ -1269,9 +1266,7 @@ class Controller:
     def cmd_start_workload(self, cmd: dict[str, Any]) -> dict[str, Any]:
         if self.state() != "ready":
             raise RuntimeError(f"not ready to start a workload (state {self.state()})")
-        overrides = cmd.get("workload") or {}
-        if not isinstance(overrides, dict):
-            raise ValueError("workload must be an object")
+        overrides = cmd.get("workload", {})
         base = self.cfg.workload.to_json()
         fixed = [k for k in FIXED_WORKLOAD_FIELDS if k in overrides and overrides[k] != base[k]]
         if fixed:
@@ -1285,9 +1280,7 @@ class Controller:
         return {"ok": True}
 
     def cmd_replan(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        exclude = cmd.get("exclude") or []
-        if not isinstance(exclude, list) or not all(isinstance(h, str) for h in exclude):
-            raise ValueError("exclude must be a list of host names")
+        exclude = cmd.get("exclude", [])
         self.replan_exclude = set(exclude)
         self.request_replan(f"requested by the driver (exclude {exclude})", force=True)
         return {"ok": True}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from formats.control import K3S_UNSUPPORTED
 from formats.errors import InputError
 from formats.scenario import Scenario
 from stage_image.security import KeyPair, generate_deployment_keys, save_keypair
@@ -57,9 +58,12 @@ def make_bundle(scenario: Scenario, prepared: Any, out_dir: Path) -> Bundle:
     from testbed.control.planning import sha256_file
     from testbed.experiment.run import workload_json
 
+    # the loop applies the scenario's control settings; those it cannot are refused here
+    scenario.control.refuse_unsupported("k3s", K3S_UNSUPPORTED)
     plan_json, stage_dir = write_plan_and_stages(prepared, out_dir)
     try:
-        settings = k8s.settings_for_topology(scenario.topology, epoch=1, model_version=1)
+        settings = k8s.settings_for_topology(scenario.topology, epoch=1, model_version=1,
+                                             heartbeat_ms=scenario.control.heartbeat_ms)
         driver = None
         if settings.curve:
             settings = replace(settings, curve_keys=generate_deployment_keys(
@@ -70,7 +74,8 @@ def make_bundle(scenario: Scenario, prepared: Any, out_dir: Path) -> Bundle:
             model_sha256=sha256_file(prepared.model_path), plan=prepared.plan.to_json(),
             algorithm=scenario.algorithm, time_limit_s=scenario.time_limit_s,
             workload=workload_json(scenario),
-            driver_public=driver.public.decode() if driver else None)
+            driver_public=driver.public.decode() if driver else None,
+            control=scenario.control.to_json())
         bundle = Bundle(plan_json, k8s.load_stage_models(stage_dir), settings, inputs, driver)
         bundle.manifests(prepared.plan)           # refuses what does not fit, here
     except ValueError as exc:

@@ -64,6 +64,7 @@ from typing import Any
 import zmq
 from kubernetes import client, config
 
+from formats.control import UNHEALTHY_CAP_S, ControlSettings
 from formats.errors import EXIT_BAD_INPUT, InputError
 from partitioner.instance import (
     InfeasibleError,
@@ -78,7 +79,7 @@ from stage_image.wire import MAX_STAGE_HEARTBEAT_BYTES, FrameError, decode_contr
 from testbed.control import policy
 from testbed.control.dispatcher import Head, Route, Workload
 from testbed.control.planning import Planner, PlanRequest, Prepared, VersionInfo, restrict
-from testbed.control.state import UNHEALTHY_CAP_S, EventLog
+from testbed.control.state import EventLog
 from testbed.k8s import manifests as k8s
 from testbed.k8s.backend import (
     K3sBackend,
@@ -95,39 +96,6 @@ from testbed.k8s.manifests import ControllerInputs, K8sSettings, StageModel
 from testbed.k8s.workload import WorkloadHost
 
 # -- settings and actions ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Timing:
-    """The loop's clocks; the defaults are the embedded controller's."""
-
-    heartbeat_ms: float = 200.0
-    suspect_after_missed: int = 3
-    rejoin_hold_s: float = 5.0
-    rejoin_margin: float = 0.10
-    deploy_timeout_s: float = 120.0
-    retry_s: float = 5.0            # after a plan or deploy that failed for another reason
-    # k3s marks a node NotReady after its node-monitor-grace-period (40 s by default). A node
-    # found dead by its heartbeats that the API has not seen go down by then is alive as far
-    # as its kubelet can tell: our pod or its path to us failed, not the node.
-    api_grace_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if not self.heartbeat_ms > 0 or self.suspect_after_missed < 1:
-            raise ValueError("heartbeat_ms and suspect_after_missed must be positive")
-        if not 0 <= self.rejoin_margin < 1:
-            raise ValueError("rejoin_margin must be a fraction in [0, 1)")
-        for name in ("rejoin_hold_s", "deploy_timeout_s", "retry_s", "api_grace_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be a non-negative number of seconds")
-
-    @property
-    def heartbeat_s(self) -> float:
-        return self.heartbeat_ms / 1000.0
-
-    @property
-    def silence_s(self) -> float:
-        return self.suspect_after_missed * self.heartbeat_s
 
 
 @dataclass(frozen=True)
@@ -204,10 +172,10 @@ class Decider:
     """What the loop should do, from what it was told (module docstring: node health). Single
     threaded; every method is quick and does no I/O."""
 
-    def __init__(self, candidates: Iterable[str], timing: Timing | None = None,
+    def __init__(self, candidates: Iterable[str], timing: ControlSettings | None = None,
                  next_epoch: int = 1, version: int = 1) -> None:
         self.candidates = frozenset(candidates)      # the instance's nodes
-        self.timing = timing or Timing()
+        self.timing = timing or ControlSettings()
         self.version = version
         # API usability per node, and the heartbeats of the epoch in force (a node is in
         # last_heartbeat only once its stage has beaten for this epoch: see heartbeat())
@@ -656,7 +624,7 @@ class K3sController:
     API server, a model server and a heartbeat address on loopback."""
 
     def __init__(self, settings: K8sSettings, inputs: ControllerInputs, work_dir: Path,
-                 model: Path, timing: Timing, log: logging.Logger,
+                 model: Path, timing: ControlSettings, log: logging.Logger,
                  events: Path | None = None, backend: K3sBackend | None = None,
                  model_server: ModelServer | None = None,
                  heartbeat_bind: str | None = None, keys: KeyPair | None = None,
@@ -954,10 +922,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--keypair", type=Path,
                    help="the controller's CurveZMQ secret key (Z85 text; its Secret, mounted "
                         "by testbed.k8s.manifests); default: a keypair of its own")
-    p.add_argument("--suspect-after-missed", type=int, default=3)
-    p.add_argument("--rejoin-hold-s", type=float, default=5.0)
-    p.add_argument("--rejoin-margin", type=float, default=0.10)
-    p.add_argument("--deploy-timeout-s", type=float, default=120.0)
+    # overrides of the inputs' control settings (controller.json), for runs by hand
+    p.add_argument("--suspect-after-missed", type=int)
+    p.add_argument("--rejoin-hold-s", type=float)
+    p.add_argument("--rejoin-margin", type=float)
+    p.add_argument("--deploy-timeout-s", type=float)
     return p.parse_args(argv)
 
 
@@ -968,8 +937,15 @@ def main(argv: list[str]) -> int:
         if settings.namespace != args.namespace:
             raise ValueError(f"--namespace {args.namespace} but the inputs are for "
                              f"{settings.namespace}")
-        timing = Timing(settings.heartbeat_ms or 200.0, args.suspect_after_missed,
-                        args.rejoin_hold_s, args.rejoin_margin, args.deploy_timeout_s)
+        overrides = {name: value for name, value in (
+            ("suspect_after_missed", args.suspect_after_missed),
+            ("rejoin_hold_s", args.rejoin_hold_s), ("rejoin_margin", args.rejoin_margin),
+            ("deploy_timeout_s", args.deploy_timeout_s)) if value is not None}
+        # the stages beat at the settings' interval: the loop must expect the same
+        timing = ControlSettings.from_json(
+            {**inputs.control, **overrides,
+             "heartbeat_ms": settings.heartbeat_ms or inputs.control.get("heartbeat_ms", 200.0)},
+            "controller.json")
         keys = KeyPair.from_secret(args.keypair.read_text().strip()) if args.keypair else None
     except (OSError, ValueError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
