@@ -100,6 +100,7 @@ from typing import Any
 
 import zmq
 
+from formats.control import UNHEALTHY_CAP_S
 from formats.errors import EXIT_BAD_INPUT, InputError
 from partitioner.instance import (
     InfeasibleError,
@@ -132,7 +133,6 @@ from testbed.control.planning import (
 )
 from testbed.control.policy import Held
 from testbed.control.state import (
-    UNHEALTHY_CAP_S,
     AgentInfo,
     ControllerConfig,
     Epoch,
