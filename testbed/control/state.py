@@ -1,11 +1,11 @@
-"""What the controller knows, as plain data: its configuration (CONFIG.json, validated), the
-event log it writes (events.jsonl), and its records of workers (`Slot`), epochs (`Epoch`) and
-agents (`AgentInfo`).
+"""What the embedded controller knows, as plain data: its configuration (CONFIG.json,
+validated), the event log both backends write (events.jsonl, checked against
+testbed.control.events), and its records of workers (`Slot`) and epochs (`Epoch`).
 
-Division of labour: testbed/control/controller.py decides and talks to agents and the dispatcher;
-this
-module only holds and checks state, so the k3s loop (testbed/k8s/loop.py) and tests can use
-the same records and event log without a running controller.
+Division of labour: testbed.control.plane decides, testbed.control.controller talks to agents
+and the dispatcher; this module only holds and checks state, so the k3s loop
+(testbed/k8s/loop.py) and tests can use the same records and event log without a running
+controller. Node health records are testbed.control.core.health's.
 """
 
 from __future__ import annotations
@@ -161,7 +161,6 @@ class Slot:
     state: str = "new"          # as reported: fetching | starting | ready (| new: not yet)
     sent: dict[int, float] = field(default_factory=dict)  # epoch (0: prepare) -> when asked
     keys: KeyPair | None = None     # CurveZMQ: the worker's own keypair
-    slow_since: float | None = None     # computing straggler_factor x slower than planned
 
     @property
     def held(self) -> Held:
@@ -189,16 +188,3 @@ class Epoch:
 
     def ready(self) -> bool:
         return all(self.number in s.confirmed for s in self.slots)
-
-
-@dataclass
-class AgentInfo:
-    host: str
-    pid: int
-    last_seen: float              # monotonic
-    suspected: bool = False
-    returned: float | None = None     # came back (or restarted) at; None: stable
-    failures: int = 0                 # worker failures, for the unhealthy back-off
-    unhealthy_until: float = 0.0
-    reported: set[int] = field(default_factory=set)       # ports in its last heartbeat
-    asked: dict[tuple[str, int], float] = field(default_factory=dict)  # (stop|release, n)
