@@ -11,21 +11,43 @@ plans (the pipelines a loss leaves whole are the plan for it: ControlPlane.survi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from formats.control import ControlSettings
 from testbed.control import policy
 from testbed.control.core import standby as standby_rule
-from testbed.control.planning import Prepared, StageFile
+from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.policy import Held
+from testbed.control.state import Epoch, Slot
 
-if TYPE_CHECKING:
-    from testbed.control.plane import ControlPlane
+
+class Plane(Protocol):
+    """What this module uses of testbed.control.plane.ControlPlane."""
+
+    active: Epoch | None
+    control: ControlSettings
+    slots: dict[tuple[str, int], Slot]
+    infos: dict[int, VersionInfo]
+
+    @property
+    def target_version(self) -> int: ...
+    def held(self, exclude: set[str] | None = None) -> frozenset[Held]: ...
+    def usable_hosts(self) -> set[str]: ...
+    def start_job(self, kind: str, request: PlanRequest | None = None,
+                  manifest: Any = None) -> None: ...
+    def plan_request(self, kind: str, reason: str, live: set[str],
+                     excluded: str | None = None) -> PlanRequest: ...
+    def release(self, slot: Slot, why: str) -> None: ...
+    def new_slot(self, host: str, version: int, first: int, end: int, stage: StageFile,
+                 standby: bool = False) -> Slot: ...
+    def send_prepare(self, slot: Slot) -> None: ...
+    def emit(self, kind: str, /, **fields: Any) -> None: ...
 
 
 class Contingencies:
     """The contingency plans for the active epoch and live nodes `made_for`."""
 
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: Plane) -> None:
         self.plane = plane
         self.plans: dict[str, Prepared] = {}      # host assumed lost -> plan
         self.queue: list[str] = []                # hosts whose loss is still to plan
