@@ -15,11 +15,14 @@ Two profiles are mapped:
   - a weight of the original graph that exactly one node reads: that node (a fused Gemm
     reads the MatMul's weight and the Add's bias; an NCHWc convolution its conv's bias).
   An original node no kernel anchors was fused away without a trace (an activation folded
-  into a convolution, a residual Add into SkipLayerNormalization). It joins the kernel that
-  reads its inputs and anchors one of its consumers, or else the kernels of its nearest
-  anchored producer. A kernel with no anchors at all (layout reorders, the reshapes around a
-  fused Gemm) prepares the input of the next kernel: its time goes to the first anchored
-  kernel downstream. Each kernel's time is then shared by its anchors and joined nodes in
+  into a convolution, a residual Add into SkipLayerNormalization, GELU's Div/Erf/Add into
+  Gelu). It joins the kernel that reads its inputs and anchors one of the first anchored
+  nodes downstream of it, or else the kernels of its producer.
+  (The producer taken is its latest direct one: a kernel's or a node that joined one, so
+  GELU's Erf and Add follow its Div into Gelu, a residual Add its block's last conv.)
+  A kernel with no anchors at all (layout reorders, the reshapes around a fused Gemm)
+  prepares the input of the next kernel: its time goes to the first anchored kernel
+  downstream. Each kernel's time is then shared by its anchors and joined nodes in
   proportion to their unoptimised costs.
 
 This replaces matching kernel names against node names with fusion suffixes stripped, which
@@ -99,16 +102,23 @@ def attribute(original: onnx.ModelProto, optimised: onnx.ModelProto,
 
     # Nodes fused away without a trace join a kernel (see the module docstring).
     joined: dict[str, set[int]] = {k: set() for k in opt_nodes}
+    orphan_hosts: dict[int, set[str]] = {}
     dynamic = _dynamic_nodes(original)
     for i in sorted(dynamic):
         if i in anchored_by:
             continue
-        after = {c for t in nodes[i].output if t for c in consumers.get(t, [])}
+        after = _anchored_descendants(i, nodes, consumers, anchored_by)
         hosts = {k for t in nodes[i].input if t for k in readers.get(t, [])
                  if anchors[k] & after}
+        latest = max((producer[t] for t in nodes[i].input if t in producer
+                      and (producer[t] in anchored_by or producer[t] in orphan_hosts)),
+                     default=None)
+        if not hosts and latest is not None:
+            hosts = set(anchored_by.get(latest, orphan_hosts.get(latest, set())))
         if not hosts:
             hosts = set(anchored_by.get(_anchored_ancestor(i, nodes, producer, anchored_by),
                                         []))
+        orphan_hosts[i] = hosts
         for k in hosts:
             joined[k].add(i)
 
@@ -139,6 +149,25 @@ def _dynamic_nodes(model: onnx.ModelProto) -> set[int]:
         else:
             dynamic.add(i)
     return dynamic
+
+
+def _anchored_descendants(i: int, nodes: list[onnx.NodeProto], consumers: dict[str, list[int]],
+                          anchored_by: dict[int, list[str]]) -> set[int]:
+    """The first anchored nodes found walking down from node i (through nodes that are
+    themselves fused away: GELU's Div -> Erf -> Add -> Mul all become one Gelu kernel)."""
+    found, queue, seen = set(), deque([i]), {i}
+    while queue:
+        j = queue.popleft()
+        for t in nodes[j].output:
+            for c in consumers.get(t, []) if t else []:
+                if c in seen:
+                    continue
+                seen.add(c)
+                if c in anchored_by:
+                    found.add(c)
+                else:
+                    queue.append(c)
+    return found
 
 
 def _anchored_ancestor(i: int, nodes: list[onnx.NodeProto], producer: dict[str, int],
