@@ -55,7 +55,6 @@ def build_parser(prog: str = "python -m partitioner") -> argparse.ArgumentParser
     group = split.add_mutually_exclusive_group()
     group.add_argument("--cuts", help="comma-separated cut indices (default: every cut)")
     group.add_argument("--plan", help="plan.json: cut where its stages end")
-    _shape_option(split)
 
     plan = verbs.add_parser("plan", help="profile + plan a model on a topology")
     plan.add_argument("model", help="ONNX file or zoo name")

@@ -219,10 +219,12 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
 def analyze(model: onnx.ModelProto | str | os.PathLike[str],
             max_tensors: int = DEFAULT_MAX_TENSORS,
             region_share: float = DEFAULT_REGION_SHARE,
-            measured: dict[str, TensorInfo] | None = None) -> CutAnalysis:
+            measured: dict[str, TensorInfo] | None = None,
+            require_sizes: bool = True) -> CutAnalysis:
     """Find the cuts of a model (a ModelProto, shape-inferred or not, or a path). `measured`
     (from `measure_tensors`) overrides what shape inference says about a tensor; a tensor that
-    crosses a cut must have a known size, from one or the other."""
+    crosses a cut must have a known size, from one or the other, unless `require_sizes` is
+    off (cutting stages needs where the cuts are, not what they carry)."""
     model = load(model)
     infos = _tensor_infos(model if _has_shapes(model) else _inferred_light(model))
     infos.update(measured or {})
@@ -306,7 +308,7 @@ def analyze(model: onnx.ModelProto | str | os.PathLike[str],
     needed.update(t for t in graph_inputs if last_use[t] >= 0)
     needed.update(graph_outputs)
     unsized = sorted(t for t in needed if infos[t].nbytes < 0)
-    if unsized:
+    if unsized and require_sizes:
         raise InputError(f"tensor {unsized[0]!r} has shape {list(infos[unsized[0]].shape)}: "
                          "its size is only known from a run at stated input shapes "
                          "(partitioner.cuts.prepare_model)")

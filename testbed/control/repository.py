@@ -134,16 +134,34 @@ def list_versions(repo: Path) -> dict[int, Path]:
     return found
 
 
+def _inlined_model(model_path: Path) -> bytes | None:
+    """The model with its external-data files read in, as one self-contained file (what the
+    hosts are sent: a stage cannot fetch side files), or None when the model has none and
+    is published as it is. The SHA-256 of these bytes covers graph and weights."""
+    from partitioner.cuts import load
+    from partitioner.profile import external_data_files
+
+    if not external_data_files(model_path):
+        return None
+    model = load(model_path)
+    if model.ByteSize() >= 2**31:
+        raise InputError("the model with its weights inlined exceeds protobuf's 2 GB limit",
+                         file=model_path)
+    return model.SerializeToString()
+
+
 def publish(repo: Path, model_path: Path, version: int, profile: Any,
             source: str = "") -> Manifest:
     """Publish `model_path` as `version` with its profile (a partitioner.profile.ModelProfile,
     or anything with `segments`, `input_bytes`, `total_ms`, `activation_reserve_bytes`).
-    Publishing the same bytes again is a no-op; other bytes under a published number are
-    refused (versions are immutable)."""
+    A model with external data is published with its weights inlined. Publishing the same
+    bytes again is a no-op; other bytes under a published number are refused (versions are
+    immutable)."""
     repo, model_path = Path(repo), Path(model_path)
     if version < 1:
         raise InputError(f"versions start at 1, got {version}", field="version")
-    sha = sha256_file(model_path)
+    inlined = _inlined_model(model_path)
+    sha = hashlib.sha256(inlined).hexdigest() if inlined is not None else sha256_file(model_path)
     target = version_dir(repo, version)
     if target.exists():
         existing = read_manifest(target)
@@ -157,7 +175,10 @@ def publish(repo: Path, model_path: Path, version: int, profile: Any,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        shutil.copyfile(model_path, staging / MODEL_FILE)
+        if inlined is not None:
+            (staging / MODEL_FILE).write_bytes(inlined)
+        else:
+            shutil.copyfile(model_path, staging / MODEL_FILE)
         manifest = Manifest(version, target, sha, (staging / MODEL_FILE).stat().st_size,
                             time.time(), source or str(model_path), list(profile.segments),
                             int(profile.input_bytes), float(profile.total_ms),
