@@ -91,6 +91,12 @@ def resolve_shapes(model: onnx.ModelProto,
         raise InputError(f"the model has no input {unknown[0]!r} (inputs: "
                          f"{', '.join(i.name for i in inputs)})", field=field_name)
     resolved = ResolvedShapes({})
+    for spec in inputs:                       # dims named by stated inputs hold everywhere
+        stated = given.get(spec.name)
+        if stated is not None and len(stated) == len(spec.shape):
+            for dim, value in zip(spec.shape, stated):
+                if isinstance(dim, str) and dim != "?":
+                    resolved.dims.setdefault(dim, value)
     for spec in inputs:
         stated = given.get(spec.name)
         if stated is not None and len(stated) != len(spec.shape):
@@ -105,7 +111,7 @@ def resolve_shapes(model: onnx.ModelProto,
                 value = stated[axis]
             elif isinstance(dim, int) and dim > 0:
                 value = dim
-            elif axis == 0 and str(dim) in resolved.dims:
+            elif str(dim) in resolved.dims:          # named by a stated input
                 value = resolved.dims[str(dim)]
             elif axis == 0:
                 value = 1
