@@ -46,7 +46,7 @@ def small_bert(tmp_path: Path) -> Path:
     return path
 
 
-# -- exporter-shaped models through cuts, split and plan ----------------------------------------
+# -- exporter-shaped models through cuts, split and plan --------------------------------------
 @pytest.mark.parametrize("build", [small_gpt, small_bert])
 def test_exported_models_split_and_chain(tmp_path: Path, build) -> None:
     path = build(tmp_path)
@@ -89,7 +89,7 @@ def test_cuts_and_plan_cli_on_exported_model(tmp_path: Path, capsys) -> None:
     assert split.check_split(path, tmp_path / "s", input_shapes=shapes) <= TOLERANCE
 
 
-# -- cut sizes: measured, never an unknown dimension counted as 1 --------------------------------
+# -- cut sizes: measured, never an unknown dimension counted as 1 -----------------------------
 def _unknown_dims_model() -> onnx.ModelProto:
     """MatMul -> Reshape to a target computed from the data (shape inference cannot follow
     ReduceMax, so the reshaped tensor has unknown dims) -> Relu -> MatMul."""
@@ -128,7 +128,7 @@ def test_unknown_dims_are_measured_not_counted_as_one() -> None:
     assert z_measured.tensors[0].shape == (1, 256) and z_measured.nbytes == 256 * 4
 
 
-# -- input shapes -------------------------------------------------------------------------------
+# -- input shapes -----------------------------------------------------------------------------
 def test_symbolic_dimension_without_value_exits_2(tmp_path: Path, capsys) -> None:
     path = small_gpt(tmp_path)
     assert main(["cuts", str(path)]) == EXIT_BAD_INPUT
@@ -192,7 +192,7 @@ def test_workload_input_dims_follow_stated_shapes(tmp_path: Path) -> None:
         dispatcher.input_dims(path, {})
 
 
-# -- token inputs behind a Reshape -------------------------------------------------------------------
+# -- token inputs behind a Reshape ------------------------------------------------------------
 def test_token_ids_found_through_reshape(tmp_path: Path) -> None:
     path = small_gpt(tmp_path)
     assert inputs.vocab_sizes(onnx.load(path)) == {"input_ids": 300}
@@ -202,7 +202,7 @@ def test_token_ids_found_through_reshape(tmp_path: Path) -> None:
     assert feeds["input_ids"].max() >= 2 and feeds["input_ids"].max() < 300
 
 
-# -- external data ----------------------------------------------------------------------------------
+# -- external data ----------------------------------------------------------------------------
 def test_external_data_publish_and_split_round_trip(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
@@ -243,7 +243,7 @@ def test_external_data_publish_and_split_round_trip(tmp_path: Path) -> None:
         repository.publish(tmp_path / "repo", path, 1, profile)
 
 
-# -- solve: stdout is JSON only -------------------------------------------------------------------------
+# -- solve: stdout is JSON only ---------------------------------------------------------------
 def test_highs_banner_never_reaches_stdout() -> None:
     result = subprocess.run(
         [sys.executable, "-c", "from partitioner.algorithms.flow import _quiet_highs; "
@@ -272,7 +272,7 @@ def test_solve_stdout_is_pure_json(tmp_path: Path) -> None:
         assert plan["stages"] and plan["algorithm"] == algorithm
 
 
-# -- attribution ------------------------------------------------------------------------------------------
+# -- attribution ------------------------------------------------------------------------------
 def _fused_graphs() -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """An exporter-named MatMul + Add + Relu, and the optimised graph onnxruntime makes of it
     (Gemm named `<matmul>/MatMulAddFusion` between input and output reshapes)."""
