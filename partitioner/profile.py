@@ -131,6 +131,8 @@ CONTENTION_RETAKES = 2
 # model is profiled again (issue 13: a profile from a busy minute said 325 ms for 111).
 QUICK_CHECK_RUNS = 5
 QUICK_CHECK_TOLERANCE = 0.15
+# `profile --verify`: every stage of a 2-4 way split within this of its predicted share.
+VERIFY_TARGET = 0.10
 
 
 @dataclass
