@@ -3,22 +3,27 @@ for a set of hosts or a topology.
 
 Division of labour: `partitioner.cuts` gives the segments (and the bytes crossing each cut),
 this module measures and estimates what each segment costs, `partitioner.algorithms` plans
-on the resulting `Instance`. Profiles are cached by the model's SHA-256 (and the cut
-options) in $EDGEPIPE_CACHE/profiles/, since profiling a large model takes a while.
+on the resulting `Instance`. Profiles are cached in $EDGEPIPE_CACHE/profiles/, since
+profiling a large model takes a while.
 
-Compute. A segment's share of the time comes from onnxruntime's profiler; its sum is scaled
-to the measured latency of the fully optimised session (ORT_ENABLE_ALL, 1 intra-op thread,
-no spinning: as the workers run). Two profiles are taken:
-- ORT_ENABLE_BASIC, where kernels keep their ONNX node names (1:1), gives each node's cost;
-- ORT_ENABLE_ALL, what the workers run, where convolutions move to the NCHWc layout and fuse
-  with their activations. Its kernels map back to ONNX names ("<node>_nchwc",
-  "<node>/<Fusion>"), layout reorders are charged to the kernel they feed, and a fused
-  kernel's time is shared by the nodes fused into it in proportion to their BASIC costs.
-The optimised attribution is used (the BASIC one only as a fallback when the optimised
-kernels cannot be matched), because NCHWc speeds up early, wide convolutions far more than
-late ones: measured on two-stage splits of resnet18/resnet50/mobilenetv2, scaling the BASIC
-distribution uniformly misplaced the first stage's share by 0.06-0.23 (of the whole), the
-optimised attribution by 0.01-0.10.
+Compute. A segment's share of the time comes from onnxruntime's profiler, its sum scaled to
+the CPU time of the fully optimised session (ORT_ENABLE_ALL, 1 intra-op thread, no spinning:
+as the workers run). Two profiles are taken and tied to the model's ONNX nodes by
+`partitioner.attribution` (by node index and by the tensors and weights each kernel
+touches, never by name): ORT_DISABLE_ALL gives each node's own cost; ORT_ENABLE_ALL, what
+the workers run, is mapped through the optimised graph onnxruntime writes, a fused kernel's
+time shared by the nodes it stands for. The optimised attribution is used (the unoptimised
+one only when the optimised kernels cannot be tied to nodes), because NCHWc and fusions
+speed some nodes up far more than others. Each kernel's time is its fastest run (profiler
+times are wall times, which other processes only lengthen); the total is CPU time
+(`time.thread_time`: the session runs on the calling thread). A profile whose runs took
+more than CONTENTION_LIMIT wall time per CPU time is taken again, and what the machine was
+doing is kept with it (`ModelProfile.machine`). Measured by `profile --verify`
+(`verify_profile`): each stage of 2-4 way splits timed alone, against its predicted share.
+
+Cut sizes come from one real run at the stated input shapes (`partitioner.cuts.
+prepare_model`); profiles are cached by the SHA-256 of graph and external weights, the cut
+options and the input shapes, and checked on use against a few whole-model frames.
 
 Memory (bytes a stage adds to its host's memory cgroup), measured and fitted on this machine
 kind with onnxruntime 1.32 at ORT_ENABLE_ALL, as the workers run:

@@ -15,7 +15,8 @@ dispatcher host, only reads the segments from the manifest, checks the SHA-256, 
 deploys (testbed.control.controller). `publish` writes a version into a hidden temporary directory
 and
 renames it into place, so a watcher sees a whole version or none. A version number is never
-reused for other bytes.
+reused for other bytes. A model whose weights are in external-data files is published as one
+self-contained file (weights inlined; its SHA-256 covers both).
 
 The driver's calls for a scenario's `model.update {version: N}` step: `prepare_version`
 before the run (builds and profiles; for a zoo model, version N is the same architecture
@@ -259,19 +260,24 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("repo", help="repository directory (the run's: RESULTS/repository)")
     pub.add_argument("model", help="ONNX file, or a zoo name (version N = seed N)")
     pub.add_argument("--version", type=int, required=True)
+    pub.add_argument("--input-shape", action="append", metavar="NAME=DxD...",
+                     help="shape of a model input for profiling, e.g. input_ids=1x128")
     lst = verbs.add_parser("list", help="list published versions")
     lst.add_argument("repo")
     args = parser.parse_args(argv)
     try:
         if args.verb == "publish":
+            from partitioner.inputs import parse_shape_args
             from partitioner.profile import profile_model
             from partitioner.zoo import BUILDERS
 
+            shapes = parse_shape_args(args.input_shape) or None
             if args.model in BUILDERS:
                 prepared = prepare_version(args.model, args.version, Path(args.repo).parent)
             else:
                 path = Path(args.model)
-                prepared = Prepared(args.version, path, profile_model(path), str(path))
+                prepared = Prepared(args.version, path,
+                                    profile_model(path, input_shapes=shapes), str(path))
             manifest = publish_prepared(Path(args.repo), prepared)
             print(f"published v{manifest.version}: {manifest.sha256[:12]} "
                   f"({manifest.size / 1e6:.1f} MB) in {manifest.directory}")
