@@ -201,11 +201,19 @@ class Prepared:
     source: str
 
 
-def prepare_version(model_spec: str, version: int, work_dir: Path) -> Prepared:
+def prepare_version(model_spec: str, version: int, work_dir: Path,
+                    input_shapes: dict[str, tuple[int, ...]] | None = None) -> Prepared:
     """Build (zoo models: seed = version; version 1 is the zoo's own model) and profile a
-    version of the scenario's model, in the root namespace, before the run."""
+    version of the scenario's model at `input_shapes` (the zoo model's own if None), in the
+    root namespace, before the run."""
     from partitioner.profile import profile_model
-    from partitioner.zoo import BUILDERS, build_model, resolve_model, write_model
+    from partitioner.zoo import (
+        BUILDERS,
+        build_model,
+        default_input_shapes,
+        resolve_model,
+        write_model,
+    )
 
     if model_spec in BUILDERS:
         if version == 1:
@@ -221,7 +229,9 @@ def prepare_version(model_spec: str, version: int, work_dir: Path) -> Prepared:
         raise InputError(f"model.update to version {version} needs a zoo model (a file model "
                          f"has no other versions to build; publish one with "
                          f"`python -m testbed.control.repository publish`)", field="model")
-    return Prepared(version, path, profile_model(path, progress=False), source)
+    shapes = input_shapes or default_input_shapes(model_spec)
+    return Prepared(version, path, profile_model(path, progress=False,
+                                                 input_shapes=shapes or None), source)
 
 
 def publish_prepared(repo: Path, prepared: Prepared) -> Manifest:
@@ -273,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
             shapes = parse_shape_args(args.input_shape) or None
             if args.model in BUILDERS:
-                prepared = prepare_version(args.model, args.version, Path(args.repo).parent)
+                prepared = prepare_version(args.model, args.version, Path(args.repo).parent,
+                                           shapes)
             else:
                 path = Path(args.model)
                 prepared = Prepared(args.version, path,

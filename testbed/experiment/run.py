@@ -169,7 +169,8 @@ def _prepare_versions(scenario: Scenario, out_dir: Path) -> dict[int, Any]:
     prepared = {}
     for version in versions:
         log(f"preparing model version {version} of {scenario.model}")
-        prepared[version] = prepare_version(scenario.model, version, out_dir / "versions")
+        prepared[version] = prepare_version(scenario.model, version, out_dir / "versions",
+                                            scenario.input_shapes)
     return prepared
 
 
