@@ -6,7 +6,7 @@ onnxruntime: ONNX compute at the hosts' effective speed and link times only
 (`partitioner.instance.pure_bottleneck_ms`). Needs root (Mininet).
 
     sudo .venv/bin/python benchmarks/pipeline.py [--duration 20s] [--out results/bench_pipeline]
-        [--only resnet18,bert_mini]
+        [--only resnet18,bert_mini] [--topologies star-5]
 
 Each run's closed loop keeps 2 x (plan latency / plan bottleneck) requests in flight (at least
 4): by Little's law latency / bottleneck are needed to keep the bottleneck busy at all, and a
@@ -33,12 +33,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = [  # (model, topology)
+CONFIGS = [  # (model, topology): every zoo model on two topologies
     ("resnet18", "star-5"),            # the baseline scenario's pair
+    ("resnet18", "hetero-6"),
     ("mobilenetv2", "star-5"),
-    ("resnet50", "star-10"),
-    ("bert_mini", "hetero-6"),         # a transformer (two-tensor cuts)
     ("mobilenetv2", "two-tier-20"),    # a two-tier topology
+    ("resnet50", "star-10"),
+    ("resnet50", "hetero-6"),
+    ("bert_mini", "hetero-6"),         # a transformer (two-tensor cuts)
+    ("bert_mini", "star-5"),
+    ("gpt_exported", "star-5"),        # exporter-shaped: symbolic axes, zoo length 64
+    ("gpt_exported", "hetero-6"),
+    ("bert_exported", "star-5"),
+    ("bert_exported", "hetero-6"),
+    # vgg16 is left out: its 550 MB file exceeds every edge host's 256 MiB disk.
 ]
 
 
@@ -101,12 +109,15 @@ def main() -> int:
     parser.add_argument("--duration", default="20s", help="measured window per run")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_pipeline"))
     parser.add_argument("--only", help="comma-separated models to run")
+    parser.add_argument("--topologies", help="comma-separated topologies to run")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for model, topology in CONFIGS:
         if args.only and model not in args.only.split(","):
+            continue
+        if args.topologies and topology not in args.topologies.split(","):
             continue
         name = f"{model}-{topology}"
         concurrency = concurrency_for(model, topology)

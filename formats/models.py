@@ -8,4 +8,8 @@ ZOO_MODELS = {
     "mobilenetv2": "MobileNetV2, 224x224 image, 3.5M parameters",
     "vgg16": "VGG-16, 224x224 image, 138M parameters (about 550 MB)",
     "bert_mini": "BERT-mini encoder: 4 layers, hidden 256, 4 heads, 128 tokens + mask",
+    "gpt_exported": "GPT-like decoder shaped as torch.onnx exports it: 4 layers, hidden 256, "
+                    "tied embeddings, symbolic batch/sequence (zoo length 64)",
+    "bert_exported": "BERT-like encoder shaped as torch.onnx exports it: 4 layers, hidden "
+                     "256, symbolic batch/sequence (zoo length 64)",
 }

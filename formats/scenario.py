@@ -105,6 +105,8 @@ class Scenario:
     slo: Slo = field(default_factory=Slo)
     control: ControlSettings = field(default_factory=ControlSettings)
     pipelines: int = 1          # planner.pipelines: at most this many (0: auto)
+    # model.input_shapes: input name -> concrete shape (empty: the model's own, batch 1)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _count(value: Any) -> int:
@@ -125,9 +127,29 @@ def _ratio(value: Any) -> float:
     return float(value)
 
 
-def _model(fields: Fields, base: Path) -> str:
+def _input_shapes(model: Fields) -> dict[str, tuple[int, ...]]:
+    """`input_shapes: {NAME: [1, 128], ...}`: concrete shapes of the model's inputs (needed
+    for symbolic dimensions other than the batch, which defaults to 1)."""
+    if not model.has("input_shapes"):
+        return {}
+    value = model.get("input_shapes")
+    if not isinstance(value, dict) or not value:
+        raise model.error("input_shapes", "expected a mapping of input name to a list of "
+                                          "positive sizes, e.g. {input_ids: [1, 128]}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, dims in value.items():
+        if not (isinstance(dims, list) and dims and all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)):
+            raise model.error("input_shapes", f"input {name!r}: expected a list of positive "
+                                              f"sizes, got {dims!r}")
+        shapes[str(name)] = tuple(dims)
+    return shapes
+
+
+def _model(fields: Fields, base: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
     model = fields.sub("model")
     assert model is not None
+    shapes = _input_shapes(model)
     if model.has("zoo") == model.has("path"):
         raise model.error("zoo", "give exactly one of 'zoo' (a zoo model name) or 'path'")
     if model.has("zoo"):
@@ -135,12 +157,12 @@ def _model(fields: Fields, base: Path) -> str:
         if name not in ZOO_MODELS:
             raise model.error("zoo", f"unknown zoo model {name!r}; known: {', '.join(ZOO_MODELS)}")
         model.done()
-        return name
+        return name, shapes
     path = base / model.get("path", expect_type(str, "a path to an ONNX file"))
     if not path.is_file():
         raise model.error("path", f"no such model file: {path}")
     model.done()
-    return str(path)
+    return str(path), shapes
 
 
 def _workload(fields: Fields) -> Workload:
@@ -264,7 +286,7 @@ def load_scenario(path: str | Path) -> Scenario:
     if not topology_file.is_file():
         raise fields.error("topology", f"no such topology file: {topology_file}")
     topology = load_topology(topology_file)
-    model = _model(fields, path.parent)
+    model, input_shapes = _model(fields, path.parent)
     planner = fields.sub("planner", None)
     algorithm, time_limit, pipelines = "auto", 2.0, 1
     if planner is not None:
@@ -285,7 +307,7 @@ def load_scenario(path: str | Path) -> Scenario:
     control = ControlSettings.from_scenario(fields.sub("control", None))
     fields.done()
     return Scenario(name, path, topology, model, algorithm, time_limit, backend, workload,
-                    steps, slo, control, pipelines)
+                    steps, slo, control, pipelines, input_shapes)
 
 
 def with_duration(scenario: Scenario, text: str) -> Scenario:

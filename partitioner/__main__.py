@@ -26,19 +26,27 @@ def build_parser(prog: str = "python -m partitioner") -> argparse.ArgumentParser
     cuts = verbs.add_parser("cuts", help="list the valid cut points of a model")
     cuts.add_argument("model", help="ONNX file or zoo name")
     cuts.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _shape_option(cuts)
 
     profile = verbs.add_parser("profile", help="per-segment compute, memory and bytes")
     profile.add_argument("model", help="ONNX file or zoo name")
     profile.add_argument("--topology", help="topology YAML: also write the planner instance")
     profile.add_argument("--out", help="instance JSON to write (with --topology)")
     profile.add_argument("--runs", type=int, default=20, help="profiled runs (default 20)")
+    profile.add_argument("--fresh", action="store_true",
+                         help="profile again even if a cached profile checks out")
+    profile.add_argument("--verify", action="store_true",
+                         help="split 2-4 ways, time each stage alone, compare with the "
+                              "profile's shares")
+    _shape_option(profile)
 
     solve = verbs.add_parser("solve", help="solve a planner instance (DESIGN.md contract)")
     solve.add_argument("instance", help="planner instance JSON")
     solve.add_argument("--algorithm", default="auto",
                        help="auto|optimal|seifer|greedy|random (default auto)")
-    solve.add_argument("--time-limit", type=float, default=2.0,
-                       help="seconds for auto to prove optimality (default 2)")
+    solve.add_argument("--time-limit", type=float, default=None,
+                       help="seconds to search: auto's budget (default 2), optimal's limit "
+                            "(default: none, capped at 300)")
     solve.add_argument("--seed", type=int, default=0, help="seed for randomised algorithms")
 
     split = verbs.add_parser("split", help="cut a model into stage_NN.onnx + stages.json")
@@ -52,14 +60,22 @@ def build_parser(prog: str = "python -m partitioner") -> argparse.ArgumentParser
     plan.add_argument("model", help="ONNX file or zoo name")
     plan.add_argument("--topology", required=True, help="topology YAML")
     plan.add_argument("--algorithm", default="auto")
-    plan.add_argument("--time-limit", type=float, default=2.0)
+    plan.add_argument("--time-limit", type=float, default=None,
+                      help="seconds to search (as for solve)")
     plan.add_argument("--pipelines", type=parse_pipelines, default=1,
                       help="most pipelines side by side: a number, or auto (as many as pay "
                            "off; default 1)")
     plan.add_argument("--out", default="plan.json", help="where to write plan.json")
     plan.add_argument("--measure", action="store_true",
                       help="measure bandwidth in the emulator instead of reading the topology")
+    _shape_option(plan)
     return parser
+
+
+def _shape_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", metavar="NAME=DxD...",
+                        help="shape of a model input, e.g. input_ids=1x128 (repeat per input); "
+                             "needed for symbolic dimensions other than the batch (default 1)")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m partitioner") -> int:

@@ -47,7 +47,9 @@ DEFAULT_REGION_SHARE = 0.25
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """A tensor crossing a cut. Symbolic dimensions keep their name and count as 1 in bytes."""
+    """A tensor crossing a cut. `shape` and `nbytes` are measured (a real run at the declared
+    input shapes) or, for a fully static shape, computed; -1 bytes: not known (a symbolic
+    dimension and no measurement), never counted as 1."""
 
     name: str
     dtype: str                      # numpy dtype name: float32, int64, ...
@@ -185,8 +187,10 @@ def _tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
         shape: tuple[int | str, ...] = tuple(
             d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
             for d in ttype.shape.dim)
-        count = int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
-        infos[vi.name] = TensorInfo(vi.name, dtype.name, shape, count * dtype.itemsize)
+        known = all(isinstance(d, int) and d > 0 for d in shape) or shape == ()
+        count = int(np.prod(shape, dtype=np.int64)) if known else -1
+        infos[vi.name] = TensorInfo(vi.name, dtype.name, shape,
+                                    count * dtype.itemsize if known else -1)
     return infos
 
 
@@ -214,10 +218,16 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
 
 def analyze(model: onnx.ModelProto | str | os.PathLike[str],
             max_tensors: int = DEFAULT_MAX_TENSORS,
-            region_share: float = DEFAULT_REGION_SHARE) -> CutAnalysis:
-    """Find the cuts of a model (a ModelProto, shape-inferred or not, or a path)."""
+            region_share: float = DEFAULT_REGION_SHARE,
+            measured: dict[str, TensorInfo] | None = None,
+            require_sizes: bool = True) -> CutAnalysis:
+    """Find the cuts of a model (a ModelProto, shape-inferred or not, or a path). `measured`
+    (from `measure_tensors`) overrides what shape inference says about a tensor; a tensor that
+    crosses a cut must have a known size, from one or the other, unless `require_sizes` is
+    off (cutting stages needs where the cuts are, not what they carry)."""
     model = load(model)
     infos = _tensor_infos(model if _has_shapes(model) else _inferred_light(model))
+    infos.update(measured or {})
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     graph_inputs = [i.name for i in graph.input if i.name not in initializers]
@@ -294,6 +304,14 @@ def analyze(model: onnx.ModelProto | str | os.PathLike[str],
                 continue
             positions.update(p for p in range(start + 1, end)
                              if len(crossing[p - 1]) <= max_tensors)
+    needed = {t for p in positions for t in crossing[p - 1]}
+    needed.update(t for t in graph_inputs if last_use[t] >= 0)
+    needed.update(graph_outputs)
+    unsized = sorted(t for t in needed if infos[t].nbytes < 0)
+    if unsized and require_sizes:
+        raise InputError(f"tensor {unsized[0]!r} has shape {list(infos[unsized[0]].shape)}: "
+                         "its size is only known from a run at stated input shapes "
+                         "(partitioner.cuts.prepare_model)")
     single_set = set(singles)
     cuts = [Cut(k, p, tuple(infos[t] for t in crossing[p - 1]),
                 "single" if p in single_set else "multi")
@@ -328,6 +346,70 @@ def analyze(model: onnx.ModelProto | str | os.PathLike[str],
         node_segment=node_segment,
         tensors=infos,
     )
+
+
+def measure_tensors(model: onnx.ModelProto,
+                    feeds: dict[str, np.ndarray]) -> dict[str, TensorInfo]:
+    """Run the model once with onnxruntime (no graph optimisation, every node output made a
+    graph output) and return every tensor's real dtype, shape and bytes: what a cut will
+    carry at these input shapes, whatever shape inference could or could not resolve."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in outputs:
+                outputs.add(name)
+                probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, feeds)
+    except Exception as exc:    # onnxruntime raises its own unrelated types
+        raise InputError(f"onnxruntime could not run the model at input shapes "
+                         f"{ {k: list(v.shape) for k, v in feeds.items()} }: {exc}") from exc
+    out = {name: TensorInfo(name, value.dtype.name, tuple(value.shape), int(value.nbytes))
+           for name, value in zip(names, values) if isinstance(value, np.ndarray)}
+    out.update({name: TensorInfo(name, value.dtype.name, tuple(value.shape),
+                                 int(value.nbytes)) for name, value in feeds.items()})
+    return out
+
+
+@dataclass
+class PreparedModel:
+    """A model at stated input shapes: inputs fixed, shapes inferred, sizes measured."""
+
+    model: onnx.ModelProto                  # weights included, inputs fixed, shape-inferred
+    analysis: CutAnalysis
+    feeds: dict[str, np.ndarray]            # what the measuring run used (seeded)
+    shapes: dict[str, tuple[int, ...]]
+    notes: list[str]                        # defaults taken (batch 1) for the user to see
+
+
+def prepare_model(model: onnx.ModelProto | str | os.PathLike[str],
+                  input_shapes: dict[str, tuple[int, ...]] | None = None,
+                  max_tensors: int = DEFAULT_MAX_TENSORS,
+                  region_share: float = DEFAULT_REGION_SHARE,
+                  field_name: str = "--input-shape") -> PreparedModel:
+    """Load a model, fix its inputs at the stated shapes (`partitioner.inputs`), infer
+    shapes, run it once to measure every tensor, and find the cuts with real sizes."""
+    from partitioner import inputs as inputlib
+
+    original = load(model)
+    resolved = inputlib.resolve_shapes(original, input_shapes, field_name)
+    fixed = infer_shapes(inputlib.with_input_shapes(original, resolved.shapes))
+    feeds = inputlib.make_feeds(fixed, resolved.shapes)
+    measured = measure_tensors(fixed, feeds)
+    analysis = analyze(fixed, max_tensors, region_share, measured=measured)
+    return PreparedModel(fixed, analysis, feeds, resolved.shapes, resolved.notes)
 
 
 def _node_name(node: onnx.NodeProto, index: int) -> str:

@@ -3,22 +3,27 @@ for a set of hosts or a topology.
 
 Division of labour: `partitioner.cuts` gives the segments (and the bytes crossing each cut),
 this module measures and estimates what each segment costs, `partitioner.algorithms` plans
-on the resulting `Instance`. Profiles are cached by the model's SHA-256 (and the cut
-options) in $EDGEPIPE_CACHE/profiles/, since profiling a large model takes a while.
+on the resulting `Instance`. Profiles are cached in $EDGEPIPE_CACHE/profiles/, since
+profiling a large model takes a while.
 
-Compute. A segment's share of the time comes from onnxruntime's profiler; its sum is scaled
-to the measured latency of the fully optimised session (ORT_ENABLE_ALL, 1 intra-op thread,
-no spinning: as the workers run). Two profiles are taken:
-- ORT_ENABLE_BASIC, where kernels keep their ONNX node names (1:1), gives each node's cost;
-- ORT_ENABLE_ALL, what the workers run, where convolutions move to the NCHWc layout and fuse
-  with their activations. Its kernels map back to ONNX names ("<node>_nchwc",
-  "<node>/<Fusion>"), layout reorders are charged to the kernel they feed, and a fused
-  kernel's time is shared by the nodes fused into it in proportion to their BASIC costs.
-The optimised attribution is used (the BASIC one only as a fallback when the optimised
-kernels cannot be matched), because NCHWc speeds up early, wide convolutions far more than
-late ones: measured on two-stage splits of resnet18/resnet50/mobilenetv2, scaling the BASIC
-distribution uniformly misplaced the first stage's share by 0.06-0.23 (of the whole), the
-optimised attribution by 0.01-0.10.
+Compute. A segment's share of the time comes from onnxruntime's profiler, its sum scaled to
+the CPU time of the fully optimised session (ORT_ENABLE_ALL, 1 intra-op thread, no spinning:
+as the workers run). Two profiles are taken and tied to the model's ONNX nodes by
+`partitioner.attribution` (by node index and by the tensors and weights each kernel
+touches, never by name): ORT_DISABLE_ALL gives each node's own cost; ORT_ENABLE_ALL, what
+the workers run, is mapped through the optimised graph onnxruntime writes, a fused kernel's
+time shared by the nodes it stands for. The optimised attribution is used (the unoptimised
+one only when the optimised kernels cannot be tied to nodes), because NCHWc and fusions
+speed some nodes up far more than others. Each kernel's time is its fastest run (profiler
+times are wall times, which other processes only lengthen); the total is CPU time
+(`time.thread_time`: the session runs on the calling thread). A profile whose runs took
+more than CONTENTION_LIMIT wall time per CPU time is taken again, and what the machine was
+doing is kept with it (`ModelProfile.machine`). Measured by `profile --verify`
+(`verify_profile`): each stage of 2-4 way splits timed alone, against its predicted share.
+
+Cut sizes come from one real run at the stated input shapes (`partitioner.cuts.
+prepare_model`); profiles are cached by the SHA-256 of graph and external weights, the cut
+options and the input shapes, and checked on use against a few whole-model frames.
 
 Memory (bytes a stage adds to its host's memory cgroup), measured and fitted on this machine
 kind with onnxruntime 1.32 at ORT_ENABLE_ALL, as the workers run:
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -64,11 +70,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 
+from partitioner import attribution as attrlib
 from partitioner import cuts as cutlib
+from partitioner import inputs as inputlib
 from partitioner import split as splitlib
 from partitioner.instance import Instance, Node, Segment
-from partitioner.zoo import cache_dir, resolve_model
+from partitioner.zoo import cache_dir, default_input_shapes, resolve_model
 
 MiB = 1024 * 1024
 
@@ -114,7 +123,21 @@ WEIGHT_COPIES: dict[str, float] = {
 DEFAULT_WEIGHT_COPIES = 2.0
 ACTIVATION_FACTOR = 3
 
-PROFILE_FORMAT = 3
+# 4: CPU-time totals, attribution through the optimised graph, measured cut sizes, input
+# shapes, the machine's state; keyed by graph + weights.
+PROFILE_FORMAT = 4
+# A profile whose whole-model runs took more than this much wall time per CPU time was taken
+# while other processes had the core: it is taken again (at most CONTENTION_RETAKES times,
+# keeping the least contended). Kernel times are wall times, so they are what contention
+# distorts; the total is CPU time, which contention distorts far less.
+CONTENTION_LIMIT = 1.15
+CONTENTION_RETAKES = 2
+# On use, a cached profile is checked by a few whole-model frames; off by more than this, the
+# model is profiled again (issue 13: a profile from a busy minute said 325 ms for 111).
+QUICK_CHECK_RUNS = 5
+QUICK_CHECK_TOLERANCE = 0.15
+# `profile --verify`: every stage of a 2-4 way split within this of its predicted share.
+VERIFY_TARGET = 0.10
 
 
 @dataclass
@@ -126,17 +149,20 @@ class ModelProfile:
     segments: list[Segment]
     input_bytes: int
     cuts: list[cutlib.Cut]
-    total_ms: float                      # measured, fully optimised, 1 thread (lower quartile)
-    basic_ms: float                      # sum of node kernel times at ORT_ENABLE_BASIC
+    total_ms: float                      # CPU ms a frame, fully optimised, 1 thread (lower q.)
+    basic_ms: float                      # sum of node kernel times, unoptimised
     runs: int
     segment_nodes: list[list[str]] = field(default_factory=list)
     weight_bytes: list[int] = field(default_factory=list)
     activation_bytes: list[int] = field(default_factory=list)    # largest, per segment
     activation_reserve_bytes: int = 0    # ACTIVATION_FACTOR x the largest activation
-    unattributed_ms: float = 0.0         # BASIC kernels that match no ONNX node
+    unattributed_ms: float = 0.0         # optimised kernels tied to no ONNX node
     attribution: str = "optimised"       # how kernel times were split into segments
     max_tensors: int = cutlib.DEFAULT_MAX_TENSORS
     region_share: float = cutlib.DEFAULT_REGION_SHARE
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)   # as profiled
+    notes: list[str] = field(default_factory=list)       # defaults taken (batch 1)
+    machine: dict[str, float] = field(default_factory=dict)   # Timing + cpus + when taken
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -219,7 +245,8 @@ def segment_memory(model: onnx.ModelProto, analysis: cutlib.CutAnalysis,
 
 
 # -- compute --------------------------------------------------------------------------------
-def _session_options(level: str, profile_dir: str | None = None) -> Any:
+def _session_options(level: str, profile_dir: str | None = None,
+                     optimized_path: str | None = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -234,180 +261,190 @@ def _session_options(level: str, profile_dir: str | None = None) -> Any:
     if profile_dir is not None:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(profile_dir, "ort")
+    if optimized_path is not None:
+        options.optimized_model_filepath = optimized_path
     return options
 
 
-def profile_kernels(model_path: Path, feeds: dict[str, np.ndarray], runs: int,
-                    level: str) -> list[list[tuple[str, float]]]:
-    """Kernel (name, ms) in execution order, one list per run, from the onnxruntime profiler
-    at `level`; the warm-up run (allocations, first-touch page faults) is dropped."""
+def _session(model: bytes | str, options: Any) -> Any:
     import onnxruntime as ort
 
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def profile_kernels(model: bytes | str, feeds: dict[str, np.ndarray], runs: int, level: str,
+                    optimized_path: str | None = None) -> list[list[attrlib.KernelTime]]:
+    """Kernel events of each run (the warm-up run dropped: allocations, first-touch page
+    faults) from the onnxruntime profiler at `level`; with `optimized_path`, the session's
+    optimised graph is written there (the graph the kernel names and indices refer to)."""
     with tempfile.TemporaryDirectory(prefix="edgepipe-prof-") as tmp:
-        session = ort.InferenceSession(str(model_path), _session_options(level, tmp),
-                                       providers=["CPUExecutionProvider"])
+        session = _session(model, _session_options(level, tmp, optimized_path))
         for _ in range(runs + 1):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
     # Kernel events carry the run they belong to only through time: split on model_run.
     bounds = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                     if e.get("cat") == "Session" and e.get("name") == "model_run")
-    runs_out: list[list[tuple[str, float]]] = [[] for _ in bounds]
+    runs_out: list[list[attrlib.KernelTime]] = [[] for _ in bounds]
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
+        args = event.get("args", {})
         for k, (begin, finish) in enumerate(bounds):
             if begin <= event["ts"] <= finish:
-                runs_out[k].append((event["name"][: -len("_kernel_time")],
-                                    event["dur"] / 1000.0))
+                runs_out[k].append(attrlib.KernelTime(
+                    event["name"][: -len("_kernel_time")], int(args.get("node_index", -1)),
+                    str(args.get("op_name", "")), event["dur"] / 1000.0))
                 break
     return runs_out[1:] if len(runs_out) > 1 else runs_out
 
 
-def _median_by_name(runs: list[list[tuple[str, float]]]) -> dict[str, float]:
-    per: dict[str, list[float]] = {}
+def _fastest_by(runs: list[list[attrlib.KernelTime]], key: str) -> dict[Any, float]:
+    """Each kernel's fastest run (its summed ms), keyed by its name or node_index. Kernel
+    times are wall times: another process taking the core only ever adds to them, so the
+    fastest run is the best estimate of the kernel's own cost (the median of 10 runs at
+    load 14 on 2 cores misplaced bert_mini's stage shares by up to 49%)."""
+    per: dict[Any, list[float]] = {}
     for run in runs:
-        totals: dict[str, float] = {}
-        for name, ms in run:
-            totals[name] = totals.get(name, 0.0) + ms
-        for name, ms in totals.items():
-            per.setdefault(name, []).append(ms)
-    return {name: statistics.median(values) for name, values in per.items()}
+        totals: dict[Any, float] = {}
+        for kernel in run:
+            k = getattr(kernel, key)
+            totals[k] = totals.get(k, 0.0) + kernel.ms
+        for k, ms in totals.items():
+            per.setdefault(k, []).append(ms)
+    return {k: min(v) for k, v in per.items()}
 
 
-def _original_name(kernel: str, known: dict[str, int]) -> str | None:
-    """The ONNX node a kernel stands for: onnxruntime appends "/<Fusion>" to a fused node
-    (BASIC and ALL) and "_nchwc" to a node converted to the NCHWc layout (ALL)."""
-    base = kernel.split("/")[0]
-    for candidate in (kernel, base, base.removesuffix("_nchwc")):
-        if candidate in known:
-            return candidate
-    return None
+@dataclass(frozen=True)
+class Timing:
+    """CPU and wall time of whole-model runs, and what the machine was doing meanwhile."""
+
+    cpu_ms: float                # lower quartile of the thread's CPU time per run
+    wall_ms: float               # lower quartile of wall time per run
+    contention: float            # median wall / median CPU (1.0: the core was ours)
+    loadavg: float               # 1-minute load average at the end
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
 
 
-def attribute_basic(node_ms: dict[str, float], analysis: cutlib.CutAnalysis,
-                    ) -> tuple[list[float], float]:
-    """Per-segment ms from BASIC kernel times (names map 1:1), and the unmatched ms."""
-    per_segment = [0.0] * analysis.segment_count
-    unmatched = 0.0
-    for kernel, ms in node_ms.items():
-        name = _original_name(kernel, analysis.node_segment)
-        if name is None:
-            unmatched += ms
-        else:
-            per_segment[analysis.node_segment[name]] += ms
-    return per_segment, unmatched
-
-
-def attribute_optimised(runs: list[list[tuple[str, float]]], basic: dict[str, float],
-                        analysis: cutlib.CutAnalysis) -> tuple[list[float], float]:
-    """Per-segment ms from the fully optimised session's kernels.
-
-    At ORT_ENABLE_ALL a kernel can stand for several ONNX nodes (conv + relu become one
-    NCHWc conv named after one of them) and new kernels appear (layout reorders, reshapes
-    around a fused Gemm). A new kernel's time goes to the next kernel that has an ONNX name
-    (it prepares that kernel's input). A kernel's time is shared, in proportion to their
-    BASIC times, by its node and the nodes just before it in the order that have no kernel of
-    their own (fused into it), so a cut between a conv and its relu still sees the conv's
-    cost on the conv's side. Returns per-segment ms and the ms of kernels never matched."""
-    known = analysis.node_segment
-    kernel_runs: list[dict[str, float]] = []
-    unmatched = 0.0
-    for run in runs:
-        times: dict[str, float] = {}
-        pending = 0.0
-        for kernel, ms in run:
-            name = _original_name(kernel, known)
-            if name is None:
-                pending += ms
-                continue
-            times[name] = times.get(name, 0.0) + ms + pending
-            pending = 0.0
-        unmatched += pending / max(1, len(runs))
-        kernel_runs.append(times)
-    names = {n for times in kernel_runs for n in times}
-    optimised = {n: statistics.median([t.get(n, 0.0) for t in kernel_runs]) for n in names}
-
-    per_segment = [0.0] * analysis.segment_count
-    group: list[str] = []
-    for name in analysis.order:
-        group.append(name)
-        if name not in optimised:
-            continue
-        weight = sum(basic.get(n, 0.0) for n in group)
-        for member in group:
-            share = basic.get(member, 0.0) / weight if weight > 0 else float(member == name)
-            per_segment[known[member]] += optimised[name] * share
-        group = []
-    for name, ms in optimised.items():          # kernels of static nodes, if any survive
-        if name not in analysis.order:
-            per_segment[known[name]] += ms
-    # Nodes after the last kernel (folded away entirely): their BASIC time, as is.
-    for member in group:
-        per_segment[known[member]] += basic.get(member, 0.0)
-    return per_segment, unmatched
-
-
-def measure_latency_ms(model_path: Path, feeds: dict[str, np.ndarray], runs: int,
-                       level: str = "ORT_ENABLE_ALL") -> float:
-    """Wall time of one inference (lower quartile of `runs`), fully optimised, 1 thread,
-    after a warm-up run. The lower quartile rather than the median: on a shared CPU other
-    processes only ever add time, and the emulator adds its own contention by design."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_path), _session_options(level),
-                                   providers=["CPUExecutionProvider"])
+def measure_latency(model: bytes | str, feeds: dict[str, np.ndarray], runs: int,
+                    level: str = "ORT_ENABLE_ALL") -> Timing:
+    """Whole-model runs, fully optimised, 1 thread (the session runs on this thread), after
+    a warm-up run. CPU time is what the model costs; wall time over CPU time says how much
+    of the core other processes took meanwhile."""
+    session = _session(model, _session_options(level))
     session.run(None, feeds)
-    times = []
+    cpu, wall = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        c0, w0 = time.thread_time(), time.perf_counter()
         session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(np.percentile(times, 25))
+        cpu.append((time.thread_time() - c0) * 1000.0)
+        wall.append((time.perf_counter() - w0) * 1000.0)
+    return Timing(float(np.percentile(cpu, 25)), float(np.percentile(wall, 25)),
+                  statistics.median(wall) / max(statistics.median(cpu), 1e-9),
+                  os.getloadavg()[0])
+
+
+def _segment_ms(node_ms: dict[str, float], analysis: cutlib.CutAnalysis) -> list[float]:
+    per_segment = [0.0] * analysis.segment_count
+    for name, ms in node_ms.items():
+        seg = analysis.node_segment.get(name)
+        if seg is not None:              # dead nodes: no stage runs them
+            per_segment[seg] += ms
+    return per_segment
 
 
 # -- the profile ------------------------------------------------------------------------------
-def _cache_file(sha256: str, max_tensors: int, region_share: float) -> Path:
-    return cache_dir() / "profiles" / f"{sha256}-t{max_tensors}-r{region_share:g}.json"
+def _shapes_key(input_shapes: dict[str, tuple[int, ...]] | None) -> str:
+    if not input_shapes:
+        return "default"
+    text = json.dumps({k: list(v) for k, v in sorted(input_shapes.items())})
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _cache_file(sha256: str, max_tensors: int, region_share: float,
+                input_shapes: dict[str, tuple[int, ...]] | None) -> Path:
+    return (cache_dir() / "profiles" /
+            f"{sha256}-t{max_tensors}-r{region_share:g}-s{_shapes_key(input_shapes)}.json")
+
+
+def _quick_check(path: Path, profile: ModelProfile) -> Timing:
+    """A few whole-model frames of the model at the profile's input shapes."""
+    shapes = {k: tuple(v) for k, v in profile.input_shapes.items()}
+    fixed = inputlib.with_input_shapes(cutlib.load(path), shapes)
+    feeds = inputlib.make_feeds(fixed, shapes)
+    return measure_latency(fixed.SerializeToString(), feeds, QUICK_CHECK_RUNS)
+
+
+def load_cached(path: Path, sha: str, max_tensors: int, region_share: float,
+                input_shapes: dict[str, tuple[int, ...]] | None,
+                check: bool, progress: bool) -> ModelProfile | None:
+    """The cached profile, unless it is missing, unreadable, of another format, or (with
+    `check`) a quick run of a few frames takes more than QUICK_CHECK_TOLERANCE off its total
+    (it was taken on a busy machine, or on another machine)."""
+    cached = _cache_file(sha, max_tensors, region_share, input_shapes)
+    try:
+        data = json.loads(cached.read_text())
+        if data.get("format") != PROFILE_FORMAT:
+            return None
+        profile = ModelProfile.from_json(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None                      # no cache entry, or an unreadable one: profile
+    profile.model = str(path)
+    if check:
+        timing = _quick_check(path, profile)
+        off = timing.cpu_ms / profile.total_ms - 1 if profile.total_ms > 0 else math.inf
+        if abs(off) > QUICK_CHECK_TOLERANCE:
+            if progress:
+                _progress(f"cached profile of {path.name} says {profile.total_ms:.1f} ms, "
+                          f"{QUICK_CHECK_RUNS} frames now take {timing.cpu_ms:.1f} ms CPU "
+                          f"({off:+.0%}): profiling again")
+            return None
+    return profile
 
 
 def profile_model(spec: str | os.PathLike[str], runs: int = 20,
                   max_tensors: int = cutlib.DEFAULT_MAX_TENSORS,
                   region_share: float = cutlib.DEFAULT_REGION_SHARE,
-                  refresh: bool = False, progress: bool = True) -> ModelProfile:
-    """Profile a model (zoo name or ONNX path); cached by SHA-256 unless `refresh`."""
+                  refresh: bool = False, progress: bool = True,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None,
+                  check: bool = True) -> ModelProfile:
+    """Profile a model (zoo name or ONNX path) at `input_shapes` (zoo defaults if None);
+    cached by the SHA-256 of graph and weights, the cut options and the shapes, unless
+    `refresh`. A cached profile is checked against a few real frames (`check`)."""
     path = resolve_model(spec)
-    sha = file_sha256(path)
-    cached = _cache_file(sha, max_tensors, region_share)
-    if cached.is_file() and not refresh:
-        try:
-            data = json.loads(cached.read_text())
-            if data.get("format") == PROFILE_FORMAT:
-                profile = ModelProfile.from_json(data)
-                profile.model = str(path)
-                return profile
-        except (ValueError, KeyError, TypeError):
-            pass                      # unreadable cache entry: profile again
-    model = cutlib.infer_shapes(cutlib.load(path))
-    analysis = cutlib.analyze(model, max_tensors, region_share)
-    feeds = splitlib.random_feeds(analysis)
+    if not input_shapes:
+        input_shapes = default_input_shapes(spec)
+    sha = model_sha256(path)
+    if not refresh:
+        cached = load_cached(path, sha, max_tensors, region_share, input_shapes, check,
+                             progress)
+        if cached is not None:
+            return cached
+    prepared = cutlib.prepare_model(path, input_shapes, max_tensors, region_share)
+    analysis, feeds = prepared.analysis, prepared.feeds
     if progress:
+        for note in prepared.notes:
+            _progress(f"note: {note}")
         _progress(f"profiling {path.name}: {len(analysis.order)} nodes, "
                   f"{analysis.segment_count} segments, {runs} runs ...")
-    basic_runs = profile_kernels(path, feeds, runs, "ORT_ENABLE_BASIC")
-    optimised_runs = profile_kernels(path, feeds, runs, "ORT_ENABLE_ALL")
-    total_ms = measure_latency_ms(path, feeds, runs)
-
-    node_ms = _median_by_name(basic_runs)
-    basic_segments, unattributed = attribute_basic(node_ms, analysis)
-    basic_ms = sum(basic_segments)
-    per_segment, unmatched = attribute_optimised(optimised_runs, node_ms, analysis)
-    attribution = "optimised"
-    if sum(per_segment) <= 0 or unmatched > 0.2 * (sum(per_segment) + unmatched):
-        # The optimised kernels could not be told apart: fall back to BASIC times alone.
-        per_segment, attribution = basic_segments, "basic"
+    model_bytes = prepared.model.SerializeToString()
+    best: tuple[Timing, list[float], float, float, str] | None = None
+    for attempt in range(1 + CONTENTION_RETAKES):
+        taken = _profile_compute(prepared, model_bytes, feeds, runs)
+        if best is None or taken[0].contention < best[0].contention:
+            best = taken
+        if taken[0].contention <= CONTENTION_LIMIT:
+            break
+        if progress and attempt < CONTENTION_RETAKES:
+            _progress(f"the machine is busy (wall {taken[0].contention:.2f}x CPU, load "
+                      f"{taken[0].loadavg:.1f}): measuring again")
+    assert best is not None
+    timing, per_segment, basic_ms, unmatched, attribution = best
+    total_ms = timing.cpu_ms
     scale = total_ms / sum(per_segment) if sum(per_segment) > 0 else 0.0
-    memory, weights, largest = segment_memory(model, analysis)
+    memory, weights, largest = segment_memory(prepared.model, analysis)
     segments = [Segment(ms * scale, mem, cutlib.total_bytes(analysis.boundary(k + 1)))
                 for k, (ms, mem) in enumerate(zip(per_segment, memory))]
     profile = ModelProfile(
@@ -416,16 +453,139 @@ def profile_model(spec: str | os.PathLike[str], runs: int = 20,
         total_ms=total_ms, basic_ms=basic_ms, runs=runs,
         segment_nodes=analysis.segment_nodes(), weight_bytes=weights,
         activation_bytes=largest, activation_reserve_bytes=ACTIVATION_FACTOR * max(largest),
-        unattributed_ms=unattributed, attribution=attribution,
-        max_tensors=max_tensors, region_share=region_share)
+        unattributed_ms=unmatched, attribution=attribution,
+        max_tensors=max_tensors, region_share=region_share,
+        input_shapes={k: list(v) for k, v in prepared.shapes.items()},
+        notes=list(prepared.notes),
+        machine={**timing.to_json(), "cpus": os.cpu_count() or 1, "taken": time.time()})
     if progress:
-        _progress(f"profiled {path.name}: {total_ms:.1f} ms optimised, "
-                  f"{basic_ms:.1f} ms at BASIC")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        _progress(f"profiled {path.name}: {total_ms:.1f} ms CPU a frame (wall "
+                  f"{timing.contention:.2f}x CPU, load {timing.loadavg:.1f}), "
+                  f"{basic_ms:.1f} ms unoptimised, {attribution} attribution")
+    cached_file = _cache_file(sha, max_tensors, region_share, input_shapes)
+    cached_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached_file.with_name(f".{cached_file.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(profile.to_json()))
-    os.replace(tmp, cached)
+    os.replace(tmp, cached_file)
     return profile
+
+
+def _profile_compute(prepared: cutlib.PreparedModel, model_bytes: bytes,
+                     feeds: dict[str, np.ndarray], runs: int,
+                     ) -> tuple[Timing, list[float], float, float, str]:
+    """(whole-model timing, per-segment ms before scaling, unoptimised ms, unmatched ms,
+    attribution used): both profiles, attributed (`partitioner.attribution`)."""
+    analysis = prepared.analysis
+    base_runs = profile_kernels(model_bytes, feeds, runs, "ORT_DISABLE_ALL")
+    base_ms = attrlib.unoptimised_node_ms(prepared.model, _fastest_by(base_runs, "node_index"))
+    basic_segments = _segment_ms(base_ms, analysis)
+    with tempfile.TemporaryDirectory(prefix="edgepipe-opt-") as tmp:
+        optimized = os.path.join(tmp, "optimised.onnx")
+        opt_runs = profile_kernels(model_bytes, feeds, runs, "ORT_ENABLE_ALL", optimized)
+        optimised_graph = onnx.load(optimized, load_external_data=False)
+    timing = measure_latency(model_bytes, feeds, runs)
+    result = attrlib.attribute(prepared.model, optimised_graph, _fastest_by(opt_runs, "name"),
+                               base_ms)
+    per_segment = _segment_ms(result.node_ms, analysis)
+    if sum(per_segment) <= 0 or result.unmatched_ms > 0.2 * (sum(per_segment)
+                                                             + result.unmatched_ms):
+        # The optimised kernels could not be tied to the model's nodes: unoptimised shares.
+        return timing, basic_segments, sum(basic_segments), result.unmatched_ms, "unoptimised"
+    return timing, per_segment, sum(basic_segments), result.unmatched_ms, "optimised"
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a model, graph and weights: the graph file's hash for a self-contained
+    model; with external data, the hash over the graph file's hash and each external-data
+    file's location and hash, in the order the graph first names them."""
+    path = Path(path)
+    locations = external_data_files(path)
+    if not locations:
+        return file_sha256(path)
+    digest = hashlib.sha256(bytes.fromhex(file_sha256(path)))
+    for location in locations:
+        digest.update(location.encode() + b"\0")
+        digest.update(bytes.fromhex(file_sha256(path.parent / location)))
+    return digest.hexdigest()
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[str]:
+    """Locations (relative to the model's directory) of the external-data files a model
+    reads, in first-use order; empty for a self-contained model or an unreadable file (the
+    caller reports that when it loads the model)."""
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:            # protobuf and OS errors alike
+        return []
+    seen: list[str] = []
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location and location not in seen:
+                seen.append(location)
+    return seen
+
+
+# -- checking a profile against real stages ---------------------------------------------------
+@dataclass(frozen=True)
+class StageCheck:
+    stages: int                     # the split's stage count
+    stage: int
+    segments: tuple[int, int]       # [first, end)
+    predicted_share: float
+    measured_share: float
+    measured_ms: float
+
+    @property
+    def error(self) -> float:
+        """Relative error of the predicted share."""
+        return abs(self.measured_share - self.predicted_share) / max(self.predicted_share,
+                                                                     1e-9)
+
+
+def balanced_cuts(profile: ModelProfile, stages: int) -> list[int]:
+    """Cut indices (increasing) splitting the profile's compute into `stages` near-equal
+    parts; fewer when the model has too few cuts."""
+    total = sum(s.compute_ms for s in profile.segments)
+    cumulative = list(np.cumsum([s.compute_ms for s in profile.segments[:-1]]))
+    chosen: list[int] = []
+    for j in range(1, stages):
+        candidates = range(chosen[-1] + 1 if chosen else 0, len(cumulative))
+        if not candidates:
+            break
+        chosen.append(min(candidates, key=lambda i: abs(cumulative[i] - total * j / stages)))
+    return chosen
+
+
+def verify_profile(spec: str | os.PathLike[str], profile: ModelProfile,
+                   ways: tuple[int, ...] = (2, 3, 4), runs: int = 20) -> list[StageCheck]:
+    """Split the model 2-4 ways at balanced cuts, time each stage alone (CPU time, fully
+    optimised, 1 thread, as a worker runs it) and compare its share of the stages' sum with
+    the share the profile predicts."""
+    path = resolve_model(spec)
+    shapes = {k: tuple(v) for k, v in profile.input_shapes.items()}
+    prepared = cutlib.prepare_model(path, shapes, profile.max_tensors, profile.region_share)
+    checks: list[StageCheck] = []
+    for count in ways:
+        indices = balanced_cuts(profile, count)
+        if len(indices) != count - 1:
+            continue
+        bounds = [0, *[i + 1 for i in indices], len(profile.segments)]
+        carried = dict(prepared.feeds)
+        measured = []
+        for stage, spec_ in splitlib.extract_stages(prepared.model, indices,
+                                                    prepared.analysis):
+            received = {n: carried[n] for n in spec_.inputs}
+            feeds = {i.name: received[i.name] for i in stage.graph.input if i.name in received}
+            measured.append(measure_latency(stage.SerializeToString(), feeds, runs).cpu_ms)
+            results = splitlib.run_full(stage, feeds)
+            carried = {n: results[n] if n in results else received[n] for n in spec_.outputs}
+        predicted = [sum(s.compute_ms for s in profile.segments[a:b])
+                     for a, b in zip(bounds, bounds[1:])]
+        for k, (ms, a, b) in enumerate(zip(measured, bounds, bounds[1:])):
+            checks.append(StageCheck(count, k, (a, b), predicted[k] / sum(predicted),
+                                     ms / sum(measured), ms))
+    return checks
 
 
 # -- instances --------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def replicate(instance: Instance, solve_one: SolveOne, max_pipelines: int | None
     return combined if combined.bottleneck_ms < single.bottleneck_ms else single
 
 
-def plan_pipelines(instance: Instance, algorithm: str, time_limit_s: float, seed: int,
+def plan_pipelines(instance: Instance, algorithm: str, time_limit_s: float | None, seed: int,
                    pipelines: int = 1) -> Plan:
     """The plan the testbed deploys: one pipeline (`pipelines` 1, the default), or up to
     `pipelines` side by side (0: as many as pay off)."""

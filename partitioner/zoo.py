@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from formats.errors import InputError
 from formats.models import ZOO_MODELS
+from partitioner import zoo_exported
 
 OPSET = 17
 IR_VERSION = 8            # the IR version that goes with opset 17; old enough for any runtime
@@ -327,6 +328,7 @@ BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
     "mobilenetv2": build_mobilenetv2,
     "vgg16": build_vgg16,
     "bert_mini": build_bert_mini,
+    **zoo_exported.BUILDERS,
 }
 
 DESCRIPTIONS = ZOO_MODELS
@@ -384,6 +386,16 @@ def ensure_model(name: str, out: Path | None = None, progress: bool = True) -> P
     if progress:
         print(f"built {name}: {path.stat().st_size / 1e6:.1f} MB", file=sys.stderr, flush=True)
     return path
+
+
+def default_input_shapes(spec: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """The input shapes a zoo model is planned at when the user states none (its symbolic
+    sequence axis needs a length); empty for every other model."""
+    text = os.fspath(spec)
+    for name, shapes in zoo_exported.DEFAULT_INPUT_SHAPES.items():
+        if text == name or Path(text) == zoo_path(name):
+            return dict(shapes)
+    return {}
 
 
 def resolve_model(spec: str | os.PathLike[str]) -> Path:

@@ -29,16 +29,19 @@ from partitioner.algorithms.tables import Path, Tables, check_basic_feasibility
 from partitioner.instance import InfeasibleError, Instance, Plan
 
 ALGORITHMS = ("auto", "optimal", "seifer", "greedy", "random")
-# `optimal` has no budget of its own; this only keeps a hopeless instance from running forever
-# (it then answers optimal=false with its lower bound, like auto).
+AUTO_BUDGET_S = 2.0
+# `optimal` without a time limit has no budget of its own; this only keeps a hopeless instance
+# from running forever (it then answers optimal=false with its lower bound, like auto).
 OPTIMAL_CAP_S = 300.0
 
 
-def solve(instance: Instance, algorithm: str = "auto", time_limit_s: float = 2.0,
+def solve(instance: Instance, algorithm: str = "auto", time_limit_s: float | None = None,
           seed: int = 0) -> Plan:
-    """Plan `instance` with `algorithm`. `time_limit_s` is auto's budget for the exact search;
-    `seed` drives the randomised baselines. InfeasibleError (with the reason) when no plan
-    exists, or when a baseline finds none; InputError for an unknown algorithm."""
+    """Plan `instance` with `algorithm`. `time_limit_s` bounds the whole call for auto
+    (default AUTO_BUDGET_S) and optimal (default OPTIMAL_CAP_S); stopped by it, both return
+    the best plan found with a certified lower bound (the gap). `seed` drives the randomised
+    baselines. InfeasibleError (with the reason) when no plan exists, or when a baseline
+    finds none; InputError for an unknown algorithm."""
     if algorithm not in ALGORITHMS:
         raise InputError(f"unknown algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})",
                          field="--algorithm")
@@ -55,7 +58,8 @@ def solve(instance: Instance, algorithm: str = "auto", time_limit_s: float = 2.0
         path = random_plan(tables, seed)
     else:
         incumbent = _best_baseline(tables, seed)
-        budget = OPTIMAL_CAP_S if algorithm == "optimal" else time_limit_s
+        default = OPTIMAL_CAP_S if algorithm == "optimal" else AUTO_BUDGET_S
+        budget = default if time_limit_s is None else time_limit_s
         left = max(0.0, budget - (time.monotonic() - started))
         result = exact_search(tables.stage, tables.hop, incumbent, left)
         # No plan yet only when time ran out first and both baselines failed: draw one.

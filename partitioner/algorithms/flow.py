@@ -11,6 +11,8 @@ cycles, so an integral unit flow is a single path."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -122,6 +124,23 @@ def solve_flow(stage: np.ndarray, hop: np.ndarray, threshold: float, *,
     return _run(m, source_row, colour_row, latency, time_limit_s)
 
 
+def _quiet_highs() -> highspy.Highs:
+    """A Highs instance with its output off. HiGHS 1.16 prints its banner to file
+    descriptor 1 when the instance is constructed, before any option can be set, which put
+    two lines of text in front of `solve`'s JSON: the construction runs with descriptor 1
+    pointing at stderr."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return h
+
+
 def _run(m: _Model, source_row: int, colour_row: list[int], latency: bool,
          time_limit_s: float | None) -> FlowResult:
     cols = len(m.cost)
@@ -145,8 +164,7 @@ def _run(m: _Model, source_row: int, colour_row: list[int], latency: bool,
     lp.a_matrix_.value_ = entries[:, 2]
     lp.integrality_ = [highspy.HighsVarType.kInteger] * cols
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = _quiet_highs()
     h.setOptionValue("threads", 1)       # the machine is shared; one core is plenty
     h.setOptionValue("mip_rel_gap", LATENCY_GAP)
     h.setOptionValue("mip_abs_gap", 0.0)

@@ -189,7 +189,7 @@ class _Search:
             return _Outcome("infeasible")
         best = self.best if self.best and self.key(self.best)[0] <= tied else None
         if best:
-            best = improve(stage, hop, best, tied)
+            best = improve(stage, hop, best, tied, deadline=self.clock.deadline)
         n = stage.shape[2]
         if n <= MAX_CRITICAL:
             # A beam search with every node critical: a valid plan, usually near the optimum,
@@ -198,7 +198,8 @@ class _Search:
                                       path_latency(stage, hop, best), bounds, beam=BEAM)
             if guess.path and path_latency(stage, hop, guess.path) < path_latency(stage, hop,
                                                                                  best):
-                best = improve(stage, hop, guess.path, tied)
+                best = improve(stage, hop, guess.path, tied,
+                               deadline=self.clock.deadline)
         while True:
             upper = path_latency(stage, hop, best)
             found = self.clock.dp(stage, hop, "sum", self.critical, tied, upper, bounds)
@@ -222,7 +223,7 @@ class _Search:
                 return _Outcome("optimal", found.path)
             fixed = repair(stage, hop, found.path, tied)
             if fixed and path_latency(stage, hop, fixed) < upper:
-                best = improve(stage, hop, fixed, tied)
+                best = improve(stage, hop, fixed, tied, deadline=self.clock.deadline)
             bounds = bounds.tightened(ready=found.ready, done=found.done)
             self.critical.extend(relaxed.repeated(found.path))
             # The mirrored DP tightens the other side of the bounds and is a second chance at

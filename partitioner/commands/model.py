@@ -71,11 +71,32 @@ def zoo_list(args: argparse.Namespace) -> int:
 
 
 # -- cuts -----------------------------------------------------------------------------------
-def cuts(args: argparse.Namespace) -> int:
+def _input_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    """--input-shape values, or the zoo model's own shapes when none are given."""
+    from partitioner.inputs import parse_shape_args
+
+    return parse_shape_args(args.input_shape) or zoo.default_input_shapes(args.model)
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Path, cutlib.PreparedModel]:
     path = zoo.resolve_model(args.model)
-    analysis = cutlib.analyze(path)
+    prepared = cutlib.prepare_model(path, _input_shapes(args))
+    for note in prepared.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return path, prepared
+
+
+def _shapes_text(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+
+
+def cuts(args: argparse.Namespace) -> int:
+    path, prepared = _prepare(args)
+    analysis = prepared.analysis
     if args.json:
         print(json.dumps({"model": str(path), "segments": analysis.segment_count,
+                          "input_shapes": {k: list(v) for k, v in prepared.shapes.items()},
+                          "notes": prepared.notes,
                           "cuts": [c.to_json() for c in analysis.cuts]}, indent=1))
         return 0
     rows = [(c.index, c.kind, len(c.tensors), c.nbytes, analysis.order[c.position - 1],
@@ -83,17 +104,22 @@ def cuts(args: argparse.Namespace) -> int:
     print(table(["cut", "kind", "tensors", "bytes", "after node", "tensor names"], rows))
     print(f"\n{len(analysis.cuts)} cuts, {analysis.segment_count} segments, "
           f"{len(analysis.order)} nodes; input {cutlib.total_bytes(analysis.inputs)} bytes, "
-          f"output {cutlib.total_bytes(analysis.outputs)} bytes")
+          f"output {cutlib.total_bytes(analysis.outputs)} bytes (measured at "
+          f"{_shapes_text(prepared.shapes)})")
+    for note in prepared.notes:
+        print(f"note: {note}")
     return 0
 
 
 # -- profile --------------------------------------------------------------------------------
-def _profile(spec: str, runs: int) -> Any:
+def _profile(args: argparse.Namespace, runs: int = 20, fresh: bool = False) -> Any:
+    from partitioner.inputs import parse_shape_args
     from partitioner.profile import profile_model
 
     if runs < 1:
         raise InputError("must be at least 1", field="--runs")
-    return profile_model(spec, runs=runs)
+    return profile_model(args.model, runs=runs, refresh=fresh,
+                         input_shapes=parse_shape_args(args.input_shape) or None)
 
 
 def _instance(profile: Any, topology_path: str) -> Any:
@@ -106,7 +132,7 @@ def _instance(profile: Any, topology_path: str) -> Any:
 def profile(args: argparse.Namespace) -> int:
     from partitioner.profile import RUNTIME_ALLOWANCE_BYTES
 
-    prof = _profile(args.model, args.runs)
+    prof = _profile(args, args.runs, args.fresh)
     rows = []
     for k, seg in enumerate(prof.segments):
         nodes = prof.segment_nodes[k]
@@ -114,12 +140,20 @@ def profile(args: argparse.Namespace) -> int:
                      nodes[0] if nodes else "", nodes[-1] if nodes else ""))
     print(table(["segment", "compute ms", "memory", "output bytes", "first node", "last node"],
                 rows))
-    print(f"\ntotal {prof.total_ms:.2f} ms (fully optimised, 1 thread, lower quartile of "
-          f"{prof.runs} runs, {prof.attribution} attribution); "
+    machine = prof.machine
+    print(f"\ntotal {prof.total_ms:.2f} ms CPU (fully optimised, 1 thread, lower quartile of "
+          f"{prof.runs} runs, {prof.attribution} attribution; taken at wall "
+          f"{machine.get('contention', float('nan')):.2f}x CPU, load "
+          f"{machine.get('loadavg', float('nan')):.1f} on {machine.get('cpus', '?')} CPUs); "
+          f"input shapes {_shapes_text({k: tuple(v) for k, v in prof.input_shapes.items()})}; "
           f"input {prof.input_bytes} bytes; weights x copies "
           f"{format_size(sum(s.memory_bytes for s in prof.segments))}; per host: runtime "
           f"allowance {format_size(RUNTIME_ALLOWANCE_BYTES)} + activation reserve "
           f"{format_size(prof.activation_reserve_bytes)}")
+    for note in prof.notes:
+        print(f"note: {note}")
+    if args.verify:
+        _verify(args, prof)
     if args.topology:
         instance = _instance(prof, args.topology)
         out = Path(args.out or "instance.json")
@@ -129,6 +163,21 @@ def profile(args: argparse.Namespace) -> int:
         raise InputError("--out writes the planner instance and needs --topology",
                          field="--out")
     return 0
+
+
+def _verify(args: argparse.Namespace, prof: Any) -> None:
+    from partitioner.profile import VERIFY_TARGET, verify_profile
+
+    print("\nverifying: each stage of 2-4 way splits timed alone (CPU ms, as a worker runs it)",
+          file=sys.stderr, flush=True)
+    checks = verify_profile(args.model, prof)
+    rows = [(f"{c.stages}-way", c.stage, f"{c.segments[0]}-{c.segments[1] - 1}",
+             c.predicted_share, c.measured_share, c.measured_ms, f"{c.error:.1%}")
+            for c in checks]
+    print(table(["split", "stage", "segments", "predicted share", "measured share",
+                 "measured ms", "error"], rows))
+    worst = max((c.error for c in checks), default=0.0)
+    print(f"\nlargest error {worst:.1%} (target: every stage within {VERIFY_TARGET:.0%})")
 
 
 # -- split ----------------------------------------------------------------------------------
@@ -142,7 +191,7 @@ def _parse_cut_list(text: str) -> list[int]:
 
 def split(args: argparse.Namespace) -> int:
     from partitioner import split as splitlib
-    from partitioner.profile import file_sha256
+    from partitioner.profile import model_sha256
 
     path = zoo.resolve_model(args.model)
     model, analysis = splitlib.prepare(path)
@@ -156,7 +205,7 @@ def split(args: argparse.Namespace) -> int:
                              line=exc.lineno) from exc
         if not isinstance(plan, dict):
             raise InputError("a plan is a JSON object", file=args.plan)
-        indices = splitlib.cut_indices_from_plan(plan, analysis, file_sha256(path), args.plan)
+        indices = splitlib.cut_indices_from_plan(plan, analysis, model_sha256(path), args.plan)
     elif args.cuts is not None:
         indices = _parse_cut_list(args.cuts)
     else:
@@ -168,7 +217,8 @@ def split(args: argparse.Namespace) -> int:
     rows = [(s.file, format_size((out / s.file).stat().st_size), ", ".join(s.inputs),
              ", ".join(s.outputs)) for s in specs]
     print(table(["file", "size", "inputs", "outputs"], rows))
-    print(f"\n{len(specs)} stages written to {out} ({splitlib.STAGES_FILE})")
+    print(f"\n{len(specs)} stages written to {out} ({splitlib.STAGES_FILE}); each stage file "
+          f"self-contained (weights inline), symbolic axes kept")
     return 0
 
 
@@ -181,11 +231,13 @@ def plan(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     from partitioner.replicate import plan_pipelines  # the solvers load only when planning
 
-    prof = _profile(args.model, 20)
+    prof = _profile(args)
     instance = _instance(prof, args.topology)
     print(f"planning with {args.algorithm} over {len(instance.nodes)} nodes, "
           f"{len(instance.segments)} segments ...", file=sys.stderr, flush=True)
     result = plan_pipelines(instance, args.algorithm, args.time_limit, 0, args.pipelines)
+    for note in prof.notes:
+        print(f"note: {note}")
     cost = result.cost
     rows = []
     pipeline_of = [i for i, p in enumerate(result.pipelines) for _ in p]

@@ -15,7 +15,7 @@ from partitioner.instance import load_instance
 
 
 def solve(args: argparse.Namespace) -> int:
-    if args.time_limit <= 0:
+    if args.time_limit is not None and args.time_limit <= 0:
         raise InputError(f"must be positive, got {args.time_limit}", field="--time-limit")
     instance = load_instance(args.instance)
     plan = plan_instance(instance, args.algorithm, args.time_limit, args.seed)

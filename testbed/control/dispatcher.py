@@ -129,21 +129,26 @@ def input_specs(model: str | Path) -> list[InputSpec]:
 
 def vocab_sizes(model: str | Path) -> dict[str, int]:
     """Range of every integer input used as Gather indices into an initializer (an embedding
-    table): token ids must stay below the table's size along the gathered axis."""
+    table), followed through Reshape/Cast/Unsqueeze/Squeeze (`partitioner.inputs`): token
+    ids must stay below the table's size along the gathered axis."""
     import onnx
 
-    graph = onnx.load(str(model), load_external_data=False).graph
-    tables = {t.name: list(t.dims) for t in graph.initializer}
-    sizes: dict[str, int] = {}
-    for node in graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            dims = tables[node.input[0]]
-            if dims:
-                size = dims[axis % len(dims)]
-                name = node.input[1]
-                sizes[name] = min(sizes.get(name, size), size)
-    return sizes
+    from partitioner.inputs import vocab_sizes as graph_vocab_sizes
+
+    return graph_vocab_sizes(onnx.load(str(model), load_external_data=False))
+
+
+def input_dims(model: str | Path, input_shapes: dict[str, tuple[int, ...]],
+               field_name: str = "model.input_shapes") -> dict[str, int]:
+    """`Workload.input_dims` (symbolic dimension -> size) for stated input shapes, by the
+    partitioner's rules (batch 1 by default; another symbolic dimension without a value is
+    an InputError), so requests have the shapes the plan was priced at."""
+    import onnx
+
+    from partitioner.inputs import resolve_shapes
+
+    graph_only = onnx.load(str(model), load_external_data=False)
+    return resolve_shapes(graph_only, input_shapes, field_name).dims
 
 
 def default_generator(vocab: dict[str, int]) -> InputGenerator:

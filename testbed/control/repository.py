@@ -15,7 +15,8 @@ dispatcher host, only reads the segments from the manifest, checks the SHA-256, 
 deploys (testbed.control.controller). `publish` writes a version into a hidden temporary directory
 and
 renames it into place, so a watcher sees a whole version or none. A version number is never
-reused for other bytes.
+reused for other bytes. A model whose weights are in external-data files is published as one
+self-contained file (weights inlined; its SHA-256 covers both).
 
 The driver's calls for a scenario's `model.update {version: N}` step: `prepare_version`
 before the run (builds and profiles; for a zoo model, version N is the same architecture
@@ -134,16 +135,34 @@ def list_versions(repo: Path) -> dict[int, Path]:
     return found
 
 
+def _inlined_model(model_path: Path) -> bytes | None:
+    """The model with its external-data files read in, as one self-contained file (what the
+    hosts are sent: a stage cannot fetch side files), or None when the model has none and
+    is published as it is. The SHA-256 of these bytes covers graph and weights."""
+    from partitioner.cuts import load
+    from partitioner.profile import external_data_files
+
+    if not external_data_files(model_path):
+        return None
+    model = load(model_path)
+    if model.ByteSize() >= 2**31:
+        raise InputError("the model with its weights inlined exceeds protobuf's 2 GB limit",
+                         file=model_path)
+    return model.SerializeToString()
+
+
 def publish(repo: Path, model_path: Path, version: int, profile: Any,
             source: str = "") -> Manifest:
     """Publish `model_path` as `version` with its profile (a partitioner.profile.ModelProfile,
     or anything with `segments`, `input_bytes`, `total_ms`, `activation_reserve_bytes`).
-    Publishing the same bytes again is a no-op; other bytes under a published number are
-    refused (versions are immutable)."""
+    A model with external data is published with its weights inlined. Publishing the same
+    bytes again is a no-op; other bytes under a published number are refused (versions are
+    immutable)."""
     repo, model_path = Path(repo), Path(model_path)
     if version < 1:
         raise InputError(f"versions start at 1, got {version}", field="version")
-    sha = sha256_file(model_path)
+    inlined = _inlined_model(model_path)
+    sha = hashlib.sha256(inlined).hexdigest() if inlined is not None else sha256_file(model_path)
     target = version_dir(repo, version)
     if target.exists():
         existing = read_manifest(target)
@@ -157,7 +176,10 @@ def publish(repo: Path, model_path: Path, version: int, profile: Any,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        shutil.copyfile(model_path, staging / MODEL_FILE)
+        if inlined is not None:
+            (staging / MODEL_FILE).write_bytes(inlined)
+        else:
+            shutil.copyfile(model_path, staging / MODEL_FILE)
         manifest = Manifest(version, target, sha, (staging / MODEL_FILE).stat().st_size,
                             time.time(), source or str(model_path), list(profile.segments),
                             int(profile.input_bytes), float(profile.total_ms),
@@ -179,11 +201,19 @@ class Prepared:
     source: str
 
 
-def prepare_version(model_spec: str, version: int, work_dir: Path) -> Prepared:
+def prepare_version(model_spec: str, version: int, work_dir: Path,
+                    input_shapes: dict[str, tuple[int, ...]] | None = None) -> Prepared:
     """Build (zoo models: seed = version; version 1 is the zoo's own model) and profile a
-    version of the scenario's model, in the root namespace, before the run."""
+    version of the scenario's model at `input_shapes` (the zoo model's own if None), in the
+    root namespace, before the run."""
     from partitioner.profile import profile_model
-    from partitioner.zoo import BUILDERS, build_model, resolve_model, write_model
+    from partitioner.zoo import (
+        BUILDERS,
+        build_model,
+        default_input_shapes,
+        resolve_model,
+        write_model,
+    )
 
     if model_spec in BUILDERS:
         if version == 1:
@@ -199,7 +229,9 @@ def prepare_version(model_spec: str, version: int, work_dir: Path) -> Prepared:
         raise InputError(f"model.update to version {version} needs a zoo model (a file model "
                          f"has no other versions to build; publish one with "
                          f"`python -m testbed.control.repository publish`)", field="model")
-    return Prepared(version, path, profile_model(path, progress=False), source)
+    shapes = input_shapes or default_input_shapes(model_spec)
+    return Prepared(version, path, profile_model(path, progress=False,
+                                                 input_shapes=shapes or None), source)
 
 
 def publish_prepared(repo: Path, prepared: Prepared) -> Manifest:
@@ -238,19 +270,25 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("repo", help="repository directory (the run's: RESULTS/repository)")
     pub.add_argument("model", help="ONNX file, or a zoo name (version N = seed N)")
     pub.add_argument("--version", type=int, required=True)
+    pub.add_argument("--input-shape", action="append", metavar="NAME=DxD...",
+                     help="shape of a model input for profiling, e.g. input_ids=1x128")
     lst = verbs.add_parser("list", help="list published versions")
     lst.add_argument("repo")
     args = parser.parse_args(argv)
     try:
         if args.verb == "publish":
+            from partitioner.inputs import parse_shape_args
             from partitioner.profile import profile_model
             from partitioner.zoo import BUILDERS
 
+            shapes = parse_shape_args(args.input_shape) or None
             if args.model in BUILDERS:
-                prepared = prepare_version(args.model, args.version, Path(args.repo).parent)
+                prepared = prepare_version(args.model, args.version, Path(args.repo).parent,
+                                           shapes)
             else:
                 path = Path(args.model)
-                prepared = Prepared(args.version, path, profile_model(path), str(path))
+                prepared = Prepared(args.version, path,
+                                    profile_model(path, input_shapes=shapes), str(path))
             manifest = publish_prepared(Path(args.repo), prepared)
             print(f"published v{manifest.version}: {manifest.sha256[:12]} "
                   f"({manifest.size / 1e6:.1f} MB) in {manifest.directory}")

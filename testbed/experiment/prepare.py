@@ -48,7 +48,7 @@ def prepare(scenario: Any, out_dir: Path) -> Prepared:
     log(f"model {scenario.model}: building / loading")
     model_path = resolve_model(scenario.model)
     log("profiling (cached by model SHA-256)")
-    profile = profile_model(model_path)
+    profile = profile_model(model_path, input_shapes=scenario.input_shapes or None)
     instance = instance_for_topology(profile, scenario.topology)
     instance_path = out_dir / "instance.json"
     instance_path.write_text(json.dumps(instance.to_json(), indent=1))

@@ -81,12 +81,17 @@ class ControlClient:
 def workload_json(scenario: Scenario) -> dict[str, Any]:
     """The dispatcher's Workload (testbed.control.dispatcher) for a scenario: it issues for the
     warm-up and the measured window."""
+    from partitioner.zoo import default_input_shapes, resolve_model
+    from testbed.control.dispatcher import input_dims
+
     workload = scenario.workload
+    shapes = scenario.input_shapes or default_input_shapes(scenario.model)
     return {"mode": workload.mode, "concurrency": workload.concurrency,
             "rate": workload.rate_rps or 10.0, "seed": workload.seed,
             "pool_size": workload.pool,
             "duration_s": workload.warmup_s + workload.duration_s,
-            "warmup_s": workload.warmup_s}
+            "warmup_s": workload.warmup_s,
+            "input_dims": input_dims(resolve_model(scenario.model), shapes)}
 
 
 def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir: Path,
@@ -164,7 +169,8 @@ def _prepare_versions(scenario: Scenario, out_dir: Path) -> dict[int, Any]:
     prepared = {}
     for version in versions:
         log(f"preparing model version {version} of {scenario.model}")
-        prepared[version] = prepare_version(scenario.model, version, out_dir / "versions")
+        prepared[version] = prepare_version(scenario.model, version, out_dir / "versions",
+                                            scenario.input_shapes)
     return prepared
 
 
