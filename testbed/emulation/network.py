@@ -668,7 +668,7 @@ class EmulatedNetwork:
         """A short command in the host's namespaces but outside its cgroups (the driver's
         work, not the host's): its stdout; NetworkError if it fails."""
         self._spec(host)
-        return self.in_node(self.network.node(host), argv)
+        return self.links.in_node(self.node(host), argv)
 
     def set_link_bandwidth(self, a: str, b: str, mbps: float) -> None:
         self.links.set_link_bandwidth(a, b, mbps)
