@@ -292,7 +292,7 @@ class ControlPlane:
         if self.replans.pending is not None:
             live = self.usable_hosts() - self.replan_exclude
             broken = self.active is None or self.active.broken
-            fast = self.contingency.precomputed(live) or self.surviving(live) \
+            fast = self.contingency.precomputed(live) or self.contingency.surviving(live) \
                 if broken or self.straggling else None
             if fast is not None:
                 request = self.replans.take()
@@ -337,25 +337,6 @@ class ControlPlane:
                                                        self.usable_hosts()))
             return
         self.contingency.next()
-
-    def surviving(self, live: set[str]) -> Prepared | None:
-        """Pipelines side by side of which some lost a node: the others, as a plan ready at
-        once (every worker is loaded and serving). It stands in for the contingency plans
-        such epochs do not get; a better plan is looked for after it is deployed."""
-        active = self.active
-        if active is None or not active.plan.chains or active.version != self.target_version:
-            return None
-        kept = [p for p in active.plan.pipelines if all(s.node in live for s in p)]
-        if not kept or len(kept) == len(active.plan.chains):
-            return None
-        version = self.infos[active.version]
-        stages = [s for p in kept for s in p]
-        plan = Plan.of(version.instance, stages, f"{active.plan.algorithm}-survivors", False,
-                       chains=tuple(len(p) for p in kept))
-        request = PlanRequest("failure", "the surviving pipelines", version, frozenset(live),
-                              active.plan, self.held(), generation=self.numbers.next)
-        self.improve = f"{len(kept)} of {len(active.plan.chains)} pipelines left"
-        return Prepared(request, plan, [None] * len(stages), None, precomputed=True)
 
     # -- hosts ---------------------------------------------------------------------------------
 
