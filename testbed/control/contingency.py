@@ -17,10 +17,10 @@ from formats.control import ControlSettings
 from partitioner.instance import Plan
 from testbed.control import policy
 from testbed.control.core import standby as standby_rule
+from testbed.control.core.records import Epoch, Slot
 from testbed.control.core.replan import Epochs
 from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.policy import Held
-from testbed.control.state import Epoch, Slot
 
 
 class Plane(Protocol):

@@ -31,6 +31,7 @@ from testbed.control.contingency import Contingencies
 from testbed.control.core import standby as standby_rule
 from testbed.control.core.actions import Event
 from testbed.control.core.health import Health, stall_s
+from testbed.control.core.records import Epoch, Slot
 from testbed.control.core.rejoin import judge
 from testbed.control.core.replan import Epochs, Replans, failure_kind, lost_while_planning
 from testbed.control.core.straggler import StragglerWatch
@@ -38,7 +39,7 @@ from testbed.control.core.versions import Versions
 from testbed.control.dispatcher import Head, Route, Workload
 from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.policy import Held
-from testbed.control.state import ControllerConfig, Epoch, Slot
+from testbed.control.state import ControllerConfig
 
 FIXED_WORKLOAD_FIELDS = ("seed", "pool_size", "input_dims")  # the pool is built at start
 

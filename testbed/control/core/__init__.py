@@ -14,4 +14,5 @@ clock (tests/test_core_*.py).
 - replan: the pending re-plan (which request wins), epoch numbers, stale plans
 - standby: where warm standbys go, and which are no longer needed
 - versions: the target model version, rollout and rollback
+- records: the embedded plane's worker (`Slot`) and epoch (`Epoch`) records
 """
