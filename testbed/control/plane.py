@@ -28,6 +28,7 @@ from stage_image.security import KeyPair
 from testbed.control import events as ev
 from testbed.control import policy
 from testbed.control.contingency import Contingencies
+from testbed.control.core import reconcile
 from testbed.control.core import standby as standby_rule
 from testbed.control.core.actions import Event
 from testbed.control.core.health import Health, stall_s
@@ -698,46 +699,33 @@ class ControlPlane:
                       segments=[slot.first, slot.end])
 
     def reconcile(self, host: str, workers: list[dict[str, Any]]) -> None:
-        """Make the host's workers what we want (level-triggered, rate-limited per action)."""
-        now, resend_s = self.now, self.control.resend_s
+        """Make the host's workers what we want (core.reconcile; asks rate-limited)."""
+        now = self.now
         link = self.links.setdefault(host, AgentLink())
         reported = {w["port"]: w for w in workers}
         link.reported = set(reported)
-        for slot in [s for s in self.slots.values() if s.host == host]:
-            entry = reported.get(slot.port)
-            if entry is not None and entry["sha256"] != slot.stage.sha256:
-                continue                    # an old worker still on that port; released below
-            if entry is not None and entry["state"] in ("failed", "exited"):
-                self.on_worker(host, {"port": slot.port, "epoch": 0, "stage": 0,
-                                      "state": entry["state"], "detail": "from heartbeat"},
-                               now)
-                continue
-            confirmed = {e for e, _ in entry["routes"]} if entry is not None else set()
-            if entry is not None:
-                slot.state = entry["state"]
-                self.check_straggler(slot, entry["load"])
-            slot.confirmed = confirmed & set(slot.routes)
-            for number in slot.routes:
-                epoch = self.epochs.get(number)
-                if epoch is None or epoch.state not in ("deploying", "active", "draining") or \
-                        number in confirmed:
-                    continue
-                if now - slot.sent.get(number, 0.0) > resend_s:
-                    self.send_route(slot, epoch)
-            if not slot.routes and slot.standby and entry is None and \
-                    now - slot.sent.get(0, 0.0) > resend_s:
-                self.send_prepare(slot)
-        live_epochs = {e.number for e in (self.active, self.deploying, *self.draining)
-                       if e is not None}
-        for entry in workers:
-            slot = self.slots.get((host, entry["port"]))
-            if slot is None or entry["sha256"] != slot.stage.sha256:
-                if entry["state"] not in ("failed", "exited"):
-                    self.ask(host, link, "release", entry["port"], port=entry["port"])
-                continue
-            for number, _stage in entry["routes"]:
-                if number not in live_epochs:
-                    self.ask(host, link, "stop", number, epoch=number)
+        mine = [s for s in self.slots.values() if s.host == host]
+        states = {n: e.state for n, e in self.epochs.items()}
+        for step in reconcile.compare(mine, reported, states, now, self.control.resend_s):
+            if isinstance(step, reconcile.Failed):
+                self.on_worker(host, {"port": step.slot.port, "epoch": 0, "stage": 0,
+                                      "state": step.state, "detail": "from heartbeat"}, now)
+            elif isinstance(step, reconcile.Observed):
+                step.slot.state = step.state
+                step.slot.confirmed = set(step.confirmed)
+                self.check_straggler(step.slot, step.load)
+            elif isinstance(step, reconcile.Resend):
+                self.send_route(step.slot, self.epochs[step.epoch])
+            else:
+                self.send_prepare(step.slot)
+        live = {e.number for e in (self.active, self.deploying, *self.draining)
+                if e is not None}
+        wanted = {p: s for (h, p), s in self.slots.items() if h == host}
+        for ask in reconcile.unwanted(wanted, workers, live):
+            if isinstance(ask, reconcile.Unwanted):
+                self.ask(host, link, "release", ask.port, port=ask.port)
+            else:
+                self.ask(host, link, "stop", ask.epoch, epoch=ask.epoch)
         if self.deploying is not None:
             self.maybe_activate(self.deploying)
 
