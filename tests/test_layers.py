@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 from collections import defaultdict
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@cache
 def graph() -> dict[str, set[str]]:
     """module -> the modules of ours it imports (packages resolved to their modules)."""
     modules = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
