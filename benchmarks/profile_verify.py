@@ -31,7 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated zoo models (default: all but vgg16)")
     parser.add_argument("--fresh", action="store_true", help="profile again first")
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per stage")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per stage")
     args = parser.parse_args()
     models = args.only.split(",") if args.only else list(MODELS)
     summary = []

@@ -93,12 +93,10 @@ def attribute(original: onnx.ModelProto, optimised: onnx.ModelProto,
     for kname, found in anchors.items():
         for i in found:
             anchored_by.setdefault(i, []).append(kname)
-    readers: dict[str, list[str]] = {}
-    opt_consumers: dict[str, list[str]] = {}
+    readers: dict[str, list[str]] = {}          # tensor -> optimised kernels reading it
     for kname, node in opt_nodes.items():
         for t in node.input:
             readers.setdefault(t, []).append(kname)
-            opt_consumers.setdefault(t, []).append(kname)
 
     # Nodes fused away without a trace join a kernel (see the module docstring).
     joined: dict[str, set[int]] = {k: set() for k in opt_nodes}
@@ -125,7 +123,7 @@ def attribute(original: onnx.ModelProto, optimised: onnx.ModelProto,
     result = Attribution({})
     for kname, ms in kernel_ms.items():
         target = kname if anchors.get(kname) else _downstream_anchored(
-            kname, opt_nodes, opt_consumers, anchors)
+            kname, opt_nodes, readers, anchors)
         if target is None:
             result.unmatched_ms += ms
             continue
@@ -189,14 +187,14 @@ def _anchored_ancestor(i: int, nodes: list[onnx.NodeProto], producer: dict[str, 
 
 
 def _downstream_anchored(kname: str, opt_nodes: dict[str, onnx.NodeProto],
-                         opt_consumers: dict[str, list[str]],
+                         readers: dict[str, list[str]],
                          anchors: dict[str, set[int]]) -> str | None:
     """The first anchored kernel fed (directly or through unanchored ones) by `kname`."""
     queue, seen = deque([kname]), {kname}
     while queue:
         k = queue.popleft()
         for t in opt_nodes[k].output if k in opt_nodes else []:
-            for c in opt_consumers.get(t, []):
+            for c in readers.get(t, []):
                 if c in seen:
                     continue
                 if anchors.get(c):
