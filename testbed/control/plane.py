@@ -426,11 +426,20 @@ class ControlPlane:
         for slot in self.slots.values():
             if slot.standby:
                 per_node[slot.host] = per_node.get(slot.host, 0) + 1
+        # standbys chosen in this pass share their host's memory with the ones chosen before
+        # them (core.standby.choose takes every key `fits` accepts): count those too
+        picked: list[Held] = []
+
+        def fits(key: Held) -> bool:
+            if not self.fits(key.node, needed[key][0], key, picked):
+                return False
+            picked.append(key)
+            return True
+
         chosen = standby_rule.choose(
             list(needed), {s.held for s in self.slots.values()},
             {s.host for s in self.slots.values() if s.routes}, per_node,
-            self.control.standby_per_node,
-            lambda key: self.fits(key.node, needed[key][0], key))
+            self.control.standby_per_node, fits)
         for key in chosen:
             file = needed[key][1]
             slot = self.new_slot(key.node, key.version, key.first, key.end, file, standby=True)
@@ -446,9 +455,11 @@ class ControlPlane:
                   standbys=sorted(f"{s.host}:{s.port}" for s in self.slots.values()
                                   if s.standby))
 
-    def fits(self, host: str, prepared: Prepared, key: Held) -> bool:
-        """Room for one more worker on `host`: the instance's node memory assumes one stage
-        per host, so a second worker also pays the worker runtime allowance."""
+    def fits(self, host: str, prepared: Prepared, key: Held,
+             also: list[Held] | None = None) -> bool:
+        """Room for one more worker on `host`, beside its slots and the workers `also` about
+        to be loaded: the instance's node memory assumes one stage per host, so a second
+        worker also pays the worker runtime allowance."""
         from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
 
         instance = prepared.request.version.instance
@@ -463,7 +474,40 @@ class ControlPlane:
                 need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
                     s.memory_bytes for s in self.infos[slot.version].instance.segments[
                         slot.first:slot.end])
+        for other in also or []:
+            if other.node == host:
+                need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
+                    s.memory_bytes for s in self.infos[other.version].instance.segments[
+                        other.first:other.end])
         return need <= budget
+
+    def make_room(self, host: str, keep: list[Slot], prepared: Prepared) -> None:
+        """A new epoch's worker shares `host`'s memory with every worker loaded there: the
+        planner counts only the stage itself, so standbys the epoch does not use are
+        released until it fits (they are expendable: the contingency plans are made again
+        for the new epoch)."""
+        instance = prepared.request.version.instance
+        try:
+            budget = instance.node(host).memory_bytes
+        except KeyError:
+            return
+        spare = [s for s in self.slots.values() if s.host == host and s.standby and
+                 not s.routes and all(s is not k for k in keep)]
+        while spare and self.memory_need(host) > budget:
+            self.release(spare.pop(), "room for a new epoch's worker")
+
+    def memory_need(self, host: str) -> int:
+        """What `host`'s workers take, in the instance's terms (node memory counts one
+        worker runtime: each worker beyond the first pays its own)."""
+        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
+
+        need = -(WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES)
+        for slot in self.slots.values():
+            if slot.host == host:
+                need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
+                    s.memory_bytes for s in self.infos[slot.version].instance.segments[
+                        slot.first:slot.end])
+        return need
 
     def release_standbys(self, keep_version: int | None = None) -> None:
         for slot in list(self.slots.values()):
@@ -661,6 +705,8 @@ class ControlPlane:
                 fresh.append(slot)
             taken.add((slot.host, slot.port))
             slots.append(slot)
+        for host in sorted({s.host for s in fresh}):
+            self.make_room(host, slots, prepared)
         number = self.numbers.allocate()
         prepared.epoch = number
         reused = len(slots) - len(fresh)

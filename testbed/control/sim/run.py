@@ -1,6 +1,6 @@
 """Runs seeded schedules on simulated clusters and judges them:
 
-    python -m testbed.control.sim --seed S [--schedules K] [--faults N] [--trace]
+    python -m testbed.control.sim --seed S [--schedules K] [--faults N] [--tight] [--trace]
 
 Schedule `S + i` (i < K) builds its cluster (testbed.control.sim.world.Cluster.random) and
 its fault schedule (testbed.control.sim.nemesis.draw) from its seed alone, so any failure is
@@ -71,9 +71,10 @@ def digest(world: World) -> str:
     return hashlib.sha256(repr(world.trace).encode()).hexdigest()[:16]
 
 
-def run_schedule(seed: int, most: int = 6, span_s: float = 20.0) -> tuple[Outcome, World]:
+def run_schedule(seed: int, most: int = 6, span_s: float = 20.0,
+                 tight: bool = False) -> tuple[Outcome, World]:
     rng = random.Random(seed)
-    world = World(Cluster.random(rng), seed)
+    world = World(Cluster.random(rng, tight), seed)
     checker = Checker(world)
     schedule = draw(seed, sorted(world.hosts), span_s, most)
     world.start()
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the first schedule's seed")
     p.add_argument("--schedules", type=int, default=1, help="how many (seeds S, S+1, ...)")
     p.add_argument("--faults", type=int, default=6, help="at most this many per schedule")
+    p.add_argument("--tight", action="store_true",
+                   help="hosts with room for one or two workers and a few stage files")
     p.add_argument("--trace", action="store_true", help="print each run's trace")
     args = p.parse_args(argv)
     if args.schedules < 1 or args.faults < 1:
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     started = time.monotonic()
     for seed in range(args.seed, args.seed + args.schedules):
-        outcome, world = run_schedule(seed, args.faults)
+        outcome, world = run_schedule(seed, args.faults, tight=args.tight)
         print(outcome.line(), flush=True)
         if args.trace:
             for t, kind, fields in world.trace:
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             for t, kind, detail in outcome.violations[:10]:
                 print(f"    {t:.3f}s {kind}: {detail}")
             print(f"    replay: python -m testbed.control.sim --seed {seed} "
-                  f"--faults {args.faults} --trace")
+                  f"--faults {args.faults}{' --tight' if args.tight else ''} --trace")
     took = time.monotonic() - started
     print(f"{args.schedules} schedules, {len(failed)} failed, {took:.1f} s"
           + (f"; failed seeds {failed}" if failed else ""))

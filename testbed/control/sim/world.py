@@ -84,15 +84,18 @@ class Cluster:
     instance: Instance
 
     @classmethod
-    def random(cls, rng: random.Random) -> Cluster:
-        """A small heterogeneous cluster: 4-6 hosts, a model of 4-7 segments."""
+    def random(cls, rng: random.Random, tight: bool = False) -> Cluster:
+        """A small heterogeneous cluster: 4-6 hosts, a model of 4-7 segments. Hosts hold
+        about three workers and a dozen stage files, or with `tight` (the issue's 64 MiB
+        disks) one or two workers and a few files."""
         segments = [Segment(round(rng.uniform(4, 30), 2), rng.randint(2, 16) * MiB,
                             rng.randint(8, 200) * 1000) for _ in range(rng.randint(4, 7))]
         hosts = []
         for i in range(rng.randint(4, 6)):
-            memory = rng.randint(60, 300) * MiB
+            memory = rng.randint(60, 300) * MiB if tight else rng.randint(350, 600) * MiB
+            disk = rng.randint(3, 8) * 24 * MiB if tight else rng.randint(40, 80) * 24 * MiB
             hosts.append(HostSpec(f"edge{i + 1}", round(rng.uniform(0.3, 1.0), 2), memory,
-                                  rng.randint(3, 8) * 24 * MiB, rng.uniform(0.0005, 0.005)))
+                                  disk, rng.uniform(0.0005, 0.005)))
         names = [SOURCE] + [h.name for h in hosts]
         bandwidth = {(a, b): float(rng.choice((50, 100, 200, 1000)))
                      for a, b in itertools.combinations(names, 2)}
