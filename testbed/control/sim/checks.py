@@ -58,7 +58,7 @@ class Checker:
 
     def unsettled(self) -> list[str]:
         """Why the run has not settled yet (empty: it has): every live, healthy node usable,
-        a healthy epoch active, nothing deploying."""
+        a healthy epoch active, nothing deploying or draining."""
         plane, world = self.world.plane, self.world
         out = [f"{h} not usable" for h in sorted(world.hosts)
                if world.hosts[h].healthy and not plane.usable(h)]
@@ -66,6 +66,9 @@ class Checker:
             out.append("no healthy active epoch")
         if plane.deploying is not None:
             out.append(f"epoch {plane.deploying.number} still deploying")
+        if plane.draining:
+            # its requests share the hosts' CPUs with the new epoch's: not yet the plan's pace
+            out.append(f"epochs {[e.number for e in plane.draining]} draining")
         if plane.waiting_for_nodes:
             out.append(f"waiting for nodes: {plane.infeasible_reason}")
         return out
