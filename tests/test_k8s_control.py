@@ -41,18 +41,14 @@ from partitioner.algorithms import solve
 from partitioner.instance import InfeasibleError, Instance, Node, Plan, Segment, Stage
 from stage_image.security import KeyPair, apply_client
 from stage_image.wire import MAX_STAGE_HEARTBEAT_BYTES, FrameError, encode_control
+from testbed.control.core.actions import Event
 from testbed.control.planning import Planner, PlanRequest, VersionInfo, restrict, sha256_file
 from testbed.k8s import manifests as k8s
 from testbed.k8s.backend import K3sBackend, ModelServer, latest_epoch
+from testbed.k8s.decider import Decider, Deploy, ForceDelete, Prune, Replan
 from testbed.k8s.loop import (
-    Decider,
-    Deploy,
-    Event,
-    ForceDelete,
     HeartbeatReceiver,
     K3sController,
-    Prune,
-    Replan,
     epoch_settings,
     initial_request,
     model_ready,

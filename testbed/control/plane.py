@@ -27,6 +27,7 @@ from partitioner.instance import InfeasibleError, Plan, pipelines_cost
 from stage_image.security import KeyPair
 from testbed.control import events as ev
 from testbed.control import policy
+from testbed.control.contingency import Contingencies
 from testbed.control.core import standby as standby_rule
 from testbed.control.core.actions import Event
 from testbed.control.core.health import Health, stall_s
@@ -132,9 +133,7 @@ class ControlPlane:
         self.improve: str | None = None     # running on fewer pipelines: is better possible?
         # the workers of suspected hosts: if a host comes back with them, they are kept
         self.suspended: dict[str, list[Slot]] = {}
-        self.contingency: dict[str, Prepared] = {}   # host assumed lost -> plan
-        self.contingency_queue: list[str] = []
-        self.contingency_for: tuple[int, frozenset[str]] | None = None
+        self.contingency = Contingencies(self)
         self.waiting_for_nodes = False
         self.infeasible_reason: str | None = None
         self.failure: str | None = None
@@ -213,12 +212,9 @@ class ControlPlane:
             # new stages where a standby can wait for them: not on nodes that serve (loading
             # a model there would slow the pipeline) nor on spares whose standby places the
             # earlier contingency plans have used up (memory is checked when loading)
-            promised = [stage.node for planned in self.contingency.values()
-                        for stage, file in zip(planned.plan.stages, planned.stages)
-                        if file is not None]
             avoid = standby_rule.contingency_avoid(
-                serving, [s.host for s in self.slots.values() if s.standby], promised,
-                self.control.standby_per_node)
+                serving, [s.host for s in self.slots.values() if s.standby],
+                self.contingency.promised(), self.control.standby_per_node)
         return PlanRequest(kind, reason, version, frozenset(live), base, held, avoid,
                            excluded=excluded, generation=self.numbers.next)
 
@@ -232,8 +228,8 @@ class ControlPlane:
                 self.emit("version.invalid", reason=str(error))
             elif kind == "contingency":
                 self.emit("contingency.none", reason=str(error))
-                if not self.contingency_queue:
-                    self.reconcile_standbys()
+                if not self.contingency.queue:
+                    self.contingency.reconcile_standbys()
             else:
                 self.infeasible(str(error))
             return
@@ -256,7 +252,7 @@ class ControlPlane:
             return
         prepared: Prepared = result
         if kind == "contingency":
-            self.contingency_done(prepared)
+            self.contingency.done(prepared)
             return
         if not self.numbers.current(prepared.request.generation) and kind != "initial":
             # an epoch was made meanwhile (a contingency plan, used at once): this plan
@@ -296,7 +292,7 @@ class ControlPlane:
         if self.replans.pending is not None:
             live = self.usable_hosts() - self.replan_exclude
             broken = self.active is None or self.active.broken
-            fast = self.precomputed(live) or self.surviving(live) \
+            fast = self.contingency.precomputed(live) or self.surviving(live) \
                 if broken or self.straggling else None
             if fast is not None:
                 request = self.replans.take()
@@ -326,7 +322,7 @@ class ControlPlane:
         if active is None or self.deploying is not None:
             return
         if self.target_version != active.version and not self.waiting_for_nodes:
-            self.release_standbys(keep_version=self.target_version)
+            self.contingency.release_standbys(keep_version=self.target_version)
             self.start_job("plan", self.plan_request(
                 "rollout", f"roll out version {self.target_version}", self.usable_hosts()))
             return
@@ -340,24 +336,7 @@ class ControlPlane:
             self.start_job("rejoin", self.plan_request("rejoin", "; ".join(reasons),
                                                        self.usable_hosts()))
             return
-        self.next_contingency()
-
-    # -- contingency plans and standbys --------------------------------------------------------
-
-    def precomputed(self, live: set[str]) -> Prepared | None:
-        """A contingency plan made for exactly this set of live nodes, if its workers are
-        still there."""
-        for prepared in self.contingency.values():
-            if set(prepared.request.live) != live or \
-                    prepared.request.version.version != self.target_version:
-                continue
-            held = self.held()
-            version = prepared.request.version.version
-            if all(f is not None or policy.stage_key(s, version) in held
-                   for s, f in zip(prepared.plan.stages, prepared.stages)):
-                prepared.precomputed = True
-                return prepared
-        return None
+        self.contingency.next()
 
     def surviving(self, live: set[str]) -> Prepared | None:
         """Pipelines side by side of which some lost a node: the others, as a plan ready at
@@ -377,143 +356,6 @@ class ControlPlane:
                               active.plan, self.held(), generation=self.numbers.next)
         self.improve = f"{len(kept)} of {len(active.plan.chains)} pipelines left"
         return Prepared(request, plan, [None] * len(stages), None, precomputed=True)
-
-    def next_contingency(self) -> None:
-        active = self.active
-        # pipelines side by side need none: the surviving ones are the plan for any loss
-        if not (self.control.standby and self.control.replan) or active is None or \
-                active.state != "active" or active.plan.chains:
-            return
-        live = frozenset(self.usable_hosts())
-        key = (active.number, live)
-        if self.contingency_for != key:
-            # the plan in force or the live nodes changed: plan every single loss again
-            self.contingency_for = key
-            self.contingency = {}
-            self.contingency_queue = [h for h in active.hosts if h in live]
-        if not self.contingency_queue:
-            return
-        host = self.contingency_queue.pop(0)
-        self.start_job("contingency", self.plan_request(
-            "contingency", f"if {host} is lost", set(live) - {host}, excluded=host))
-
-    def contingency_done(self, prepared: Prepared) -> None:
-        host = prepared.request.excluded
-        active = self.active
-        if host is None or active is None or self.contingency_for != (
-                active.number, frozenset(self.usable_hosts())):
-            return                          # computed for a state that is gone
-        self.contingency[host] = prepared
-        if not self.contingency_queue:
-            self.reconcile_standbys()
-
-    def reconcile_standbys(self) -> None:
-        """Load what the contingency plans would newly need as standbys (core.standby);
-        release standbys no plan needs any more."""
-        needed: dict[Held, tuple[Prepared, StageFile]] = {}
-        kept: set[Held] = set()            # every stage of every contingency plan
-        for prepared in self.contingency.values():
-            version = prepared.request.version.version
-            for stage, file in zip(prepared.plan.stages, prepared.stages):
-                key = policy.stage_key(stage, version)
-                kept.add(key)
-                if file is not None:
-                    needed.setdefault(key, (prepared, file))
-        standbys = {s.held: s for s in self.slots.values() if s.standby and not s.routes}
-        for key in standby_rule.unneeded(list(standbys), kept):
-            self.release(standbys[key], "no contingency plan needs it")
-        per_node: dict[str, int] = {}
-        for slot in self.slots.values():
-            if slot.standby:
-                per_node[slot.host] = per_node.get(slot.host, 0) + 1
-        # standbys chosen in this pass share their host's memory with the ones chosen before
-        # them (core.standby.choose takes every key `fits` accepts): count those too
-        picked: list[Held] = []
-
-        def fits(key: Held) -> bool:
-            if not self.fits(key.node, needed[key][0], key, picked):
-                return False
-            picked.append(key)
-            return True
-
-        chosen = standby_rule.choose(
-            list(needed), {s.held for s in self.slots.values()},
-            {s.host for s in self.slots.values() if s.routes}, per_node,
-            self.control.standby_per_node, fits)
-        for key in chosen:
-            file = needed[key][1]
-            slot = self.new_slot(key.node, key.version, key.first, key.end, file, standby=True)
-            self.send_prepare(slot)
-            self.emit("standby.prepared", host=slot.host, port=slot.port,
-                      version=slot.version, segments=[slot.first, slot.end],
-                      sha256=file.sha256)
-        self.emit("contingency.ready", epoch=self.active.number if self.active else None,
-                  plans={h: {"hosts": [s.node for s in p.plan.stages],
-                             "bottleneck_ms": round(p.plan.bottleneck_ms, 3),
-                             "new_stages": sum(f is not None for f in p.stages)}
-                         for h, p in self.contingency.items()},
-                  standbys=sorted(f"{s.host}:{s.port}" for s in self.slots.values()
-                                  if s.standby))
-
-    def fits(self, host: str, prepared: Prepared, key: Held,
-             also: list[Held] | None = None) -> bool:
-        """Room for one more worker on `host`, beside its slots and the workers `also` about
-        to be loaded: the instance's node memory assumes one stage per host, so a second
-        worker also pays the worker runtime allowance."""
-        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
-
-        instance = prepared.request.version.instance
-        try:
-            budget = instance.node(host).memory_bytes
-        except KeyError:
-            return False
-        segments = instance.segments
-        need = sum(s.memory_bytes for s in segments[key.first:key.end])
-        for slot in self.slots.values():
-            if slot.host == host:
-                need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
-                    s.memory_bytes for s in self.infos[slot.version].instance.segments[
-                        slot.first:slot.end])
-        for other in also or []:
-            if other.node == host:
-                need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
-                    s.memory_bytes for s in self.infos[other.version].instance.segments[
-                        other.first:other.end])
-        return need <= budget
-
-    def make_room(self, host: str, keep: list[Slot], prepared: Prepared) -> None:
-        """A new epoch's worker shares `host`'s memory with every worker loaded there: the
-        planner counts only the stage itself, so standbys the epoch does not use are
-        released until it fits (they are expendable: the contingency plans are made again
-        for the new epoch)."""
-        instance = prepared.request.version.instance
-        try:
-            budget = instance.node(host).memory_bytes
-        except KeyError:
-            return
-        spare = [s for s in self.slots.values() if s.host == host and s.standby and
-                 not s.routes and all(s is not k for k in keep)]
-        while spare and self.memory_need(host) > budget:
-            self.release(spare.pop(), "room for a new epoch's worker")
-
-    def memory_need(self, host: str) -> int:
-        """What `host`'s workers take, in the instance's terms (node memory counts one
-        worker runtime: each worker beyond the first pays its own)."""
-        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
-
-        need = -(WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES)
-        for slot in self.slots.values():
-            if slot.host == host:
-                need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
-                    s.memory_bytes for s in self.infos[slot.version].instance.segments[
-                        slot.first:slot.end])
-        return need
-
-    def release_standbys(self, keep_version: int | None = None) -> None:
-        for slot in list(self.slots.values()):
-            if slot.standby and not slot.routes and slot.version != keep_version:
-                self.release(slot, "rollout: room for the new version")
-        self.contingency, self.contingency_queue, self.contingency_for = {}, [], None
 
     # -- hosts ---------------------------------------------------------------------------------
 
@@ -706,7 +548,7 @@ class ControlPlane:
             taken.add((slot.host, slot.port))
             slots.append(slot)
         for host in sorted({s.host for s in fresh}):
-            self.make_room(host, slots, prepared)
+            self.contingency.make_room(host, slots, prepared)
         number = self.numbers.allocate()
         prepared.epoch = number
         reused = len(slots) - len(fresh)

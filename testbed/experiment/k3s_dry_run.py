@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from formats.control import K3S_UNSUPPORTED
 from formats.errors import InputError
 from formats.scenario import Scenario
 from stage_image.security import KeyPair, generate_deployment_keys, save_keypair
@@ -58,8 +57,6 @@ def make_bundle(scenario: Scenario, prepared: Any, out_dir: Path) -> Bundle:
     from testbed.control.planning import sha256_file
     from testbed.experiment.run import workload_json
 
-    # the loop applies the scenario's control settings; those it cannot are refused here
-    scenario.control.refuse_unsupported("k3s", K3S_UNSUPPORTED)
     plan_json, stage_dir = write_plan_and_stages(prepared, out_dir)
     try:
         settings = k8s.settings_for_topology(scenario.topology, epoch=1, model_version=1,

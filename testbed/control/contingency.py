@@ -1,0 +1,207 @@
+"""Contingency plans and warm standbys of the embedded controller: while all is well, for
+each node of the active plan, the plan it would move to if that node died (planned in the
+background, one job at a time), and the stages those plans would newly need loaded as
+standbys on spare nodes, so that a failure that matches a contingency is a new epoch of
+existing workers: a few routes, no model transfer, no model load.
+
+Division of labour: testbed.control.plane owns the workers, epochs and jobs and calls this
+module; where standbys go is core.standby's rule; pipelines side by side get no contingency
+plans (the pipelines a loss leaves whole are the plan for it: ControlPlane.surviving).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from formats.control import ControlSettings
+from testbed.control import policy
+from testbed.control.core import standby as standby_rule
+from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
+from testbed.control.policy import Held
+from testbed.control.state import Epoch, Slot
+
+
+class Plane(Protocol):
+    """What this module uses of testbed.control.plane.ControlPlane."""
+
+    active: Epoch | None
+    control: ControlSettings
+    slots: dict[tuple[str, int], Slot]
+    infos: dict[int, VersionInfo]
+
+    @property
+    def target_version(self) -> int: ...
+    def held(self, exclude: set[str] | None = None) -> frozenset[Held]: ...
+    def usable_hosts(self) -> set[str]: ...
+    def start_job(self, kind: str, request: PlanRequest | None = None,
+                  manifest: Any = None) -> None: ...
+    def plan_request(self, kind: str, reason: str, live: set[str],
+                     excluded: str | None = None) -> PlanRequest: ...
+    def release(self, slot: Slot, why: str) -> None: ...
+    def new_slot(self, host: str, version: int, first: int, end: int, stage: StageFile,
+                 standby: bool = False) -> Slot: ...
+    def send_prepare(self, slot: Slot) -> None: ...
+    def emit(self, kind: str, /, **fields: Any) -> None: ...
+
+
+class Contingencies:
+    """The contingency plans for the active epoch and live nodes `made_for`."""
+
+    def __init__(self, plane: Plane) -> None:
+        self.plane = plane
+        self.plans: dict[str, Prepared] = {}      # host assumed lost -> plan
+        self.queue: list[str] = []                # hosts whose loss is still to plan
+        self.made_for: tuple[int, frozenset[str]] | None = None
+
+    def promised(self) -> list[str]:
+        """The nodes of the plans' new stages, one entry per stage (standby places)."""
+        return [stage.node for planned in self.plans.values()
+                for stage, file in zip(planned.plan.stages, planned.stages)
+                if file is not None]
+
+    def precomputed(self, live: set[str]) -> Prepared | None:
+        """A contingency plan made for exactly this set of live nodes, if its workers are
+        still there."""
+        for prepared in self.plans.values():
+            if set(prepared.request.live) != live or \
+                    prepared.request.version.version != self.plane.target_version:
+                continue
+            held = self.plane.held()
+            version = prepared.request.version.version
+            if all(f is not None or policy.stage_key(s, version) in held
+                   for s, f in zip(prepared.plan.stages, prepared.stages)):
+                prepared.precomputed = True
+                return prepared
+        return None
+
+    def next(self) -> None:
+        """Start planning the next single loss (a job), when there is one to plan."""
+        active = self.plane.active
+        # pipelines side by side need none: the surviving ones are the plan for any loss
+        control = self.plane.control
+        if not (control.standby and control.replan) or active is None or \
+                active.state != "active" or active.plan.chains:
+            return
+        live = frozenset(self.plane.usable_hosts())
+        key = (active.number, live)
+        if self.made_for != key:
+            # the plan in force or the live nodes changed: plan every single loss again
+            self.made_for = key
+            self.plans = {}
+            self.queue = [h for h in active.hosts if h in live]
+        if not self.queue:
+            return
+        host = self.queue.pop(0)
+        self.plane.start_job("contingency", self.plane.plan_request(
+            "contingency", f"if {host} is lost", set(live) - {host}, excluded=host))
+
+    def done(self, prepared: Prepared) -> None:
+        host = prepared.request.excluded
+        active = self.plane.active
+        if host is None or active is None or self.made_for != (
+                active.number, frozenset(self.plane.usable_hosts())):
+            return                          # computed for a state that is gone
+        self.plans[host] = prepared
+        if not self.queue:
+            self.reconcile_standbys()
+
+    def reconcile_standbys(self) -> None:
+        """Load what the contingency plans would newly need as standbys (core.standby);
+        release standbys no plan needs any more."""
+        needed: dict[Held, tuple[Prepared, StageFile]] = {}
+        kept: set[Held] = set()            # every stage of every contingency plan
+        for prepared in self.plans.values():
+            version = prepared.request.version.version
+            for stage, file in zip(prepared.plan.stages, prepared.stages):
+                key = policy.stage_key(stage, version)
+                kept.add(key)
+                if file is not None:
+                    needed.setdefault(key, (prepared, file))
+        idle = [s for s in self.plane.slots.values() if s.standby and not s.routes]
+        drop = set(standby_rule.unneeded([s.held for s in idle], kept))
+        for slot in idle:
+            if slot.held in drop:
+                self.plane.release(slot, "no contingency plan needs it")
+        per_node: dict[str, int] = {}
+        for slot in self.plane.slots.values():
+            if slot.standby:
+                per_node[slot.host] = per_node.get(slot.host, 0) + 1
+        # standbys chosen in this pass share their host's memory with the ones chosen before
+        # them (core.standby.choose takes every key `fits` accepts): count those too
+        picked: list[Held] = []
+
+        def fits(key: Held) -> bool:
+            if not self.fits(key.node, needed[key][0], key, picked):
+                return False
+            picked.append(key)
+            return True
+
+        chosen = standby_rule.choose(
+            list(needed), {s.held for s in self.plane.slots.values()},
+            {s.host for s in self.plane.slots.values() if s.routes}, per_node,
+            self.plane.control.standby_per_node, fits)
+        for key in chosen:
+            file = needed[key][1]
+            slot = self.plane.new_slot(key.node, key.version, key.first, key.end, file,
+                                       standby=True)
+            self.plane.send_prepare(slot)
+            self.plane.emit("standby.prepared", host=slot.host, port=slot.port,
+                            version=slot.version, segments=[slot.first, slot.end],
+                            sha256=file.sha256)
+        active = self.plane.active
+        self.plane.emit("contingency.ready", epoch=active.number if active else None,
+                        plans={h: {"hosts": [s.node for s in p.plan.stages],
+                                   "bottleneck_ms": round(p.plan.bottleneck_ms, 3),
+                                   "new_stages": sum(f is not None for f in p.stages)}
+                               for h, p in self.plans.items()},
+                        standbys=sorted(f"{s.host}:{s.port}"
+                                        for s in self.plane.slots.values() if s.standby))
+
+    def fits(self, host: str, prepared: Prepared, key: Held,
+             also: list[Held] | None = None) -> bool:
+        """Room for one more worker on `host`, beside its slots and the workers `also` about
+        to be loaded: the instance's node memory assumes one stage per host, so a second
+        worker also pays the worker runtime allowance."""
+        instance = prepared.request.version.instance
+        try:
+            budget = instance.node(host).memory_bytes
+        except KeyError:
+            return False
+        need = sum(s.memory_bytes for s in instance.segments[key.first:key.end])
+        need += sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
+                    if s.host == host)
+        need += sum(self.worker_bytes(k) for k in also or [] if k.node == host)
+        return need <= budget
+
+    def worker_bytes(self, key: Held) -> int:
+        """A loaded worker's memory: its runtime and its segments."""
+        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
+
+        segments = self.plane.infos[key.version].instance.segments[key.first:key.end]
+        return WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(s.memory_bytes
+                                                               for s in segments)
+
+    def make_room(self, host: str, keep: list[Slot], prepared: Prepared) -> None:
+        """A new epoch's worker shares `host`'s memory with every worker loaded there: the
+        planner counts only the stage itself, so standbys the epoch does not use are
+        released until it fits (they are expendable: the contingency plans are made again
+        for the new epoch). The instance's node memory holds one worker's runtime."""
+        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
+
+        try:
+            budget = prepared.request.version.instance.node(host).memory_bytes
+        except KeyError:
+            return
+        budget += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
+        spare = [s for s in self.plane.slots.values() if s.host == host and s.standby and
+                 not s.routes and all(s is not k for k in keep)]
+        while spare and sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
+                            if s.host == host) > budget:
+            self.plane.release(spare.pop(), "room for a new epoch's worker")
+
+    def release_standbys(self, keep_version: int | None = None) -> None:
+        for slot in list(self.plane.slots.values()):
+            if slot.standby and not slot.routes and slot.version != keep_version:
+                self.plane.release(slot, "rollout: room for the new version")
+        self.plans, self.queue, self.made_for = {}, [], None
+
