@@ -181,11 +181,32 @@ class Contingencies:
         return WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(s.memory_bytes
                                                                for s in segments)
 
-    def make_room(self, host: str, keep: list[Slot], prepared: Prepared) -> None:
+    def no_room(self, prepared: Prepared) -> list[str]:
+        """The hosts where the plan's new workers do not fit beside the workers loaded
+        there, standbys aside (make_room releases those)."""
+        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
+
+        instance = prepared.request.version.instance
+        version = prepared.request.version.version
+        need: dict[str, int] = {}
+        for stage, file in zip(prepared.plan.stages, prepared.stages):
+            if file is not None:
+                key = policy.stage_key(stage, version)
+                need[stage.node] = need.get(stage.node, 0) + self.worker_bytes(key)
+        for slot in self.plane.slots.values():
+            if slot.host in need and (slot.routes or not slot.standby):
+                need[slot.host] += self.worker_bytes(slot.held)
+        return sorted(h for h, n in need.items() if n > instance.node(h).memory_bytes +
+                      WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES)
+
+    def make_room(self, host: str, keep: list[Slot], prepared: Prepared,
+                  broken: list[Slot]) -> None:
         """A new epoch's worker shares `host`'s memory with every worker loaded there: the
-        planner counts only the stage itself, so standbys the epoch does not use are
-        released until it fits (they are expendable: the contingency plans are made again
-        for the new epoch). The instance's node memory holds one worker's runtime."""
+        planner counts only the stage itself, so what the epoch does not use is released
+        until it fits: first standbys (expendable: the contingency plans are made again for
+        the new epoch), then `broken`, workers that serve only broken epochs (those can never
+        serve again; their requests are replayed on the new epoch). The instance's node
+        memory holds one worker's runtime."""
         from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
 
         try:
@@ -195,6 +216,8 @@ class Contingencies:
         budget += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
         spare = [s for s in self.plane.slots.values() if s.host == host and s.standby and
                  not s.routes and all(s is not k for k in keep)]
+        spare = [s for s in broken if s.host == host and all(s is not k for k in keep)] + \
+            spare
         while spare and sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
                             if s.host == host) > budget:
             self.plane.release(spare.pop(), "room for a new epoch's worker")

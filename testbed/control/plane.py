@@ -463,6 +463,12 @@ class ControlPlane:
             return
         verdict = judge(prepared.plan, active.plan, self.control.rejoin_margin,
                         prepared.request.reason)
+        short = self.contingency.no_room(prepared) if verdict.accepted else []
+        if short:
+            # the epoch in force serves until the new one is ready and drained: a worker
+            # loaded beside its workers must fit beside them (else the host runs out)
+            verdict = replace(verdict, accepted=False,
+                              reason=f"no memory for the hand-over on {', '.join(short)}")
         self.out.append(verdict.event())
         if verdict.accepted:
             self.new_epoch(prepared)
@@ -547,8 +553,10 @@ class ControlPlane:
                 fresh.append(slot)
             taken.add((slot.host, slot.port))
             slots.append(slot)
+        broken = [s for s in self.slots.values() if s.routes and all(
+            e not in self.epochs or self.epochs[e].broken for e in s.routes)]
         for host in sorted({s.host for s in fresh}):
-            self.contingency.make_room(host, slots, prepared)
+            self.contingency.make_room(host, slots, prepared, broken)
         number = self.numbers.allocate()
         prepared.epoch = number
         reused = len(slots) - len(fresh)
