@@ -17,8 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from partitioner.instance import Node, Plan, Stage
+from testbed.control import events as ev
+from testbed.control.core.actions import Event
+from testbed.control.plane import Send
+from testbed.control.planning import PlanRequest, Prepared
 from testbed.control.sim.nemesis import KINDS, draw
 from testbed.control.sim.run import run_schedule
+from tests.test_plane import MiB, World, stage_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = 20      # per CI run; the time is printed by the command (see the report)
@@ -62,33 +68,81 @@ def test_schedules_cover_every_fault_kind_and_heal() -> None:
 
 
 def test_a_failure_prints_its_seed_and_the_command_that_replays_it() -> None:
-    # tight seed 3 shows the open hand-over bug (below): a failing run to look at
-    result = sim("--seed", "3", "--tight")
+    # tight seed 35 shows the open disk bug (below): a failing run to look at
+    result = sim("--seed", "35", "--tight")
     assert result.returncode == 1
-    assert "seed 3: FAIL" in result.stdout
-    assert "replay: python -m testbed.control.sim --seed 3 --faults 6 --tight --trace" \
+    assert "seed 35: FAIL" in result.stdout and "disk:" in result.stdout
+    assert "replay: python -m testbed.control.sim --seed 35 --faults 6 --tight --trace" \
         in result.stdout
 
 
-# -- bugs the simulation found ------------------------------------------------------------------
+# -- bugs the simulation found --------------------------------------------------------------
+# Each first as the plane's rule (tests.test_plane's fake world: two 1 MiB segments, workers
+# of 70 MiB runtime), then as the tight seeds that showed it (they ran a worker out of memory
+# before the fix).
 
-@pytest.mark.parametrize("seed", ["21", "27", "39"])
-def test_standbys_leave_room_for_workers(seed: str) -> None:
-    """Tight seeds that ran a worker out of memory before two fixes in plane.py:
-    reconcile_standbys chose several standbys for one host in one pass, each judged against
-    the slots loaded before the pass only (`fits(..., also=picked)` now); and a new
-    epoch's fresh worker was loaded beside the host's unused standbys (`make_room` now
-    releases them first)."""
+def tight(memory_mib: dict[str, int], speed: dict[str, float] | None = None) -> World:
+    """Epoch 1 serving on e1 (stage 0) and e2 (stage 1), with these node memories."""
+    w = World()
+    w.instance.nodes = [Node(n.name, (speed or {}).get(n.name, 1.0),
+                             memory_mib.get(n.name, 256) * MiB) for n in w.instance.nodes]
+    w.serving()
+    return w
+
+
+def events(actions: list[object], kind: str) -> list[Event]:
+    return [a for a in actions if isinstance(a, Event) and a.kind == kind]
+
+
+def test_standbys_chosen_in_one_pass_count_each_others_memory() -> None:
+    w = tight({"e3": 40})
+    # the plan for the loss of e1 needs stage 0 on e3, the one for e2 needs stage 1 on e3:
+    # one standby fits in e3's 40 MiB, two need 1 + 71 MiB
+    plans = {}
+    for lost, stages in (("e1", [Stage(0, 1, "e3"), Stage(1, 2, "e2")]),
+                         ("e2", [Stage(0, 1, "e1"), Stage(1, 2, "e3")])):
+        request = PlanRequest("contingency", f"if {lost} is lost", w.info,
+                              frozenset({"e1", "e2", "e3"} - {lost}), excluded=lost)
+        files = [stage_file(i) if s.node == "e3" else None for i, s in enumerate(stages)]
+        plans[lost] = Prepared(request, Plan.of(w.instance, stages, "given", False), files,
+                               None)
+    w.plane.contingency.plans, w.plane.contingency.queue = plans, []
+    w.plane.contingency.reconcile_standbys()
+    prepared = [e.fields["host"] for e in events(w.take(), "standby.prepared")]
+    assert prepared == ["e3"]
+
+
+def test_a_rejoin_that_does_not_fit_beside_the_epoch_in_force_is_declined() -> None:
+    # e1 is slow: stages on e2 and e3 halve the bottleneck, but e2 still runs epoch 1's
+    # stage 1 until the hand-over drained, and a second worker does not fit in its 40 MiB
+    w = tight({"e2": 40}, speed={"e1": 0.5})
+    w.plane.rejoin_done(w.prepared("e2", "e3", kind="rejoin"))
+    out = w.take()
+    declined = events(out, ev.REJOIN_DECLINED)
+    assert [e.fields["reason"] for e in declined] == ["no memory for the hand-over on e2"]
+    assert not events(out, ev.PLAN_COMPUTED) and w.plane.deploying is None
+
+
+def test_a_handover_that_does_not_fit_replaces_the_epoch_in_force() -> None:
+    w = tight({"e2": 40})
+    old = w.plane.active
+    assert old is not None
+    w.plane.new_epoch(w.prepared("e2", "e3", kind="rollout"))
+    releases = [a for a in w.take(Send) if a.kind == "release"]
+    # epoch 1 cannot drain beside the new stage 0 on e2: it is replaced (its requests are
+    # replayed on epoch 2), and its worker on e2 makes room at once
+    assert old.broken and w.plane.deploying is not None
+    assert [a.host for a in releases] == ["e2"]
+    assert sum(s.host == "e2" for s in w.plane.slots.values()) == 1
+
+
+@pytest.mark.parametrize("seed", ["3", "12", "18", "21", "27", "30", "39"])
+def test_tight_seeds_that_ran_out_of_memory(seed: str) -> None:
+    """3: a broken epoch's workers kept their memory while its replacement loaded, and a
+    rejoin loaded beside the epoch in force; 18: a rollout; 12, 30: straggler hand-overs;
+    21, 27, 39: standbys (two chosen at once, or left beside a new epoch's worker)."""
     result = sim("--seed", seed, "--tight")
     assert result.returncode == 0, result.stdout
-
-
-@pytest.mark.xfail(strict=True, reason="open: a hand-over loads the new epoch's workers "
-                   "while the old epoch's still run on the same host, and the planner "
-                   "counts only the new stage's memory")
-def test_a_handover_counts_the_old_epochs_workers() -> None:
-    result = sim("--seed", "3", "--tight")
-    assert "memory:" not in result.stdout, result.stdout
 
 
 @pytest.mark.xfail(strict=True, reason="open (issue 11 item 4): agents keep models of "

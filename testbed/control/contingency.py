@@ -200,27 +200,32 @@ class Contingencies:
                       WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES)
 
     def make_room(self, host: str, keep: list[Slot], prepared: Prepared,
-                  broken: list[Slot]) -> None:
+                  broken: list[Slot]) -> bool:
         """A new epoch's worker shares `host`'s memory with every worker loaded there: the
         planner counts only the stage itself, so what the epoch does not use is released
         until it fits: first standbys (expendable: the contingency plans are made again for
         the new epoch), then `broken`, workers that serve only broken epochs (those can never
         serve again; their requests are replayed on the new epoch). The instance's node
-        memory holds one worker's runtime."""
+        memory holds one worker's runtime. True when the host's workers fit now."""
         from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
 
         try:
             budget = prepared.request.version.instance.node(host).memory_bytes
         except KeyError:
-            return
+            return True
         budget += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
         spare = [s for s in self.plane.slots.values() if s.host == host and s.standby and
                  not s.routes and all(s is not k for k in keep)]
         spare = [s for s in broken if s.host == host and all(s is not k for k in keep)] + \
             spare
-        while spare and sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
-                            if s.host == host) > budget:
+
+        def need() -> int:
+            return sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
+                       if s.host == host)
+
+        while spare and need() > budget:
             self.plane.release(spare.pop(), "room for a new epoch's worker")
+        return need() <= budget
 
     def release_standbys(self, keep_version: int | None = None) -> None:
         for slot in list(self.plane.slots.values()):
