@@ -289,3 +289,37 @@ def test_a_straggler_moves_the_pipeline_off_its_host() -> None:
     job = world.take(StartJob)[0]
     assert job.request is not None and job.request.kind == "straggler"
     assert "e2" not in job.request.live
+
+
+def test_pipelines_side_by_side_lose_one_and_the_other_serves_at_once() -> None:
+    world = World(standby=False)
+    world.plane.start()
+    world.plane.job_done("bootstrap", ([{"x": 0}], [], world.info), None, world.now)
+    world.hello_all()
+    plan = Plan.of(world.instance, [Stage(0, 2, "e1"), Stage(0, 2, "e2")], "given", False,
+                   chains=(1, 1))
+    request = PlanRequest("initial", "initial", world.info, frozenset(EDGES))
+    files = [StageFile(Path("/m/whole.onnx"), "c" * 64, 100, ["x"], ["y"])] * 2
+    world.plane.job_done("initial", Prepared(request, plan, files, None), None, world.now)
+    for s in world.take(Send):
+        world.plane.on_worker(s.host, {"port": s.fields["port"], "epoch": 1, "stage": 0,
+                                       "state": "ready", "detail": "", "reason": "started"},
+                              world.now)
+    assert world.plane.active is not None and len(world.dispatcher.routes[-1][0].heads) == 2
+    world.take()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 0, "state": "failed",
+                                 "detail": "x", "reason": "exit"}, world.now)
+    world.plane.tick(world.now)
+    out = world.take()
+    # no planning job: the pipeline on e1 is the next epoch, every worker already serving
+    assert not [a for a in out if isinstance(a, StartJob)]
+    deployed = next(a for a in out if isinstance(a, Event) and a.kind == "plan.computed")
+    assert deployed.fields["hosts"] == ["e1"] and deployed.fields["reused_stages"] == 1
+    assert world.plane.improve == "1 of 2 pipelines left"     # a better plan is looked for
+    route = next(a for a in out if isinstance(a, Send) and a.kind == "deploy")
+    assert route.host == "e1" and route.fields["epoch"] == 2
+    world.plane.on_worker("e1", {"port": route.fields["port"], "epoch": 2, "stage": 0,
+                                 "state": "ready", "detail": "", "reason": "started"},
+                          world.now)
+    assert world.plane.active.number == 2 and world.dispatcher.retired == [1]
