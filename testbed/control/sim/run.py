@@ -6,8 +6,9 @@ Schedule `S + i` (i < K) builds its cluster (testbed.control.sim.world.Cluster.r
 its fault schedule (testbed.control.sim.nemesis.draw) from its seed alone, so any failure is
 replayed by `--seed S+i` (the command is printed with it). One run: deploy, start a closed-
 loop workload, apply the schedule, wait until every fault has healed and the plane has
-settled (every live, healthy node usable, a healthy epoch active; at most `SETTLE_CAP_S`),
-measure the throughput over `WINDOW_S` against the plan's prediction, stop issuing, drain,
+settled (every live, healthy node usable, a healthy epoch active; at most `SETTLE_CAP_S`)
+and the request timeout has passed since the last heal, measure the throughput over
+`WINDOW_S` against the plan's prediction, stop issuing, drain,
 and check that every request was answered exactly once (testbed.control.sim.checks).
 
 The plane iterates over sets of host names in places, and Python salts string hashes per
@@ -98,6 +99,10 @@ def run_schedule(seed: int, most: int = 6, span_s: float = 20.0,
                 break
             world.run_until(world.now + SETTLE_STEP_S)
         else:
+            # a frame lost to a fault too short to notice waits for the request timeout
+            # before it is sent again: the bound includes it
+            world.run_until(max(world.now, begin + schedule.healed_at
+                                + world.cfg.workload.timeout_s))
             measured, predicted = measure(world, checker)
         world.dispatcher.stop_issuing(world.now, DRAIN_S)
         world.run_until(world.now + DRAIN_S + 1.0)
