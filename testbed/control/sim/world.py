@@ -193,7 +193,8 @@ class Host:
     pid: int = 1000
     workers: dict[int, Worker] = field(default_factory=dict)
     disk: dict[str, int] = field(default_factory=dict)       # sha256 -> bytes on disk
-    cpu_free_at: float = 0.0
+    cpu_queue: deque[tuple[Worker, Frame]] = field(default_factory=deque)
+    cpu_busy: bool = False
     held: list[tuple[Callable[..., None], tuple[Any, ...]]] = field(default_factory=list)
 
     @property
@@ -759,15 +760,26 @@ class World:
         w = host.workers.get(port)
         if w is None or w.state != "ready" or w.stopping or frame.epoch not in w.routes:
             return                          # no such worker, or a frame of another epoch
+        host.cpu_queue.append((w, frame))
+        if not host.cpu_busy:
+            self.next_frame(host)
+
+    def next_frame(self, host: Host) -> None:
+        """The host's CPU takes the next frame, at the speed it has now (one at a time,
+        first come first served, whichever worker it is for)."""
+        if not host.cpu_queue:
+            return
+        w, frame = host.cpu_queue.popleft()
         segments = self.instance.segments[w.first:w.end]
         compute_s = (sum(s.compute_ms for s in segments) + self.instance.frame_overhead_ms) \
             / host.spec.speed * host.slow / 1000.0
-        start = max(self.now, host.cpu_free_at)
-        host.cpu_free_at = start + compute_s
-        self.at(start + compute_s, self.on_host, host, host.incarnation, self.computed, w,
+        host.cpu_busy = True
+        self.at(self.now + compute_s, self.on_host, host, host.incarnation, self.computed, w,
                 frame, compute_s)
 
     def computed(self, host: Host, w: Worker, frame: Frame, compute_s: float) -> None:
+        host.cpu_busy = False
+        self.next_frame(host)
         if host.workers.get(w.port) is not w or w.state != "ready":
             return
         route = w.routes.get(frame.epoch)
@@ -802,7 +814,8 @@ class World:
             host.up = False
             host.workers.clear()
             host.held.clear()
-            host.cpu_free_at = self.now
+            host.cpu_queue.clear()
+            host.cpu_busy = False
         elif action == "restart":
             # the machine boots again (link up, agent started): a new incarnation, no workers,
             # the disk as it was
@@ -811,7 +824,8 @@ class World:
             host.pid += 1
             host.workers.clear()
             host.held.clear()
-            host.cpu_free_at = self.now
+            host.cpu_queue.clear()
+            host.cpu_busy = False
             self.boot(host, self.rng.uniform(0.2, 1.0))
         elif action == "pause":
             host.paused = True
@@ -821,8 +835,6 @@ class World:
                 held, host.held = host.held, []
                 for fn, args in held:
                     self.at(self.now, self.on_host, host, host.incarnation, fn, *args[1:])
-                # the CPU did nothing meanwhile
-                host.cpu_free_at = max(host.cpu_free_at, self.now)
         elif action == "partition":
             host.partitioned = True
         elif action == "heal":
