@@ -11,6 +11,7 @@ again (`python -m testbed.control.sim --seed 0 --schedules 200 [--tight]`).
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,11 @@ from testbed.control import events as ev
 from testbed.control.core.actions import Event
 from testbed.control.plane import Send
 from testbed.control.planning import PlanRequest, Prepared
+from testbed.control.sim.checks import Checker
 from testbed.control.sim.nemesis import KINDS, draw
 from testbed.control.sim.run import run_schedule
+from testbed.control.sim.world import Cluster, Frame
+from testbed.control.sim.world import World as SimWorld
 from tests.test_plane import MiB, World, stage_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,3 +154,35 @@ def test_tight_seeds_that_ran_out_of_memory(seed: str) -> None:
 def test_retired_models_do_not_fill_the_disk() -> None:
     result = sim("--seed", "35", "--tight")
     assert "disk:" not in result.stdout, result.stdout
+
+
+# -- the checker sees what it is for ----------------------------------------------------------
+
+def test_the_checks_catch_each_kind_of_violation() -> None:
+    world = SimWorld(Cluster.random(random.Random(5)), 5)
+    checker = Checker(world)
+    world.start()
+    world.run_until(10.0)
+    assert world.plane.state() == "ready" and not world.violations
+    world.command({"cmd": "start_workload"})
+    world.run_until(12.0)
+    d = world.dispatcher
+    n = len(world.instance.segments)
+    # a result computed by two versions, and one missing a segment
+    rid = next(iter(d.pending))
+    d.on_result(Frame(rid, 1, 1, 0.0, ((1, 0, 1), (2, 1, n))))
+    rid = next(iter(d.pending))
+    d.on_result(Frame(rid, 1, 1, 0.0, ((1, 1, n),)))
+    # a plan deployed on a host silent for longer than detection takes
+    host = sorted(world.hosts)[0]
+    world.fault("crash", host, {})
+    world.run_until(world.now + 5.0)
+    checker.observe(ev.PLAN_DEPLOYED, {"epoch": 99, "hosts": [host]})
+    # a request answered twice, and requests still open at the end
+    d.requests[0].answers = 2
+    checker.finish()
+    # throughput far below the prediction
+    checker.throughput(world.now - 1.0, world.now, 1e6)
+    kinds = [kind for _, kind, _ in world.violations]
+    assert kinds.count("mismatch") == 2
+    assert {"dead_host", "answered_twice", "lost", "throughput"} <= set(kinds)
