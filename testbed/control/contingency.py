@@ -151,11 +151,20 @@ class Contingencies:
         for slot in self.plane.slots.values():
             if slot.standby:
                 per_node[slot.host] = per_node.get(slot.host, 0) + 1
+        # standbys chosen in this pass share their host's memory with the ones chosen before
+        # them (core.standby.choose takes every key `fits` accepts): count those too
+        picked: list[Held] = []
+
+        def fits(key: Held) -> bool:
+            if not self.fits(key.node, needed[key][0], key, picked):
+                return False
+            picked.append(key)
+            return True
+
         chosen = standby_rule.choose(
             list(needed), {s.held for s in self.plane.slots.values()},
             {s.host for s in self.plane.slots.values() if s.routes}, per_node,
-            self.plane.control.standby_per_node,
-            lambda key: self.fits(key.node, needed[key][0], key))
+            self.plane.control.standby_per_node, fits)
         for key in chosen:
             file = needed[key][1]
             slot = self.plane.new_slot(key.node, key.version, key.first, key.end, file,
@@ -173,24 +182,75 @@ class Contingencies:
                         standbys=sorted(f"{s.host}:{s.port}"
                                         for s in self.plane.slots.values() if s.standby))
 
-    def fits(self, host: str, prepared: Prepared, key: Held) -> bool:
-        """Room for one more worker on `host`: the instance's node memory assumes one stage
-        per host, so a second worker also pays the worker runtime allowance."""
-        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
-
+    def fits(self, host: str, prepared: Prepared, key: Held,
+             also: list[Held] | None = None) -> bool:
+        """Room for one more worker on `host`, beside its slots and the workers `also` about
+        to be loaded: the instance's node memory assumes one stage per host, so a second
+        worker also pays the worker runtime allowance."""
         instance = prepared.request.version.instance
         try:
             budget = instance.node(host).memory_bytes
         except KeyError:
             return False
-        segments = instance.segments
-        need = sum(s.memory_bytes for s in segments[key.first:key.end])
-        for slot in self.plane.slots.values():
-            if slot.host == host:
-                need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
-                    s.memory_bytes for s in self.plane.infos[slot.version].instance.segments[
-                        slot.first:slot.end])
+        need = sum(s.memory_bytes for s in instance.segments[key.first:key.end])
+        need += sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
+                    if s.host == host)
+        need += sum(self.worker_bytes(k) for k in also or [] if k.node == host)
         return need <= budget
+
+    def worker_bytes(self, key: Held) -> int:
+        """A loaded worker's memory: its runtime and its segments."""
+        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
+
+        segments = self.plane.infos[key.version].instance.segments[key.first:key.end]
+        return WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(s.memory_bytes
+                                                               for s in segments)
+
+    def no_room(self, prepared: Prepared) -> list[str]:
+        """The hosts where the plan's new workers do not fit beside the workers loaded
+        there, standbys aside (make_room releases those)."""
+        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
+
+        instance = prepared.request.version.instance
+        version = prepared.request.version.version
+        need: dict[str, int] = {}
+        for stage, file in zip(prepared.plan.stages, prepared.stages):
+            if file is not None:
+                key = policy.stage_key(stage, version)
+                need[stage.node] = need.get(stage.node, 0) + self.worker_bytes(key)
+        for slot in self.plane.slots.values():
+            if slot.host in need and (slot.routes or not slot.standby):
+                need[slot.host] += self.worker_bytes(slot.held)
+        return sorted(h for h, n in need.items() if n > instance.node(h).memory_bytes +
+                      WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES)
+
+    def make_room(self, host: str, keep: list[Slot], prepared: Prepared,
+                  broken: list[Slot]) -> bool:
+        """A new epoch's worker shares `host`'s memory with every worker loaded there: the
+        planner counts only the stage itself, so what the epoch does not use is released
+        until it fits: first standbys (expendable: the contingency plans are made again for
+        the new epoch), then `broken`, workers that serve only broken epochs (those can never
+        serve again; their requests are replayed on the new epoch). The instance's node
+        memory holds one worker's runtime. True when the host's workers fit now."""
+        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
+
+        try:
+            budget = prepared.request.version.instance.node(host).memory_bytes
+        except KeyError:
+            return True
+        budget += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
+        spare = [s for s in self.plane.slots.values() if s.host == host and s.standby and
+                 not s.routes and all(s is not k for k in keep)]
+        spare = [s for s in broken if s.host == host and all(s is not k for k in keep)] + \
+            spare
+
+        def need() -> int:
+            return sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
+                       if s.host == host)
+
+        while spare and need() > budget:
+            self.plane.release(spare.pop(), "room for a new epoch's worker")
+        return need() <= budget
 
     def release_standbys(self, keep_version: int | None = None) -> None:
         for slot in list(self.plane.slots.values()):

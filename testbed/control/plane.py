@@ -446,6 +446,12 @@ class ControlPlane:
             return
         verdict = judge(prepared.plan, active.plan, self.control.rejoin_margin,
                         prepared.request.reason)
+        short = self.contingency.no_room(prepared) if verdict.accepted else []
+        if short:
+            # the epoch in force serves until the new one is ready and drained: a worker
+            # loaded beside its workers must fit beside them (else the host runs out)
+            verdict = replace(verdict, accepted=False,
+                              reason=f"no memory for the hand-over on {', '.join(short)}")
         self.out.append(verdict.event())
         if verdict.accepted:
             self.new_epoch(prepared)
@@ -530,6 +536,17 @@ class ControlPlane:
                 fresh.append(slot)
             taken.add((slot.host, slot.port))
             slots.append(slot)
+        hosts = sorted({s.host for s in fresh})
+        short = [h for h in hosts
+                 if not self.contingency.make_room(h, slots, prepared, self.expendable())]
+        active = self.active
+        if short and active is not None and not active.broken:
+            # the epoch in force would serve beside the new workers until it drained, and
+            # they do not fit: it is replaced instead (its requests are replayed on the new
+            # epoch, as after a failure), and its workers there make room
+            active.broken = True
+            for host in short:
+                self.contingency.make_room(host, slots, prepared, self.expendable())
         number = self.numbers.allocate()
         prepared.epoch = number
         reused = len(slots) - len(fresh)
@@ -552,6 +569,13 @@ class ControlPlane:
         self.maybe_deploy(epoch)
         if superseded is not None:
             self.abandon(superseded, f"superseded by epoch {number}")
+
+    def expendable(self) -> list[Slot]:
+        """Workers that serve only epochs that will never serve again: broken ones, and the
+        epoch still deploying (a new epoch supersedes it)."""
+        return [s for s in self.slots.values() if s.routes and all(
+            e not in self.epochs or self.epochs[e].broken or self.epochs[e] is self.deploying
+            for e in s.routes)]
 
     def maybe_deploy(self, epoch: Epoch) -> None:
         if epoch.state != "waiting":

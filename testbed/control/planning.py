@@ -162,8 +162,6 @@ class Planner:
                 with self.lock:
                     self.split_cache[(req.version.version, cut_indices(plan))] = req.given_stages
         else:
-            from partitioner.replicate import plan_pipelines  # needed only here
-
             candidates = policy.repair_candidates(instance, req.base) if req.base else []
             # the best plan, and the best that keeps off the nodes to avoid (a new version
             # deployed beside the old one on nodes that do not serve takes no CPU from it)
@@ -172,9 +170,7 @@ class Planner:
             problem: InfeasibleError | None = None
             for pool in pools:
                 try:
-                    candidates.append(plan_pipelines(restrict(instance, pool),
-                                                     self.algorithm, self.time_limit_s,
-                                                     self.seed, self.pipelines))
+                    candidates.append(self.solve(req.version, restrict(instance, pool)))
                 except InfeasibleError as exc:
                     problem = problem or exc
             if not candidates:
@@ -197,6 +193,13 @@ class Planner:
             prepared.split_s, prepared.split_cached = time.monotonic() - started, cached
             prepared.stage_dir = stage_dir
         return prepared
+
+    def solve(self, version: VersionInfo, instance: Instance) -> Plan:
+        """The planner's best plan for `instance` (the version's, on some of its nodes)."""
+        from partitioner.replicate import plan_pipelines  # needed only here
+
+        return plan_pipelines(instance, self.algorithm, self.time_limit_s, self.seed,
+                              self.pipelines)
 
     def stage_files(self, version: VersionInfo, plan: Plan,
                     ) -> tuple[list[StageFile], Path, bool]:

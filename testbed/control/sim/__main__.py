@@ -1,0 +1,5 @@
+import sys
+
+from testbed.control.sim.run import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""Runs seeded schedules on simulated clusters and judges them:
+
+    python -m testbed.control.sim --seed S [--schedules K] [--faults N] [--tight] [--trace]
+
+Schedule `S + i` (i < K) builds its cluster (testbed.control.sim.world.Cluster.random) and
+its fault schedule (testbed.control.sim.nemesis.draw) from its seed alone, so any failure is
+replayed by `--seed S+i` (the command is printed with it). One run: deploy, start a closed-
+loop workload, apply the schedule, wait until every fault has healed and the plane has
+settled (every live, healthy node usable, a healthy epoch active; at most `SETTLE_CAP_S`)
+and the request timeout has passed since the last heal, measure the throughput over
+`WINDOW_S` against the plan's prediction, stop issuing, drain,
+and check that every request was answered exactly once (testbed.control.sim.checks).
+
+The plane iterates over sets of host names in places, and Python salts string hashes per
+process: the command line therefore runs under PYTHONHASHSEED=0 (it re-executes itself when
+that is not set), so a printed seed replays the same trace in any process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+from testbed.control.sim.checks import Checker
+from testbed.control.sim.nemesis import Schedule, draw
+from testbed.control.sim.world import Cluster, World
+
+READY_CAP_S = 30.0          # the first deployment must be serving by then
+WARMUP_S = 2.0              # the workload runs this long before the first fault
+SETTLE_CAP_S = 120.0        # after the last fault healed (back-offs double: allow several)
+SETTLE_STEP_S = 0.5
+FILL_S = 2.0                # a new epoch's pipeline fills before the window
+WINDOW_S = 5.0              # throughput measured over this
+WINDOW_TRIES = 5            # a window cut short by a new epoch is measured again
+DRAIN_S = 15.0
+
+
+@dataclass
+class Outcome:
+    seed: int
+    schedule: Schedule
+    violations: list[tuple[float, str, str]]
+    sent: int
+    completed: int
+    duplicates: int
+    epochs: int
+    measured_rps: float
+    predicted_rps: float
+    sim_s: float
+    digest: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def line(self) -> str:
+        kinds = ",".join(self.schedule.kinds()) or "none"
+        verdict = "ok" if self.ok else "FAIL " + ",".join(sorted({v[1] for v in
+                                                                 self.violations}))
+        return (f"seed {self.seed}: {verdict}  faults {len(self.schedule.steps)} ({kinds}) "
+                f"epochs {self.epochs} requests {self.completed}/{self.sent} "
+                f"dup {self.duplicates} rps {self.measured_rps:.1f}/"
+                f"{self.predicted_rps:.1f} sim {self.sim_s:.0f}s")
+
+
+def digest(world: World) -> str:
+    return hashlib.sha256(repr(world.trace).encode()).hexdigest()[:16]
+
+
+def run_schedule(seed: int, most: int = 6, span_s: float = 20.0,
+                 tight: bool = False) -> tuple[Outcome, World]:
+    rng = random.Random(seed)
+    world = World(Cluster.random(rng, tight), seed)
+    checker = Checker(world)
+    schedule = draw(seed, sorted(world.hosts), span_s, most)
+    world.start()
+    measured = predicted = 0.0
+    while world.plane.state() != "ready" and world.now < READY_CAP_S:
+        world.run_until(world.now + 0.1)
+    if world.plane.state() != "ready":
+        world.violation("no_recovery", f"not ready after {READY_CAP_S:.0f} s "
+                        f"(state {world.plane.state()})")
+    else:
+        reply = world.command({"cmd": "start_workload"})
+        assert reply["ok"], reply
+        begin = world.now + WARMUP_S
+        for step in schedule.steps:
+            world.at(begin + step.at, world.fault, step.action, step.target, step.params)
+        world.run_until(begin + schedule.healed_at)
+        deadline = world.now + SETTLE_CAP_S
+        while why := checker.unsettled():
+            if world.now >= deadline:
+                checker.not_settled(why)
+                break
+            world.run_until(world.now + SETTLE_STEP_S)
+        else:
+            # a frame lost to a fault too short to notice waits for the request timeout
+            # before it is sent again: the bound includes it
+            world.run_until(max(world.now, begin + schedule.healed_at
+                                + world.cfg.workload.timeout_s))
+            measured, predicted = measure(world, checker)
+        world.dispatcher.stop_issuing(world.now, DRAIN_S)
+        world.run_until(world.now + DRAIN_S + 1.0)
+        if world.dispatcher.state != "done":
+            world.dispatcher.finish()
+        checker.finish()
+    d = world.dispatcher
+    outcome = Outcome(seed, schedule, list(world.violations), len(d.requests), d.completed,
+                      d.duplicates, world.plane.numbers.next - 1, measured, predicted,
+                      world.now, digest(world))
+    return outcome, world
+
+
+def measure(world: World, checker: Checker) -> tuple[float, float]:
+    """Throughput over a window in which one healthy epoch served throughout."""
+    measured = predicted = 0.0
+    for _ in range(WINDOW_TRIES):
+        active = world.plane.active
+        world.run_until(world.now + FILL_S)
+        start = world.now
+        world.run_until(start + WINDOW_S)
+        if active is None or world.plane.active is not active or active.broken:
+            continue
+        predicted = active.plan.predicted_throughput_rps
+        measured = checker.throughput(start, world.now, predicted)
+        return measured, predicted
+    world.violation("no_recovery", f"the epoch in force changed in each of {WINDOW_TRIES} "
+                    f"throughput windows")
+    return measured, predicted
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        # string hashes must be the same in every process for a seed to replay
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        args = [sys.executable, "-m", "testbed.control.sim",
+                *(sys.argv[1:] if argv is None else argv)]
+        os.execve(sys.executable, args, env)
+    p = argparse.ArgumentParser(prog="python -m testbed.control.sim",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="the first schedule's seed")
+    p.add_argument("--schedules", type=int, default=1, help="how many (seeds S, S+1, ...)")
+    p.add_argument("--faults", type=int, default=6, help="at most this many per schedule")
+    p.add_argument("--tight", action="store_true",
+                   help="hosts with room for one or two workers and a few stage files")
+    p.add_argument("--trace", action="store_true", help="print each run's trace")
+    args = p.parse_args(argv)
+    if args.schedules < 1 or args.faults < 1:
+        p.error("--schedules and --faults must be at least 1")
+    failed = []
+    started = time.monotonic()
+    for seed in range(args.seed, args.seed + args.schedules):
+        outcome, world = run_schedule(seed, args.faults, tight=args.tight)
+        print(outcome.line(), flush=True)
+        if args.trace:
+            for t, kind, fields in world.trace:
+                print(f"  {t:9.3f} {kind} {fields}")
+        if not outcome.ok:
+            failed.append(seed)
+            for step in outcome.schedule.steps:
+                print(f"    step {step.describe()}")
+            for t, kind, detail in outcome.violations[:10]:
+                print(f"    {t:.3f}s {kind}: {detail}")
+            print(f"    replay: python -m testbed.control.sim --seed {seed} "
+                  f"--faults {args.faults}{' --tight' if args.tight else ''} --trace")
+    took = time.monotonic() - started
+    print(f"{args.schedules} schedules, {len(failed)} failed, {took:.1f} s"
+          + (f"; failed seeds {failed}" if failed else ""))
+    return 1 if failed else 0
