@@ -275,11 +275,11 @@ def run_batch(args: argparse.Namespace, results_root: Path,
             result.wall_s = time.time() - started
             _write_reports(result, args)
             if latch.received is not None:
-                interrupted_code = outcome.exit_code
+                interrupted_code = 128 + latch.received
                 break
-    except Interrupted:
+    except Interrupted as exc:
         # Between two runs (a run catches its own): nothing of ours is up.
-        interrupted_code = 128 + (latch.received or signal.SIGINT)
+        interrupted_code = exc.exit_code
     if latch.received is not None:
         name = signal.Signals(latch.received).name
         for outcome in result.outcomes:

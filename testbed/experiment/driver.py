@@ -111,7 +111,7 @@ def run_one(scenario: Scenario, out_dir: Path, args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     except Interrupted as exc:
         log(f"interrupted ({exc}); everything was torn down")
-        return 1
+        return exc.exit_code
     except RuntimeError as exc:
         log(f"run failed: {exc}")
         return 1

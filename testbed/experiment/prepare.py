@@ -22,11 +22,17 @@ def log(message: str) -> None:
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM: stop the run, tear down, exit 1."""
+    """SIGINT/SIGTERM: stop the run, tear down, exit 128 + the signal's number (130 / 143,
+    what shells expect of a program a signal ended)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(signal.Signals(signum).name)
 
 
 def on_signal(signum: int, _frame: Any) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    raise Interrupted(signum)
 
 
 @dataclass
