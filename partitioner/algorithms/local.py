@@ -56,8 +56,9 @@ def best_cuts(stage: np.ndarray, hop: np.ndarray, nodes: list[int],
 
 
 def improve(stage: np.ndarray, hop: np.ndarray, path: Path, threshold: float,
-            budget: int = EVALUATIONS) -> Path:
-    """A plan at least as good as `path` (by latency, every cost <= threshold)."""
+            budget: int = EVALUATIONS, deadline: float | None = None) -> Path:
+    """A plan at least as good as `path` (by latency, every cost <= threshold); stops early
+    once time.monotonic() passes `deadline`."""
     n = stage.shape[2]
     nodes = [v for _, _, v in path]
     value, best = best_cuts(stage, hop, nodes, threshold)
@@ -68,7 +69,8 @@ def improve(stage: np.ndarray, hop: np.ndarray, path: Path, threshold: float,
         improved = False
         for candidate in _neighbours(nodes, n):
             budget -= 1
-            if budget <= 0:
+            if budget <= 0 or (deadline is not None and time.monotonic() > deadline):
+                budget = 0
                 break
             trial_value, trial = best_cuts(stage, hop, candidate, threshold)
             if trial_value < value * (1 - 1e-12):
