@@ -76,7 +76,10 @@ CONFIG.json (testbed.control.state.ControllerConfig; unknown fields are refused)
   straggler_factor (2.0; 0: off), straggler_after_s (2.0),
   repository (RUN_DIR/repository), repository_poll_s (0.5), auto_rollout (true),
   base_reserve_bytes (the initial model's activation reserve, when known), curve_keypair
-  (a stage_image.security keypair file: CurveZMQ on; agents then need its public key).
+  (a stage_image.security keypair file: CurveZMQ on; agents then need its public key),
+  agent_keys ({host: agent public key}; with curve_keypair only these agents get in, each
+  only as its own host, and the sink only admits the last stages of live epochs: see
+  testbed.control.auth).
 
 Driver commands (JSON over REQ/REP, every reply has "ok"): {"cmd": "status"},
 {"cmd": "start_workload", "workload": {overrides}}, {"cmd": "stop"},
@@ -109,9 +112,10 @@ from partitioner.instance import (
     plan_from_json,
     plan_problems,
 )
-from stage_image.security import KeyPair, apply_server, load_keypair
+from stage_image.security import Gate, KeyPair, apply_server, load_keypair, start_gates, user_id
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 from testbed.control import policy
+from testbed.control.auth import AgentKeys, sink_senders
 from testbed.control.dispatcher import (
     Dispatcher,
     Head,
@@ -143,6 +147,8 @@ from testbed.control.state import (
 __all__ = ["Controller", "ControllerConfig", "cut_indices", "main"]
 
 FIXED_WORKLOAD_FIELDS = ("seed", "pool_size", "input_dims")  # the pool is built at start
+# Epochs whose last stages may deliver results to the sink.
+LIVE_EPOCH_STATES = ("deploying", "active", "draining")
 
 
 # -- the controller ---------------------------------------------------------------------------
@@ -179,13 +185,23 @@ class Controller:
         self.curve = load_keypair(cfg.curve_keypair) if cfg.curve_keypair else None
         if self.curve is not None:
             apply_server(self.router, self.curve)
+        # Authentication (testbed.control.auth): ZAP admits only the run's agent keys on the
+        # control port and the live last stages' keys on the sink.
+        self.agent_keys = AgentKeys(cfg.agent_keys) if cfg.agent_keys is not None else None
+        self.sink_gate = Gate()
+        self.zap = None
+        if self.agent_keys is not None:
+            self.zap = start_gates(self.ctx, {"control": Gate(self.agent_keys.publics()),
+                                              "sink": self.sink_gate})
+            self.router.zap_domain = b"control"
         self.router.bind(f"tcp://{cfg.dispatcher_ip}:{cfg.control_port}")
         self.rep = self.ctx.socket(zmq.REP)
         self.rep.setsockopt(zmq.LINGER, 0)
         self.rep.bind(cfg.control_ipc)
         self.dispatcher = Dispatcher(self.ctx, f"tcp://{cfg.dispatcher_ip}:{cfg.sink_port}",
                                      self.events.emit, dispatch_log,
-                                     keys=KeyPair.generate() if self.curve else None)
+                                     keys=KeyPair.generate() if self.curve else None,
+                                     zap_domain="sink" if self.zap is not None else None)
         self.planner = Planner(cfg.run_dir, cfg.planner.algorithm, cfg.planner.time_limit_s,
                                cfg.planner.seed, cfg.reuse_tolerance, cfg.planner.pipelines)
         self.agents: dict[str, AgentInfo] = {}
@@ -781,11 +797,34 @@ class Controller:
         curve = {}
         if slot.keys is not None:
             curve = {"curve": {"secret": slot.keys.secret.decode(),
-                               "next_public": self.public(epoch, after)}}
+                               "next_public": self.public(epoch, after),
+                               "upstream": self.upstream(epoch, stage)}}
+            if after is None:
+                self.update_sink_gate()
         self.send(slot.host, "deploy", epoch=epoch.number, stage=stage, version=slot.version,
                   sha256=f.sha256, size=f.size, port=slot.port,
                   next=self.address(epoch, after), inputs=f.inputs, outputs=f.outputs,
                   **curve)
+
+    def upstream(self, epoch: Epoch, stage: int) -> list[str]:
+        """Public keys of whoever sends to `stage` in `epoch`: the stages before it (one per
+        pipeline feeding it), or the dispatcher for a pipeline's first stage."""
+        plan = epoch.plan
+        keys = [self.public(epoch, i) for i in range(len(plan.stages))
+                if plan.next_stage(i) == stage]
+        if stage in plan.heads:
+            keys.append(self.dispatcher.keys.public.decode())
+        return keys
+
+    def update_sink_gate(self) -> None:
+        """The sink admits the last stages of live epochs only (testbed.control.auth)."""
+        if self.zap is None:
+            return
+        live = [e for e in self.epochs.values() if e.state in LIVE_EPOCH_STATES]
+        self.sink_gate.set(sink_senders(
+            slot.keys.public.decode() if slot.keys else None
+            for epoch in live for i, slot in enumerate(epoch.slots)
+            if epoch.plan.next_stage(i) is None))
 
     def public(self, epoch: Epoch, stage: int | None) -> str:
         """CurveZMQ public key of a stage's worker (None, after a pipeline's last: the
@@ -930,6 +969,7 @@ class Controller:
     def withdraw(self, epoch: Epoch, state: str) -> None:
         """Take the epoch's routes away; a worker left serving nothing is released."""
         epoch.state = state
+        self.update_sink_gate()
         for host in set(epoch.hosts):
             # not to a suspected host: if it comes back, its workers should still be up
             # to be taken back (`readopt`); it is told to stop when it heartbeats again
@@ -968,6 +1008,12 @@ class Controller:
             except FrameError as exc:
                 self.log.warning("bad control message from %s dropped: %s", host[:64], exc)
                 continue
+            if self.agent_keys is not None:
+                claimed = msg["host"] if msg.type in ("hello", "heartbeat") else None
+                known, why = self.agent_keys.host_for(user_id(parts[-1]), host, claimed)
+                if known is None:
+                    self.log.warning("control message dropped: %s", why)
+                    continue
             if host not in self.cfg.hosts:
                 self.log.warning("message from unknown agent %r ignored", host[:64])
                 continue
@@ -1359,6 +1405,8 @@ class Controller:
         self.dispatcher.close()
         self.router.close(0)
         self.rep.close(0)
+        if self.zap is not None:
+            self.zap.stop()         # its ZAP socket would keep ctx.term() waiting
         self.ctx.term()
 
 

@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None, prog: str = "run_scenario.py") -> argpars
                         "$KUBECONFIG)")
     parser.add_argument("--keep", action="store_true",
                         help="k3s: leave the namespace on the cluster after the run")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="embedded: no CurveZMQ on the control and data planes (for "
+                        "experiments, e.g. to measure what encryption costs); by default "
+                        "every peer is authenticated by a per-run key")
     parser.add_argument("--check", action="store_true",
                         help="only check every file (and the baseline) and exit: 0 all good, "
                         "2 bad input; builds nothing, needs no root")
@@ -105,7 +109,7 @@ def run_one(scenario: Scenario, out_dir: Path, args: argparse.Namespace) -> int:
             from testbed.experiment.k3s_dry_run import dry_run
 
             return dry_run(scenario, prepared, out_dir, backend)
-        return run_embedded(scenario, prepared, out_dir)
+        return run_embedded(scenario, prepared, out_dir, plaintext=args.plaintext)
     except (InputError, InfeasibleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

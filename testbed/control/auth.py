@@ -1,0 +1,57 @@
+"""Who may talk to the controller and to the sink, decided by CurveZMQ keys (issue 15).
+
+Division of labour: this module is pure: it maps authenticated public keys (the ZAP User-Id of
+a message, Z85 text) to host names and holds the allow-lists; the controller's ZeroMQ shell
+asks it at two call sites: when an agent's message arrives (`host_for`) and whenever the set of
+live epochs changes (`sink_senders`, fed to the sink's Gate). Socket options and the ZAP
+thread are stage_image.security's.
+
+Rules:
+- an agent is known by its key: the driver generates one keypair per host for the run and
+  gives the controller the public halves (`agents`: host -> public key). A message counts as
+  from host H only if CURVE authenticated H's key; the DEALER identity frame and the `host`
+  field must both say H, or the message is dropped (a process holding edge5's key cannot speak
+  for edge4, and one holding no key does not get through the handshake at all);
+- the sink accepts results only from the last stage's workers of live epochs (active,
+  deploying, draining): their public keys are the sink's allow-list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AgentKeys:
+    """host -> Z85 public key of its agent, and the reverse."""
+
+    agents: Mapping[str, str]
+    by_key: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_key = {key: host for host, key in self.agents.items()}
+        if len(self.by_key) != len(self.agents):
+            raise ValueError("two hosts share an agent key")
+
+    def publics(self) -> list[str]:
+        return list(self.agents.values())
+
+    def host_for(self, authenticated: str | None, identity: str,
+                 claimed: str | None) -> tuple[str | None, str]:
+        """(host, "") when the message is from a known agent whose identity frame (and `host`
+        field, if the message has one) name the host its key belongs to; (None, why) if not."""
+        host = self.by_key.get(authenticated or "")
+        if host is None:
+            return None, "no agent key authenticated this message"
+        if identity != host:
+            return None, f"the key of {host} used with the identity {identity[:64]!r}"
+        if claimed is not None and claimed != host:
+            return None, f"the key of {host} claims to be {str(claimed)[:64]!r}"
+        return host, ""
+
+
+def sink_senders(last_stage_keys: Iterable[str | None]) -> list[str]:
+    """The sink's allow-list: the public keys of the last stages of every live epoch (None:
+    a slot without keys, plaintext)."""
+    return sorted({key for key in last_stage_keys if key})
