@@ -152,7 +152,10 @@ class Agent:
         self.seq = 0
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.host.encode())
+        if not args.curve_keypair:
+            # without a key of our own the name is our identity; with one, the controller
+            # knows us by the key and routes to our connection (testbed.control.auth)
+            self.sock.setsockopt(zmq.ROUTING_ID, self.host.encode())
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)

@@ -9,9 +9,13 @@ thread are stage_image.security's.
 Rules:
 - an agent is known by its key: the driver generates one keypair per host for the run and
   gives the controller the public halves (`agents`: host -> public key). A message counts as
-  from host H only if CURVE authenticated H's key; the DEALER identity frame and the `host`
-  field must both say H, or the message is dropped (a process holding edge5's key cannot speak
-  for edge4, and one holding no key does not get through the handshake at all);
+  from host H only if CURVE authenticated H's key, and a `host` field in it must say H too, or
+  it is dropped (a process holding edge5's key cannot speak for edge4, and one holding no key
+  does not get through the handshake at all). The DEALER identity frame names nobody: keyed
+  agents leave it to the ROUTER (a random one per connection) and the controller answers a
+  host on the connection its key last spoke from (`Peers`), so no connection can take over
+  another host's name (with names as identities, ROUTER_HANDOVER let any admitted key hand
+  itself another host's connection);
 - the sink accepts results only from the last stage's workers of live epochs (active,
   deploying, draining): their public keys are the sink's allow-list.
 """
@@ -37,18 +41,30 @@ class AgentKeys:
     def publics(self) -> list[str]:
         return list(self.agents.values())
 
-    def host_for(self, authenticated: str | None, identity: str,
+    def host_for(self, authenticated: str | None,
                  claimed: str | None) -> tuple[str | None, str]:
-        """(host, "") when the message is from a known agent whose identity frame (and `host`
-        field, if the message has one) name the host its key belongs to; (None, why) if not."""
+        """(host, "") when the message is from a known agent (and its `host` field, if it has
+        one, names the host its key belongs to); (None, why) if not."""
         host = self.by_key.get(authenticated or "")
         if host is None:
             return None, "no agent key authenticated this message"
-        if identity != host:
-            return None, f"the key of {host} used with the identity {identity[:64]!r}"
         if claimed is not None and claimed != host:
             return None, f"the key of {host} claims to be {str(claimed)[:64]!r}"
         return host, ""
+
+
+@dataclass
+class Peers:
+    """host -> the ROUTER identity of the connection its key last spoke from: where the
+    controller sends to that host (a restarted or reconnected agent moves it)."""
+
+    identities: dict[str, bytes] = field(default_factory=dict)
+
+    def heard(self, host: str, identity: bytes) -> None:
+        self.identities[host] = identity
+
+    def identity(self, host: str) -> bytes | None:
+        return self.identities.get(host)
 
 
 def sink_senders(last_stage_keys: Iterable[str | None]) -> list[str]:

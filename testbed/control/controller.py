@@ -115,7 +115,7 @@ from partitioner.instance import (
 from stage_image.security import Gate, KeyPair, apply_server, load_keypair, start_gates, user_id
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 from testbed.control import policy
-from testbed.control.auth import AgentKeys, sink_senders
+from testbed.control.auth import AgentKeys, Peers, sink_senders
 from testbed.control.dispatcher import (
     Dispatcher,
     Head,
@@ -189,6 +189,7 @@ class Controller:
         # control port and the live last stages' keys on the sink.
         self.agent_keys = AgentKeys(cfg.agent_keys) if cfg.agent_keys is not None else None
         self.sink_gate = Gate()
+        self.peers = Peers()
         self.zap = None
         if self.agent_keys is not None:
             self.zap = start_gates(self.ctx, {"control": Gate(self.agent_keys.publics()),
@@ -986,8 +987,11 @@ class Controller:
     # -- agents --------------------------------------------------------------------------------
 
     def send(self, host: str, kind: str, blob: bytes | None = None, **fields: Any) -> None:
+        # keyed agents: the connection the host's key last spoke from (testbed.control.auth)
+        identity = self.peers.identity(host) if self.agent_keys is not None else None
         try:
-            self.router.send_multipart([host.encode(), *encode_control(kind, blob, **fields)],
+            self.router.send_multipart([identity or host.encode(),
+                                        *encode_control(kind, blob, **fields)],
                                        flags=zmq.NOBLOCK)
         except zmq.Again:
             self.log.warning("control queue to %s full; %s dropped", host, kind)
@@ -1010,10 +1014,12 @@ class Controller:
                 continue
             if self.agent_keys is not None:
                 claimed = msg["host"] if msg.type in ("hello", "heartbeat") else None
-                known, why = self.agent_keys.host_for(user_id(parts[-1]), host, claimed)
+                known, why = self.agent_keys.host_for(user_id(parts[-1]), claimed)
                 if known is None:
                     self.log.warning("control message dropped: %s", why)
                     continue
+                self.peers.heard(known, parts[0].bytes)
+                host = known
             if host not in self.cfg.hosts:
                 self.log.warning("message from unknown agent %r ignored", host[:64])
                 continue
