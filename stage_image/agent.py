@@ -471,7 +471,11 @@ class Agent:
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             config_path = self.log_dir / f"{name}.json"
-            config_path.write_text(json.dumps(config, indent=1))
+            # it holds the worker's CurveZMQ secret key: owner only (the log directory may
+            # be in a results directory others read)
+            fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(config, indent=1))
             rec.log_path = self.log_dir / f"{name}.log"
             log_file = open(rec.log_path, "ab")
         except OSError as exc:
