@@ -88,9 +88,10 @@ def load_yaml(path: str | Path) -> Located:
     """Read a YAML file whose top level must be a mapping."""
     path = Path(path)
     text = decode_text(path)
-    loader = _LineLoader(text)
-    loader.name = str(path)
+    loader = None
     try:
+        loader = _LineLoader(text)      # its reader refuses control characters right here
+        loader.name = str(path)
         document = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
@@ -98,14 +99,16 @@ def load_yaml(path: str | Path) -> Located:
     except yaml.reader.ReaderError as exc:
         # A character YAML does not allow (a control character): the reader knows its offset.
         line = text.count("\n", 0, exc.position) + 1
-        raise InputError(f"not valid YAML: character {exc.character!r} is not allowed",
-                         file=path, line=line) from exc
+        code = ord(exc.character) if isinstance(exc.character, str) else exc.character
+        raise InputError(f"not valid YAML: character 0x{code:02x} is not allowed (a control "
+                         "character)", file=path, line=line) from exc
     except yaml.YAMLError as exc:
         raise InputError(f"not valid YAML: {exc}", file=path) from exc
     except RecursionError as exc:   # a structure our depth check does not see (aliases)
         raise InputError("not valid YAML: nested too deeply", file=path) from exc
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(document, Located):
         raise InputError("the file must be a YAML mapping", file=path, line=1)
     return document
