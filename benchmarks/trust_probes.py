@@ -254,6 +254,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", default=str(HERE), help="the checkout to probe (3-8)")
     parser.add_argument("--skip-peers", action="store_true", help="skip probes 1-2")
+    parser.add_argument("--only", help="run only the probes whose name contains this")
     args = parser.parse_args()
     repo = Path(args.repo).resolve()
     work = Path(tempfile.mkdtemp(prefix="tr-probes-"))
@@ -308,6 +309,8 @@ def main() -> int:
                    ("1+2 the same attacks, per-run keys (default)", lambda: hostile(False))]
     print(f"# probes of issue 15 on {repo} ({time.strftime('%Y-%m-%d %H:%M')})")
     for name, probe in probes:
+        if args.only and args.only not in name:
+            continue
         try:
             result = probe()
         except Exception as exc:    # a probe that breaks is an outcome too
