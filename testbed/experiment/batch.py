@@ -282,7 +282,9 @@ def run_batch(args: argparse.Namespace, results_root: Path,
                 interrupted_code = 128 + latch.received
                 break
     except Interrupted as exc:
-        # Between two runs (a run catches its own): nothing of ours is up.
+        # Between two runs, or out of a run that did not catch it (its teardown ran on the
+        # way out): nothing of ours is up.
+        log(f"interrupted ({exc}); nothing of this call is left running")
         interrupted_code = exc.exit_code
     if latch.received is not None:
         name = signal.Signals(latch.received).name
