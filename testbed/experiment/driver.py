@@ -104,7 +104,7 @@ def run_one(scenario: Scenario, out_dir: Path, args: argparse.Namespace) -> int:
 
             # no root needed: everything happens through the cluster's API
             return run_k3s(scenario, out_dir, args.kubeconfig, keep=args.keep)
-        prepared = prepare(scenario, out_dir)
+        prepared = prepare(scenario, out_dir, curve=not args.plaintext)
         if args.dry_run:
             from testbed.experiment.k3s_dry_run import dry_run
 
