@@ -110,7 +110,10 @@ def _worker_keys(root: Path) -> tuple[dict[str, KeyPair], str | None]:
 
 def test_hostile_peers_change_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(test_recovery, "PORT_BASE", PORT_BASE)
+    # 2 s of silence before a host is suspected: on a loaded machine 3 missed 100 ms beats
+    # re-plan by themselves, and the test is about what the attacker can make happen
     c = KeyedCluster(tmp_path, {"edge1": 1.0, "edge2": 1.0, "edge3": 1.0},
+                     suspect_after_missed=20,
                      workload={"mode": "closed", "concurrency": 4, "duration_s": 5.0,
                                "timeout_s": 2.0, "drain_timeout_s": 8.0, "pool_size": 8})
     try:
@@ -175,9 +178,11 @@ def test_hostile_peers_change_nothing(tmp_path, monkeypatch):
         # nothing forged was counted: a forged result would be a duplicate, a mismatch or
         # a bad or stale result; a frame a worker accepted would come out as one of those
         assert (done["duplicates"], done["bad_results"], done["stale_results"]) == (0, 0, 0)
-        assert done["epoch"] == epoch                       # no re-plan
         kinds = [e["type"] for e in c.events()]
         assert "agent.restarted" not in kinds
+        reasons = [e["reason"] for e in c.events() if e["type"] == "replan.requested"]
+        assert not reasons, reasons                         # no re-plan
+        assert done["epoch"] == epoch
         assert not [e for e in c.events() if e["type"] == "plan.deployed"
                     and e["epoch"] != epoch]
         log = (tmp_path / "controller.log").read_text()
