@@ -63,11 +63,13 @@ def _run(call, argv: list[str]) -> tuple[int, str]:
 
 
 def check_files(scenario: bytes, topology: bytes) -> tuple[int, str, Path]:
-    folder = Path(tempfile.mkdtemp(prefix="tr-fuzz-"))
-    (folder / "topo.yaml").write_bytes(topology)
-    path = folder / "scenario.yaml"
-    path.write_bytes(scenario)
-    code, err = _run(run_main, [str(path), "--check"])
+    """run_scenario.py --check on the two files (in a folder removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="tr-fuzz-") as name:
+        folder = Path(name)
+        (folder / "topo.yaml").write_bytes(topology)
+        path = folder / "scenario.yaml"
+        path.write_bytes(scenario)
+        code, err = _run(run_main, [str(path), "--check"])
     return code, err, folder
 
 
@@ -79,9 +81,11 @@ def assert_clean(code: int, err: str, folder: Path) -> None:
 
 
 def solve(data: object | str) -> tuple[int, str, Path]:
-    path = Path(tempfile.mkdtemp(prefix="tr-fuzz-")) / "instance.json"
-    path.write_text(data if isinstance(data, str) else json.dumps(data))
-    code, err = _run(partitioner_main, ["solve", str(path), "--time-limit", "0.5"])
+    """`partitioner solve` on the instance (in a folder removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="tr-fuzz-") as name:
+        path = Path(name) / "instance.json"
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+        code, err = _run(partitioner_main, ["solve", str(path), "--time-limit", "0.5"])
     return code, err, path.parent
 
 
