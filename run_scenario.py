@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run one scenario end to end: sudo python run_scenario.py scenarios/NAME.yaml [--out DIR].
 
-Exit codes: 0 the SLOs passed, 1 an SLO failed (or the run broke), 2 bad input."""
+Exit codes: 0 the SLOs passed, 1 an SLO failed (or the run broke), 2 bad input, 130 / 143
+ended by SIGINT / SIGTERM (after tearing everything down)."""
 
 from __future__ import annotations
 

@@ -5,12 +5,14 @@ action."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from formats.control import ControlSettings
 from formats.errors import InputError
+from formats.limits import MAX_CONCURRENCY, MAX_POOL, MAX_RATE_RPS, plain_name
 from formats.models import ZOO_MODELS
 from formats.topology import Topology, load_topology
 from formats.units import (
@@ -28,8 +30,11 @@ _NODE, _LINK, _GROUPS, _NONE = "node", "link", "groups", "none"
 
 
 def _cores(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"expected a positive number of cores, got {value!r}")
+    machine = os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 < value <= machine:
+        raise ValueError(f"expected a number of cores above 0 and at most this machine's "
+                         f"{machine}, got {value!r}")
     return float(value)
 
 
@@ -121,6 +126,27 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _at_most(limit: int, why: str) -> Any:
+    """A whole number from 1 to `limit` (formats.limits says why)."""
+    def check(value: Any) -> int:
+        if _positive_int(value) > limit:
+            raise ValueError(f"{value} is more than {limit}: {why}")
+        return value
+
+    return check
+
+
+# numpy and random take seeds of any size, but a seed is written to the report and reused by
+# other tools (32-bit everywhere).
+MAX_SEED = 2**32 - 1
+
+
+def _seed(value: Any) -> int:
+    if _count(value) > MAX_SEED:
+        raise ValueError(f"expected a seed from 0 to {MAX_SEED}, got {value}")
+    return value
+
+
 def _ratio(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1.5:
         raise ValueError(f"expected a ratio in (0, 1.5], got {value!r}")
@@ -171,7 +197,9 @@ def _workload(fields: Fields) -> Workload:
     mode = spec.get("mode", expect_type(str, "closed or open"), "closed")
     if mode not in ("closed", "open"):
         raise spec.error("mode", f"must be 'closed' or 'open', got {mode!r}")
-    concurrency = spec.get("concurrency", _positive_int, 4)
+    concurrency = spec.get("concurrency", _at_most(
+        MAX_CONCURRENCY, "beyond ZeroMQ's 1000-message queues more requests in flight only "
+                         "wait (formats/limits.py)"), 4)
     rate = 0.0
     if mode == "open":
         rate = spec.get("rate", _positive_rate)
@@ -181,8 +209,9 @@ def _workload(fields: Fields) -> Workload:
         mode=mode, concurrency=concurrency, rate_rps=rate,
         duration_s=spec.get("duration", parse_duration_s),
         warmup_s=spec.get("warmup", parse_duration_s, 0.0),
-        seed=spec.get("seed", _count, 1),
-        pool=spec.get("pool", _positive_int, 8),
+        seed=spec.get("seed", _seed, 1),
+        pool=spec.get("pool", _at_most(MAX_POOL, "the pool and its reference outputs are "
+                                                 "kept in memory"), 8),
     )
     if workload.duration_s <= 0:
         raise spec.error("duration", "must be positive")
@@ -191,8 +220,10 @@ def _workload(fields: Fields) -> Workload:
 
 
 def _positive_rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"expected a positive rate in requests per second, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 < value <= MAX_RATE_RPS:
+        raise ValueError(f"expected a rate in requests per second above 0 and at most "
+                         f"{MAX_RATE_RPS:g} (one dispatcher's ceiling), got {value!r}")
     return float(value)
 
 
@@ -281,7 +312,8 @@ def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario; InputError names file, line and field."""
     path = Path(path)
     fields = Fields(load_yaml(path), path)
-    name = fields.get("name", expect_type(str, "a name"))
+    # The name becomes results/<name>/ (and a Kubernetes label): the one rule for names.
+    name = fields.get("name", lambda v: plain_name(v, "scenario name"))
     topology_file = path.parent / fields.get("topology", expect_type(str, "a topology path"))
     if not topology_file.is_file():
         raise fields.error("topology", f"no such topology file: {topology_file}")

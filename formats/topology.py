@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from formats.errors import InputError
+from formats.limits import MAX_DELAY_S, MAX_HOST_BYTES, max_hosts, max_switches, plain_name
 from formats.units import (
     parse_bandwidth_mbps,
     parse_duration_s,
@@ -46,8 +47,6 @@ MIN_CPU = 0.01            # CFS cannot enforce quotas below ~1 ms per 100 ms per
 MIN_MEMORY = 16 * 1024**2  # the host's own shell needs a few MiB of the same cgroup
 MIN_DISK = 1024**2
 
-# Names end up in file paths (hosts/<name>/data) and scenario targets: keep them plain.
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 # Mininet's convention: s<N> is a switch. A host called so reads like one in every message.
 _SWITCH_LIKE = re.compile(r"s[0-9]+")
 
@@ -238,11 +237,10 @@ def load_topology(path: str | Path) -> Topology:
 
 
 def _plain_name(what: str) -> Any:
+    """Names end up in file paths (hosts/<name>/data) and interface names: formats.limits'
+    one rule."""
     def check(value: Any) -> str:
-        if not isinstance(value, str) or not _NAME.fullmatch(value):
-            raise ValueError(f"{what} {value!r} must start with a letter and use only letters, "
-                             "digits, '-' and '_' (at most 32 characters)")
-        return value
+        return plain_name(value, what)
 
     return check
 
@@ -269,6 +267,9 @@ def _cpu_cores(value: Any) -> float:
 def _size_at_least(minimum: int, what: str) -> Any:
     def check(value: Any) -> int:
         nbytes = parse_size_bytes(value)
+        if nbytes > MAX_HOST_BYTES:
+            raise ValueError(f"{what} {value!r} is more than {MAX_HOST_BYTES // 1024**4}TiB, "
+                             "more than any machine this emulates hosts on")
         if nbytes < minimum:
             raise ValueError(f"{what} {value!r} is below the minimum of {minimum // 1024**2}MiB"
                              " (write a unit, e.g. 512MiB)")
@@ -290,6 +291,9 @@ def _delay_ms(value: Any) -> float:
     seconds = parse_duration_s(value)
     if seconds < 0:
         raise ValueError(f"duration {value!r} must not be negative")
+    if seconds > MAX_DELAY_S:
+        raise ValueError(f"delay {value!r} is over {MAX_DELAY_S:g}s: TCP would time out and "
+                         "reconnect before a packet arrives (use link.down for a dead link)")
     return seconds * 1000
 
 
@@ -344,6 +348,9 @@ def _read_hosts(top: Fields, base: dict[str, Any]) -> dict[str, HostSpec]:
     mapping = top.get("hosts", expect_type(dict, "a mapping of host name to its settings"))
     if not mapping:
         raise top.error("hosts", "no hosts")
+    if len(mapping) > max_hosts():
+        raise top.error("hosts", f"{len(mapping)} hosts is more than this machine can emulate "
+                                 f"({max_hosts()}: 16 per core; formats/limits.py)")
     key_lines = getattr(mapping, "key_lines", {})
     hosts: dict[str, HostSpec] = {}
     for name, value in mapping.items():
@@ -375,6 +382,9 @@ def _read_hosts(top: Fields, base: dict[str, Any]) -> dict[str, HostSpec]:
 
 def _read_switches(top: Fields, hosts: dict[str, HostSpec]) -> list[str]:
     items = top.get("switches", expect_type(list, "a list of switch names"))
+    if len(items) > max_switches():
+        raise top.error("switches", f"{len(items)} switches is more than this machine can "
+                                    f"emulate ({max_switches()})")
     lines = getattr(items, "item_lines", [])
     switches: list[str] = []
     for i, name in enumerate(items):

@@ -1,24 +1,32 @@
 """Unit strings, as users write them in topology and scenario files: bandwidth (Kbit/Mbit/Gbit),
 durations (us/ms/s/m), sizes (B/KiB/MiB/GiB, also KB/MB/GB) and percentages. Each parser
-returns a plain number in one fixed unit and raises ValueError with a readable reason."""
+returns a plain number in one fixed unit and raises ValueError with a readable reason.
+Bandwidths and durations are also held to formats.limits (what HTB can shape, a day); a
+figure in a known unit but out of range says so, rather than that it "needs a unit"."""
 
 from __future__ import annotations
 
+import math
 import re
+
+from formats.limits import MAX_BANDWIDTH_MBPS, MAX_DURATION_S, MIN_BANDWIDTH_MBPS
 
 _NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 
 _BANDWIDTH_MBPS = {"bit": 1e-6, "kbit": 1e-3, "mbit": 1.0, "gbit": 1e3,
-                   "bps": 1e-6, "kbps": 1e-3, "mbps": 1.0, "gbps": 1e3}
+                   "tbit": 1e6, "bps": 1e-6, "kbps": 1e-3, "mbps": 1.0, "gbps": 1e3, "tbps": 1e6}
 _DURATION_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _SIZE_BYTES = {"b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
-               "kb": 1000, "mb": 1000**2, "gb": 1000**3, "k": 1024, "m": 1024**2, "g": 1024**3}
+               "tib": 1024**4, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+               "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 def _split(text: object, kind: str) -> tuple[float, str]:
     if isinstance(text, bool):
         raise ValueError(f"expected a {kind} string, got {text!r}")
     if isinstance(text, (int, float)):
+        if not math.isfinite(text):
+            raise ValueError(f"expected a finite {kind}, got {text!r}")
         return float(text), ""
     match = re.fullmatch(_NUMBER + r"\s*([A-Za-z%]*)", str(text).strip())
     if not match:
@@ -37,16 +45,24 @@ def _convert(text: object, kind: str, table: dict[str, float], example: str,
 
 
 def parse_bandwidth_mbps(text: object) -> float:
-    """'100Mbit' -> 100.0 (megabits per second). Must be positive."""
+    """'100Mbit' -> 100.0 (megabits per second), within what a link can be (formats.limits)."""
     mbps = _convert(text, "bandwidth", _BANDWIDTH_MBPS, "100Mbit")
-    if mbps <= 0:
-        raise ValueError(f"bandwidth {text!r} must be positive")
+    if not MIN_BANDWIDTH_MBPS <= mbps <= MAX_BANDWIDTH_MBPS:
+        raise ValueError(f"bandwidth {text!r} is outside what a link can shape: "
+                         f"{format_bandwidth(MIN_BANDWIDTH_MBPS)} to "
+                         f"{format_bandwidth(MAX_BANDWIDTH_MBPS)} (HTB counts bytes per "
+                         "second; past 1Gbit a link is an unshaped veth)")
     return mbps
 
 
 def parse_duration_s(text: object) -> float:
-    """'250ms' -> 0.25 (seconds). A bare number is refused: the unit is not obvious."""
-    return _convert(text, "duration", _DURATION_S, "5s")
+    """'250ms' -> 0.25 (seconds), at most a day. A bare number is refused: the unit is not
+    obvious."""
+    seconds = _convert(text, "duration", _DURATION_S, "5s")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"duration {text!r} is longer than a day ({MAX_DURATION_S:g}s), the "
+                         "longest a run, step or control-plane period may be")
+    return seconds
 
 
 def parse_size_bytes(text: object) -> int:
@@ -65,6 +81,8 @@ def parse_percent(text: object) -> float:
 
 
 def format_bandwidth(mbps: float) -> str:
+    if mbps < 1:
+        return f"{mbps * 1000:g}Kbit"
     return f"{mbps / 1000:g}Gbit" if mbps >= 1000 else f"{mbps:g}Mbit"
 
 

@@ -1,7 +1,11 @@
 """YAML documents that remember where each value came from, so that a validator can name the
 line of a bad field. Mappings load as `Located` dicts and sequences as `LocatedList`s; both
 carry the line of themselves and of each of their entries. The `Fields` reader walks a mapping
-the way every validator here needs it: required and optional fields, unknown keys refused."""
+the way every validator here needs it: required and optional fields, unknown keys refused.
+
+`load_yaml` is the input boundary for YAML: whatever is wrong with the file (unreadable, not
+UTF-8, a control character, not YAML, nested deeper than formats.limits.MAX_NESTING, an
+unhashable key) becomes an InputError naming the file and, where known, the line."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from formats.errors import InputError
+from formats.errors import InputError, decode_text
+from formats.limits import MAX_NESTING
 
 T = TypeVar("T")
 
@@ -31,7 +36,21 @@ class LocatedList(list):
 
 
 class _LineLoader(yaml.SafeLoader):
-    pass
+    """SafeLoader that refuses nesting past MAX_NESTING (PyYAML recurses once per level, so
+    20,000 brackets were a RecursionError) with the line where it happens."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_NESTING:
+                mark = self.peek_event().start_mark
+                raise InputError(f"nested more than {MAX_NESTING} levels deep",
+                                 file=self.name, line=mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> Located:
@@ -41,6 +60,11 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> Located:
     loader.flatten_mapping(node)
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise InputError("a key must be a plain value, not a list or mapping",
+                             file=loader.name, line=key_node.start_mark.line + 1) from None
         if key in result:
             raise InputError("duplicate key", file=loader.name,
                              line=key_node.start_mark.line + 1, field=str(key))
@@ -63,19 +87,28 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _co
 def load_yaml(path: str | Path) -> Located:
     """Read a YAML file whose top level must be a mapping."""
     path = Path(path)
+    text = decode_text(path)
+    loader = None
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", file=path) from exc
-    loader = _LineLoader(text)
-    loader.name = str(path)
-    try:
+        loader = _LineLoader(text)      # its reader refuses control characters right here
+        loader.name = str(path)
         document = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise InputError(f"not valid YAML: {exc.problem}", file=path, line=line) from exc
+    except yaml.reader.ReaderError as exc:
+        # A character YAML does not allow (a control character): the reader knows its offset.
+        line = text.count("\n", 0, exc.position) + 1
+        code = ord(exc.character) if isinstance(exc.character, str) else exc.character
+        raise InputError(f"not valid YAML: character 0x{code:02x} is not allowed (a control "
+                         "character)", file=path, line=line) from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML: {exc}", file=path) from exc
+    except RecursionError as exc:   # a structure our depth check does not see (aliases)
+        raise InputError("not valid YAML: nested too deeply", file=path) from exc
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(document, Located):
         raise InputError("the file must be a YAML mapping", file=path, line=1)
     return document

@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import helper
 
 from formats.errors import InputError
+from formats.onnxfile import load_model
 
 DEFAULT_MAX_TENSORS = 2
 DEFAULT_REGION_SHARE = 0.25
@@ -118,14 +118,10 @@ class CutAnalysis:
 
 
 def load(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
+    """A model object as is, a file through the input boundary (formats.onnxfile)."""
     if isinstance(model, onnx.ModelProto):
         return model
-    try:
-        return onnx.load(os.fspath(model))
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", file=model) from exc
-    except DecodeError as exc:
-        raise InputError(f"not an ONNX model: {exc}", file=model) from exc
+    return load_model(model)
 
 
 def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:

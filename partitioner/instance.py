@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from formats.errors import InputError, read_json
+from formats.limits import MAX_BANDWIDTH_MBPS, MAX_COMPUTE_MS, MAX_INSTANCE_BYTES, MAX_SPEED
 
 
 @dataclass(frozen=True)
@@ -337,12 +338,18 @@ class InfeasibleError(Exception):
     """No plan satisfies the instance; the message says why (CLI exit code 2)."""
 
 
-def _number(value: Any, where: str, file: str, positive: bool = False) -> float:
+def _number(value: Any, where: str, file: str, positive: bool = False,
+            maximum: float = MAX_INSTANCE_BYTES) -> float:
+    """A finite number in [0, maximum] (or (0, maximum]); the bounds are formats.limits': past
+    them a bottleneck of 8e295 ms is printed instead of a refusal."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise InputError(f"expected a number, got {value!r}", file=file, field=where)
     if value < 0 or (positive and value == 0):
         raise InputError(f"must be {'positive' if positive else 'non-negative'}, got {value}",
                          file=file, field=where)
+    if value > maximum:
+        raise InputError(f"{value:g} is more than the {maximum:g} allowed "
+                         "(formats/limits.py)", file=file, field=where)
     return value
 
 
@@ -365,7 +372,8 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
         if not isinstance(seg, dict) or set(seg) != {"compute_ms", "memory_bytes", "output_bytes"}:
             raise InputError("needs exactly compute_ms, memory_bytes, output_bytes",
                              file=file, field=where)
-        segments.append(Segment(float(_number(seg["compute_ms"], where + ".compute_ms", file)),
+        segments.append(Segment(float(_number(seg["compute_ms"], where + ".compute_ms", file,
+                                                maximum=MAX_COMPUTE_MS)),
                                 int(_number(seg["memory_bytes"], where + ".memory_bytes", file)),
                                 int(_number(seg["output_bytes"], where + ".output_bytes", file))))
     if not isinstance(data["nodes"], list) or not data["nodes"]:
@@ -379,7 +387,8 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
             raise InputError(f"name must be a unique string, got {node['name']!r}",
                              file=file, field=where + ".name")
         names.add(node["name"])
-        nodes.append(Node(node["name"], float(_number(node["speed"], where + ".speed", file, True)),
+        nodes.append(Node(node["name"], float(_number(node["speed"], where + ".speed", file, True,
+                                                      MAX_SPEED)),
                           int(_number(node["memory_bytes"], where + ".memory_bytes", file))))
     source = data["source"]
     if not isinstance(source, str):
@@ -395,11 +404,13 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
             raise InputError("must be [a, b, mbps]", file=file, field=where)
         a, b, mbps = entry
         for end in (a, b):
-            if end not in names and end != source:
+            if not isinstance(end, str) or (end not in names and end != source):
                 raise InputError(f"unknown endpoint {end!r}", file=file, field=where)
-        bandwidth[(a, b)] = float(_number(mbps, where, file, positive=True))
-    overhead = float(_number(data.get("frame_overhead_ms", 0.0), "frame_overhead_ms", file))
-    budget = float(_number(data.get("cpu_budget", 0.0), "cpu_budget", file))
+        bandwidth[(a, b)] = float(_number(mbps, where, file, positive=True,
+                                          maximum=MAX_BANDWIDTH_MBPS))
+    overhead = float(_number(data.get("frame_overhead_ms", 0.0), "frame_overhead_ms", file,
+                             maximum=MAX_COMPUTE_MS))
+    budget = float(_number(data.get("cpu_budget", 0.0), "cpu_budget", file, maximum=MAX_SPEED))
     return Instance(segments, int(_number(data["input_bytes"], "input_bytes", file)), nodes,
                     source, bandwidth, overhead, budget)
 

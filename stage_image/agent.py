@@ -51,7 +51,7 @@ from typing import Any
 
 import zmq
 
-from stage_image.security import KeyPair, apply_client
+from stage_image.security import KeyPair, apply_client, load_keypair
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # so `-m stage_image.worker` imports
@@ -95,8 +95,10 @@ class WorkerRecord:
     inputs: list[str]
     outputs: list[str]
     standby: bool = False
-    # epoch -> (stage, next address, next hop's CurveZMQ public key or None)
-    routes: dict[int, tuple[int, str, str | None]] = field(default_factory=dict)
+    # epoch -> (stage, next address, next hop's CurveZMQ public key or None, the public keys
+    # the worker accepts frames from: its upstream)
+    routes: dict[int, tuple[int, str, str | None, tuple[str, ...]]] = field(
+        default_factory=dict)
     curve_secret: str | None = None
     confirmed: set[int] = field(default_factory=set)
     in_config: set[int] = field(default_factory=set)     # routes given at start
@@ -150,7 +152,10 @@ class Agent:
         self.seq = 0
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.host.encode())
+        if not args.curve_keypair:
+            # without a key of our own the name is our identity; with one, the controller
+            # knows us by the key and routes to our connection (testbed.control.auth)
+            self.sock.setsockopt(zmq.ROUTING_ID, self.host.encode())
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -159,11 +164,14 @@ class Agent:
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         if args.curve_server_key:
             # CurveZMQ: the control channel is encrypted (the workers' secret keys travel on
-            # it); our own keypair is fresh, the controller's public key comes from the driver
+            # it); the controller's public key comes from the driver, and so does our own
+            # keypair (--curve-keypair: the key the controller knows this host by;
+            # without it a fresh one, for a controller that admits any key)
             server = args.curve_server_key
             if os.path.isfile(server):
                 server = Path(server).read_text().strip()
-            apply_client(self.sock, KeyPair.generate(), server)
+            own = load_keypair(args.curve_keypair) if args.curve_keypair else KeyPair.generate()
+            apply_client(self.sock, own, server)
         self.sock.connect(args.controller)
         self._last_send_warning = 0.0
 
@@ -232,7 +240,8 @@ class Agent:
         Level-triggered: repeating one changes nothing."""
         port, epoch = f["port"], f.get("epoch")
         curve = f.get("curve") or {}
-        route = (f["stage"], f["next"], curve.get("next_public")) if epoch is not None else None
+        route = ((f["stage"], f["next"], curve.get("next_public"),
+                  tuple(curve.get("upstream") or ())) if epoch is not None else None)
         rec = self.workers.get(port)
         if rec is not None and rec.proc is None and rec.state in ("exited", "failed"):
             del self.workers[port]          # a dead worker's port: start afresh
@@ -267,7 +276,8 @@ class Agent:
         rec.standby = False                 # it serves now; the controller asks again if not
         if rec.proc is not None:
             self.command(rec, {"op": "route", "epoch": epoch, "stage": route[0],
-                               "next": route[1], "public": route[2]})
+                               "next": route[1], "public": route[2],
+                               "upstream": list(route[3])})
 
     def on_stop(self, epoch: int) -> None:
         for rec in list(self.workers.values()):
@@ -445,9 +455,12 @@ class Agent:
             "model": str(self.model_path(rec.sha256)),
             "bind": f"tcp://{self.args.ip}:{rec.port}",
             "inputs": rec.inputs, "outputs": rec.outputs,
-            "routes": {str(e): {"stage": stage, "next": nxt, "public": public}
-                       for e, (stage, nxt, public) in rec.routes.items()},
+            "routes": {str(e): {"stage": stage, "next": nxt, "public": public,
+                                "upstream": list(upstream)}
+                       for e, (stage, nxt, public, upstream) in rec.routes.items()},
             "curve_secret": rec.curve_secret,
+            # with keys, the worker admits only its routes' upstream (stage_image.security)
+            "upstream_gate": rec.curve_secret is not None,
             "commands": True,
             # the worker ties its life to ours (PR_SET_PDEATHSIG): nothing outlives a kill -9
             "parent_pid": os.getpid(),
@@ -458,7 +471,11 @@ class Agent:
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             config_path = self.log_dir / f"{name}.json"
-            config_path.write_text(json.dumps(config, indent=1))
+            # it holds the worker's CurveZMQ secret key: owner only (the log directory may
+            # be in a results directory others read)
+            fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(config, indent=1))
             rec.log_path = self.log_dir / f"{name}.log"
             log_file = open(rec.log_path, "ab")
         except OSError as exc:
@@ -662,6 +679,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="interpreter for workers")
     p.add_argument("--curve-server-key", help="CurveZMQ on: the controller's public key (Z85 "
                    "text, or a file holding it)")
+    p.add_argument("--curve-keypair", help="CurveZMQ: this host's keypair file "
+                   "(stage_image.security; the controller admits this host by its key)")
     return p.parse_args(argv)
 
 

@@ -13,6 +13,12 @@ an epoch. A server knows its own secret key and the public keys of the clients a
 to it; a client knows its own keypair and the server's public key. Without the allow-list
 (ZAP) CURVE still encrypts, but any client that knows the server's public key gets in.
 Keys are Z85 text (40 characters), the form ZeroMQ's options take.
+
+Allow-lists that change while a socket serves (a worker's upstream changes with each re-plan,
+the sink's senders with each epoch) are `Gate`s: one per ZAP domain of a context, started with
+`start_gates`, updated with `Gate.set` from the socket's own thread (the ZAP thread only reads
+the frozenset, replaced whole). Authenticated messages carry the sender's public key as their
+ZAP User-Id (`user_id`), which is what decides who sent them, not any name inside.
 """
 
 from __future__ import annotations
@@ -115,6 +121,39 @@ class _AllowList:
 
     def callback(self, domain: str, key: bytes) -> bool:
         return bytes(key) in self.keys
+
+
+class Gate:
+    """A ZAP credentials provider whose allow-list can be replaced at any time."""
+
+    def __init__(self, keys: Iterable[bytes | str] = ()) -> None:
+        self.keys: frozenset[bytes] = frozenset()
+        self.set(keys)
+
+    def set(self, keys: Iterable[bytes | str]) -> None:
+        self.keys = frozenset(_check_key(k, "client public key") for k in keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return bytes(key) in self.keys
+
+
+def start_gates(context: zmq.Context, gates: dict[str, Gate]) -> ThreadAuthenticator:
+    """A ZAP handler on `context` with one Gate per ZAP domain (set `sock.zap_domain` to the
+    domain's name on each CURVE server socket before bind). Stop it with `.stop()`."""
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    for domain, gate in gates.items():
+        auth.configure_curve_callback(domain, gate)
+    return auth
+
+
+def user_id(frame: zmq.Frame) -> str | None:
+    """The Z85 public key CURVE authenticated for the sender of `frame` (ZAP's User-Id; None
+    without ZAP)."""
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:
+        return None
 
 
 def start_authenticator(context: zmq.Context, allowed_clients: Iterable[bytes | str],

@@ -400,14 +400,24 @@ def _nonneg(value: Any, what: str) -> int:
 _Z85_RE = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
 
 
-def _check_curve(value: Any, what: str) -> dict[str, str]:
+# Senders a worker may admit on one route: the stages before it (one per pipeline feeding it)
+# or the dispatcher; more than a plan can have is a bad message.
+MAX_UPSTREAM = 64
+
+
+def _check_curve(value: Any, what: str) -> dict[str, Any]:
     """CurveZMQ keys for a worker: its own secret key and, for a route, the next hop's
-    public key (Z85 text, 40 characters each; only ever sent over an encrypted channel)."""
-    if not isinstance(value, dict) or not set(value) <= {"secret", "next_public"} or \
-            "secret" not in value:
-        raise FrameError(f"{what} must be {{secret[, next_public]}}")
+    public key and the public keys of its upstream, the only senders it admits (Z85 text, 40
+    characters each; only ever sent over an encrypted channel)."""
+    if not isinstance(value, dict) or not set(value) <= {"secret", "next_public", "upstream"} \
+            or "secret" not in value:
+        raise FrameError(f"{what} must be {{secret[, next_public][, upstream]}}")
     for key, text in value.items():
-        if not isinstance(text, str) or not _Z85_RE.match(text):
+        if key == "upstream":
+            if not isinstance(text, list) or len(text) > MAX_UPSTREAM or not all(
+                    isinstance(k, str) and _Z85_RE.match(k) for k in text):
+                raise FrameError(f"{what}.upstream must be a list of 40-character Z85 keys")
+        elif not isinstance(text, str) or not _Z85_RE.match(text):
             raise FrameError(f"{what}.{key} must be a 40-character Z85 key")
     return value
 

@@ -31,7 +31,8 @@ CONFIG.json fields (written by stage_image.agent, or testbed.k8s.manifests for a
   host, version, model (path), bind (tcp://IP:PORT), inputs, outputs (tensor names,
   stages.json order); the first route as epoch, stage, next (optional: a standby has none);
   more routes as routes {"EPOCH": {"stage", "next", "public"}}; with CurveZMQ the worker's
-  curve_secret and each route's public (next_public for the first route; under Kubernetes
+  curve_secret and each route's public (next_public for the first route) and upstream (the
+  keys that may send to it, enforced with upstream_gate; under Kubernetes
   both come from the files named by $EDGEPIPE_CURVE_DIR and curve-public.json beside the
   config); and optionally commands (read route changes from stdin, default false), hwm
   (default 4), stats_every_s (default 5.0),
@@ -63,7 +64,7 @@ import numpy as np
 import onnxruntime as ort
 import zmq
 
-from stage_image.security import KeyPair, apply_client, apply_server
+from stage_image.security import Gate, KeyPair, apply_client, apply_server, start_gates
 from stage_image.wire import (
     DEFAULT_MAX_BYTES,
     FrameError,
@@ -87,6 +88,7 @@ class Route:
     stage: int
     next: str
     public: str | None = None
+    upstream: tuple[str, ...] = ()    # CurveZMQ: the public keys that may send us frames
 
 
 @dataclass
@@ -103,6 +105,7 @@ class WorkerConfig:
     routes: dict[str, dict[str, Any]] = field(default_factory=dict)
     next_public: str | None = None
     curve_secret: str | None = None
+    upstream_gate: bool = False
     commands: bool = False
     hwm: int = 4
     stats_every_s: float = 5.0
@@ -129,7 +132,8 @@ class WorkerConfig:
         return cfg
 
     def initial_routes(self) -> dict[int, Route]:
-        routes = {int(epoch): Route(int(r["stage"]), str(r["next"]), r.get("public"))
+        routes = {int(epoch): Route(int(r["stage"]), str(r["next"]), r.get("public"),
+                                    tuple(r.get("upstream") or ()))
                   for epoch, r in self.routes.items()}
         if self.epoch is not None and self.next is not None:
             routes[self.epoch] = Route(self.stage, self.next, self.next_public)
@@ -302,15 +306,23 @@ class Worker:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, cfg.hwm)
         self.pull.setsockopt(zmq.LINGER, 0)
-        # CurveZMQ: encrypted, and senders must know our public key (no allow-list: the
-        # upstream stage changes with every re-plan)
+        # CurveZMQ: encrypted, and senders must know our public key; with upstream_gate (the
+        # embedded agent's workers) only the keys the routes name as upstream get in: the
+        # Gate's allow-list follows the routes (a re-plan changes who sends to us)
         self.keys = KeyPair.from_secret(cfg.curve_secret) if cfg.curve_secret else None
+        self.gate: Gate | None = None
+        self.zap = None
+        routes = cfg.initial_routes()
         if self.keys is not None:
             apply_server(self.pull, self.keys)
+            if cfg.upstream_gate:
+                self.gate = Gate()
+                self.zap = start_gates(self.ctx, {"upstream": self.gate})
+                self.pull.zap_domain = b"upstream"
         self.pull.bind(cfg.bind)
         self.routes: dict[int, Route] = {}
         self.pushes: dict[str, zmq.Socket] = {}       # next address -> PUSH
-        for epoch, route in cfg.initial_routes().items():
+        for epoch, route in routes.items():
             self.add_route(epoch, route)
         self.stdin_fd: int | None = None
         self.stdin_buffer = b""
@@ -329,6 +341,8 @@ class Worker:
         self.pull.close(0)
         for push in self.pushes.values():
             push.close(self.cfg.linger_ms)
+        if self.zap is not None:
+            self.zap.stop()
         self.ctx.term()
 
     # -- routes --------------------------------------------------------------------------------
@@ -336,6 +350,7 @@ class Worker:
     def add_route(self, epoch: int, route: Route) -> None:
         old = self.routes.get(epoch)
         self.routes[epoch] = route
+        self._open_gate()
         if self.keys is not None and route.public is None:
             raise ValueError(f"CurveZMQ is on: the route of epoch {epoch} lacks the public "
                              f"key of {route.next}")
@@ -355,8 +370,15 @@ class Worker:
             self._close_unused(old.next)
         self.log.info("route: epoch %d as stage %d -> %s", epoch, route.stage, route.next)
 
+    def _open_gate(self) -> None:
+        """Admit the upstream of every route we serve (frames of an old epoch still
+        arrive while it drains; they are dropped by epoch, not refused here)."""
+        if self.gate is not None:
+            self.gate.set({key for route in self.routes.values() for key in route.upstream})
+
     def remove_route(self, epoch: int) -> None:
         old = self.routes.pop(epoch, None)
+        self._open_gate()
         if old is not None:
             self._close_unused(old.next)
             self.log.info("route of epoch %d withdrawn", epoch)
@@ -385,7 +407,8 @@ class Worker:
                 op, epoch = cmd["op"], int(cmd["epoch"])
                 if op == "route":
                     self.add_route(epoch, Route(int(cmd["stage"]), str(cmd["next"]),
-                                                cmd.get("public")))
+                                                cmd.get("public"),
+                                                tuple(cmd.get("upstream") or ())))
                     print(f"routed {epoch}", flush=True)
                 elif op == "unroute":
                     self.remove_route(epoch)

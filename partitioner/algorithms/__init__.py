@@ -25,7 +25,13 @@ from partitioner.algorithms.greedy import greedy
 from partitioner.algorithms.optimal import exact_search
 from partitioner.algorithms.randomised import random_plan
 from partitioner.algorithms.seifer import seifer
-from partitioner.algorithms.tables import Path, Tables, check_basic_feasibility
+from partitioner.algorithms.tables import (
+    OutOfTime,
+    Path,
+    Tables,
+    check_basic_feasibility,
+    check_size,
+)
 from partitioner.instance import InfeasibleError, Instance, Plan
 
 ALGORITHMS = ("auto", "optimal", "seifer", "greedy", "random")
@@ -46,6 +52,7 @@ def solve(instance: Instance, algorithm: str = "auto", time_limit_s: float | Non
         raise InputError(f"unknown algorithm {algorithm!r} (one of {', '.join(ALGORITHMS)})",
                          field="--algorithm")
     started = time.monotonic()
+    check_size(instance)
     tables = Tables.of(instance)
     check_basic_feasibility(tables)
     lower_bound = None
@@ -57,9 +64,10 @@ def solve(instance: Instance, algorithm: str = "auto", time_limit_s: float | Non
     elif algorithm == "random":
         path = random_plan(tables, seed)
     else:
-        incumbent = _best_baseline(tables, seed)
         default = OPTIMAL_CAP_S if algorithm == "optimal" else AUTO_BUDGET_S
         budget = default if time_limit_s is None else time_limit_s
+        tables.deadline = started + budget
+        incumbent = _best_baseline(tables, seed)
         left = max(0.0, budget - (time.monotonic() - started))
         result = exact_search(tables.stage, tables.hop, incumbent, left)
         # No plan yet only when time ran out first and both baselines failed: draw one.
@@ -76,13 +84,13 @@ def solve(instance: Instance, algorithm: str = "auto", time_limit_s: float | Non
 
 
 def _best_baseline(tables: Tables, seed: int) -> Path | None:
-    """The better of greedy and seifer (either may fail on its own terms): auto starts from
-    it, so it is never worse than either."""
+    """The better of greedy and seifer (either may fail on its own terms, or run out of the
+    time limit on a huge instance): auto starts from it, so it is never worse than either."""
     best = None
     for heuristic in (greedy, lambda t: seifer(t, seed)):
         try:
             path = heuristic(tables)
-        except InfeasibleError:
+        except (InfeasibleError, OutOfTime):
             continue
         if tables.key(path) < tables.key(best):
             best = path

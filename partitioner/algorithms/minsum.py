@@ -23,6 +23,8 @@ def min_sum_partition(tables: Tables, capacity: int | None = None) -> list[tuple
     best: list[tuple[float, int]] = [(0.0, 0)] + [(math.inf, 0)] * s
     parent = [0] * (s + 1)
     for end in range(1, s + 1):
+        if end % 64 == 0:
+            tables.check_time()     # quadratic in the segments: 10,000 took minutes
         cut = 0.0 if end == s else float(tables.boundary_bytes[end])
         for first in range(end - 1, -1, -1):
             if memory[end] - memory[first] > cap:

@@ -11,6 +11,7 @@ States: `ready[b, w]` = boundary b's data has arrived on w (a stage may start th
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,12 +188,13 @@ def _pairs(label_node: np.ndarray, arc_node: np.ndarray) -> tuple[np.ndarray, np
 def best_path(stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[int] = (),
               threshold: float = math.inf, upper: float = math.inf,
               bounds: Bounds | None = None, max_labels: float | None = None,
-              beam: int | None = None) -> Relaxed | None:
+              beam: int | None = None, deadline: float | None = None) -> Relaxed | None:
     """Best relaxed path with every cost <= threshold in which the `critical` nodes appear at
     most once; value inf when there is none with value <= `upper`; None when it would keep
-    more than `max_labels` labels. With `beam`, only the `beam` most promising labels of each
-    layer are kept: a heuristic (its path is still valid for the critical set, but neither
-    its value nor its per-state values bound anything).
+    more than `max_labels` labels or time.monotonic() passes `deadline` (checked once per
+    boundary, so the time limit holds whatever the instance's size). With `beam`, only the
+    `beam` most promising labels of each layer are kept: a heuristic (its path is still valid
+    for the critical set, but neither its value nor its per-state values bound anything).
 
     A label is a state (boundary, node) with the set of critical nodes used on its way (a bit
     mask) and its best value, so there can be 2^len(critical) per state; every label that
@@ -255,6 +257,8 @@ def best_path(stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[i
         ready_min[b] = ready.minima(n)
         total += len(ready.node)
         if max_labels is not None and total > max_labels:
+            return None
+        if deadline is not None and time.monotonic() > deadline:
             return None
         # Stages starting at b.
         lo, hi = stage_at[b], stage_at[b + 1]

@@ -6,12 +6,19 @@ the search and never decide what a plan reports."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
+from formats.errors import InputError
 from partitioner.instance import InfeasibleError, Instance, Stage
+
+
+class OutOfTime(Exception):
+    """A search passed Tables.deadline before finding anything."""
+
 
 # A path through the tables: (first segment, end segment, node index) per stage.
 Path = list[tuple[int, int, int]]
@@ -30,6 +37,9 @@ class Tables:
     prefix_memory: np.ndarray    # (S+1,) memory_bytes of segments [0, b)
     boundary_bytes: np.ndarray   # (S+1,) bytes that cross boundary b
     bandwidth: np.ndarray        # (N+1, N+1) Mbps, 0 where the pair is missing or the same node
+    # time.monotonic() by which a search must give up (None: no limit); the long loops of the
+    # baselines check it through `check_time`, so auto's time limit holds on any size.
+    deadline: float | None = None
 
     @classmethod
     def of(cls, instance: Instance) -> Tables:
@@ -52,6 +62,10 @@ class Tables:
         return cls(instance, names, np.array([n.speed for n in nodes], dtype=float),
                    np.array([n.memory_bytes for n in nodes], dtype=np.int64),
                    compute, memory.astype(np.int64), boundary, bandwidth)
+
+    def check_time(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OutOfTime("the time limit ran out")
 
     @property
     def n_segments(self) -> int:
@@ -131,6 +145,50 @@ def candidates(stage: np.ndarray, hop: np.ndarray, low: float, high: float) -> n
     """Every finite cost value in [low, high], sorted and unique: a bottleneck is one."""
     values = [a[(a >= low) & (a <= high) & np.isfinite(a)] for a in (stage, hop)]
     return np.unique(np.concatenate(values))
+
+
+# Of the memory available now, the share the cost tables may take: the searches allocate
+# temporaries of the same shapes, and the rest of the run needs the remainder.
+MEMORY_SHARE = 0.5
+# And at most this much whatever the machine has: building the tables is not interruptible
+# and runs at roughly 0.1 GB/s on the 2-core machine under load (2,000 segments x 5 nodes,
+# 0.4 GB: 4.7 s), so larger tables alone would blow any planning time limit. Models here have
+# at most a few hundred segments (a few MB of tables).
+MAX_TABLE_BYTES = 1024**3
+
+
+def table_bytes(segments: int, nodes: int) -> int:
+    """Peak bytes of building Tables.stage and Tables.hop for an instance of this size:
+    (S+1)^2 x N float64 costs plus their temporaries (17 bytes an entry all told), and
+    (S+1) x (N+1)^2 hop times with theirs."""
+    boundaries = segments + 1
+    return 17 * (boundaries**2 * (nodes + 1) + boundaries * (nodes + 1) ** 2)
+
+
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (the kernel's estimate of what can be allocated without
+    swapping)."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemAvailable in /proc/meminfo")
+
+
+def check_size(instance: Instance) -> None:
+    """Refuse, before allocating anything, an instance whose tables would not fit this
+    machine (InputError: exit 2 with the figures); 200 nodes once asked numpy for 149 GiB."""
+    need = table_bytes(len(instance.segments), len(instance.nodes))
+    available = available_bytes()
+    budget = min(int(available * MEMORY_SHARE), MAX_TABLE_BYTES)
+    if need > budget:
+        raise InputError(
+            f"too big for the planner: {len(instance.segments)} segments x "
+            f"{len(instance.nodes)} nodes need about {need / 1024**3:.1f} GiB of cost tables; "
+            f"the limit is {budget / 1024**3:.1f} GiB (at most {MAX_TABLE_BYTES / 1024**3:g} "
+            f"GiB, and {MEMORY_SHARE:.0%} of the {available / 1024**3:.1f} GiB available "
+            "now); merge segments (fewer cut points) or plan for fewer nodes",
+            field="segments")
 
 
 def check_basic_feasibility(tables: Tables) -> None:

@@ -18,7 +18,13 @@ def solve(args: argparse.Namespace) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         raise InputError(f"must be positive, got {args.time_limit}", field="--time-limit")
     instance = load_instance(args.instance)
-    plan = plan_instance(instance, args.algorithm, args.time_limit, args.seed)
+    try:
+        plan = plan_instance(instance, args.algorithm, args.time_limit, args.seed)
+    except InputError as exc:
+        if exc.file is not None or exc.field == "--algorithm":
+            raise
+        # the instance is too big (partitioner.algorithms.tables.check_size): name its file
+        raise InputError(exc.reason, file=args.instance, field=exc.field) from exc
     json.dump(plan.to_json(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -79,8 +79,11 @@ CONFIG.json (testbed.control.state.ControllerConfig; unknown fields are refused)
   repository (RUN_DIR/repository), repository_poll_s (0.5), auto_rollout (true),
   base_reserve_bytes (the initial model's activation reserve, when known), curve_keypair
   (a stage_image.security keypair file: CurveZMQ on; agents then need its public key),
-  and the control settings, flat: every field of formats.control.ControlSettings
-  (heartbeat_ms, suspect_after_missed, rejoin_hold_s, ...; their defaults are stated there).
+  agent_keys ({host: agent public key}; with curve_keypair only these agents get in, each
+  only as its own host, and the sink only admits the last stages of live epochs: see
+  testbed.control.auth), and the control settings, flat: every field of
+  formats.control.ControlSettings (heartbeat_ms, suspect_after_missed, rejoin_hold_s, ...;
+  their defaults are stated there).
 
 Driver commands: testbed.control.commands (the `embedded` ones), checked before the plane
 sees them; every reply has "ok".
@@ -102,9 +105,10 @@ import zmq
 
 from formats.errors import EXIT_BAD_INPUT, InputError
 from partitioner.instance import InfeasibleError, load_instance, plan_from_json, plan_problems
-from stage_image.security import KeyPair, apply_server, load_keypair
+from stage_image.security import Gate, KeyPair, apply_server, load_keypair, start_gates, user_id
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 from testbed.control import commands
+from testbed.control.auth import AgentKeys, Peers, sink_senders
 from testbed.control.core.actions import Event
 from testbed.control.dispatcher import Dispatcher, compute_references, seeded_pool
 from testbed.control.plane import Action, ControlPlane, Send, StartJob
@@ -150,13 +154,24 @@ class Controller:
         self.curve = load_keypair(cfg.curve_keypair) if cfg.curve_keypair else None
         if self.curve is not None:
             apply_server(self.router, self.curve)
+        # Authentication (testbed.control.auth): ZAP admits only the run's agent keys on the
+        # control port and the live last stages' keys on the sink.
+        self.agent_keys = AgentKeys(cfg.agent_keys) if cfg.agent_keys is not None else None
+        self.sink_gate = Gate()
+        self.peers = Peers()
+        self.zap = None
+        if self.agent_keys is not None:
+            self.zap = start_gates(self.ctx, {"control": Gate(self.agent_keys.publics()),
+                                              "sink": self.sink_gate})
+            self.router.zap_domain = b"control"
         self.router.bind(f"tcp://{cfg.dispatcher_ip}:{cfg.control_port}")
         self.rep = self.ctx.socket(zmq.REP)
         self.rep.setsockopt(zmq.LINGER, 0)
         self.rep.bind(cfg.control_ipc)
         self.dispatcher = Dispatcher(self.ctx, f"tcp://{cfg.dispatcher_ip}:{cfg.sink_port}",
                                      self.events.emit, dispatch_log,
-                                     keys=KeyPair.generate() if self.curve else None)
+                                     keys=KeyPair.generate() if self.curve else None,
+                                     zap_domain="sink" if self.zap is not None else None)
         self.planner = Planner(cfg.run_dir, cfg.planner.algorithm, cfg.planner.time_limit_s,
                                cfg.planner.seed, cfg.control.reuse_tolerance,
                                cfg.planner.pipelines)
@@ -169,7 +184,12 @@ class Controller:
     # -- carrying out the plane's actions ------------------------------------------------------
 
     def execute(self, actions: list[Action] | None = None) -> None:
-        for action in self.plane.take() if actions is None else actions:
+        actions = self.plane.take() if actions is None else actions
+        if self.zap is not None:
+            # before the deploys go out: a new last stage's worker connects to the sink
+            # soon after its agent hears of it
+            self.sink_gate.set(sink_senders(self.plane.epochs.values()))
+        for action in actions:
             if isinstance(action, Event):
                 self.events.emit(action.kind, **action.fields)
             elif isinstance(action, Send):
@@ -240,8 +260,11 @@ class Controller:
     # -- agents --------------------------------------------------------------------------------
 
     def send(self, host: str, kind: str, blob: bytes | None = None, **fields: Any) -> None:
+        # keyed agents: the connection the host's key last spoke from (testbed.control.auth)
+        identity = self.peers.identity(host) if self.agent_keys is not None else None
         try:
-            self.router.send_multipart([host.encode(), *encode_control(kind, blob, **fields)],
+            self.router.send_multipart([identity or host.encode(),
+                                        *encode_control(kind, blob, **fields)],
                                        flags=zmq.NOBLOCK)
         except zmq.Again:
             self.log.warning("control queue to %s full; %s dropped", host, kind)
@@ -262,6 +285,14 @@ class Controller:
             except FrameError as exc:
                 self.log.warning("bad control message from %s dropped: %s", host[:64], exc)
                 continue
+            if self.agent_keys is not None:
+                claimed = msg["host"] if msg.type in ("hello", "heartbeat") else None
+                known, why = self.agent_keys.host_for(user_id(parts[-1]), claimed)
+                if known is None:
+                    self.log.warning("control message dropped: %s", why)
+                    continue
+                self.peers.heard(known, parts[0].bytes)
+                host = known
             if host not in self.cfg.hosts:
                 self.log.warning("message from unknown agent %r ignored", host[:64])
                 continue
@@ -388,6 +419,8 @@ class Controller:
         self.dispatcher.close()
         self.router.close(0)
         self.rep.close(0)
+        if self.zap is not None:
+            self.zap.stop()         # its ZAP socket would keep ctx.term() waiting
         self.ctx.term()
 
 

@@ -279,7 +279,8 @@ class Route:
 
 class Dispatcher:
     def __init__(self, ctx: zmq.Context, sink_bind: str, emit: Emit, log: logging.Logger,
-                 hwm: int = 16, keys: KeyPair | None = None) -> None:
+                 hwm: int = 16, keys: KeyPair | None = None,
+                 zap_domain: str | None = None) -> None:
         self.ctx, self.emit, self.log, self.hwm = ctx, emit, log, hwm
         self.keys = keys            # CurveZMQ: the sink's server keys, the push's client keys
         self.sink = ctx.socket(zmq.PULL)
@@ -287,6 +288,9 @@ class Dispatcher:
         self.sink.setsockopt(zmq.RCVHWM, 1000)
         if keys is not None:
             apply_server(self.sink, keys)
+            if zap_domain is not None:
+                # the controller's ZAP Gate for this domain admits live last stages only
+                self.sink.zap_domain = zap_domain.encode()
         self.sink.bind(sink_bind)
         self.sink_address = sink_bind
         self.push: zmq.Socket | None = None

@@ -27,6 +27,7 @@ from partitioner.instance import InfeasibleError, Plan, pipelines_cost
 from stage_image.security import KeyPair
 from testbed.control import events as ev
 from testbed.control import policy
+from testbed.control.auth import upstream_keys
 from testbed.control.contingency import Contingencies
 from testbed.control.core import reconcile
 from testbed.control.core import standby as standby_rule
@@ -495,7 +496,9 @@ class ControlPlane:
         curve = {}
         if slot.keys is not None:
             curve = {"curve": {"secret": slot.keys.secret.decode(),
-                               "next_public": self.public(epoch, after)}}
+                               "next_public": self.public(epoch, after),
+                               "upstream": upstream_keys(epoch, stage,
+                                                         self.public(epoch, None))}}
         self.send(slot.host, "deploy", epoch=epoch.number, stage=stage, version=slot.version,
                   sha256=f.sha256, size=f.size, port=slot.port,
                   next=self.address(epoch, after), inputs=f.inputs, outputs=f.outputs,

@@ -57,6 +57,9 @@ class ControllerConfig:
     auto_rollout: bool = True
     base_reserve_bytes: int | None = None
     curve_keypair: Path | None = None
+    # host -> Z85 public key of its agent (testbed.control.auth): with curve_keypair, only
+    # these keys get in, each speaking only for its own host
+    agent_keys: dict[str, str] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> ControllerConfig:
@@ -93,7 +96,15 @@ class ControllerConfig:
                     "curve_keypair"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
+        agent_keys = values.get("agent_keys")
+        if agent_keys is not None and (not isinstance(agent_keys, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in agent_keys.items())):
+            raise InputError("must map host names to public keys", file=file,
+                             field="agent_keys")
         cfg = cls(**values)
+        if cfg.agent_keys is not None and cfg.curve_keypair is None:
+            raise InputError("agent keys need curve_keypair (CurveZMQ on)", file=file,
+                             field="agent_keys")
         if not cfg.control_ipc:
             cfg.control_ipc = f"ipc://{cfg.run_dir / 'control.sock'}"
         elif "://" not in cfg.control_ipc:

@@ -183,7 +183,7 @@ def _print_table(result: BatchResult) -> None:
 
 
 def _run_into(outcome: Outcome, scenario: Scenario, run: Callable[[Scenario, Path], int],
-              several: bool) -> None:
+              several: bool, latch: _SignalLatch) -> None:
     """One run, its console output kept (and, with several scenarios, its driver.log)."""
     outcome.out_dir.mkdir(parents=True, exist_ok=True)
     console = io.StringIO()
@@ -199,6 +199,10 @@ def _run_into(outcome: Outcome, scenario: Scenario, run: Callable[[Scenario, Pat
         except Interrupted:
             raise
         except Exception:
+            if latch.received is not None:
+                # the signal hit inside an import or a library that wrapped it (e.g.
+                # "ImportError: initialization failed"): an interruption, not a bug
+                raise Interrupted(latch.received) from None
             # A bug of ours in one run (its network is torn down by then) must not cost
             # the other scenarios their runs, nor the call its reports.
             traceback.print_exc()
@@ -263,7 +267,7 @@ def run_batch(args: argparse.Namespace, results_root: Path,
             if several:
                 log(f"== scenario {index + 1}/{len(scenarios)}: {scenario.name} "
                     f"({scenario.path}) -> {outcome.out_dir}")
-            _run_into(outcome, scenario, run, several)
+            _run_into(outcome, scenario, run, several, latch)
             if outcome.summary is not None:
                 outcome.checks = slo_checks(scenario.slo, outcome.summary)
                 baseline = baselines.get(scenario.name)
@@ -275,11 +279,13 @@ def run_batch(args: argparse.Namespace, results_root: Path,
             result.wall_s = time.time() - started
             _write_reports(result, args)
             if latch.received is not None:
-                interrupted_code = outcome.exit_code
+                interrupted_code = 128 + latch.received
                 break
-    except Interrupted:
-        # Between two runs (a run catches its own): nothing of ours is up.
-        interrupted_code = 128 + (latch.received or signal.SIGINT)
+    except Interrupted as exc:
+        # Between two runs, or out of a run that did not catch it (its teardown ran on the
+        # way out): nothing of ours is up.
+        log(f"interrupted ({exc}); nothing of this call is left running")
+        interrupted_code = exc.exit_code
     if latch.received is not None:
         name = signal.Signals(latch.received).name
         for outcome in result.outcomes:

@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None, prog: str = "run_scenario.py") -> argpars
                         "$KUBECONFIG)")
     parser.add_argument("--keep", action="store_true",
                         help="k3s: leave the namespace on the cluster after the run")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="embedded: no CurveZMQ on the control and data planes (for "
+                        "experiments, e.g. to measure what encryption costs); by default "
+                        "every peer is authenticated by a per-run key")
     parser.add_argument("--check", action="store_true",
                         help="only check every file (and the baseline) and exit: 0 all good, "
                         "2 bad input; builds nothing, needs no root")
@@ -104,18 +108,18 @@ def run_one(scenario: Scenario, out_dir: Path, args: argparse.Namespace) -> int:
 
             # no root needed: everything happens through the cluster's API
             return run_k3s(scenario, out_dir, args.kubeconfig, keep=args.keep)
-        prepared = prepare(scenario, out_dir)
+        prepared = prepare(scenario, out_dir, curve=not args.plaintext)
         if args.dry_run:
             from testbed.experiment.k3s_dry_run import dry_run
 
             return dry_run(scenario, prepared, out_dir, backend)
-        return run_embedded(scenario, prepared, out_dir)
+        return run_embedded(scenario, prepared, out_dir, plaintext=args.plaintext)
     except (InputError, InfeasibleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Interrupted as exc:
         log(f"interrupted ({exc}); everything was torn down")
-        return 1
+        return exc.exit_code
     except RuntimeError as exc:
         log(f"run failed: {exc}")
         return 1

@@ -22,11 +22,17 @@ def log(message: str) -> None:
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM: stop the run, tear down, exit 1."""
+    """SIGINT/SIGTERM: stop the run, tear down, exit 128 + the signal's number (130 / 143,
+    what shells expect of a program a signal ended)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(signal.Signals(signum).name)
 
 
 def on_signal(signum: int, _frame: Any) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    raise Interrupted(signum)
 
 
 @dataclass
@@ -40,7 +46,28 @@ class Prepared:
     activation_reserve_bytes: int
 
 
-def prepare(scenario: Any, out_dir: Path) -> Prepared:
+# CPU that CurveZMQ adds per MB a stage receives or sends (decrypting and encrypting), over
+# plaintext ZeroMQ: benchmarks/curve_cost.py measured 0.4-1.2 ms per MB and side on the
+# 2-core machine (run to run, under load). Without it in the prediction the baseline scenario
+# delivered 0.78-0.95 of a prediction made for plaintext (it delivers 0.89-1.0 in plaintext).
+CURVE_MS_PER_MB = 1.0
+
+
+def with_curve_cost(instance: Any) -> Any:
+    """`instance` with each stage's per-frame overhead raised by what encrypting its traffic
+    costs: a stage decrypts what crosses the cut before it and encrypts what crosses the one
+    after it, taken at the mean size of a cut (the overhead is one figure per stage)."""
+    from dataclasses import replace
+
+    cuts = [instance.input_bytes, *(s.output_bytes for s in instance.segments)]
+    stage_mb = 2 * sum(cuts) / len(cuts) / 2**20
+    return replace(instance,
+                   frame_overhead_ms=instance.frame_overhead_ms + CURVE_MS_PER_MB * stage_mb)
+
+
+def prepare(scenario: Any, out_dir: Path, curve: bool = True) -> Prepared:
+    """The model, its profile, the planner instance (with CurveZMQ's cost unless the run is
+    `--plaintext`) and the first plan."""
     from partitioner.profile import instance_for_topology, profile_model
     from partitioner.replicate import plan_pipelines
     from partitioner.zoo import resolve_model
@@ -50,6 +77,8 @@ def prepare(scenario: Any, out_dir: Path) -> Prepared:
     log("profiling (cached by model SHA-256)")
     profile = profile_model(model_path, input_shapes=scenario.input_shapes or None)
     instance = instance_for_topology(profile, scenario.topology)
+    if curve:
+        instance = with_curve_cost(instance)
     instance_path = out_dir / "instance.json"
     instance_path.write_text(json.dumps(instance.to_json(), indent=1))
     log(f"planning with '{scenario.algorithm}' over {len(instance.nodes)} hosts, "

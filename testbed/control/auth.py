@@ -1,0 +1,93 @@
+"""Who may talk to the controller and to the sink, decided by CurveZMQ keys (issue 15).
+
+Division of labour: this module is pure: it maps authenticated public keys (the ZAP User-Id of
+a message, Z85 text) to host names and holds the allow-lists; the controller's ZeroMQ shell
+asks it at two call sites: when an agent's message arrives (`host_for`) and whenever the set of
+live epochs changes (`sink_senders`, fed to the sink's Gate). Socket options and the ZAP
+thread are stage_image.security's.
+
+Rules:
+- an agent is known by its key: the driver generates one keypair per host for the run and
+  gives the controller the public halves (`agents`: host -> public key). A message counts as
+  from host H only if CURVE authenticated H's key, and a `host` field in it must say H too, or
+  it is dropped (a process holding edge5's key cannot speak for edge4, and one holding no key
+  does not get through the handshake at all). The DEALER identity frame names nobody: keyed
+  agents leave it to the ROUTER (a random one per connection) and the controller answers a
+  host on the connection its key last spoke from (`Peers`), so no connection can take over
+  another host's name (with names as identities, ROUTER_HANDOVER let any admitted key hand
+  itself another host's connection);
+- the sink accepts results only from the last stage's workers of live epochs (active,
+  deploying, draining): their public keys are the sink's allow-list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from testbed.control.core.records import Epoch
+
+
+@dataclass
+class AgentKeys:
+    """host -> Z85 public key of its agent, and the reverse."""
+
+    agents: Mapping[str, str]
+    by_key: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_key = {key: host for host, key in self.agents.items()}
+        if len(self.by_key) != len(self.agents):
+            raise ValueError("two hosts share an agent key")
+
+    def publics(self) -> list[str]:
+        return list(self.agents.values())
+
+    def host_for(self, authenticated: str | None,
+                 claimed: str | None) -> tuple[str | None, str]:
+        """(host, "") when the message is from a known agent (and its `host` field, if it has
+        one, names the host its key belongs to); (None, why) if not."""
+        host = self.by_key.get(authenticated or "")
+        if host is None:
+            return None, "no agent key authenticated this message"
+        if claimed is not None and claimed != host:
+            return None, f"the key of {host} claims to be {str(claimed)[:64]!r}"
+        return host, ""
+
+
+@dataclass
+class Peers:
+    """host -> the ROUTER identity of the connection its key last spoke from: where the
+    controller sends to that host (a restarted or reconnected agent moves it)."""
+
+    identities: dict[str, bytes] = field(default_factory=dict)
+
+    def heard(self, host: str, identity: bytes) -> None:
+        self.identities[host] = identity
+
+    def identity(self, host: str) -> bytes | None:
+        return self.identities.get(host)
+
+
+# Epochs whose last stages may deliver results to the sink.
+LIVE_EPOCH_STATES = ("deploying", "active", "draining")
+
+
+def sink_senders(epochs: Iterable[Epoch]) -> list[str]:
+    """The sink's allow-list: the public keys of the last stages of every live epoch (slots
+    without keys, plaintext, add none)."""
+    return sorted({slot.keys.public.decode()
+                   for epoch in epochs if epoch.state in LIVE_EPOCH_STATES
+                   for i, slot in enumerate(epoch.slots)
+                   if epoch.plan.next_stage(i) is None and slot.keys is not None})
+
+
+def upstream_keys(epoch: Epoch, stage: int, dispatcher_public: str | None) -> list[str]:
+    """Public keys of whoever sends to `stage` in `epoch`: the stages before it (one per
+    pipeline feeding it), or the dispatcher for a pipeline's first stage."""
+    plan = epoch.plan
+    keys = [slot.keys.public.decode() for i, slot in enumerate(epoch.slots)
+            if plan.next_stage(i) == stage and slot.keys is not None]
+    if stage in plan.heads and dispatcher_public is not None:
+        keys.append(dispatcher_public)
+    return keys
