@@ -11,6 +11,7 @@ from typing import Any
 
 from formats.errors import InputError
 from formats.models import ZOO_MODELS
+from formats.nodestate import check_node_states
 from formats.topology import Topology, load_topology
 from formats.units import (
     parse_bandwidth_mbps,
@@ -315,6 +316,7 @@ def load_scenario(path: str | Path) -> Scenario:
                                       + ", ".join(BACKENDS))
     workload = _workload(fields)
     steps = _steps(fields, topology, workload)
+    check_node_states(steps, path, topology.hosts)
     slo = _slo(fields)
     control: dict[str, Any] = {}
     control_fields = fields.sub("control", None)
