@@ -53,7 +53,10 @@ with it beats the plan in force by `rejoin_margin` (policy.better_by_margin); ot
 that returns is tried at once: nothing is running that could flap. A suspected host that
 comes back with its workers still running (it was slow, not dead: a small CPU share starves
 its agent now and then) keeps them as standbys (`standby.readopted`), so taking it back
-loads nothing.
+loads nothing. Which start of a host's agent is listened to is decided by
+testbed.control.admission (an incarnation id per start: a restart is `agent.restarted` even
+when the pid repeats, and a message of an earlier start is dropped); an agent's `disk` failure
+is `disk.fault` and the host is planned around like a failing one.
 
 Model versions. The controller polls the repository (`repository`, default RUN_DIR/repository)
 for new versions; a new one is hashed and its reference outputs computed, then (with
@@ -112,6 +115,7 @@ from partitioner.instance import (
 from stage_image.security import KeyPair, apply_server, load_keypair
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 from testbed.control import policy
+from testbed.control.admission import RESTARTED, SAME, STALE, Incarnations, incarnation_of
 from testbed.control.dispatcher import (
     Dispatcher,
     Head,
@@ -189,6 +193,7 @@ class Controller:
         self.planner = Planner(cfg.run_dir, cfg.planner.algorithm, cfg.planner.time_limit_s,
                                cfg.planner.seed, cfg.reuse_tolerance, cfg.planner.pipelines)
         self.agents: dict[str, AgentInfo] = {}
+        self.incarnations = Incarnations()      # which start of each host's agent is admitted
         self.slots: dict[tuple[str, int], Slot] = {}
         self.next_port: dict[str, int] = {}
         self.models: dict[str, Path] = {}            # sha256 -> file, served to agents
@@ -984,11 +989,15 @@ class Controller:
     def on_hello(self, host: str, f: dict[str, Any]) -> None:
         now = time.monotonic()
         old = self.agents.get(host)
-        # pid 0: first heard of by a heartbeat, so its pid is not known yet
-        restarted = old is not None and old.pid not in (0, f["pid"])
-        if old is not None and old.pid == 0:
-            old.pid = f["pid"]
+        verdict = self.incarnations.admit(host, incarnation_of(f))
+        if verdict == STALE:
+            self.events.emit("agent.stale", host=host, incarnation=incarnation_of(f))
             return
+        if verdict == SAME:
+            if old is not None and old.pid == 0:
+                old.pid = f["pid"]      # first heard of by a heartbeat: now its pid is known
+            return
+        restarted = verdict == RESTARTED and old is not None
         agent = AgentInfo(host, f["pid"], now)
         if old is not None:
             agent.failures, agent.unhealthy_until = old.failures, old.unhealthy_until
@@ -997,7 +1006,7 @@ class Controller:
             self.log.warning("agent %s says its IP is %s, config says %s", host, f["ip"],
                              self.cfg.hosts[host])
         self.events.emit("agent.restarted" if restarted else "agent.hello", host=host,
-                         pid=f["pid"])
+                         pid=f["pid"], incarnation=incarnation_of(f))
         if restarted:
             # its workers died with it; it is back, and held like any returning node
             self.suspended.pop(host, None)
@@ -1011,9 +1020,16 @@ class Controller:
     def on_heartbeat(self, host: str, f: dict[str, Any]) -> None:
         now = time.monotonic()
         agent = self.agents.get(host)
+        if "incarnation" in f:
+            verdict = self.incarnations.verdict(host, f["incarnation"])
+            if verdict == STALE:
+                return                  # queued before its agent restarted
+            if verdict != SAME:
+                agent = None            # a start whose hello we missed: admitted below
         if agent is None:
             # we missed (or restarted before) its hello: a heartbeat is as good
-            self.on_hello(host, {"pid": 0})
+            self.on_hello(host, {"pid": 0, **({"incarnation": f["incarnation"]}
+                                              if "incarnation" in f else {})})
             agent = self.agents[host]
         if agent.suspected:
             agent.suspected = False
@@ -1126,6 +1142,10 @@ class Controller:
             # a worker we stopped is not news; results.py reads worker.exited as a detection
             self.events.emit("worker.stopped", **fields)
             return
+        if reason == "disk" and slot is not None:
+            # ENOSPC/EROFS that eviction could not prevent: the host is left out (unhealthy
+            # back-off) and the stage planned elsewhere; requests in flight are replayed
+            self.events.emit("disk.fault", **fields)
         if reason == "conflict":
             self.events.emit("deploy.conflict", **fields)   # retried from the heartbeats
             return

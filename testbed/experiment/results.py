@@ -15,7 +15,9 @@ from formats.scenario import Scenario, Slo
 
 # Events (in events.jsonl) that show the system noticed a fault on a host.
 DETECTION_EVENTS = ("node.suspected", "node.straggler", "worker.exited", "worker.failed",
-                    "model.corrupt")
+                    "model.corrupt", "disk.fault")
+# a booted node's agent admitted by the controller (testbed.control.admission)
+READMISSION_EVENTS = ("agent.restarted", "agent.hello")
 # Model rollouts are not failures: noticing one means finding the version (or the rollback
 # command), and recovery is measured from the switch-over.
 MODEL_DETECTION = {"model.update": ("version.found",),
@@ -158,14 +160,34 @@ def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_sta
             if bucket.throughput_rps >= RECOVERY_FRACTION * predicted:
                 recovered = bucket_end
                 break
-        faults.append({
+        entry = {
             "action": fault["action"], "target": fault.get("target"),
             "at_s": round(at - window_start, 3),
             "late_ms": fault.get("late_ms"),
             "detected_s": None if detected is None else round(detected - window_start, 3),
             "recovered_s": None if recovered is None else round(recovered - window_start, 3),
-        })
+        }
+        booted = _booted_at(events, fault)
+        if booted is not None:
+            readmitted = next((e["t"] for e in events if e["t"] >= booted
+                               and e.get("type") in READMISSION_EVENTS
+                               and e.get("host") == fault.get("target")), None)
+            entry["readmitted_s"] = (None if readmitted is None
+                                     else round(readmitted - window_start, 3))
+        faults.append(entry)
     return faults
+
+
+def _booted_at(events: list[dict[str, Any]], fault: dict[str, Any]) -> float | None:
+    """When a node fault started the node's software again: a node.restart when it fired, a
+    node.crash when its heal restarted it (not the final heal); None for other faults."""
+    if fault["action"] == "node.restart":
+        return float(fault["t"])
+    if fault["action"] != "node.crash":
+        return None
+    return next((float(e["t"]) for e in events if e.get("type") == "fault.healed"
+                 and e.get("step") == fault.get("step") and not e.get("final")
+                 and (e.get("detail") or {}).get("restarted")), None)
 
 
 def _hosts_of(target: Any) -> set[str]:
