@@ -140,6 +140,7 @@ class Scenario:
     slo: Slo = field(default_factory=Slo)
     control: dict[str, Any] = field(default_factory=dict)   # controller config fields
     pipelines: int = 1          # planner.pipelines: at most this many (0: auto)
+    spare: int = 0              # planner.spare: nodes kept out of the plan by choice
 
 
 def _count(value: Any) -> int:
@@ -301,7 +302,7 @@ def load_scenario(path: str | Path) -> Scenario:
     topology = load_topology(topology_file)
     model = _model(fields, path.parent)
     planner = fields.sub("planner", None)
-    algorithm, time_limit, pipelines = "auto", 2.0, 1
+    algorithm, time_limit, pipelines, spare = "auto", 2.0, 1, 0
     if planner is not None:
         algorithm = planner.get("algorithm", expect_type(str, "an algorithm name"), "auto")
         if algorithm not in ALGORITHMS:
@@ -309,6 +310,10 @@ def load_scenario(path: str | Path) -> Scenario:
                                              + ", ".join(ALGORITHMS))
         time_limit = planner.get("time_limit", parse_duration_s, 2.0)
         pipelines = planner.get("pipelines", parse_pipelines, 1)
+        spare = planner.get("spare", _count, 0)
+        if spare >= len(topology.hosts) - 1:
+            raise planner.error("spare", f"{spare} spare nodes leave none of the "
+                                         f"{len(topology.hosts) - 1} edge hosts to serve")
         planner.done()
     backend = fields.get("backend", expect_type(str, "a backend name"), "embedded")
     if backend not in BACKENDS:
@@ -327,7 +332,7 @@ def load_scenario(path: str | Path) -> Scenario:
         control_fields.done()
     fields.done()
     return Scenario(name, path, topology, model, algorithm, time_limit, backend, workload,
-                    steps, slo, control, pipelines)
+                    steps, slo, control, pipelines, spare)
 
 
 def with_duration(scenario: Scenario, text: str) -> Scenario:

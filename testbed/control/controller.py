@@ -191,7 +191,8 @@ class Controller:
                                      self.events.emit, dispatch_log,
                                      keys=KeyPair.generate() if self.curve else None)
         self.planner = Planner(cfg.run_dir, cfg.planner.algorithm, cfg.planner.time_limit_s,
-                               cfg.planner.seed, cfg.reuse_tolerance, cfg.planner.pipelines)
+                               cfg.planner.seed, cfg.reuse_tolerance, cfg.planner.pipelines,
+                               cfg.planner.spare)
         self.agents: dict[str, AgentInfo] = {}
         self.incarnations = Incarnations()      # which start of each host's agent is admitted
         self.slots: dict[tuple[str, int], Slot] = {}

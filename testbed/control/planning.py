@@ -32,6 +32,9 @@ from testbed.control import policy
 from testbed.control.policy import Held
 
 ROOT = Path(__file__).resolve().parents[2]
+# plans that keep `planner.spare` nodes out: the ones made while nothing is lost. A plan after
+# a loss (failure, straggler) or for the next loss (contingency) uses the spare instead.
+SPARE_KINDS = ("initial", "rejoin", "rollout", "manual")
 
 
 def sha256_file(path: Path) -> str:
@@ -146,6 +149,7 @@ class Planner:
     seed: int
     tolerance: float
     pipelines: int = 1                  # at most this many side by side (0: auto)
+    spare: int = 0                      # nodes kept out of plans by choice (SPARE_KINDS)
     split_cache: dict[tuple[int, tuple[int, ...]], Path] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -172,9 +176,10 @@ class Planner:
             problem: InfeasibleError | None = None
             for pool in pools:
                 try:
-                    candidates.append(plan_pipelines(restrict(instance, pool),
-                                                     self.algorithm, self.time_limit_s,
-                                                     self.seed, self.pipelines))
+                    candidates.append(plan_pipelines(
+                        restrict(instance, pool), self.algorithm, self.time_limit_s,
+                        self.seed, self.pipelines,
+                        self.spare if req.kind in SPARE_KINDS else 0))
                 except InfeasibleError as exc:
                     problem = problem or exc
             if not candidates:
