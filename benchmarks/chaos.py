@@ -219,10 +219,10 @@ def print_tables(runs: list[dict[str, Any]]) -> None:
           f"{'mism':>5}{'ratio':>7}")
     for run in runs:
         ratio = run.get("ratio")
+        cells = [str(run.get(k, "-")) for k in ("lost", "duplicates", "mismatched")]
         print(f"{run['schedule']:<14}{str(run.get('topology', '-')):<14}{run['exit']:>5}"
-              f"{len(run.get('faults', [])):>7}{run.get('lost', '-'):>6}"
-              f"{run.get('duplicates', '-'):>5}{run.get('mismatched', '-'):>5}"
-              f"{ratio if ratio is None else f'{ratio:.2f}':>7}")
+              f"{len(run.get('faults', [])):>7}{cells[0]:>6}{cells[1]:>5}{cells[2]:>5}"
+              f"{'-' if ratio is None else f'{ratio:.2f}':>7}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,14 @@ class Segment:
 
 @dataclass(frozen=True)
 class Node:
+    """A compute node. `disk_bytes` extends the DESIGN.md contract (optional in the JSON,
+    0 = not limited): the room for cached stage models, counted by the controller
+    (testbed.control.disk) against the models of the stages and standbys it places."""
+
     name: str
     speed: float
     memory_bytes: int
+    disk_bytes: int = 0
 
 
 @dataclass
@@ -73,7 +78,8 @@ class Instance:
         data: dict[str, Any] = {
             "segments": [asdict(s) for s in self.segments],
             "input_bytes": self.input_bytes,
-            "nodes": [asdict(n) for n in self.nodes],
+            "nodes": [{k: v for k, v in asdict(n).items() if k != "disk_bytes" or v}
+                      for n in self.nodes],
             "source": self.source,
             "bandwidth_mbps": [[a, b, bw] for (a, b), bw in self.bandwidth_mbps.items()],
         }
@@ -373,14 +379,17 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
     nodes, names = [], set()
     for i, node in enumerate(data["nodes"]):
         where = f"nodes[{i}]"
-        if not isinstance(node, dict) or set(node) != {"name", "speed", "memory_bytes"}:
-            raise InputError("needs exactly name, speed, memory_bytes", file=file, field=where)
+        if not isinstance(node, dict) or not {"name", "speed", "memory_bytes"} <= set(node) \
+                or set(node) - {"name", "speed", "memory_bytes", "disk_bytes"}:
+            raise InputError("needs exactly name, speed, memory_bytes (and optionally "
+                             "disk_bytes)", file=file, field=where)
         if not isinstance(node["name"], str) or node["name"] in names:
             raise InputError(f"name must be a unique string, got {node['name']!r}",
                              file=file, field=where + ".name")
         names.add(node["name"])
         nodes.append(Node(node["name"], float(_number(node["speed"], where + ".speed", file, True)),
-                          int(_number(node["memory_bytes"], where + ".memory_bytes", file))))
+                          int(_number(node["memory_bytes"], where + ".memory_bytes", file)),
+                          int(_number(node.get("disk_bytes", 0), where + ".disk_bytes", file))))
     source = data["source"]
     if not isinstance(source, str):
         raise InputError("must be a node name", file=file, field="source")

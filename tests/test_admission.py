@@ -50,3 +50,30 @@ def test_eviction_keeps_held_models_and_stops_when_it_fits() -> None:
     assert choose_evictions(cached, {"held"}, free=100, need=60) == []
     # not enough even after every unheld one: all unheld go, the held one never
     assert choose_evictions(cached, {"held"}, free=0, need=500) == ["old", "newer", "newest"]
+
+
+def test_disk_accounting_counts_distinct_held_models() -> None:
+    from testbed.control.disk import DISK_RESERVE_BYTES, fits_disk, held_model_bytes
+
+    mib = 1 << 20
+    held = [("a", 20 * mib), ("a", 20 * mib), ("b", 19 * mib)]    # two workers share "a"
+    assert held_model_bytes(held) == 39 * mib
+    assert fits_disk(64 * mib, held, ("c", 20 * mib)) == (59 * mib + DISK_RESERVE_BYTES
+                                                          <= 64 * mib)
+    assert not fits_disk(64 * mib, held, ("c", 25 * mib))
+    assert fits_disk(64 * mib, held, ("b", 19 * mib))       # already there: costs nothing
+    assert fits_disk(0, held, ("c", 10 << 30))              # 0: not limited
+
+
+def test_instance_disk_bytes_is_optional_in_the_json() -> None:
+    from partitioner.instance import instance_from_json
+
+    data = {"segments": [{"compute_ms": 1.0, "memory_bytes": 10, "output_bytes": 4}],
+            "input_bytes": 4, "source": "src", "bandwidth_mbps": [["src", "e1", 100.0]],
+            "nodes": [{"name": "e1", "speed": 1.0, "memory_bytes": 100}]}
+    plain = instance_from_json(data)
+    assert plain.nodes[0].disk_bytes == 0 and "disk_bytes" not in plain.to_json()["nodes"][0]
+    data["nodes"][0]["disk_bytes"] = 64 << 20
+    limited = instance_from_json(data)
+    assert limited.nodes[0].disk_bytes == 64 << 20
+    assert limited.to_json()["nodes"][0]["disk_bytes"] == 64 << 20

@@ -116,6 +116,7 @@ from stage_image.security import KeyPair, apply_server, load_keypair
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 from testbed.control import policy
 from testbed.control.admission import RESTARTED, SAME, STALE, Incarnations, incarnation_of
+from testbed.control.disk import fits_disk
 from testbed.control.dispatcher import (
     Dispatcher,
     Head,
@@ -545,18 +546,21 @@ class Controller:
         for slot in self.slots.values():
             if slot.standby:
                 per_node[slot.host] = per_node.get(slot.host, 0) + 1
-        for key, (prepared, stage, file) in needed.items():
-            # only spare nodes: a model load on a serving node takes its CPU share
-            if key in held or key.node in serving or \
-                    per_node.get(key.node, 0) >= self.cfg.standby_per_node or \
-                    not self.fits(key.node, prepared, stage):
+        # spare nodes first; then serving ones where memory and disk allow: loading a model
+        # there takes CPU from the stage it serves for a few seconds, once, and saves the
+        # load (4-7 s of deploy) when the loss comes, which is what makes a plan that uses
+        # every host recover without a spare (docs/architecture.md, "Recovery")
+        for key, (prepared, stage, file) in sorted(
+                needed.items(), key=lambda item: (item[0].node in serving, item[0].node)):
+            if key in held or per_node.get(key.node, 0) >= self.cfg.standby_per_node or \
+                    not self.fits(key.node, prepared, stage, file):
                 continue
             per_node[key.node] = per_node.get(key.node, 0) + 1
             slot = self.new_slot(key.node, key.version, key.first, key.end, file, standby=True)
             self.send_prepare(slot)
             self.events.emit("standby.prepared", host=slot.host, port=slot.port,
                              version=slot.version, segments=[slot.first, slot.end],
-                             sha256=file.sha256)
+                             sha256=file.sha256, serving=key.node in serving)
         self.events.emit("contingency.ready", epoch=self.active.number if self.active else None,
                          plans={h: {"hosts": [s.node for s in p.plan.stages],
                                     "bottleneck_ms": round(p.plan.bottleneck_ms, 3),
@@ -565,15 +569,22 @@ class Controller:
                          standbys=sorted(f"{s.host}:{s.port}" for s in self.slots.values()
                                          if s.standby))
 
-    def fits(self, host: str, prepared: Prepared, stage: Any) -> bool:
+    def fits(self, host: str, prepared: Prepared, stage: Any,
+             file: StageFile | None = None) -> bool:
         """Room for one more worker on `host`: the instance's node memory assumes one stage
-        per host, so a second worker also pays the worker runtime allowance."""
+        per host, so a second worker also pays the worker runtime allowance; and its model
+        file on the host's disk beside the ones its workers hold (testbed.control.disk)."""
         from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
 
         instance = prepared.request.version.instance
         try:
             budget = instance.node(host).memory_bytes
         except KeyError:
+            return False
+        if file is not None and not fits_disk(
+                instance.node(host).disk_bytes,
+                [(s.stage.sha256, s.stage.size) for s in self.slots.values() if s.host == host],
+                (file.sha256, file.size)):
             return False
         segments = instance.segments
         need = sum(s.memory_bytes for s in segments[stage.first:stage.end])
@@ -828,6 +839,15 @@ class Controller:
                 fresh.append(slot)
             taken.add((slot.host, slot.port))
             slots.append(slot)
+        if self.active is not None and self.active.broken:
+            # the broken epoch can serve nothing more: its workers the new epoch does not
+            # re-use go now, not at the switch, so a new stage on the same host has the
+            # memory (two workers on a small host were OOM-killed under churn)
+            hosts = {s.host for s in fresh}
+            for old in self.active.slots:
+                if old.host in hosts and (old.host, old.port) not in taken and \
+                        self.slots.get((old.host, old.port)) is old:
+                    self.release(old, "broken epoch: room for the new epoch")
         number = self.next_epoch
         self.next_epoch += 1
         prepared.epoch = number

@@ -257,10 +257,10 @@ def version_instance(base: Instance, manifest: Any, base_reserve: int | None) ->
     cluster's nodes, bandwidth and per-frame overhead. Node memory is the host's memory less
     a per-model activation reserve; when the reserve of the base model is known, the
     difference is applied, else both are taken as equal."""
-    from partitioner.instance import Node
 
     delta = 0 if base_reserve is None else base_reserve - manifest.activation_reserve_bytes
-    nodes = [Node(n.name, n.speed, max(0, n.memory_bytes + delta)) for n in base.nodes]
+    nodes = [dataclasses.replace(n, memory_bytes=max(0, n.memory_bytes + delta))
+             for n in base.nodes]
     return dataclasses.replace(base, segments=list(manifest.segments),
                                input_bytes=manifest.input_bytes, nodes=nodes,
                                bandwidth_mbps=dict(base.bandwidth_mbps))
