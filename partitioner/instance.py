@@ -19,6 +19,9 @@ class Segment:
     compute_ms: float
     memory_bytes: int
     output_bytes: int
+    # extension (optional in the JSON, 0 = not counted): the bytes of its weights, what a
+    # stage file of it takes on a node's disk (Node.disk_bytes)
+    model_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ class Instance:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "segments": [asdict(s) for s in self.segments],
+            "segments": [{k: v for k, v in asdict(s).items() if k != "model_bytes" or v}
+                         for s in self.segments],
             "input_bytes": self.input_bytes,
             "nodes": [{k: v for k, v in asdict(n).items() if k != "disk_bytes" or v}
                       for n in self.nodes],
@@ -189,6 +193,12 @@ def plan_problems(instance: Instance, stages: list[Stage],
     if problems:
         return problems
     cost = plan_cost(instance, stages)
+    for stage in stages:
+        disk = instance.node(stage.node).disk_bytes
+        need = sum(s.model_bytes for s in instance.segments[stage.first:stage.end])
+        if disk and need > disk:
+            problems.append(f"stage on {stage.node} needs {need} bytes of disk, the node has "
+                            f"{disk}")
     for stage, mem in zip(stages, cost.memory_bytes):
         if mem > instance.node(stage.node).memory_bytes:
             problems.append(f"stage on {stage.node} needs {mem} bytes of memory, "
@@ -368,12 +378,17 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
     segments = []
     for i, seg in enumerate(data["segments"]):
         where = f"segments[{i}]"
-        if not isinstance(seg, dict) or set(seg) != {"compute_ms", "memory_bytes", "output_bytes"}:
-            raise InputError("needs exactly compute_ms, memory_bytes, output_bytes",
+        if not isinstance(seg, dict) or \
+                not {"compute_ms", "memory_bytes", "output_bytes"} <= set(seg) or \
+                set(seg) - {"compute_ms", "memory_bytes", "output_bytes", "model_bytes"}:
+            raise InputError("needs exactly compute_ms, memory_bytes, output_bytes (and "
+                             "optionally model_bytes)",
                              file=file, field=where)
         segments.append(Segment(float(_number(seg["compute_ms"], where + ".compute_ms", file)),
                                 int(_number(seg["memory_bytes"], where + ".memory_bytes", file)),
-                                int(_number(seg["output_bytes"], where + ".output_bytes", file))))
+                                int(_number(seg["output_bytes"], where + ".output_bytes", file)),
+                                int(_number(seg.get("model_bytes", 0), where + ".model_bytes",
+                                            file))))
     if not isinstance(data["nodes"], list) or not data["nodes"]:
         raise InputError("needs at least one node", file=file, field="nodes")
     nodes, names = [], set()

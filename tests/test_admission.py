@@ -77,3 +77,21 @@ def test_instance_disk_bytes_is_optional_in_the_json() -> None:
     limited = instance_from_json(data)
     assert limited.nodes[0].disk_bytes == 64 << 20
     assert limited.to_json()["nodes"][0]["disk_bytes"] == 64 << 20
+
+
+def test_planner_keeps_a_stage_off_a_disk_too_small_for_its_model() -> None:
+    from partitioner.algorithms import solve
+    from partitioner.instance import Instance, Node, Segment, plan_problems
+
+    segments = [Segment(10.0, 10, 100, model_bytes=40), Segment(10.0, 10, 100, model_bytes=40)]
+    bandwidth = {("src", "big"): 1000.0, ("src", "small"): 1000.0, ("big", "small"): 1000.0}
+    fast_small_disk = Node("small", 4.0, 1000, disk_bytes=50)
+    instance = Instance(segments, 100, [fast_small_disk, Node("big", 1.0, 1000)], "src",
+                        bandwidth)
+    plan = solve(instance, "optimal")
+    # the fast node would take both segments (80 bytes of model); its disk holds one
+    assert all(s.end - s.first == 1 for s in plan.stages if s.node == "small")
+    assert not plan_problems(instance, plan.stages)
+    from partitioner.instance import Stage
+
+    assert "disk" in " ".join(plan_problems(instance, [Stage(0, 2, "small")]))
