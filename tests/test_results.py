@@ -94,3 +94,14 @@ def test_restarted_node_reports_when_it_was_readmitted() -> None:
     crash, restart, final = fault_timings(events, buckets(records, T0, T0 + 10), T0, 10.0)
     assert crash["readmitted_s"] == 5.3 and restart["readmitted_s"] == 6.9
     assert "readmitted_s" not in final          # a crash that never came back
+
+
+def test_partition_detection_is_about_the_far_side() -> None:
+    records = steady(10, 10)
+    events = [{"t": T0 + 2.0, "type": "fault.injected", "action": "link.partition",
+               "target": [["edge5"], ["dispatcher", "edge1", "edge2"]]},
+              {"t": T0 + 2.2, "type": "node.suspected", "host": "edge1"},   # another fault's
+              {"t": T0 + 2.6, "type": "node.suspected", "host": "edge5"}]
+    series = buckets(records, T0, T0 + 10)
+    (fault,) = fault_timings(events, series, T0, 10.0, "dispatcher")
+    assert fault["detected_s"] == 2.6

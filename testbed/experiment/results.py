@@ -15,7 +15,7 @@ from formats.scenario import Scenario, Slo
 
 # Events (in events.jsonl) that show the system noticed a fault on a host.
 DETECTION_EVENTS = ("node.suspected", "node.straggler", "worker.exited", "worker.failed",
-                    "model.corrupt", "disk.fault")
+                    "model.corrupt", "disk.fault", "agent.restarted")
 # a booted node's agent admitted by the controller (testbed.control.admission)
 READMISSION_EVENTS = ("agent.restarted", "agent.hello")
 # Model rollouts are not failures: noticing one means finding the version (or the rollback
@@ -130,7 +130,8 @@ def _predicted_at(events: list[dict[str, Any]], t: float, initial: float) -> flo
 
 
 def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_start: float,
-                  initial_predicted: float) -> list[dict[str, Any]]:
+                  initial_predicted: float, dispatcher: str | None = None,
+                  ) -> list[dict[str, Any]]:
     """Per injected fault: when it happened, when the system noticed, when throughput came
     back to RECOVERY_FRACTION of the prediction of the plan in force (seconds from the
     start of the measured window)."""
@@ -146,7 +147,7 @@ def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_sta
                              and e.get("type") == "version.switched"), None)
             recovery_from = switched if switched is not None else at
         else:
-            targets = _hosts_of(fault.get("target"))
+            targets = _fault_hosts(fault, dispatcher)
             detected = next((e["t"] for e in events
                              if e["t"] >= at and e.get("type") in DETECTION_EVENTS
                              and (not targets or e.get("host") in targets)), None)
@@ -188,6 +189,19 @@ def _booted_at(events: list[dict[str, Any]], fault: dict[str, Any]) -> float | N
     return next((float(e["t"]) for e in events if e.get("type") == "fault.healed"
                  and e.get("step") == fault.get("step") and not e.get("final")
                  and (e.get("detail") or {}).get("restarted")), None)
+
+
+def _fault_hosts(fault: dict[str, Any], dispatcher: str | None) -> set[str]:
+    """The hosts a fault's detection is about. A partition cuts the hosts on the far side
+    from the controller (the dispatcher's side sees them vanish): counting every host of both
+    groups attributed any node's detection to it."""
+    target = fault.get("target")
+    if fault.get("action") == "link.partition" and dispatcher is not None and \
+            isinstance(target, list):
+        far = [group for group in target if dispatcher not in group]
+        if far and len(far) < len(target):
+            return _hosts_of(far)
+    return _hosts_of(target)
 
 
 def _hosts_of(target: Any) -> set[str]:
@@ -329,7 +343,8 @@ def summarise(scenario: Scenario, backend: str, records: list[RequestRecord],
             "mismatched": sum(r.mismatched for r in records),
             "replayed": sum(r.attempts > 1 for r in records),
         },
-        "faults": fault_timings(events, series, window_start, predicted_rps),
+        "faults": fault_timings(events, series, window_start, predicted_rps,
+                                scenario.topology.dispatcher().name),
         "control": control_summary(events, window_start),
         "window": {"start_unix": window_start, "duration_s": scenario.workload.duration_s,
                    "warmup_s": scenario.workload.warmup_s},
