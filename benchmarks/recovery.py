@@ -34,6 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from testbed.control import events as ev  # noqa: E402
+
 FAULT_AT_S = 10.0
 K8S_DEFAULT_WAIT_S = 340.0      # node-monitor grace (~40 s) + not-ready toleration (300 s)
 
@@ -116,7 +118,7 @@ def measure(name: str, run_dir: Path) -> dict[str, Any]:
     req = summary["requests"]
     at = window + FAULT_AT_S
     dones = sorted(float(r["done"]) for r in rows if r["status"] == "completed")
-    deployed = [e for e in events if e["type"] == "plan.deployed"]
+    deployed = [e for e in events if e["type"] == ev.PLAN_DEPLOYED]
     before = [e for e in deployed if e["t"] < at]
     after = [e for e in deployed if e["t"] >= at]
     old_rps = before[-1]["predicted_throughput_rps"] if before else 0.0
@@ -151,8 +153,8 @@ def measure(name: str, run_dir: Path) -> dict[str, Any]:
         "slo_passed": summary["slo"]["passed"],
     }
     if name == "update":
-        found = next((e for e in events if e["type"] == "version.found"), None)
-        switched = next((e for e in events if e["type"] == "version.switched"), None)
+        found = next((e for e in events if e["type"] == ev.VERSION_FOUND), None)
+        switched = next((e for e in events if e["type"] == ev.VERSION_SWITCHED), None)
         row["detected_s"] = _rel(found["t"] if found else None, at)
         row["switched_s"] = _rel(switched["t"] if switched else None, at)
     return row

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from formats.control import ControlSettings
 from formats.errors import InputError
 from formats.models import ZOO_MODELS
 from formats.nodestate import check_node_states
@@ -91,41 +92,6 @@ class Slo:
     p99_ms: float | None = None
 
 
-# scenario `control:` key -> (controller config field, converter): detection, re-plan and
-# rejoin knobs of the control plane (defaults live in testbed.control.controller).
-def _fraction(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"expected a fraction in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
-
-
-def _straggler_factor(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not (value == 0 or value > 1):
-        raise ValueError(f"expected a factor above 1 (0: off), got {value!r}")
-    return float(value)
-
-
-CONTROL_FIELDS: dict[str, tuple[str, Any]] = {
-    "heartbeat": ("heartbeat_ms", lambda v: parse_duration_s(v) * 1000),
-    "suspect_after_missed": ("suspect_after_missed", lambda v: _positive_int(v)),
-    "replan_delay": ("replan_delay_s", parse_duration_s),
-    "reuse_tolerance": ("reuse_tolerance", _fraction),
-    "rejoin_hold": ("rejoin_hold_s", parse_duration_s),
-    "rejoin_margin": ("rejoin_margin", _fraction),
-    "standby": ("standby", _flag),
-    "drain": ("drain_s", parse_duration_s),
-    "straggler_factor": ("straggler_factor", _straggler_factor),
-    "straggler_after": ("straggler_after_s", parse_duration_s),
-}
-
-
 @dataclass
 class Scenario:
     name: str
@@ -138,7 +104,7 @@ class Scenario:
     workload: Workload
     steps: list[Step] = field(default_factory=list)
     slo: Slo = field(default_factory=Slo)
-    control: dict[str, Any] = field(default_factory=dict)   # controller config fields
+    control: ControlSettings = field(default_factory=ControlSettings)
     pipelines: int = 1          # planner.pipelines: at most this many (0: auto)
     spare: int = 0              # planner.spare: nodes kept out of the plan by choice
 
@@ -323,13 +289,7 @@ def load_scenario(path: str | Path) -> Scenario:
     steps = _steps(fields, topology, workload)
     check_node_states(steps, path, topology.hosts)
     slo = _slo(fields)
-    control: dict[str, Any] = {}
-    control_fields = fields.sub("control", None)
-    if control_fields is not None:
-        for key, (config_field, convert) in CONTROL_FIELDS.items():
-            if control_fields.has(key):
-                control[config_field] = control_fields.get(key, convert)
-        control_fields.done()
+    control = ControlSettings.from_scenario(fields.sub("control", None))
     fields.done()
     return Scenario(name, path, topology, model, algorithm, time_limit, backend, workload,
                     steps, slo, control, pipelines, spare)

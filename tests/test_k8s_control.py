@@ -35,24 +35,20 @@ from kubernetes import client
 from kubernetes_validate import utils as kv_utils
 from onnx import TensorProto, helper, numpy_helper
 
+from formats.control import ControlSettings
 from partitioner import cuts
 from partitioner.algorithms import solve
 from partitioner.instance import InfeasibleError, Instance, Node, Plan, Segment, Stage
 from stage_image.security import KeyPair, apply_client
 from stage_image.wire import MAX_STAGE_HEARTBEAT_BYTES, FrameError, encode_control
+from testbed.control.core.actions import Event
 from testbed.control.planning import Planner, PlanRequest, VersionInfo, restrict, sha256_file
 from testbed.k8s import manifests as k8s
 from testbed.k8s.backend import K3sBackend, ModelServer, latest_epoch
+from testbed.k8s.decider import Decider, Deploy, ForceDelete, Prune, Replan
 from testbed.k8s.loop import (
-    Decider,
-    Deploy,
-    Event,
-    ForceDelete,
     HeartbeatReceiver,
     K3sController,
-    Prune,
-    Replan,
-    Timing,
     epoch_settings,
     initial_request,
     model_ready,
@@ -104,10 +100,10 @@ def events(actions: list[Any], kind: str) -> list[Event]:
     return [a for a in actions if isinstance(a, Event) and a.kind == kind]
 
 
-def deployed_decider(plan: Plan, timing: Timing | None = None, at: float = 0.0,
+def deployed_decider(plan: Plan, timing: ControlSettings | None = None, at: float = 0.0,
                      candidates: tuple[str, ...] = EDGES) -> Decider:
     """A Decider whose first epoch runs `plan`, every pod Ready, from time `at`."""
-    decider = Decider(candidates, timing or Timing())
+    decider = Decider(candidates, timing or ControlSettings())
     decider.nodes_listed([node(n) for n in (*candidates, "dispatcher")])
     (replan,) = of(decider.tick(at), Replan)
     assert replan.kind == "initial" and replan.live == frozenset(candidates)
@@ -129,7 +125,7 @@ def beat_all(decider: Decider, plan: Plan, at: float, skip: frozenset[str] = fro
 # --- the decision core ---------------------------------------------------------------------
 
 def test_heartbeat_silence_replans_within_the_detection_time() -> None:
-    timing = Timing(heartbeat_ms=200, suspect_after_missed=3)
+    timing = ControlSettings(heartbeat_ms=200, suspect_after_missed=3)
     instance = small_instance()
     plan = plan_on(instance, "edge1", "edge3")
     decider = deployed_decider(plan, timing)
@@ -221,7 +217,7 @@ def _returned_and_stable(margin: float) -> tuple[Decider, Instance, list[Any]]:
     instance = small_instance(speeds={"edge1": 1.0, "edge2": 0.5, "edge3": 1.0})
     fast = plan_on(instance, "edge1", "edge3")          # bottleneck 10 ms
     slow = plan_on(instance, "edge2", "edge3")          # bottleneck 20 ms
-    decider = deployed_decider(fast, Timing(rejoin_hold_s=5.0, rejoin_margin=margin), 0.0)
+    decider = deployed_decider(fast, ControlSettings(rejoin_hold_s=5.0, rejoin_margin=margin), 0.0)
     decider.node_event("MODIFIED", node("edge1", ready="False"))
     (replan,) = of(decider.tick(10.0), Replan)
     assert of(decider.planned(replan.kind, slow, 10.1), Deploy)[0].epoch == 2
@@ -266,7 +262,7 @@ def test_a_node_found_dead_by_its_heartbeats_needs_a_sign_of_life() -> None:
     says Ready for tens of seconds: that alone must not bring it back."""
     def crashed() -> Decider:
         plan = plan_on(small_instance(), "edge1", "edge3")
-        decider = deployed_decider(plan, Timing(rejoin_hold_s=5.0, api_grace_s=60.0))
+        decider = deployed_decider(plan, ControlSettings(rejoin_hold_s=5.0, api_grace_s=60.0))
         beat_all(decider, plan, 0.2)
         replans: list[Replan] = []
         for step in range(1, 17):           # the loop ticks often; edge3 beats on
@@ -332,7 +328,7 @@ def test_infeasible_when_memory_does_not_fit_then_retried_when_a_node_returns() 
 
 def test_a_stage_that_never_serves_fails_after_the_deploy_timeout() -> None:
     plan = plan_on(small_instance(), "edge1", "edge3")
-    decider = Decider(EDGES, Timing(deploy_timeout_s=30.0))
+    decider = Decider(EDGES, ControlSettings(deploy_timeout_s=30.0))
     decider.nodes_listed([node(n) for n in EDGES])
     decider.planned("initial", plan, 0.0)
     decider.deployed(1, 0.0)
@@ -618,7 +614,7 @@ def test_the_loop_replans_when_a_stage_goes_silent(chain: dict[str, Any], fake_c
     controller = K3sController(
         settings, inputs, work, work / "model.onnx",
         # 6 x 50 ms: short, yet not so short that a busy test machine fakes a crash
-        Timing(heartbeat_ms=50, suspect_after_missed=6, rejoin_hold_s=0.5,
+        ControlSettings(heartbeat_ms=50, suspect_after_missed=6, rejoin_hold_s=0.5,
                deploy_timeout_s=60.0),
         logging.getLogger("k3h-loop"), events_path,
         backend=K3sBackend(settings, api=api),

@@ -33,12 +33,12 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate import utils as kv_utils
 
+from formats.control import ControlSettings
 from stage_image.security import KeyPair
 from testbed.experiment import driver
 from testbed.k8s import manifests as k8s
 from testbed.k8s.backend import K3sBackend, ModelServer
-from testbed.k8s.loop import K3sController, Timing
-from testbed.k8s.workload import parse_command
+from testbed.k8s.loop import K3sController
 from tests.fake_k8s import FakeCluster, serve_fake_cluster
 from tests.test_k8s_control import build_chain
 
@@ -132,7 +132,7 @@ class Kubelet:
         models = self.work / "controller-models"
         self.controller = K3sController(
             settings, inputs, models, models / inputs.model_file,
-            Timing(heartbeat_ms=settings.heartbeat_ms or 200.0, suspect_after_missed=5,
+            ControlSettings(heartbeat_ms=settings.heartbeat_ms or 200.0, suspect_after_missed=5,
                    rejoin_hold_s=60.0),
             logging.getLogger("k3s-live-controller"),
             backend=K3sBackend(settings, api=self.api),
@@ -325,21 +325,6 @@ def test_a_scenario_runs_on_the_fake_cluster_through_a_node_crash(
     forced = [q for m, k, name, q in cluster.requests
               if m == "DELETE" and k == "pods" and "gracePeriodSeconds=0" in str(q)]
     assert forced
-
-
-# --- the command port's frames --------------------------------------------------------------
-
-def test_command_frames_are_checked() -> None:
-    assert parse_command([b'{"cmd": "status"}']) == ({"cmd": "status"}, None)
-    assert parse_command([b'{"cmd": "put_model", "offset": 0, "total": 3}', b"abc"])[1] == b"abc"
-    for frames in ([b"not json"], [b"[]"], [b'{"cmd": "eval"}'],
-                   [b'{"cmd": "status", "x": 1}'], [b'{"cmd": "status"}', b"data"],
-                   [b'{"cmd": "put_model", "offset": 0, "total": 3}'],
-                   [b'{"cmd": "put_model", "offset": -1, "total": 3}', b"a"],
-                   [b'{"cmd": "fetch", "file": "x", "offset": true}'],
-                   [b'{"cmd": "status"}', b"a", b"b"]):
-        with pytest.raises(ValueError):
-            parse_command(frames)
 
 
 def _unused(port: int) -> bool:

@@ -75,8 +75,9 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
 def test_control_fields(tmp_path: Path) -> None:
     scenario = load_scenario(write(tmp_path, GOOD + "control: {straggler_factor: 3, "
                                    "straggler_after: 1500ms, rejoin_hold: 2s}\n"))
-    assert scenario.control == {"straggler_factor": 3.0, "straggler_after_s": 1.5,
-                                "rejoin_hold_s": 2.0}
+    assert scenario.control.given() == {"straggler_factor": 3.0, "straggler_after_s": 1.5,
+                                        "rejoin_hold_s": 2.0}
+    assert scenario.control.rejoin_margin == 0.10          # the rest are the defaults
     for bad, field in (("straggler_factor: 1", "control.straggler_factor"),
                        ("straggler_after: soon", "control.straggler_after"),
                        ("straggle: 2", "control.straggle")):

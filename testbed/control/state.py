@@ -1,11 +1,11 @@
-"""What the controller knows, as plain data: its configuration (CONFIG.json, validated), the
-event log it writes (events.jsonl), and its records of workers (`Slot`), epochs (`Epoch`) and
-agents (`AgentInfo`).
+"""What the embedded controller knows, as plain data: its configuration (CONFIG.json,
+validated), the event log both backends write (events.jsonl, checked against
+testbed.control.events), and its records of workers (`Slot`) and epochs (`Epoch`).
 
-Division of labour: testbed/control/controller.py decides and talks to agents and the dispatcher;
-this
-module only holds and checks state, so the k3s loop (testbed/k8s/loop.py) and tests can use
-the same records and event log without a running controller.
+Division of labour: testbed.control.plane decides, testbed.control.controller talks to agents
+and the dispatcher; this module only holds and checks state, so the k3s loop
+(testbed/k8s/loop.py) and tests can use the same records and event log without a running
+controller. Node health records are testbed.control.core.health's.
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from formats.control import KNOBS, ControlSettings
 from formats.errors import InputError, read_json
 from partitioner.instance import Plan
 from stage_image.security import KeyPair
+from testbed.control import events
 from testbed.control.dispatcher import Workload
 from testbed.control.planning import StageFile
 from testbed.control.policy import Held
-
-UNHEALTHY_CAP_S = 120.0     # the longest a failing host is left out before another chance
-
 
 # -- configuration ----------------------------------------------------------------------------
 
@@ -53,24 +52,11 @@ class ControllerConfig:
     data_port_base: int = 20000
     data_port_span: int = 20000
     control_ipc: str = ""
-    heartbeat_ms: float = 200.0
-    suspect_after_missed: int = 3
-    hello_timeout_s: float = 60.0
-    deploy_timeout_s: float = 120.0
-    replan: bool = True
     version: int = 1
     plan: Path | None = None
     stages_dir: Path | None = None
-    reuse_tolerance: float = 0.05
-    rejoin_hold_s: float = 5.0
-    rejoin_margin: float = 0.10
-    standby: bool = True
-    standby_per_node: int = 4
-    replan_delay_s: float = 0.0
-    straggler_factor: float = 2.0
-    straggler_after_s: float = 2.0
-    drain_s: float = 5.0
-    unhealthy_hold_s: float = 10.0
+    # the control knobs (formats.control), given flat in CONFIG.json beside the rest
+    control: ControlSettings = field(default_factory=ControlSettings)
     repository: Path | None = None
     repository_poll_s: float = 0.5
     auto_rollout: bool = True
@@ -85,13 +71,16 @@ class ControllerConfig:
     def from_json(cls, data: Any, file: str = "<config>") -> ControllerConfig:
         if not isinstance(data, dict):
             raise InputError("the controller config must be a JSON object", file=file)
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        own = set(cls.__dataclass_fields__) - {"control"}
+        unknown = sorted(set(data) - own - set(KNOBS))
         if unknown:
             raise InputError("unknown field", file=file, field=unknown[0])
         for key in ("run_dir", "model", "instance", "hosts", "dispatcher_ip"):
             if key not in data:
                 raise InputError("required field is missing", file=file, field=key)
-        values = dict(data)
+        values = {k: v for k, v in data.items() if k in own}
+        values["control"] = ControlSettings.from_json(
+            {k: v for k, v in data.items() if k in KNOBS}, file)
         try:
             planner = values.get("planner", {})
             if not isinstance(planner, dict) or set(planner) - set(
@@ -122,21 +111,8 @@ class ControllerConfig:
         if cfg.data_port_span < 1 or cfg.data_port_base + cfg.data_port_span > 65536:
             raise InputError("data ports must stay below 65536", file=file,
                              field="data_port_span")
-        if cfg.suspect_after_missed < 1 or cfg.heartbeat_ms <= 0:
-            raise InputError("must be positive", file=file, field="suspect_after_missed")
-        for key in ("reuse_tolerance", "rejoin_margin"):
-            if not 0 <= getattr(cfg, key) < 1:
-                raise InputError("must be a fraction in [0, 1)", file=file, field=key)
-        if not (cfg.straggler_factor == 0 or cfg.straggler_factor > 1):
-            raise InputError("must be above 1 (0: no straggler check)", file=file,
-                             field="straggler_factor")
-        for key in ("rejoin_hold_s", "replan_delay_s", "drain_s", "unhealthy_hold_s",
-                    "straggler_after_s"):
-            if not getattr(cfg, key) >= 0:
-                raise InputError("must be a non-negative number of seconds", file=file,
-                                 field=key)
-        if cfg.standby_per_node < 0 or cfg.repository_poll_s <= 0:
-            raise InputError("must be positive", file=file, field="standby_per_node")
+        if cfg.repository_poll_s <= 0:
+            raise InputError("must be positive", file=file, field="repository_poll_s")
         return cfg
 
 
@@ -154,6 +130,7 @@ class EventLog:
         self.last: dict[str, Any] | None = None
 
     def emit(self, kind: str, /, **fields: Any) -> None:
+        events.check(kind, fields)          # a bug of ours: fails loudly, in tests first
         record = {"t": time.time(), "type": kind, **fields}
         line = json.dumps(record, default=str, separators=(",", ":"))
         try:
@@ -185,7 +162,6 @@ class Slot:
     state: str = "new"          # as reported: fetching | starting | ready (| new: not yet)
     sent: dict[int, float] = field(default_factory=dict)  # epoch (0: prepare) -> when asked
     keys: KeyPair | None = None     # CurveZMQ: the worker's own keypair
-    slow_since: float | None = None     # computing straggler_factor x slower than planned
 
     @property
     def held(self) -> Held:
@@ -213,16 +189,3 @@ class Epoch:
 
     def ready(self) -> bool:
         return all(self.number in s.confirmed for s in self.slots)
-
-
-@dataclass
-class AgentInfo:
-    host: str
-    pid: int
-    last_seen: float              # monotonic
-    suspected: bool = False
-    returned: float | None = None     # came back (or restarted) at; None: stable
-    failures: int = 0                 # worker failures, for the unhealthy back-off
-    unhealthy_until: float = 0.0
-    reported: set[int] = field(default_factory=set)       # ports in its last heartbeat
-    asked: dict[tuple[str, int], float] = field(default_factory=dict)  # (stop|release, n)

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from formats.control import K3S_UNSUPPORTED
 from formats.errors import EXIT_BAD_INPUT, InputError
 from formats.scenario import Scenario
 from formats.units import parse_percent
@@ -81,6 +82,9 @@ def problem(scenario: Scenario, args: argparse.Namespace) -> str | None:
             raise InputError("the k3s backend deploys one pipeline; pipelines side by side "
                              "run on the embedded backend", file=scenario.path,
                              field="planner.pipelines")
+        if backend == "k3s":
+            # the loop applies the scenario's control settings; those it cannot are refused
+            scenario.control.refuse_unsupported("k3s", K3S_UNSUPPORTED)
     except InputError as exc:
         return str(exc)
     if backend == "embedded" and not (args.dry_run or args.check) and os.geteuid() != 0:

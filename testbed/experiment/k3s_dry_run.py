@@ -59,7 +59,8 @@ def make_bundle(scenario: Scenario, prepared: Any, out_dir: Path) -> Bundle:
 
     plan_json, stage_dir = write_plan_and_stages(prepared, out_dir)
     try:
-        settings = k8s.settings_for_topology(scenario.topology, epoch=1, model_version=1)
+        settings = k8s.settings_for_topology(scenario.topology, epoch=1, model_version=1,
+                                             heartbeat_ms=scenario.control.heartbeat_ms)
         driver = None
         if settings.curve:
             settings = replace(settings, curve_keys=generate_deployment_keys(
@@ -70,7 +71,8 @@ def make_bundle(scenario: Scenario, prepared: Any, out_dir: Path) -> Bundle:
             model_sha256=sha256_file(prepared.model_path), plan=prepared.plan.to_json(),
             algorithm=scenario.algorithm, time_limit_s=scenario.time_limit_s,
             workload=workload_json(scenario),
-            driver_public=driver.public.decode() if driver else None)
+            driver_public=driver.public.decode() if driver else None,
+            control=scenario.control.to_json())
         bundle = Bundle(plan_json, k8s.load_stage_models(stage_dir), settings, inputs, driver)
         bundle.manifests(prepared.plan)           # refuses what does not fit, here
     except ValueError as exc:

@@ -28,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
+from testbed.control import events as ev
+
 FILES = ("summary.json", "requests.csv", "timeseries.csv", "events.jsonl", "plan.json")
 COLOURS = {"node": "tab:red", "link": "tab:blue", "io": "tab:orange"}
 STAGES_PER_ROW = 6
@@ -69,7 +71,7 @@ def fault_windows(events: list[dict[str, Any]], start: float,
     in force when it closed. A heal is matched by step number (or action and target)."""
     windows = []
     for index, event in enumerate(events):
-        if event.get("type") != "fault.injected" or event.get("error"):
+        if event.get("type") != ev.FAULT_INJECTED or event.get("error"):
             continue
         healed = next((e for e in events[index + 1:] if _heals(e, event)), None)
         instant = healed is None and not _has_heal(event.get("action", ""))
@@ -81,7 +83,7 @@ def fault_windows(events: list[dict[str, Any]], start: float,
 
 
 def _heals(other: dict[str, Any], injected: dict[str, Any]) -> bool:
-    if other.get("type") != "fault.healed":
+    if other.get("type") != ev.FAULT_HEALED:
         return False
     if "step" in injected:
         return other.get("step") == injected["step"]
@@ -130,7 +132,7 @@ def _plot_timeline(path: Path, summary: dict[str, Any], events: list[dict[str, A
     top.step(steps_t, steps_rps, where="post", color="tab:green", linestyle=":",
              label="predicted (plan in force)")
     for event in events:
-        if event.get("type") == "plan.deployed" and 0 < event["t"] - start < t[-1] + 0.5:
+        if event.get("type") == ev.PLAN_DEPLOYED and 0 < event["t"] - start < t[-1] + 0.5:
             top.axvline(event["t"] - start, color="tab:green", linewidth=0.8, alpha=0.6)
     top.set_ylabel("requests / s")
     top.set_ylim(bottom=0)
@@ -154,7 +156,7 @@ def _predicted_steps(summary: dict[str, Any], events: list[dict[str, Any]], star
     times, values = [0.0], [float(summary.get("predicted_throughput_rps", 0.0))]
     for event in events:
         offset = event["t"] - start
-        if event.get("type") == "plan.deployed" and event.get("predicted_throughput_rps"):
+        if event.get("type") == ev.PLAN_DEPLOYED and event.get("predicted_throughput_rps"):
             if offset <= 0:
                 values[0] = float(event["predicted_throughput_rps"])
             elif offset < end:
@@ -194,7 +196,7 @@ def _plans(summary: dict[str, Any], events: list[dict[str, Any]]) -> list[tuple[
     plans = []
     if summary.get("plan", {}).get("stages"):
         plans.append(("planned", summary["plan"]))
-    deployed = [e for e in events if e.get("type") == "plan.deployed" and e.get("plan")]
+    deployed = [e for e in events if e.get("type") == ev.PLAN_DEPLOYED and e.get("plan")]
     if deployed:
         last = deployed[-1]
         if not plans or last["plan"].get("stages") != plans[0][1].get("stages"):

@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from formats.scenario import Scenario, Slo
+from testbed.control import events as ev
 
 # Events (in events.jsonl) that show the system noticed a fault on a host.
-DETECTION_EVENTS = ("node.suspected", "node.straggler", "worker.exited", "worker.failed",
-                    "model.corrupt", "disk.fault", "agent.restarted")
-# a booted node's agent admitted by the controller (testbed.control.admission)
-READMISSION_EVENTS = ("agent.restarted", "agent.hello")
+DETECTION_EVENTS = ev.DETECTION_EVENTS
+READMISSION_EVENTS = ev.READMISSION_EVENTS
 # Model rollouts are not failures: noticing one means finding the version (or the rollback
 # command), and recovery is measured from the switch-over.
-MODEL_DETECTION = {"model.update": ("version.found",),
-                   "model.rollback": ("version.rollback", "version.switched")}
+MODEL_DETECTION = {"model.update": (ev.VERSION_FOUND,),
+                   "model.rollback": (ev.VERSION_ROLLBACK, ev.VERSION_SWITCHED)}
 RECOVERY_FRACTION = 0.9
 
 
@@ -124,7 +123,7 @@ def _predicted_at(events: list[dict[str, Any]], t: float, initial: float) -> flo
     for event in events:
         if event["t"] > t:
             break
-        if event.get("type") == "plan.deployed" and event.get("predicted_throughput_rps"):
+        if event.get("type") == ev.PLAN_DEPLOYED and event.get("predicted_throughput_rps"):
             predicted = float(event["predicted_throughput_rps"])
     return predicted
 
@@ -136,7 +135,7 @@ def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_sta
     back to RECOVERY_FRACTION of the prediction of the plan in force (seconds from the
     start of the measured window)."""
     faults = []
-    injected = [e for e in events if e.get("type") == "fault.injected"]
+    injected = [e for e in events if e.get("type") == ev.FAULT_INJECTED]
     for fault in injected:
         at = fault["t"]
         action = fault["action"]
@@ -144,7 +143,7 @@ def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_sta
             detected = next((e["t"] for e in events if e["t"] >= at
                              and e.get("type") in MODEL_DETECTION[action]), None)
             switched = next((e["t"] for e in events if e["t"] >= at
-                             and e.get("type") == "version.switched"), None)
+                             and e.get("type") == ev.VERSION_SWITCHED), None)
             recovery_from = switched if switched is not None else at
         else:
             targets = _fault_hosts(fault, dispatcher)
@@ -186,7 +185,7 @@ def _booted_at(events: list[dict[str, Any]], fault: dict[str, Any]) -> float | N
         return float(fault["t"])
     if fault["action"] != "node.crash":
         return None
-    return next((float(e["t"]) for e in events if e.get("type") == "fault.healed"
+    return next((float(e["t"]) for e in events if e.get("type") == ev.FAULT_HEALED
                  and e.get("step") == fault.get("step") and not e.get("final")
                  and (e.get("detail") or {}).get("restarted")), None)
 
@@ -222,7 +221,7 @@ def control_summary(events: list[dict[str, Any]], window_start: float) -> dict[s
     open_period: dict[str, Any] | None = None
     for event in events:
         kind = event.get("type")
-        if kind == "plan.deployed":
+        if kind == ev.PLAN_DEPLOYED:
             epochs.append({"epoch": event.get("epoch"), "version": event.get("version"),
                            "at_s": round(event["t"] - window_start, 3),
                            "hosts": event.get("hosts"), "kind": event.get("kind"),
@@ -230,7 +229,7 @@ def control_summary(events: list[dict[str, Any]], window_start: float) -> dict[s
             if open_period is not None:
                 open_period["until_s"] = round(event["t"] - window_start, 3)
                 open_period = None
-        elif kind == "plan.infeasible" and open_period is None:
+        elif kind == ev.PLAN_INFEASIBLE and open_period is None:
             open_period = {"from_s": round(event["t"] - window_start, 3), "until_s": None,
                            "reason": event.get("reason"), "live": event.get("live")}
             infeasible.append(open_period)
@@ -324,7 +323,7 @@ def summarise(scenario: Scenario, backend: str, records: list[RequestRecord],
     throughput = len(in_window) / scenario.workload.duration_s
     series = buckets(records, window_start, window_end)
     late = [f"{e['action']} fired {e['late_ms']:.0f} ms late" for e in events
-            if e.get("type") == "fault.injected" and (e.get("late_ms") or 0) > 250]
+            if e.get("type") == ev.FAULT_INJECTED and (e.get("late_ms") or 0) > 250]
     summary: dict[str, Any] = {
         "scenario": scenario.name,
         "backend": backend,

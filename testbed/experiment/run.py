@@ -107,7 +107,7 @@ def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir
         "sink_port": SINK_PORT,
         "control_ipc": control_ipc,
         "base_reserve_bytes": prepared.activation_reserve_bytes,
-        **scenario.control,
+        **scenario.control.to_json(),
     }
 
 
@@ -150,7 +150,7 @@ def _start_processes(scenario: Scenario, prepared: Prepared, net: Any, out_dir: 
                            [sys.executable, "-m", "testbed.control.controller", str(config_path)],
                            out_dir / "logs" / "controller.log", env=PROCESS_ENV)
     for host in scenario.topology.edge_hosts():
-        start_agent(net, out_dir, host.name, scenario.control.get("heartbeat_ms"))
+        start_agent(net, out_dir, host.name, scenario.control.heartbeat_ms)
     return controller
 
 
@@ -282,7 +282,7 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path) -> int:
     control_ipc = control_address(out_dir)
     # The timeline's thread gets its own REQ socket: one cannot be shared between threads.
     step_client = ControlClient(control_ipc)
-    heartbeat_ms = scenario.control.get("heartbeat_ms")
+    heartbeat_ms = scenario.control.heartbeat_ms
     hooks = Hooks(
         restart_host=lambda host: start_agent(net, out_dir, host, heartbeat_ms),
         controller=step_client.call,

@@ -3,15 +3,15 @@ controller's pod (or on the lab VM with a kubeconfig).
 
 Division of labour, as in the Mininet modules: the algorithms are plain functions and classes
 on plain data, the API calls sit at the edges.
-- `Decider` decides and does nothing else: no sockets, no API, no clock of its own (every call
-  takes `now`). It is fed Node and Pod watch events (as the official client's model objects,
-  read through testbed.k8s.backend's pure functions), our stage heartbeats and the outcome of
-  its own actions, and answers with actions: `Replan`, `Deploy`, `ForceDelete`, `Prune`,
-  `Event`. Unit-tested without a cluster (tests/test_k8s_control.py).
+- `Decider` (testbed.k8s.decider) decides and does nothing else: no sockets, no API, no clock
+  of its own (every call takes `now`); it answers with actions (`Replan`, `Deploy`,
+  `ForceDelete`, `Prune`, `Event`), which this module carries out.
 - Planning is the embedded controller's: testbed.control.planning.Planner (solve over the live
-nodes,
-  repairs that keep the current cuts, the split at the plan's stage ends, cached), and the
-  rejoin rule of testbed.control.policy.
+  nodes, repairs that keep the current cuts, the split at the plan's stage ends, cached).
+  The rules are the decision core's, shared with the embedded controller
+  (testbed.control.core): the back-off, the rejoin hold and margin, the pending re-plan and
+  epoch numbers, stale plans, stalls. The settings are formats.control.ControlSettings
+  (controller.json of the inputs; keys this loop cannot apply are refused before a run).
 - testbed.k8s.manifests turns a plan into manifests; testbed.k8s.backend.K3sBackend applies them
   (`deploy_epoch`), force-deletes pods stuck on dead nodes and prunes old epochs; its
   ModelServer hands the stage models to the init containers.
@@ -38,10 +38,11 @@ have been seen down and up again by the API, or the API must have had `api_grace
 a failure and not have (then the node is fine and our pod or its path failed): the API's
 "Ready" lags a crash by 40 s, and alone would bring a crashed node straight back. It must then
 be stable for `rejoin_hold_s` (doubled for each time it failed while serving, up to two
-minutes), and the plan with it must beat the plan in force by `rejoin_margin`
-(policy.better_by_margin), else `rejoin.declined`. While no plan fits (`plan.infeasible`) the
-loop waits, and tries again as soon as a node returns, without the hold: nothing runs that
-could flap. Nothing blocks: a failed plan or deploy is retried after `retry_s`.
+minutes: testbed.control.core.backoff), and the plan with it must beat the plan in force by
+`rejoin_margin` (testbed.control.core.rejoin), else `rejoin.declined`. While no plan fits
+(`plan.infeasible`) the loop waits, and tries again as soon as a node returns, without the
+hold: nothing runs that could flap. Nothing blocks: a failed plan or deploy is retried
+after `retry_s`.
 """
 
 from __future__ import annotations
@@ -55,15 +56,16 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import zmq
-from kubernetes import client, config
+from kubernetes import config
 
+from formats.control import ControlSettings
 from formats.errors import EXIT_BAD_INPUT, InputError
 from partitioner.instance import (
     InfeasibleError,
@@ -75,427 +77,19 @@ from partitioner.instance import (
 )
 from stage_image.security import KeyPair, apply_server, generate_deployment_keys
 from stage_image.wire import MAX_STAGE_HEARTBEAT_BYTES, FrameError, decode_control
-from testbed.control import policy
+from testbed.control.core.actions import Event
 from testbed.control.dispatcher import Head, Route, Workload
 from testbed.control.planning import Planner, PlanRequest, Prepared, VersionInfo, restrict
-from testbed.control.state import UNHEALTHY_CAP_S, EventLog
+from testbed.control.state import EventLog
 from testbed.k8s import manifests as k8s
 from testbed.k8s.backend import (
     K3sBackend,
     ModelServer,
-    NodeHealth,
-    epoch_ready,
     latest_epoch,
-    node_hostname,
-    node_ready,
-    node_usable,
-    stage_pod,
 )
+from testbed.k8s.decider import Action, Decider, Deploy, ForceDelete, Prune, Replan
 from testbed.k8s.manifests import ControllerInputs, K8sSettings, StageModel
 from testbed.k8s.workload import WorkloadHost
-
-# -- settings and actions ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Timing:
-    """The loop's clocks; the defaults are the embedded controller's."""
-
-    heartbeat_ms: float = 200.0
-    suspect_after_missed: int = 3
-    rejoin_hold_s: float = 5.0
-    rejoin_margin: float = 0.10
-    deploy_timeout_s: float = 120.0
-    retry_s: float = 5.0            # after a plan or deploy that failed for another reason
-    # k3s marks a node NotReady after its node-monitor-grace-period (40 s by default). A node
-    # found dead by its heartbeats that the API has not seen go down by then is alive as far
-    # as its kubelet can tell: our pod or its path to us failed, not the node.
-    api_grace_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if not self.heartbeat_ms > 0 or self.suspect_after_missed < 1:
-            raise ValueError("heartbeat_ms and suspect_after_missed must be positive")
-        if not 0 <= self.rejoin_margin < 1:
-            raise ValueError("rejoin_margin must be a fraction in [0, 1)")
-        for name in ("rejoin_hold_s", "deploy_timeout_s", "retry_s", "api_grace_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be a non-negative number of seconds")
-
-    @property
-    def heartbeat_s(self) -> float:
-        return self.heartbeat_ms / 1000.0
-
-    @property
-    def silence_s(self) -> float:
-        return self.suspect_after_missed * self.heartbeat_s
-
-
-@dataclass(frozen=True)
-class Replan:
-    """Plan over `live` (solve + split, in the job thread); the outcome goes back to
-    Decider.planned or Decider.plan_failed. `kind`: initial | failure | rejoin."""
-
-    kind: str
-    reason: str
-    live: frozenset[str]
-    base: Plan | None = None        # the plan in force: repairs keep its cuts
-
-
-@dataclass(frozen=True)
-class Deploy:
-    """Apply `plan` as epoch `epoch`; the outcome goes to Decider.deployed/deploy_failed."""
-
-    epoch: int
-    plan: Plan
-    kind: str
-
-
-@dataclass(frozen=True)
-class ForceDelete:
-    """Delete our pods on these nodes with grace 0: their kubelets cannot confirm it."""
-
-    nodes: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Prune:
-    """Delete the per-epoch objects of epochs before the one before `epoch`."""
-
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Event:
-    """A line of events.jsonl."""
-
-    kind: str
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-Action = Replan | Deploy | ForceDelete | Prune | Event
-
-
-def api_problem(node: client.V1Node) -> str | None:
-    """Why the API says a stage cannot run on this node (None: it can)."""
-    if node_usable(node):
-        return None
-    if not node_ready(node):
-        return "NotReady (API)"
-    if node.spec and node.spec.unschedulable:
-        return "cordoned (API)"
-    taints = (node.spec.taints if node.spec else None) or []
-    return "tainted (API): " + ", ".join(f"{t.key}:{t.effect}" for t in taints
-                                         if t.effect in ("NoSchedule", "NoExecute"))
-
-
-# -- the decision core ------------------------------------------------------------------------
-
-@dataclass
-class Down:
-    """A node we found dead: since when, who said so (api | heartbeat | deploy), and whether
-    the API has reported it unusable since (it saw the failure, so it will see the return)."""
-
-    since: float
-    source: str
-    api_saw_down: bool = False
-
-
-class Decider:
-    """What the loop should do, from what it was told (module docstring: node health). Single
-    threaded; every method is quick and does no I/O."""
-
-    def __init__(self, candidates: Iterable[str], timing: Timing | None = None,
-                 next_epoch: int = 1, version: int = 1) -> None:
-        self.candidates = frozenset(candidates)      # the instance's nodes
-        self.timing = timing or Timing()
-        self.version = version
-        # API usability per node, and the heartbeats of the epoch in force (a node is in
-        # last_heartbeat only once its stage has beaten for this epoch: see heartbeat())
-        self.health = NodeHealth(heartbeat_timeout_s=self.timing.silence_s)
-        self.api_reason: dict[str, str | None] = {}
-        self.pods: dict[str, client.V1Pod] = {}
-        self.synced = False             # the node list has been read once
-        self.next_epoch = next_epoch
-        self.epoch = 0
-        self.plan: Plan | None = None
-        self.plan_kind = ""
-        self.deployed_at: float | None = None     # when the epoch in force was applied
-        self.ready = False
-        self.dead: dict[str, Down] = {}
-        self.returning: dict[str, float] = {}     # node -> alive again since (the hold)
-        self.failures: dict[str, int] = {}        # deaths while serving (the hold doubles)
-        self.wanted: tuple[str, str] | None = None    # (kind, reason) of a re-plan to start
-        self.busy = False               # a plan or deploy job is running
-        self.retry_at = 0.0
-        self.waiting: str | None = None     # no plan fits the live nodes: why
-        self.last_tick: float | None = None
-
-    # -- inputs --------------------------------------------------------------------------------
-
-    def nodes_listed(self, nodes: Iterable[client.V1Node]) -> None:
-        """The first full list of Nodes: decisions start after it."""
-        for node in nodes:
-            self.node_event("ADDED", node)
-        self.synced = True
-
-    def node_event(self, kind: str, node: client.V1Node) -> None:
-        host = node_hostname(node)
-        if kind == "DELETED":
-            self.health.forget_node(node)
-            self.api_reason.pop(host, None)
-        else:
-            self.health.observe_node(node)
-            self.api_reason[host] = api_problem(node)
-        if host in self.dead and self.api_reason.get(host, "deleted") is not None:
-            self.dead[host].api_saw_down = True
-
-    def pod_event(self, kind: str, pod: client.V1Pod) -> None:
-        if stage_pod(pod) is None:
-            return
-        if kind == "DELETED":
-            self.pods.pop(pod.metadata.name, None)
-        else:
-            self.pods[pod.metadata.name] = pod
-
-    def heartbeat(self, host: str, epoch: int, stage: int, at: float) -> bool:
-        """A stage heartbeat received at `at`. Only a beat of the epoch in force, for a stage
-        that its plan puts on that host, counts: an old epoch's pod still running, or a pod
-        of a previous controller, proves nothing about the pipeline in force."""
-        plan = self.plan
-        if plan is None or epoch != self.epoch or not 0 <= stage < len(plan.stages) \
-                or plan.stages[stage].node != host:
-            return False
-        self.health.heartbeat(host, max(at, self.health.last_heartbeat.get(host, at)))
-        return True
-
-    # -- views ---------------------------------------------------------------------------------
-
-    def plan_hosts(self) -> frozenset[str]:
-        return frozenset(s.node for s in self.plan.stages) if self.plan else frozenset()
-
-    def usable(self) -> frozenset[str]:
-        """Nodes a plan may use now."""
-        return frozenset(h for h in self.candidates
-                         if h not in self.dead and h not in self.returning
-                         and self.health.api_usable.get(h, False))
-
-    def broken(self) -> bool:
-        """The epoch in force cannot serve: none yet, not applied, or a node of it is dead."""
-        return self.plan is None or self.deployed_at is None or \
-            any(h in self.dead for h in self.plan_hosts())
-
-    def hold_s(self, host: str) -> float:
-        if self.waiting is not None or self.plan is None:
-            return 0.0
-        failures = self.failures.get(host, 0)
-        return min(UNHEALTHY_CAP_S, self.timing.rejoin_hold_s * 2 ** max(0, failures - 1))
-
-    def serving(self, host: str) -> bool:
-        """The host's stage of the epoch in force has beaten, or its pod is Ready."""
-        if host in self.health.last_heartbeat:
-            return True
-        for pod in self.pods.values():
-            info = stage_pod(pod)
-            if info and info.epoch == self.epoch and info.node == host and info.ready \
-                    and not info.terminating:
-                return True
-        return False
-
-    def death(self, host: str, now: float) -> tuple[str, str] | None:
-        """(source, reason) when the host cannot be used now, else None."""
-        if host not in self.health.api_usable:
-            return "api", "not a node of the cluster"
-        problem = self.api_reason.get(host)
-        if problem is not None:
-            return "api", problem
-        down = self.dead.get(host)
-        seen = self.health.last_heartbeat.get(host)
-        if down is not None and (seen is None or seen <= down.since):
-            # both must agree: its stage is in the epoch in force, so it must beat again
-            if seen is not None:
-                return "heartbeat", "no heartbeat since it was found dead"
-            # the API's "Ready" may just be late: it must have seen the failure, or have had
-            # the time to (else our pod or its path failed, not the node)
-            if not down.api_saw_down and now - down.since < self.timing.api_grace_s:
-                return down.source, "no sign of life since it was found dead"
-        if not self.health.alive(host, now):
-            silent = now - self.health.last_heartbeat[host]
-            return "heartbeat", f"no heartbeat for {round(1000 * silent)} ms"
-        if self.deployed_at is not None and host in self.plan_hosts() \
-                and now - self.deployed_at > self.timing.deploy_timeout_s \
-                and not self.serving(host):
-            return "deploy", (f"its stage does not serve {self.timing.deploy_timeout_s:g} s "
-                              f"after the deploy")
-        return None
-
-    # -- the clock -----------------------------------------------------------------------------
-
-    def tick(self, now: float) -> list[Action]:
-        out: list[Action] = []
-        if self.last_tick is not None and now - self.last_tick > 2 * self.timing.heartbeat_s:
-            # we were not looking: silence during our own stall proves nothing
-            stalled = now - self.last_tick
-            for host in self.health.last_heartbeat:
-                if host not in self.dead:       # (a dead host's beats are judged by date)
-                    self.health.last_heartbeat[host] += stalled
-            out.append(Event("controller.stalled", {"stall_ms": round(1000 * stalled)}))
-        self.last_tick = now
-        if not self.synced:
-            return out
-        for host in sorted(self.candidates | self.plan_hosts()):
-            found = self.death(host, now)
-            out += self._down(host, *found, now) if found else self._up(host, now)
-        if self.plan is None and self.wanted is None and not self.busy and self.waiting is None:
-            out += self.want("initial", "controller started")
-        plan = self.plan
-        if plan is not None and self.deployed_at is not None and not self.ready \
-                and epoch_ready(self.pods.values(), self.epoch, len(plan.stages)):
-            self.ready = True
-            out.append(Event("plan.deployed", {
-                "epoch": self.epoch, "version": self.version, "kind": self.plan_kind,
-                "hosts": [s.node for s in plan.stages],
-                "deploy_s": round(now - self.deployed_at, 3),
-                "predicted_throughput_rps": plan.predicted_throughput_rps,
-                "plan": plan.to_json()}))
-        out += self._start_replan(now)
-        return out
-
-    def _down(self, host: str, source: str, reason: str, now: float) -> list[Action]:
-        if host in self.dead:
-            return []
-        self.returning.pop(host, None)          # a new suspicion restarts the hold
-        self.dead[host] = Down(now, source, api_saw_down=source == "api")
-        serving = host in self.plan_hosts()
-        if serving:
-            self.failures[host] = self.failures.get(host, 0) + 1
-        out: list[Action] = [Event("node.suspected", {"host": host, "source": source,
-                                                      "reason": reason, "serving": serving})]
-        if serving and self.waiting is None:
-            out += self.want("failure", f"{host}: {reason}")
-        return out
-
-    def _up(self, host: str, now: float) -> list[Action]:
-        out: list[Action] = []
-        if host in self.dead:
-            down_s = now - self.dead.pop(host).since
-            self.returning[host] = now
-            out.append(Event("node.returned", {"host": host, "down_s": round(down_s, 3),
-                                               "hold_s": self.hold_s(host)}))
-        elif host not in self.returning:
-            return out
-        if now - self.returning[host] < self.hold_s(host):
-            return out
-        del self.returning[host]
-        out.append(Event("node.stable", {"host": host}))
-        if self.waiting is not None or self.broken():
-            out += self.want("failure", f"{host} available")
-        else:
-            out += self.want("rejoin", f"{host} stable")
-        return out
-
-    def want(self, kind: str, reason: str) -> list[Action]:
-        """Ask for a re-plan (started when no job runs). A failure outranks a rejoin."""
-        if self.plan is None:
-            kind = "initial"
-        if self.wanted is not None and (self.wanted[0] != "rejoin" or kind == "rejoin"):
-            return []
-        self.wanted = (kind, reason)
-        return [Event("replan.requested", {"kind": kind, "reason": reason})]
-
-    def _start_replan(self, now: float) -> list[Action]:
-        if self.wanted is None or self.busy or now < self.retry_at:
-            return []
-        kind, reason = self.wanted
-        self.wanted = None
-        if kind == "rejoin" and self.broken():
-            kind = "failure"
-        live = self.usable()
-        if not live:
-            return self._infeasible("no live node to place a stage on")
-        self.busy = True
-        return [Replan(kind, reason, live, self.plan)]
-
-    # -- outcomes of the actions ---------------------------------------------------------------
-
-    def planned(self, kind: str, plan: Plan, now: float) -> list[Action]:
-        """A Replan's plan is ready: deploy it as a new epoch, or not (stale, unchanged, or a
-        rejoin that does not win by the margin)."""
-        self.busy = False
-        lost = sorted(s.node for s in plan.stages if s.node not in self.usable())
-        if lost:
-            out: list[Action] = [Event("plan.stale", {
-                "reason": f"hosts {lost} lost while planning"})]
-            return out + (self.want(kind, "plan again: hosts lost while planning")
-                          if kind != "rejoin" else [])
-        current = self.plan
-        compare = {"candidate_bottleneck_ms": round(plan.bottleneck_ms, 3)}
-        if current is not None and not self.broken():
-            compare["current_bottleneck_ms"] = round(current.bottleneck_ms, 3)
-            if policy.same_placement(plan, current):
-                self.waiting = None       # the epoch in force is whole again
-                return [Event("rejoin.declined" if kind == "rejoin" else "plan.kept",
-                              {"reason": "the same placement as the epoch in force",
-                               **compare})]
-            if kind == "rejoin":
-                rule = {**compare, "margin": self.timing.rejoin_margin}
-                if not policy.better_by_margin(plan, current, self.timing.rejoin_margin):
-                    return [Event("rejoin.declined", rule)]
-                out = [Event("rejoin.accepted", rule)]
-            else:
-                out = []
-        else:
-            out = []
-        epoch = self.next_epoch
-        self.next_epoch += 1
-        self.epoch, self.plan, self.plan_kind = epoch, plan, kind
-        self.deployed_at, self.ready, self.waiting = None, False, None
-        self.health.last_heartbeat.clear()      # every stage must beat for the new epoch
-        self.busy = True
-        return [*out, Deploy(epoch, plan, kind)]
-
-    def plan_failed(self, kind: str, reason: str, now: float,
-                    infeasible: bool) -> list[Action]:
-        self.busy = False
-        if kind == "rejoin" and not self.broken():
-            return [Event("rejoin.declined", {"reason": reason})]
-        if infeasible:
-            return self._infeasible(reason)
-        self.retry_at = now + self.timing.retry_s
-        return [Event("plan.failed", {"kind": kind, "reason": reason}),
-                *self.want(kind, f"retry after: {reason}")]
-
-    def _infeasible(self, reason: str) -> list[Action]:
-        """Wait for a node to return (it is tried at once, see hold_s). Pods stuck on dead
-        nodes are removed now: their Deployments recreate them, pending, until the node is
-        back, and a stage that comes back whole makes the epoch in force serve again."""
-        self.waiting = reason
-        out: list[Action] = [Event("plan.infeasible", {
-            "reason": reason, "live": sorted(self.usable()), "version": self.version})]
-        if self.dead:
-            out.append(ForceDelete(frozenset(self.dead)))
-        return out
-
-    def deployed(self, epoch: int, now: float) -> list[Action]:
-        """The epoch's objects are applied: its clock starts; pods on dead nodes go now
-        (before, their ReplicaSet would have made new ones there), then old epochs."""
-        self.busy = False
-        if epoch != self.epoch:
-            return []
-        self.deployed_at = now
-        out: list[Action] = []
-        if self.dead:
-            out.append(ForceDelete(frozenset(self.dead)))
-        out.append(Prune(epoch))
-        return out
-
-    def deploy_failed(self, epoch: int, reason: str, now: float) -> list[Action]:
-        """Part of the epoch may be applied; its number is spent (an epoch's ConfigMap and
-        Secret are immutable). Plan again after `retry_s`."""
-        self.busy = False
-        self.retry_at = now + self.timing.retry_s
-        return [Event("deploy.failed", {"epoch": epoch, "reason": reason}),
-                *self.want("failure", f"the deploy of epoch {epoch} failed")]
-
 
 # -- planning and manifests for an epoch ------------------------------------------------------
 
@@ -656,7 +250,7 @@ class K3sController:
     API server, a model server and a heartbeat address on loopback."""
 
     def __init__(self, settings: K8sSettings, inputs: ControllerInputs, work_dir: Path,
-                 model: Path, timing: Timing, log: logging.Logger,
+                 model: Path, timing: ControlSettings, log: logging.Logger,
                  events: Path | None = None, backend: K3sBackend | None = None,
                  model_server: ModelServer | None = None,
                  heartbeat_bind: str | None = None, keys: KeyPair | None = None,
@@ -954,10 +548,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--keypair", type=Path,
                    help="the controller's CurveZMQ secret key (Z85 text; its Secret, mounted "
                         "by testbed.k8s.manifests); default: a keypair of its own")
-    p.add_argument("--suspect-after-missed", type=int, default=3)
-    p.add_argument("--rejoin-hold-s", type=float, default=5.0)
-    p.add_argument("--rejoin-margin", type=float, default=0.10)
-    p.add_argument("--deploy-timeout-s", type=float, default=120.0)
+    # overrides of the inputs' control settings (controller.json), for runs by hand
+    p.add_argument("--suspect-after-missed", type=int)
+    p.add_argument("--rejoin-hold-s", type=float)
+    p.add_argument("--rejoin-margin", type=float)
+    p.add_argument("--deploy-timeout-s", type=float)
     return p.parse_args(argv)
 
 
@@ -968,8 +563,15 @@ def main(argv: list[str]) -> int:
         if settings.namespace != args.namespace:
             raise ValueError(f"--namespace {args.namespace} but the inputs are for "
                              f"{settings.namespace}")
-        timing = Timing(settings.heartbeat_ms or 200.0, args.suspect_after_missed,
-                        args.rejoin_hold_s, args.rejoin_margin, args.deploy_timeout_s)
+        overrides = {name: value for name, value in (
+            ("suspect_after_missed", args.suspect_after_missed),
+            ("rejoin_hold_s", args.rejoin_hold_s), ("rejoin_margin", args.rejoin_margin),
+            ("deploy_timeout_s", args.deploy_timeout_s)) if value is not None}
+        # the stages beat at the settings' interval: the loop must expect the same
+        timing = ControlSettings.from_json(
+            {**inputs.control, **overrides,
+             "heartbeat_ms": settings.heartbeat_ms or inputs.control.get("heartbeat_ms", 200.0)},
+            "controller.json")
         keys = KeyPair.from_secret(args.keypair.read_text().strip()) if args.keypair else None
     except (OSError, ValueError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -43,6 +43,8 @@ from typing import Any
 
 import yaml
 
+from formats.control import ControlSettings
+from formats.errors import InputError
 from partitioner.instance import Plan
 from stage_image.security import generate_deployment_keys
 
@@ -568,6 +570,8 @@ class ControllerInputs:
     workload: Mapping[str, Any] | None = None
     # The driver's CurveZMQ public key: the only client the command port admits.
     driver_public: str | None = None
+    # The scenario's control settings (formats.control.ControlSettings JSON; {}: defaults).
+    control: Mapping[str, Any] = field(default_factory=dict)
 
     def files(self, settings: K8sSettings) -> dict[str, str]:
         """The input directory's files (the ConfigMap's keys)."""
@@ -582,6 +586,8 @@ class ControllerInputs:
             if not re.fullmatch(r"[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}", self.driver_public):
                 raise ValueError("driver_public must be a 40-character Z85 CurveZMQ key")
             control["driver_public"] = self.driver_public
+        if self.control:
+            control["control"] = dict(self.control)
         out = {"settings.json": json.dumps(settings_to_json(settings), indent=1),
                "instance.json": json.dumps(dict(self.instance)),
                "controller.json": json.dumps(control, indent=1)}
@@ -600,9 +606,14 @@ def load_controller_inputs(directory: str | Path) -> tuple[K8sSettings, Controll
     control = json.loads((directory / "controller.json").read_text())
     required = {"model_file", "model_sha256", "algorithm", "time_limit_s"}
     if not isinstance(control, dict) or not required <= set(control) <= required | {
-            "driver_public"}:
+            "driver_public", "control"}:
         raise ValueError("controller.json needs exactly model_file, model_sha256, algorithm, "
-                         "time_limit_s (and optionally driver_public)")
+                         "time_limit_s (and optionally driver_public, control)")
+    try:
+        settings_json = ControlSettings.from_json(control.get("control", {}),
+                                                  "controller.json").to_json()
+    except InputError as exc:
+        raise ValueError(str(exc)) from exc
     plan_path = directory / "plan.json"
     workload_path = directory / "workload.json"
     inputs = ControllerInputs(
@@ -612,7 +623,8 @@ def load_controller_inputs(directory: str | Path) -> tuple[K8sSettings, Controll
         model_file=control["model_file"], algorithm=control["algorithm"],
         time_limit_s=float(control["time_limit_s"]),
         workload=json.loads(workload_path.read_text()) if workload_path.exists() else None,
-        driver_public=control.get("driver_public"))
+        driver_public=control.get("driver_public"),
+        control=settings_json if "control" in control else {})
     inputs.files(settings)          # the same checks as when they were written
     return settings, inputs
 

@@ -46,6 +46,7 @@ from typing import Any
 import zmq
 
 from stage_image.security import KeyPair, apply_server, start_authenticator
+from testbed.control import commands
 from testbed.control.dispatcher import (
     Dispatcher,
     Route,
@@ -68,32 +69,6 @@ def build_references(model: Path, workload: Workload) -> tuple[list[Any], list[A
     controller's bootstrap: the same pool for the same seed and model)."""
     pool = seeded_pool(model, workload)
     return pool, compute_references(model, pool)
-
-
-def parse_command(frames: list[bytes]) -> tuple[dict[str, Any], bytes | None]:
-    """(command, binary part) of a request; ValueError says what is wrong with it."""
-    if not 1 <= len(frames) <= 2:
-        raise ValueError(f"a command is one JSON part (and one data part), got {len(frames)}")
-    try:
-        cmd = json.loads(frames[0])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not JSON: {exc}") from exc
-    if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
-        raise ValueError('expected {"cmd": ...}')
-    fields = {"status": set(), "start_workload": set(), "stop": set(),
-              "put_model": {"offset", "total"}, "fetch": {"file", "offset"}}.get(cmd["cmd"])
-    if fields is None:
-        raise ValueError(f"unknown command {cmd['cmd']!r}")
-    if set(cmd) - {"cmd"} != fields:
-        raise ValueError(f"{cmd['cmd']} takes exactly {sorted(fields)}")
-    for name in ("offset", "total"):
-        if name in cmd and (isinstance(cmd[name], bool) or not isinstance(cmd[name], int)
-                            or cmd[name] < 0):
-            raise ValueError(f"{name} must be a non-negative integer")
-    data = frames[1] if len(frames) == 2 else None
-    if (cmd["cmd"] == "put_model") != (data is not None):
-        raise ValueError("put_model, and only put_model, carries a data part")
-    return cmd, data
 
 
 class WorkloadHost:
@@ -243,7 +218,7 @@ class WorkloadHost:
         except zmq.Again:
             return
         try:
-            cmd, data = parse_command(frames)
+            cmd, data = commands.parse(frames, "k3s")
             reply = self.on_command(cmd, data)
         except (ValueError, RuntimeError, OSError) as exc:
             reply = {"ok": False, "error": str(exc)[:500]}

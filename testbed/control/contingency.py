@@ -1,0 +1,163 @@
+"""Contingency plans and warm standbys of the embedded controller: while all is well, for
+each node of the active plan, the plan it would move to if that node died (planned in the
+background, one job at a time), and the stages those plans would newly need loaded as
+standbys, on spare nodes first and on serving ones where memory and disk allow, so that a
+failure that matches a contingency is a new epoch of existing workers: a few routes, no
+model transfer, no model load.
+
+Division of labour: testbed.control.plane owns the workers, epochs and jobs and calls this
+module; where standbys go is core.standby's rule; pipelines side by side get no contingency
+plans (the pipelines a loss leaves whole are the plan for it: ControlPlane.surviving).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from testbed.control import policy
+from testbed.control.core import standby as standby_rule
+from testbed.control.disk import fits_disk
+from testbed.control.planning import Prepared, StageFile
+from testbed.control.policy import Held
+
+if TYPE_CHECKING:
+    from testbed.control.plane import ControlPlane
+
+
+class Contingencies:
+    """The contingency plans for the active epoch and live nodes `made_for`."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self.plans: dict[str, Prepared] = {}      # host assumed lost -> plan
+        self.queue: list[str] = []                # hosts whose loss is still to plan
+        self.made_for: tuple[int, frozenset[str]] | None = None
+
+    def promised(self) -> list[str]:
+        """The nodes of the plans' new stages, one entry per stage (standby places)."""
+        return [stage.node for planned in self.plans.values()
+                for stage, file in zip(planned.plan.stages, planned.stages)
+                if file is not None]
+
+    def precomputed(self, live: set[str]) -> Prepared | None:
+        """A contingency plan made for exactly this set of live nodes, if its workers are
+        still there."""
+        for prepared in self.plans.values():
+            if set(prepared.request.live) != live or \
+                    prepared.request.version.version != self.plane.target_version:
+                continue
+            held = self.plane.held()
+            version = prepared.request.version.version
+            if all(f is not None or policy.stage_key(s, version) in held
+                   for s, f in zip(prepared.plan.stages, prepared.stages)):
+                prepared.precomputed = True
+                return prepared
+        return None
+
+    def next(self) -> None:
+        """Start planning the next single loss (a job), when there is one to plan."""
+        active = self.plane.active
+        # pipelines side by side need none: the surviving ones are the plan for any loss
+        control = self.plane.control
+        if not (control.standby and control.replan) or active is None or \
+                active.state != "active" or active.plan.chains:
+            return
+        live = frozenset(self.plane.usable_hosts())
+        key = (active.number, live)
+        if self.made_for != key:
+            # the plan in force or the live nodes changed: plan every single loss again
+            self.made_for = key
+            self.plans = {}
+            self.queue = [h for h in active.hosts if h in live]
+        if not self.queue:
+            return
+        host = self.queue.pop(0)
+        self.plane.start_job("contingency", self.plane.plan_request(
+            "contingency", f"if {host} is lost", set(live) - {host}, excluded=host))
+
+    def done(self, prepared: Prepared) -> None:
+        host = prepared.request.excluded
+        active = self.plane.active
+        if host is None or active is None or self.made_for != (
+                active.number, frozenset(self.plane.usable_hosts())):
+            return                          # computed for a state that is gone
+        self.plans[host] = prepared
+        if not self.queue:
+            self.reconcile_standbys()
+
+    def reconcile_standbys(self) -> None:
+        """Load what the contingency plans would newly need as standbys (core.standby);
+        release standbys no plan needs any more."""
+        needed: dict[Held, tuple[Prepared, StageFile]] = {}
+        kept: set[Held] = set()            # every stage of every contingency plan
+        for prepared in self.plans.values():
+            version = prepared.request.version.version
+            for stage, file in zip(prepared.plan.stages, prepared.stages):
+                key = policy.stage_key(stage, version)
+                kept.add(key)
+                if file is not None:
+                    needed.setdefault(key, (prepared, file))
+        idle = [s for s in self.plane.slots.values() if s.standby and not s.routes]
+        drop = set(standby_rule.unneeded([s.held for s in idle], kept))
+        for slot in idle:
+            if slot.held in drop:
+                self.plane.release(slot, "no contingency plan needs it")
+        per_node: dict[str, int] = {}
+        for slot in self.plane.slots.values():
+            if slot.standby:
+                per_node[slot.host] = per_node.get(slot.host, 0) + 1
+        serving = {s.host for s in self.plane.slots.values() if s.routes}
+        chosen = standby_rule.choose(
+            list(needed), {s.held for s in self.plane.slots.values()},
+            serving, per_node,
+            self.plane.control.standby_per_node,
+            lambda key: self.fits(key.node, needed[key][0], key, needed[key][1]))
+        for key in chosen:
+            file = needed[key][1]
+            slot = self.plane.new_slot(key.node, key.version, key.first, key.end, file,
+                                       standby=True)
+            self.plane.send_prepare(slot)
+            self.plane.emit("standby.prepared", host=slot.host, port=slot.port,
+                            version=slot.version, segments=[slot.first, slot.end],
+                            sha256=file.sha256, serving=key.node in serving)
+        active = self.plane.active
+        self.plane.emit("contingency.ready", epoch=active.number if active else None,
+                        plans={h: {"hosts": [s.node for s in p.plan.stages],
+                                   "bottleneck_ms": round(p.plan.bottleneck_ms, 3),
+                                   "new_stages": sum(f is not None for f in p.stages)}
+                               for h, p in self.plans.items()},
+                        standbys=sorted(f"{s.host}:{s.port}"
+                                        for s in self.plane.slots.values() if s.standby))
+
+    def fits(self, host: str, prepared: Prepared, key: Held,
+             file: StageFile | None = None) -> bool:
+        """Room for one more worker on `host`: the instance's node memory assumes one stage
+        per host, so a second worker also pays the worker runtime allowance; and its model
+        file on the host's disk beside the ones its workers hold (testbed.control.disk)."""
+        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
+
+        instance = prepared.request.version.instance
+        try:
+            budget = instance.node(host).memory_bytes
+        except KeyError:
+            return False
+        if file is not None and not fits_disk(
+                instance.node(host).disk_bytes,
+                [(s.stage.sha256, s.stage.size) for s in self.plane.slots.values()
+                 if s.host == host], (file.sha256, file.size)):
+            return False
+        segments = instance.segments
+        need = sum(s.memory_bytes for s in segments[key.first:key.end])
+        for slot in self.plane.slots.values():
+            if slot.host == host:
+                need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
+                    s.memory_bytes for s in self.plane.infos[slot.version].instance.segments[
+                        slot.first:slot.end])
+        return need <= budget
+
+    def release_standbys(self, keep_version: int | None = None) -> None:
+        for slot in list(self.plane.slots.values()):
+            if slot.standby and not slot.routes and slot.version != keep_version:
+                self.plane.release(slot, "rollout: room for the new version")
+        self.plans, self.queue, self.made_for = {}, [], None
+

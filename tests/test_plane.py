@@ -1,0 +1,274 @@
+"""testbed/control/plane.py: the embedded controller's decisions without processes, sockets
+or sleeps: a fake clock, a fake dispatcher, agent messages as dicts, and the actions checked.
+
+The same decisions with real agents and workers: tests/test_runtime_loopback.py and
+tests/test_recovery.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from formats.control import ControlSettings
+from partitioner.instance import Instance, Node, Plan, Segment, Stage
+from testbed.control.core.actions import Event
+from testbed.control.dispatcher import Route, Workload
+from testbed.control.plane import ControlPlane, Send, StartJob
+from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
+from testbed.control.state import ControllerConfig
+
+MiB = 1024 * 1024
+EDGES = ("e1", "e2", "e3")
+
+
+class FakeDispatcher:
+    def __init__(self) -> None:
+        self.pool: list[Any] = []
+        self.state = "idle"
+        self.sink_address = "tcp://10.0.0.1:19000"
+        self.keys = None
+        self.routes: list[tuple[Route, bool]] = []
+        self.retired: list[int] = []
+        self.in_flight: dict[int, int] = {}
+
+    def set_pool(self, pool: list[Any]) -> None:
+        self.pool = pool
+
+    def add_version(self, version: int, references: list[Any]) -> None:
+        pass
+
+    def switch(self, route: Route, replay: bool = True) -> int:
+        self.routes.append((route, replay))
+        return 0
+
+    def replay_epochs(self, epochs: set[int] | None, reason: str) -> int:
+        return 0
+
+    def retire(self, epoch: int) -> None:
+        self.retired.append(epoch)
+
+    def in_flight_on(self, epoch: int) -> int:
+        return self.in_flight.get(epoch, 0)
+
+    def start(self, workload: Workload) -> None:
+        self.state = "running"
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+def instance() -> Instance:
+    nodes = [Node(n, 1.0, 256 * MiB) for n in EDGES]
+    bandwidth = {(a, b): 1000.0 for a in ("d", *EDGES) for b in EDGES if a < b}
+    return Instance([Segment(10.0, MiB, 1000), Segment(10.0, MiB, 100)], 1000, nodes, "d",
+                    bandwidth)
+
+
+def stage_file(i: int) -> StageFile:
+    return StageFile(Path(f"/m/stage_{i}.onnx"), f"{i:064x}", 100, ["x"], ["y"])
+
+
+class World:
+    """A plane, its dispatcher and a clock; helpers speak for the agents."""
+
+    def __init__(self, **control: Any) -> None:
+        cfg = ControllerConfig(Path("/run"), Path("/m.onnx"), Path("/i.json"),
+                               {h: f"10.0.0.{i + 2}" for i, h in enumerate(EDGES)}, "10.0.0.1",
+                               control=ControlSettings(heartbeat_ms=100, **control))
+        self.dispatcher = FakeDispatcher()
+        self.plane = ControlPlane(cfg, set(EDGES), self.dispatcher)
+        self.instance = instance()
+        self.info = VersionInfo(1, Path("/m.onnx"), "ab" * 32, self.instance, "m")
+        self.now = 0.0
+
+    def take(self, kind: type | None = None) -> list[Any]:
+        out = self.plane.take()
+        return [a for a in out if kind is None or isinstance(a, kind)]
+
+    def prepared(self, first: str, second: str, kind: str = "initial") -> Prepared:
+        plan = Plan.of(self.instance, [Stage(0, 1, first), Stage(1, 2, second)], "given",
+                       False)
+        request = PlanRequest(kind, kind, self.info, frozenset(EDGES),
+                              generation=self.plane.numbers.next)
+        return Prepared(request, plan, [stage_file(0), stage_file(1)], None)
+
+    def hello_all(self) -> None:
+        for i, host in enumerate(EDGES):
+            self.plane.on_hello(host, {"pid": 100 + i}, self.now)
+
+    def beat(self, host: str, routes: dict[int, list[list[int]]] | None = None) -> None:
+        workers = [{"port": port, "sha256": slot.stage.sha256, "state": "ready",
+                    "routes": [[e, s] for e, s in slot.routes.items()],
+                    "standby": slot.standby, "load": None}
+                   for (h, port), slot in self.plane.slots.items() if h == host]
+        self.plane.on_heartbeat(host, {"host": host, "seq": 0, "workers": workers}, self.now)
+
+    def serving(self, first: str = "e1", second: str = "e2") -> None:
+        """Bootstrapped, epoch 1 on (first, second), active."""
+        self.plane.start()
+        assert [a.kind for a in self.take(StartJob)] == ["bootstrap"]
+        self.plane.job_done("bootstrap", ([{"x": 0}], [], self.info), None, self.now)
+        assert [a.kind for a in self.take(StartJob)] == ["initial"]
+        self.hello_all()
+        self.plane.job_done("initial", self.prepared(first, second), None, self.now)
+        sends = self.take(Send)
+        assert [(s.host, s.kind) for s in sends] == [(first, "deploy"), (second, "deploy")]
+        for s in sends:
+            self.plane.on_worker(s.host, {"port": s.fields["port"], "epoch": 1, "stage": 0,
+                                          "state": "ready", "detail": "", "reason": "started"},
+                                 self.now)
+        assert self.plane.active is not None and self.plane.active.number == 1
+        self.take()
+
+    def advance(self, seconds: float, beating: tuple[str, ...] = EDGES) -> list[Any]:
+        """Time passes in 50 ms ticks; the `beating` hosts heartbeat every 100 ms."""
+        out = []
+        end = self.now + seconds
+        step = 0
+        while self.now < end - 1e-9:
+            self.now = round(self.now + 0.05, 6)
+            step += 1
+            if step % 2 == 0:
+                for host in beating:
+                    self.beat(host)
+            self.plane.tick(self.now)
+            out += self.take()
+        return out
+
+
+def kinds(actions: list[Any]) -> list[str]:
+    return [a.kind for a in actions if isinstance(a, Event)]
+
+
+def test_the_first_epoch_deploys_after_every_hello_and_serves_when_confirmed() -> None:
+    world = World()
+    world.serving()
+    route, replay = world.dispatcher.routes[-1]
+    assert route.epoch == 1 and route.heads[0].address.startswith("tcp://10.0.0.2:")
+    assert replay                                    # no old pipeline to hand over from
+    assert world.plane.state() == "ready"
+
+
+def test_a_silent_serving_node_is_suspected_and_replanned() -> None:
+    world = World(suspect_after_missed=3, standby=False)
+    world.serving()
+    out = world.advance(1.0, beating=("e1", "e3"))
+    assert "node.suspected" in kinds(out)
+    suspected = next(a for a in out if isinstance(a, Event) and a.kind == "node.suspected")
+    assert suspected.fields["host"] == "e2" and 300 < suspected.fields["silent_ms"] <= 400
+    jobs = [a for a in out if isinstance(a, StartJob)]
+    assert jobs and jobs[0].kind == "plan" and jobs[0].request is not None
+    assert jobs[0].request.kind == "failure" and "e2" not in jobs[0].request.live
+    assert world.plane.active is not None and world.plane.active.broken
+
+
+def test_a_worker_failure_backs_the_host_off_and_replans_at_once() -> None:
+    world = World(standby=False, unhealthy_hold_s=10.0)
+    world.serving()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 1, "state": "failed",
+                                 "detail": "killed", "reason": "exit"}, world.now)
+    out = world.take()
+    assert kinds(out)[:3] == ["worker.failed", "node.unhealthy", "replan.requested"]
+    world.plane.tick(world.now)
+    job = world.take(StartJob)[0]
+    assert job.request is not None and "e2" not in job.request.live
+    # the new plan, deployed as epoch 2: epoch 1 is replaced and its requests replayed
+    world.plane.job_done("plan", world.prepared("e1", "e3", "failure"), None, world.now)
+    for s in world.take(Send):
+        if s.kind == "deploy":
+            world.plane.on_worker(s.host, {"port": s.fields["port"], "epoch": 2, "stage": 0,
+                                           "state": "ready", "detail": "",
+                                           "reason": "started"}, world.now)
+    assert world.plane.active is not None and world.plane.active.number == 2
+    assert world.dispatcher.routes[-1][1] is True and world.dispatcher.retired == [1]
+    # e2 is usable again only after its back-off
+    assert not world.plane.usable("e2")
+    out = world.advance(10.0)
+    assert "node.healthy" in kinds(out) and world.plane.usable("e2")
+
+
+def test_a_restart_is_a_new_incarnation_even_with_the_same_pid() -> None:
+    world = World(standby=False)
+    world.serving()
+    # e2's agent starts again and gets the same pid (a container): its id is new
+    world.plane.on_hello("e2", {"pid": 101, "incarnation": "0123456789abcdef"}, world.now)
+    out = world.take()
+    assert kinds(out)[:2] == ["agent.restarted", "replan.requested"]
+    assert not any(h == "e2" for h, _ in world.plane.slots)     # its workers died with it
+    # a heartbeat of the new start is the same incarnation: nothing more happens
+    world.plane.on_heartbeat("e2", {"host": "e2", "seq": 1, "workers": [],
+                                    "incarnation": "0123456789abcdef"}, world.now)
+    assert "agent.restarted" not in kinds(world.take())
+    # a late message of the start before it is stale and dropped
+    world.plane.on_hello("e2", {"pid": 101}, world.now)
+    assert kinds(world.take()) == ["agent.stale"]
+    # a heartbeat of a start whose hello was lost admits it
+    world.plane.on_heartbeat("e2", {"host": "e2", "seq": 1, "workers": [],
+                                    "incarnation": "fedcba9876543210"}, world.now)
+    assert "agent.restarted" in kinds(world.take())
+
+
+def test_a_disk_failure_is_a_disk_fault_planned_around() -> None:
+    world = World(standby=False)
+    world.serving()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 1, "state": "failed",
+                                 "detail": "ENOSPC writing model", "reason": "disk"},
+                          world.now)
+    assert kinds(world.take())[:4] == ["disk.fault", "worker.failed", "node.unhealthy",
+                                       "replan.requested"]
+
+
+def test_a_returned_node_is_held_then_checked_for_a_better_plan() -> None:
+    world = World(suspect_after_missed=3, rejoin_hold_s=2.0, standby=False)
+    world.serving("e1", "e2")
+    world.advance(0.5, beating=("e1", "e2"))          # e3 (a spare) goes silent
+    out = world.advance(1.0)                            # and comes back
+    assert "node.returned" in kinds(out) and not world.plane.usable("e3")
+    out = world.advance(2.0)
+    assert "node.stable" in kinds(out)
+    job = next(a for a in out if isinstance(a, StartJob))
+    assert job.kind == "rejoin" and job.request is not None and "e3" in job.request.live
+    # the same placement back: declined by the margin rule, nothing deployed
+    world.plane.job_done("rejoin", world.prepared("e1", "e2", "rejoin"), None, world.now)
+    out = world.take()
+    assert kinds(out) == ["rejoin.declined"] and not [a for a in out if isinstance(a, Send)]
+
+
+def test_stale_plans_are_dropped() -> None:
+    world = World(standby=False)
+    world.serving()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 1, "state": "failed",
+                                 "detail": "x", "reason": "exit"}, world.now)
+    world.plane.tick(world.now)
+    world.take()
+    # the plan comes back using e2, which failed meanwhile
+    world.plane.job_done("plan", world.prepared("e1", "e2", "failure"), None, world.now)
+    out = world.take()
+    assert kinds(out)[0] == "plan.stale" and world.plane.active.number == 1
+
+
+@pytest.mark.parametrize("cmd, error", [
+    ({"cmd": "rollback"}, "nothing to roll back"),
+    ({"cmd": "rollout", "version": 9}, "not known"),
+    ({"cmd": "start_workload", "workload": {"seed": 99}}, "fixed by the config"),
+])
+def test_commands_refused_with_a_reason(cmd: dict[str, Any], error: str) -> None:
+    world = World()
+    world.serving()
+    reply = world.plane.command(cmd, world.now)
+    assert reply["ok"] is False and error in reply["error"]
+
+
+def test_status_and_start() -> None:
+    world = World()
+    world.serving()
+    status = world.plane.command({"cmd": "status"}, world.now)
+    assert status["state"] == "ready" and status["epoch"] == 1
+    assert status["nodes"]["e1"]["usable"] is True
+    assert world.plane.command({"cmd": "start_workload"}, world.now)["ok"]
+    assert world.dispatcher.state == "running"
