@@ -425,7 +425,8 @@ class ControlPlane:
         planned_ms = active.compute_ms[stage]
         pace_ms = active.plan.bottleneck_ms * max(1, len(active.plan.chains))
         found = self.stragglers.observe(key, self.now, frames, observed_ms, planned_ms,
-                                        pace_ms)
+                                        pace_ms, [(s.host, s.port) for s in active.slots
+                                                  if s is not slot])
         if found is None:
             return
         self.emit(ev.NODE_STRAGGLER, host=slot.host, epoch=active.number, stage=stage,
