@@ -211,6 +211,28 @@ def test_a_restart_is_a_new_incarnation_even_with_the_same_pid() -> None:
     assert "agent.restarted" in kinds(world.take())
 
 
+def test_a_straggler_is_flagged_once_while_the_move_off_it_is_under_way() -> None:
+    world = World(standby=False, straggler_factor=2.0, straggler_after_s=1.0,
+                  unhealthy_hold_s=30.0)
+    world.serving()
+    slots = {h: (p, s) for (h, p), s in world.plane.slots.items()}
+
+    def beat(host: str, ms: float) -> None:
+        port, slot = slots[host]
+        world.plane.on_heartbeat(host, {"host": host, "seq": 0, "workers": [
+            {"port": port, "sha256": slot.stage.sha256, "state": "ready", "standby": False,
+             "load": [10, ms], "routes": [[1, slot.routes[1]]]}]}, world.now)
+
+    flags = []
+    for _ in range(8):          # e2 at 5x its plan for 8 s; e1 on time
+        world.now += 1.0
+        beat("e1", 11.0)
+        beat("e2", 55.0)
+        flags += [a for a in world.take(Event) if a.kind == "node.straggler"]
+    # one flag: the re-plan it asked for is not superseded by a new flag every second
+    assert len(flags) == 1 and flags[0].fields["host"] == "e2"
+
+
 def test_a_disk_failure_is_a_disk_fault_planned_around() -> None:
     world = World(standby=False)
     world.serving()
