@@ -317,7 +317,11 @@ def test_docker_node_failure_scenario(image: str, state_dir: Path, tmp_path: Pat
     crash = summary["faults"][0]
     assert crash["action"] == "node.crash" and crash["detected_s"] is not None
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert any(e["type"] == "plan.deployed" and e["epoch"] == 2 for e in events)
+    # a new epoch without the crashed host serves after the fault (its number depends on
+    # how many re-plans a busy machine's stragglers caused before: not asserted)
+    fault = next(e for e in events if e["type"] == "fault.injected")
+    assert any(e["type"] == "plan.deployed" and e["epoch"] >= 2 and e["t"] > fault["t"]
+               and crash["target"] not in e["hosts"] for e in events)
     # The agents ran in the containers (pid namespace: small PIDs) and logged to the results.
     hellos = [e for e in events if e["type"] == "agent.hello"]
     assert len(hellos) == 3 and all(e["pid"] < 100 for e in hellos)

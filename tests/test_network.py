@@ -22,6 +22,7 @@ import pytest
 from formats.errors import InputError
 from formats.topology import load_topology
 from testbed.emulation import network, records
+from testbed.emulation.links import LinkShaping
 from testbed.emulation.network import EmulatedNetwork, clear_stale_runs, leftovers
 from tests.conftest import fresh_run_id
 
@@ -75,7 +76,7 @@ def test_cpu_limit_in_cores(net: EmulatedNetwork) -> None:
             pass
         print((time.process_time() - cpu0) / (time.monotonic() - start))
     """
-    procs = {host: subprocess.Popen([*net._prefix(host), sys.executable, "-c",
+    procs = {host: subprocess.Popen([*net.host(host).prefix(), sys.executable, "-c",
                                      textwrap.dedent(code)], stdout=subprocess.PIPE, text=True)
              for host in ("edge5", "edge1")}
     share = {host: float(proc.communicate(timeout=30)[0]) for host, proc in procs.items()}
@@ -269,10 +270,10 @@ def test_teardown_leaves_nothing(state_dir: Path, tmp_path: Path) -> None:
 
 def test_failed_build_removes_what_it_made(state_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                            tmp_path: Path) -> None:
-    def broken(self: EmulatedNetwork) -> None:
+    def broken(self: LinkShaping) -> None:
         raise RuntimeError("injected failure after the network was up")
 
-    monkeypatch.setattr(EmulatedNetwork, "_check_links", broken)
+    monkeypatch.setattr(LinkShaping, "check", broken)
     network = EmulatedNetwork(load_topology(STAR5), run_id=fresh_run_id("tn"), run_dir=tmp_path)
     with pytest.raises(RuntimeError, match="injected"):
         network.build()

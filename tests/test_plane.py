@@ -294,3 +294,86 @@ def test_status_and_start() -> None:
     assert status["nodes"]["e1"]["usable"] is True
     assert world.plane.command({"cmd": "start_workload"}, world.now)["ok"]
     assert world.dispatcher.state == "running"
+
+
+def test_reconcile_asks_again_for_what_a_heartbeat_lacks_and_withdraws_the_rest() -> None:
+    world = World(standby=False)
+    world.serving()
+    port = next(p for (h, p) in world.plane.slots if h == "e1")
+    resend = world.plane.control.resend_s
+    # e1 reports its worker without the epoch's route: asked again, but not before resend_s
+    entry = {"port": port, "sha256": stage_file(0).sha256, "state": "ready", "routes": [],
+             "standby": False, "load": None}
+    world.now = 0.5
+    world.plane.on_heartbeat("e1", {"host": "e1", "seq": 1, "workers": [entry]}, world.now)
+    assert not world.take(Send)
+    world.now = resend + 0.1
+    world.plane.on_heartbeat("e1", {"host": "e1", "seq": 2, "workers": [entry]}, world.now)
+    assert [(s.kind, s.fields["epoch"]) for s in world.take(Send)] == [("deploy", 1)]
+    # a worker we do not know is released; a route of an epoch gone is withdrawn, once
+    stray = {"port": 30999, "sha256": "f" * 64, "state": "ready", "routes": [],
+             "standby": False, "load": None}
+    old = {**entry, "routes": [[1, 0], [7, 0]]}
+    world.plane.on_heartbeat("e1", {"host": "e1", "seq": 3, "workers": [old, stray]},
+                             world.now)
+    sends = sorted((s.kind, str(s.fields)) for s in world.take(Send))
+    assert sends == [("release", "{'port': 30999}"), ("stop", "{'epoch': 7}")]
+    world.plane.on_heartbeat("e1", {"host": "e1", "seq": 4, "workers": [old, stray]},
+                             world.now)
+    assert not world.take(Send)                      # rate-limited per action
+
+
+def test_a_straggler_moves_the_pipeline_off_its_host() -> None:
+    world = World(standby=False, straggler_factor=2.0, straggler_after_s=1.0)
+    world.serving()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    planned = world.plane.active.compute_ms[1]
+    entry = {"port": port, "sha256": stage_file(1).sha256, "state": "ready",
+             "routes": [[1, 1]], "standby": False, "load": [10, 3 * planned]}
+    out = []
+    for t in (0.2, 0.7, 1.2):
+        world.now = t
+        world.plane.on_heartbeat("e2", {"host": "e2", "seq": 1, "workers": [entry]}, t)
+        out += world.take()
+    assert kinds(out) == ["node.straggler", "node.unhealthy", "replan.requested"]
+    assert next(a for a in out if isinstance(a, Event)).fields["factor"] == 3.0
+    world.beat("e1")
+    world.beat("e3")
+    world.plane.tick(world.now)                       # the others are beating: not broken
+    job = world.take(StartJob)[0]
+    assert job.request is not None and job.request.kind == "straggler"
+    assert "e2" not in job.request.live
+
+
+def test_pipelines_side_by_side_lose_one_and_the_other_serves_at_once() -> None:
+    world = World(standby=False)
+    world.plane.start()
+    world.plane.job_done("bootstrap", ([{"x": 0}], [], world.info), None, world.now)
+    world.hello_all()
+    plan = Plan.of(world.instance, [Stage(0, 2, "e1"), Stage(0, 2, "e2")], "given", False,
+                   chains=(1, 1))
+    request = PlanRequest("initial", "initial", world.info, frozenset(EDGES))
+    files = [StageFile(Path("/m/whole.onnx"), "c" * 64, 100, ["x"], ["y"])] * 2
+    world.plane.job_done("initial", Prepared(request, plan, files, None), None, world.now)
+    for s in world.take(Send):
+        world.plane.on_worker(s.host, {"port": s.fields["port"], "epoch": 1, "stage": 0,
+                                       "state": "ready", "detail": "", "reason": "started"},
+                              world.now)
+    assert world.plane.active is not None and len(world.dispatcher.routes[-1][0].heads) == 2
+    world.take()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 0, "state": "failed",
+                                 "detail": "x", "reason": "exit"}, world.now)
+    world.plane.tick(world.now)
+    out = world.take()
+    # no planning job: the pipeline on e1 is the next epoch, every worker already serving
+    assert not [a for a in out if isinstance(a, StartJob)]
+    deployed = next(a for a in out if isinstance(a, Event) and a.kind == "plan.computed")
+    assert deployed.fields["hosts"] == ["e1"] and deployed.fields["reused_stages"] == 1
+    assert world.plane.improve == "1 of 2 pipelines left"     # a better plan is looked for
+    route = next(a for a in out if isinstance(a, Send) and a.kind == "deploy")
+    assert route.host == "e1" and route.fields["epoch"] == 2
+    world.plane.on_worker("e1", {"port": route.fields["port"], "epoch": 2, "stage": 0,
+                                 "state": "ready", "detail": "", "reason": "started"},
+                          world.now)
+    assert world.plane.active.number == 2 and world.dispatcher.retired == [1]

@@ -7,27 +7,53 @@ model transfer, no model load.
 
 Division of labour: testbed.control.plane owns the workers, epochs and jobs and calls this
 module; where standbys go is core.standby's rule; pipelines side by side get no contingency
-plans (the pipelines a loss leaves whole are the plan for it: ControlPlane.surviving).
+plans (the pipelines a loss leaves whole are the plan for it: `surviving`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from formats.control import ControlSettings
+from partitioner.instance import Plan
 from testbed.control import policy
 from testbed.control.core import standby as standby_rule
+from testbed.control.core.records import Epoch, Slot
+from testbed.control.core.replan import Epochs
 from testbed.control.disk import fits_disk
-from testbed.control.planning import Prepared, StageFile
+from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.policy import Held
 
-if TYPE_CHECKING:
-    from testbed.control.plane import ControlPlane
+
+class Plane(Protocol):
+    """What this module uses of testbed.control.plane.ControlPlane."""
+
+    active: Epoch | None
+    control: ControlSettings
+    slots: dict[tuple[str, int], Slot]
+    infos: dict[int, VersionInfo]
+    numbers: Epochs
+    improve: str | None         # a better plan is to be looked for, and why
+
+    @property
+    def target_version(self) -> int: ...
+    def held(self, exclude: set[str] | None = None) -> frozenset[Held]: ...
+    def usable_hosts(self) -> set[str]: ...
+    def start_job(self, kind: str, request: PlanRequest | None = None,
+                  manifest: Any = None) -> None: ...
+    def plan_request(self, kind: str, reason: str, live: set[str],
+                     excluded: str | None = None) -> PlanRequest: ...
+    def release(self, slot: Slot, why: str) -> None: ...
+    def new_slot(self, host: str, version: int, first: int, end: int, stage: StageFile,
+                 standby: bool = False) -> Slot: ...
+    def send_prepare(self, slot: Slot) -> None: ...
+    def emit(self, kind: str, /, **fields: Any) -> None: ...
 
 
 class Contingencies:
     """The contingency plans for the active epoch and live nodes `made_for`."""
 
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: Plane) -> None:
         self.plane = plane
         self.plans: dict[str, Prepared] = {}      # host assumed lost -> plan
         self.queue: list[str] = []                # hosts whose loss is still to plan
@@ -53,6 +79,27 @@ class Contingencies:
                 prepared.precomputed = True
                 return prepared
         return None
+
+    def surviving(self, live: set[str]) -> Prepared | None:
+        """Pipelines side by side of which some lost a node: the others, as a plan ready at
+        once (every worker is loaded and serving). It stands in for the contingency plans
+        such epochs do not get; a better plan is looked for after it is deployed
+        (`improve`)."""
+        plane = self.plane
+        active = plane.active
+        if active is None or not active.plan.chains or active.version != plane.target_version:
+            return None
+        kept = [p for p in active.plan.pipelines if all(s.node in live for s in p)]
+        if not kept or len(kept) == len(active.plan.chains):
+            return None
+        version = plane.infos[active.version]
+        stages = [s for p in kept for s in p]
+        plan = Plan.of(version.instance, stages, f"{active.plan.algorithm}-survivors", False,
+                       chains=tuple(len(p) for p in kept))
+        request = PlanRequest("failure", "the surviving pipelines", version, frozenset(live),
+                              active.plan, plane.held(), generation=plane.numbers.next)
+        plane.improve = f"{len(kept)} of {len(active.plan.chains)} pipelines left"
+        return Prepared(request, plan, [None] * len(stages), None, precomputed=True)
 
     def next(self) -> None:
         """Start planning the next single loss (a job), when there is one to plan."""

@@ -77,20 +77,16 @@ CONFIG.json (testbed.control.state.ControllerConfig; unknown fields are refused)
   workload {see testbed.control.dispatcher.Workload},
   host ("dispatcher"), control_port (18000), sink_port (19000), data_port_base (20000),
   data_port_span (20000; per host), control_ipc ("ipc://RUN_DIR/control.sock"),
-  heartbeat_ms (200), suspect_after_missed (3), hello_timeout_s (60), deploy_timeout_s
-  (120), replan (true), version (1), plan (plan.json for epoch 1, instead of solving),
+  version (1), plan (plan.json for epoch 1, instead of solving),
   stages_dir (a split matching that plan, instead of splitting),
-  reuse_tolerance (0.05), rejoin_hold_s (5.0), rejoin_margin (0.10), standby (true),
-  standby_per_node (4), replan_delay_s (0.0), drain_s (5.0), unhealthy_hold_s (10.0),
-  straggler_factor (2.0; 0: off), straggler_after_s (2.0),
   repository (RUN_DIR/repository), repository_poll_s (0.5), auto_rollout (true),
   base_reserve_bytes (the initial model's activation reserve, when known), curve_keypair
-  (a stage_image.security keypair file: CurveZMQ on; agents then need its public key).
+  (a stage_image.security keypair file: CurveZMQ on; agents then need its public key),
+  and the control settings, flat: every field of formats.control.ControlSettings
+  (heartbeat_ms, suspect_after_missed, rejoin_hold_s, ...; their defaults are stated there).
 
-Driver commands (JSON over REQ/REP, every reply has "ok"): {"cmd": "status"},
-{"cmd": "start_workload", "workload": {overrides}}, {"cmd": "stop"},
-{"cmd": "replan", "exclude": [host, ...]}, {"cmd": "rollback"},
-{"cmd": "rollout", "version": N}.
+Driver commands: testbed.control.commands (the `embedded` ones), checked before the plane
+sees them; every reply has "ok".
 """
 
 from __future__ import annotations

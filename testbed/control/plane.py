@@ -29,9 +29,11 @@ from testbed.control import events as ev
 from testbed.control import policy
 from testbed.control.admission import RESTARTED, SAME, STALE, Incarnations, incarnation_of
 from testbed.control.contingency import Contingencies
+from testbed.control.core import reconcile
 from testbed.control.core import standby as standby_rule
 from testbed.control.core.actions import Event
 from testbed.control.core.health import Health, stall_s
+from testbed.control.core.records import Epoch, Slot
 from testbed.control.core.rejoin import judge
 from testbed.control.core.replan import Epochs, Replans, failure_kind, lost_while_planning
 from testbed.control.core.straggler import StragglerWatch
@@ -39,7 +41,7 @@ from testbed.control.core.versions import Versions
 from testbed.control.dispatcher import Head, Route, Workload
 from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.policy import Held
-from testbed.control.state import ControllerConfig, Epoch, Slot
+from testbed.control.state import ControllerConfig
 
 FIXED_WORKLOAD_FIELDS = ("seed", "pool_size", "input_dims")  # the pool is built at start
 
@@ -294,7 +296,7 @@ class ControlPlane:
         if self.replans.pending is not None:
             live = self.usable_hosts() - self.replan_exclude
             broken = self.active is None or self.active.broken
-            fast = self.contingency.precomputed(live) or self.surviving(live) \
+            fast = self.contingency.precomputed(live) or self.contingency.surviving(live) \
                 if broken or self.straggling else None
             if fast is not None:
                 request = self.replans.take()
@@ -339,25 +341,6 @@ class ControlPlane:
                                                        self.usable_hosts()))
             return
         self.contingency.next()
-
-    def surviving(self, live: set[str]) -> Prepared | None:
-        """Pipelines side by side of which some lost a node: the others, as a plan ready at
-        once (every worker is loaded and serving). It stands in for the contingency plans
-        such epochs do not get; a better plan is looked for after it is deployed."""
-        active = self.active
-        if active is None or not active.plan.chains or active.version != self.target_version:
-            return None
-        kept = [p for p in active.plan.pipelines if all(s.node in live for s in p)]
-        if not kept or len(kept) == len(active.plan.chains):
-            return None
-        version = self.infos[active.version]
-        stages = [s for p in kept for s in p]
-        plan = Plan.of(version.instance, stages, f"{active.plan.algorithm}-survivors", False,
-                       chains=tuple(len(p) for p in kept))
-        request = PlanRequest("failure", "the surviving pipelines", version, frozenset(live),
-                              active.plan, self.held(), generation=self.numbers.next)
-        self.improve = f"{len(kept)} of {len(active.plan.chains)} pipelines left"
-        return Prepared(request, plan, [None] * len(stages), None, precomputed=True)
 
     # -- hosts ---------------------------------------------------------------------------------
 
@@ -745,46 +728,33 @@ class ControlPlane:
                       segments=[slot.first, slot.end])
 
     def reconcile(self, host: str, workers: list[dict[str, Any]]) -> None:
-        """Make the host's workers what we want (level-triggered, rate-limited per action)."""
-        now, resend_s = self.now, self.control.resend_s
+        """Make the host's workers what we want (core.reconcile; asks rate-limited)."""
+        now = self.now
         link = self.links.setdefault(host, AgentLink())
         reported = {w["port"]: w for w in workers}
         link.reported = set(reported)
-        for slot in [s for s in self.slots.values() if s.host == host]:
-            entry = reported.get(slot.port)
-            if entry is not None and entry["sha256"] != slot.stage.sha256:
-                continue                    # an old worker still on that port; released below
-            if entry is not None and entry["state"] in ("failed", "exited"):
-                self.on_worker(host, {"port": slot.port, "epoch": 0, "stage": 0,
-                                      "state": entry["state"], "detail": "from heartbeat"},
-                               now)
-                continue
-            confirmed = {e for e, _ in entry["routes"]} if entry is not None else set()
-            if entry is not None:
-                slot.state = entry["state"]
-                self.check_straggler(slot, entry["load"])
-            slot.confirmed = confirmed & set(slot.routes)
-            for number in slot.routes:
-                epoch = self.epochs.get(number)
-                if epoch is None or epoch.state not in ("deploying", "active", "draining") or \
-                        number in confirmed:
-                    continue
-                if now - slot.sent.get(number, 0.0) > resend_s:
-                    self.send_route(slot, epoch)
-            if not slot.routes and slot.standby and entry is None and \
-                    now - slot.sent.get(0, 0.0) > resend_s:
-                self.send_prepare(slot)
-        live_epochs = {e.number for e in (self.active, self.deploying, *self.draining)
-                       if e is not None}
-        for entry in workers:
-            slot = self.slots.get((host, entry["port"]))
-            if slot is None or entry["sha256"] != slot.stage.sha256:
-                if entry["state"] not in ("failed", "exited"):
-                    self.ask(host, link, "release", entry["port"], port=entry["port"])
-                continue
-            for number, _stage in entry["routes"]:
-                if number not in live_epochs:
-                    self.ask(host, link, "stop", number, epoch=number)
+        mine = [s for s in self.slots.values() if s.host == host]
+        states = {n: e.state for n, e in self.epochs.items()}
+        for step in reconcile.compare(mine, reported, states, now, self.control.resend_s):
+            if isinstance(step, reconcile.Failed):
+                self.on_worker(host, {"port": step.slot.port, "epoch": 0, "stage": 0,
+                                      "state": step.state, "detail": "from heartbeat"}, now)
+            elif isinstance(step, reconcile.Observed):
+                step.slot.state = step.state
+                step.slot.confirmed = set(step.confirmed)
+                self.check_straggler(step.slot, step.load)
+            elif isinstance(step, reconcile.Resend):
+                self.send_route(step.slot, self.epochs[step.epoch])
+            else:
+                self.send_prepare(step.slot)
+        live = {e.number for e in (self.active, self.deploying, *self.draining)
+                if e is not None}
+        wanted = {p: s for (h, p), s in self.slots.items() if h == host}
+        for ask in reconcile.unwanted(wanted, workers, live):
+            if isinstance(ask, reconcile.Unwanted):
+                self.ask(host, link, "release", ask.port, port=ask.port)
+            else:
+                self.ask(host, link, "stop", ask.epoch, epoch=ask.epoch)
         if self.deploying is not None:
             self.maybe_activate(self.deploying)
 

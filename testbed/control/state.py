@@ -1,11 +1,11 @@
-"""What the embedded controller knows, as plain data: its configuration (CONFIG.json,
-validated), the event log both backends write (events.jsonl, checked against
-testbed.control.events), and its records of workers (`Slot`) and epochs (`Epoch`).
+"""The embedded controller's configuration (CONFIG.json, validated) and the event log both
+backends write (events.jsonl, checked against testbed.control.events). Its records of
+workers and epochs are testbed.control.core.records'.
 
 Division of labour: testbed.control.plane decides, testbed.control.controller talks to agents
 and the dispatcher; this module only holds and checks state, so the k3s loop
 (testbed/k8s/loop.py) and tests can use the same records and event log without a running
-controller. Node health records are testbed.control.core.health's.
+controller.
 """
 
 from __future__ import annotations
@@ -19,12 +19,8 @@ from typing import Any
 
 from formats.control import KNOBS, ControlSettings
 from formats.errors import InputError, read_json
-from partitioner.instance import Plan
-from stage_image.security import KeyPair
 from testbed.control import events
 from testbed.control.dispatcher import Workload
-from testbed.control.planning import StageFile
-from testbed.control.policy import Held
 
 # -- configuration ----------------------------------------------------------------------------
 
@@ -141,51 +137,3 @@ class EventLog:
         brief = {k: v for k, v in fields.items() if k not in ("plan", "workload")}
         self.log.info("event %s %s", kind, json.dumps(brief, default=str)[:300])
         self.last = record
-
-
-# -- workers, epochs, agents ------------------------------------------------------------------
-
-@dataclass
-class Slot:
-    """One worker we want on a host: a stage model of one version on a data port, serving
-    the epochs in `routes` (epoch -> stage index), or standing by when it has none."""
-
-    host: str
-    port: int
-    version: int
-    first: int
-    end: int
-    stage: StageFile
-    standby: bool = False
-    routes: dict[int, int] = field(default_factory=dict)
-    confirmed: set[int] = field(default_factory=set)     # routes the agent says are in force
-    state: str = "new"          # as reported: fetching | starting | ready (| new: not yet)
-    sent: dict[int, float] = field(default_factory=dict)  # epoch (0: prepare) -> when asked
-    keys: KeyPair | None = None     # CurveZMQ: the worker's own keypair
-
-    @property
-    def held(self) -> Held:
-        return Held(self.host, self.first, self.end, self.version)
-
-
-@dataclass
-class Epoch:
-    number: int
-    version: int
-    plan: Plan
-    slots: list[Slot]
-    kind: str
-    state: str = "waiting"     # waiting | deploying | active | draining | retired | abandoned
-    broken: bool = False       # lost a worker: it can never serve again
-    created: float = 0.0
-    deployed: float = 0.0
-    drain_until: float = 0.0
-    reused: int = 0            # stages served by workers that were loaded before
-    compute_ms: list[float] = field(default_factory=list)   # planned, per stage
-
-    @property
-    def hosts(self) -> list[str]:
-        return [s.host for s in self.slots]
-
-    def ready(self) -> bool:
-        return all(self.number in s.confirmed for s in self.slots)

@@ -14,6 +14,11 @@ adds what Mininet lacks and keeps everything safe on a shared machine:
 is
   `records.undo()`, the same code that `clear_stale_runs()` uses after a driver was killed.
 
+Host kinds are classes (testbed.emulation.hosts: `ProcessHost`, `DockerHost`), and the
+links' state and shaping are their own object (testbed.emulation.links.LinkShaping), the way
+Mininet gives Intf/TCIntf and Link their own jobs; this class builds, names, records and
+tears down, and its public methods hand host and link work to them.
+
 Docker hosts (`kind: docker`): two containers of the stage image per host
 (`testbed.emulation.containers`, which says why two). The Mininet node of such a host is a shell in
 the containers' network namespace (`_DockerHost`), so links, shaping, delay, loss and
@@ -70,74 +75,39 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from formats.errors import InputError
-from formats.topology import MIN_CPU, LinkSpec, Topology
+from formats.topology import Topology
 from testbed.emulation import records
 from testbed.emulation.containers import DockerHosts
-from testbed.emulation.netfilter import (
-    DELAY_CHAIN,
-    LOSS_CHAIN,
-    PARTITION_CHAIN,
-    SHIM_QUEUE,
-    ShimClient,
-    jump_script,
-    nfqueue_available,
-    restore_input,
-    shim_argv,
+from testbed.emulation.hosts import DockerHost, EmulatedHost, ProcessHost, check_cores
+from testbed.emulation.links import (
+    LinkShaping,
+    NetworkError,
+    htb_burst,
+    iptables_statistic_available,
+    netem_available,
 )
+from testbed.emulation.netfilter import nfqueue_available
 from testbed.emulation.records import CGROUP_ROOT, CONTAINER_CONTROLLERS, MOUNT_SOURCE, RunRecord
 
 log = logging.getLogger(__name__)
 
 RUN_PREFIX = "ep"
 MAX_IFNAME = 15            # IFNAMSIZ - 1
-HTB_MAX_MBPS = 1000.0      # Mininet's TCIntf.bwParamMax
 TOOLS = ("mnexec", "cgexec", "brctl", "tc", "ip", "ethtool", "ifconfig", "mount", "umount")
 DOCKER_TOOLS = ("dockerd", "nsenter")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-LOSS_MECHANISM = "iptables statistic at the receiving hosts"
-SHIM_MECHANISM = "nfqueue shim at the receiving hosts"
 FILLER = ".edgepipe-disk-full"   # the file io.disk_full writes into a data directory
-FREEZE_TIMEOUT_S = 5.0
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-class NetworkError(RuntimeError):
-    """Building or operating the emulated network failed (the message says what)."""
 
 
 def new_run_id(prefix: str = RUN_PREFIX) -> str:
     """A fresh run id: the prefix and 3 random base-36 characters, e.g. 'ep4k9'."""
     return prefix + "".join(secrets.choice(_BASE36) for _ in range(3))
-
-
-@cache
-def netem_available() -> bool:
-    """Can this kernel attach a netem qdisc? Probed on the loopback of a namespace that
-    exists only for this one command, so nothing is left behind."""
-    if shutil.which("unshare") is None:
-        return False
-    result = subprocess.run(["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root",
-                             "netem", "delay", "1ms"], capture_output=True, check=False)
-    return result.returncode == 0
-
-
-@cache
-def iptables_statistic_available() -> bool:
-    """Can a namespace use iptables' `statistic` match? Probed in a throwaway namespace."""
-    if shutil.which("unshare") is None or shutil.which("iptables") is None:
-        return False
-    result = subprocess.run(["unshare", "--net", "iptables", "-w", "-A", "INPUT", "-m",
-                             "statistic", "--mode", "random", "--probability", "0.5", "-j",
-                             "DROP"], capture_output=True, check=False)
-    return result.returncode == 0
 
 
 def _bridge_netfilter() -> bool:
@@ -151,14 +121,6 @@ def _bridge_netfilter() -> bool:
 
 def _write(path: Path, value: str | int) -> None:
     path.write_text(f"{value}\n")
-
-
-def _htb_burst(mbps: float) -> str:
-    """HTB burst and quantum: a burst that lets 1 Gbit through (15 KB is 0.1 ms of it,
-    shorter than a timer tick) and an explicit quantum (the default, rate/10, is over HTB's
-    maximum above ~16 Mbit and every link printed a warning)."""
-    burst = max(15_000, int(mbps * 1e6 / 8 * 0.001))  # >= 1 ms at line rate
-    return f"burst {burst} quantum 60000"
 
 
 class EmulatedNetwork:
@@ -188,20 +150,9 @@ class EmulatedNetwork:
         self.net: Any = None                        # mininet.net.Mininet once built
         self.names: dict[str, str] = {}             # topology name -> Mininet node name
         self.nodes: dict[str, Any] = {}             # topology name -> Mininet node
-        self._links: dict[frozenset[str], Any] = {}  # {a, b} (topology names) -> TCLink
         self._procs: list[subprocess.Popen[bytes]] = []
         self.docker: DockerHosts | None = None       # once built, if there are Docker hosts
-        self.mechanisms: dict[str, dict[str, str]] = {}
-        self.impairment: str | None = None           # "netem" | "iptables" | None
-        # Current bandwidth, delay, jitter and loss per link (scenario steps change them).
-        keys = [frozenset((link.a, link.b)) for link in topology.links]
-        self._bw = {k: link.bandwidth_mbps for k, link in zip(keys, topology.links)}
-        self._delay = {k: link.delay_ms for k, link in zip(keys, topology.links)}
-        self._jitter = {k: link.jitter_ms for k, link in zip(keys, topology.links)}
-        self._loss = {k: link.loss_pct for k, link in zip(keys, topology.links)}
-        self._partitions: list[tuple[frozenset[str], frozenset[str]]] = []
-        self._shims: dict[str, ShimClient] = {}       # host -> its delay shim (iptables mode)
-        self._chains: dict[tuple[str, str], list[str]] = {}  # (host, chain) -> rules in force
+        self.links = LinkShaping(self, topology)     # link state, shaping, partitions
         self.state = "new"
         self.build_seconds = 0.0
         self.stop_seconds = 0.0
@@ -275,7 +226,7 @@ class EmulatedNetwork:
                 if not path.is_dir() or any(c.isspace() or c == "," for c in str(path)):
                     raise NetworkError(f"shared dir {path} must be an existing directory "
                                        "without whitespace or commas in its path")
-        self.impairment = self._choose_impairment()
+        self.links.impairment = self._choose_impairment()
         if any(c.isspace() for c in str(self.run_dir)):
             raise NetworkError(f"run dir {self.run_dir} must not contain whitespace")
 
@@ -373,12 +324,12 @@ class EmulatedNetwork:
                 return super()._popen(cmd, **params)
 
         class _ShapedIntf(TCIntf):
-            """Mininet's HTB with our burst and quantum (`_htb_burst`)."""
+            """Mininet's HTB with our burst and quantum (`htb_burst`)."""
 
             def bwCmds(self, bw: float | None = None, **params: Any) -> Any:
                 cmds, parent = super().bwCmds(bw=bw, **params)
                 if bw:
-                    cmds = [c.replace(" burst 15k", f" {_htb_burst(bw)}") for c in cmds]
+                    cmds = [c.replace(" burst 15k", f" {htb_burst(bw)}") for c in cmds]
                 return cmds, parent
 
         assert self.record is not None
@@ -426,8 +377,8 @@ class EmulatedNetwork:
             self.nodes[name] = self.net.addSwitch(self.names[name])
         for link in self.topology.links:
             name1, name2 = interfaces[link.name]
-            params = self._link_params(link)
-            self._links[frozenset((link.a, link.b))] = self.net.addLink(
+            params = self.links.params_for(link)
+            self.links.links[frozenset((link.a, link.b))] = self.net.addLink(
                 self.nodes[link.a], self.nodes[link.b], cls=Link, intfName1=name1,
                 intfName2=name2, cls1=_ShapedIntf, cls2=_ShapedIntf, params1=params,
                 params2=params)
@@ -438,10 +389,10 @@ class EmulatedNetwork:
             for name in self.topology.switches:
                 allow_bridge_forwarding(self.names[name], tag=self.run_id)
         self.net.start()
-        self._check_links()
+        self.links.check()
         if self.impairment == "iptables":
-            self._apply_loss_rules()
-            self._apply_delay_rules()
+            self.links.apply_loss_rules()
+            self.links.apply_delay_rules()
 
     def _record_plan(self, record: RunRecord, interfaces: dict[str, list[str]],
                      forward: bool) -> None:
@@ -492,11 +443,6 @@ class EmulatedNetwork:
         for image in sorted({self.image(host) for host in self.docker_hosts()}):
             self.docker.check_image(image, digest)
 
-    def _containers(self) -> DockerHosts:
-        if self.docker is None:
-            raise NetworkError(f"network {self.run_id} has no Docker hosts up")
-        return self.docker
-
     def _make_data_dirs(self) -> None:
         """A tmpfs per host, mounted before the host's mount namespace is copied."""
         for name, spec in self.topology.hosts.items():
@@ -508,55 +454,6 @@ class EmulatedNetwork:
                 capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise NetworkError(f"cannot mount the data dir of {name}: {result.stderr}")
-
-    def _link_params(self, link: LinkSpec) -> dict[str, Any]:
-        key = frozenset((link.a, link.b))
-        if self._bw[key] > HTB_MAX_MBPS:
-            log.info("link %s: %g Mbit is above what HTB is set up for; left unshaped",
-                     link.name, self._bw[key])
-        self.mechanisms[link.name] = self._mechanism(key)
-        return self._tc_params(key)
-
-    def _tc_params(self, key: frozenset[str]) -> dict[str, Any]:
-        """Mininet TCIntf parameters for a link's current state (netem only with netem)."""
-        params: dict[str, Any] = {}
-        if self._bw[key] <= HTB_MAX_MBPS:
-            params["bw"] = self._bw[key]
-        if self.impairment == "netem":
-            if self._delay[key] > 0 or self._jitter[key] > 0:
-                params["delay"] = f"{self._delay[key]:g}ms"
-            if self._jitter[key] > 0:
-                params["jitter"] = f"{self._jitter[key]:g}ms"
-            if self._loss[key] > 0:
-                params["loss"] = self._loss[key]
-        return params
-
-    def _mechanism(self, key: frozenset[str]) -> dict[str, str]:
-        """Which mechanism serves each property of a link in its current state."""
-        delayed = self._delay[key] > 0 or self._jitter[key] > 0
-        impaired = {"netem": ("netem", "netem"),
-                    "iptables": (SHIM_MECHANISM, LOSS_MECHANISM)}.get(self.impairment or "")
-        return {"bandwidth": ("htb" if self._bw[key] <= HTB_MAX_MBPS
-                              else "none (above 1000 Mbit: unshaped veth)"),
-                "delay": impaired[0] if impaired and delayed else "none",
-                "loss": impaired[1] if impaired and self._loss[key] > 0 else "none"}
-
-    def _check_links(self) -> None:
-        """Mininet prints tc errors and carries on; make sure every qdisc we asked for is
-        really there."""
-        for link in self.topology.links:
-            wanted = []
-            if link.bandwidth_mbps <= HTB_MAX_MBPS:
-                wanted.append("htb")
-            if link.impaired() and self.impairment == "netem":
-                wanted.append("netem")
-            for intf in (self._links[frozenset((link.a, link.b))].intf1,
-                         self._links[frozenset((link.a, link.b))].intf2):
-                shown = intf.node.cmd(f"tc qdisc show dev {intf.name}")
-                for kind in wanted:
-                    if f"qdisc {kind}" not in shown:
-                        raise NetworkError(f"link {link.name}: no {kind} qdisc on {intf.name} "
-                                           f"(tc says: {shown.strip()})")
 
     def __enter__(self) -> EmulatedNetwork:
         if self.state == "new":
@@ -572,15 +469,26 @@ class EmulatedNetwork:
         self._spec(host)
         return self.node(host).IP()
 
+    def host(self, host: str) -> EmulatedHost:
+        """The host as an object of its kind (testbed.emulation.hosts)."""
+        kind = DockerHost if self._spec(host).kind == "docker" else ProcessHost
+        return kind(self, host)
+
+    def track(self, proc: subprocess.Popen[bytes], host: str, what: str) -> None:
+        """A process started in a host: recorded (before anyone can lose track of it)."""
+        assert self.record is not None
+        self.record.add_process(proc.pid, records.process_start_time(proc.pid), host, what)
+        self._procs.append(proc)
+
+    def containers(self) -> DockerHosts:
+        if self.docker is None:
+            raise NetworkError(f"network {self.run_id} has no Docker hosts up")
+        return self.docker
+
     def cgroups(self, host: str) -> list[str]:
         """The host's cgroups, as paths under /sys/fs/cgroup ("memory/ep4k9h2")."""
         self._spec(host)
         return [f"{c}/{self.names[host]}" for c in ("cpu", "cpuacct", "memory")]
-
-    def _prefix(self, host: str) -> list[str]:
-        mn = self.names[host]
-        return ["cgexec", "-g", f"cpu,cpuacct:/{mn}", "-g", f"memory:/{mn}",
-                "mnexec", "-a", str(self.node(host).pid)]
 
     def popen(self, host: str, argv: Sequence[str], log_path: str | Path,
               env: Mapping[str, str] | None = None,
@@ -597,26 +505,7 @@ class EmulatedNetwork:
         returns once the program runs in the container."""
         if self.state != "up" or self.record is None:
             raise NetworkError(f"network {self.run_id} is not up ({self.state})")
-        before: list[int] = []
-        if self.is_docker(host):
-            command = self._containers().exec_argv(host, argv, env, cwd)
-            full_env, cwd = None, None         # the client's: the driver's environment
-            before = self.host_pids(host)
-        else:
-            command = [*self._prefix(host), *argv]
-            full_env = {**os.environ, **(env or {})}
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
-                                    stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
-                                    start_new_session=True)
-        # cgexec and mnexec exec() into argv: the PID is the program's own.
-        what = os.path.basename(argv[0])
-        self.record.add_process(proc.pid, records.process_start_time(proc.pid), host,
-                                f"docker exec {what}" if self.is_docker(host) else what)
-        self._procs.append(proc)
-        if self.is_docker(host):
-            self._containers().wait_exec(host, argv, before, proc)
-        return proc
+        return self.host(host).popen(argv, log_path, env, cwd)
 
     def popen_python(self, host: str, args: Sequence[str], log_path: str | Path,
                      env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -626,19 +515,14 @@ class EmulatedNetwork:
         there is the image under test). This sets PYTHONPATH; `env` must not."""
         if env and "PYTHONPATH" in env:
             raise ValueError("popen_python sets PYTHONPATH for the host's kind itself")
-        if self.is_docker(host):
-            return self.popen(host, ["python3", *args], log_path, env)
-        return self.popen(host, [sys.executable, *args], log_path,
-                          {**(env or {}), "PYTHONPATH": str(REPO_ROOT)})
+        argv, full_env = self.host(host).python(args, env)
+        return self.popen(host, argv, log_path, full_env)
 
     def run(self, host: str, argv: Sequence[str],
             timeout: float | None = None) -> subprocess.CompletedProcess[str]:
         """Run a short command in the host (namespaces and cgroups; a Docker host: in its
         container) and wait for it."""
-        command = (self._containers().exec_argv(host, argv) if self.is_docker(host)
-                   else [*self._prefix(host), *argv])
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        return self.host(host).run(argv, timeout)
 
     def cmd(self, name: str, *args: str) -> str:
         """Mininet's `node.cmd`: a command through the node's shell (in its cgroups too)."""
@@ -648,50 +532,25 @@ class EmulatedNetwork:
         """Live processes of the host: everything in its memory cgroup except Mininet's shell
         (children of popen'd processes included, wherever their session is); in a Docker
         host, everything in its container but the idle init."""
-        if self.is_docker(host):
-            return self._containers().pids(host)
-        shell = self.node(host).pid
-        return [pid for pid in records.cgroup_pids(f"memory/{self.names[host]}")
-                if pid != shell]
+        return self.host(host).pids()
 
     def signal_host(self, host: str, sig: int = signal.SIGKILL) -> int:
         """Signal every process of the host (not its Mininet shell); returns how many."""
-        cgroup = (self._containers().cgroup(host, "memory") if self.is_docker(host)
-                  else f"memory/{self.names[host]}")
-        return sum(records.signal_verified(pid, sig, lambda p: records.in_cgroup(p, cgroup))
-                   for pid in self.host_pids(host))
+        return self.host(host).signal(sig)
 
     # -- host faults -------------------------------------------------------------------------
-
-    def _wait_gone(self, host: str, timeout_s: float = 3.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.host_pids(host) and time.monotonic() < deadline:
-            time.sleep(0.01)
 
     def kill_host(self, host: str) -> int:
         """SIGKILL every process of the host (not its shell) and wait until they are gone;
         returns how many were signalled. A Docker host's container is killed and started
         again (its network stays: the container's netns is held by its holder)."""
-        if self.is_docker(host):
-            killed = len(self.host_pids(host))
-            self._containers().kill(host)
-            self._containers().start(host)
-            return killed
-        killed = self.signal_host(host, signal.SIGKILL)
-        if self.is_paused(host):  # a frozen task dies only once thawed
-            self.resume_host(host)
-        self._wait_gone(host)
-        return killed
+        return self.host(host).kill()
 
     def crash_host(self, host: str) -> int:
         """A power cut: every process of the host is killed and its interface goes down
         (the host side, so peers see the machine vanish). Returns how many were killed.
         The data directory survives, like a disk. A Docker host: `docker kill`."""
-        if self.is_docker(host):
-            killed = len(self.host_pids(host))
-            self._containers().kill(host)
-        else:
-            killed = self.kill_host(host)
+        killed = self.host(host).crash()
         self.in_host(host, ["ip", "link", "set", "dev", self.node(host).defaultIntf().name,
                             "down"])
         return killed
@@ -700,86 +559,32 @@ class EmulatedNetwork:
         """The interface of a crashed host up again (its connected route comes back with
         it), and a Docker host's container started (`docker start`: the idle init only);
         starting its software is the driver's business."""
-        if self.is_docker(host):
-            self._containers().start(host)
+        self.host(host).start()
         self.in_host(host, ["ip", "link", "set", "dev", self.node(host).defaultIntf().name,
                             "up"])
 
-    def _freezer(self, host: str) -> Path:
-        self._spec(host)
-        return CGROUP_ROOT / "freezer" / self.names[host]
-
     def is_paused(self, host: str) -> bool:
-        if self.is_docker(host):
-            return self._containers().paused(host)
-        state = self._freezer(host) / "freezer.state"
-        return state.exists() and state.read_text().strip() != "THAWED"
+        return self.host(host).paused()
 
     def pause_host(self, host: str) -> int:
         """Freeze every process of the host (not its Mininet shell, which the driver still
         talks through): they are moved into a freezer cgroup of the host's name, made on
         first use and recorded, then frozen. Returns how many processes are frozen.
         A Docker host: `docker pause` (the whole container, its idle init included)."""
-        if self.is_docker(host):
-            self._containers().pause(host)
-            return len(self.host_pids(host))
-        assert self.record is not None
-        freezer = self._freezer(host)
-        cgroup = f"freezer/{self.names[host]}"
-        if not freezer.exists():
-            self.record.add("cgroups", cgroup)
-            freezer.mkdir()
-        for _ in range(10):  # a process may fork between listing and moving its parent
-            outside = [pid for pid in self.host_pids(host)
-                       if not records.in_cgroup(pid, cgroup)]
-            if not outside:
-                break
-            for pid in outside:
-                with contextlib.suppress(ProcessLookupError):
-                    _write(freezer / "cgroup.procs", pid)
-        _write(freezer / "freezer.state", "FROZEN")
-        self._wait_freezer(freezer, "FROZEN")
-        return len(records.cgroup_pids(cgroup))
+        return self.host(host).pause()
 
     def resume_host(self, host: str) -> None:
-        if self.is_docker(host):
-            self._containers().unpause(host)
-            return
-        freezer = self._freezer(host)
-        if freezer.exists():
-            _write(freezer / "freezer.state", "THAWED")
-            self._wait_freezer(freezer, "THAWED")
-
-    @staticmethod
-    def _wait_freezer(freezer: Path, state: str) -> None:
-        deadline = time.monotonic() + FREEZE_TIMEOUT_S
-        while (freezer / "freezer.state").read_text().strip() != state:
-            if time.monotonic() > deadline:
-                raise NetworkError(f"{freezer} did not reach {state}")
-            time.sleep(0.005)
+        self.host(host).resume()
 
     def host_cpu(self, host: str) -> float:
         """The host's CPU limit in force, in cores."""
-        if self.is_docker(host):
-            return self._containers().cpus(host)
-        cpu = CGROUP_ROOT / "cpu" / self.names[host]
-        quota = int((cpu / "cpu.cfs_quota_us").read_text())
-        period = int((cpu / "cpu.cfs_period_us").read_text())
-        return float(os.cpu_count() or 1) if quota < 0 else quota / period
+        return self.host(host).cpu()
 
     def set_host_cpu(self, host: str, cores: float) -> None:
         """Change the host's CPU limit while it runs (a straggler): the CFS quota (a Docker
         host: `docker update --cpus`, which sets the same quota on its container)."""
-        self._spec(host)
-        machine = os.cpu_count() or 1
-        if not MIN_CPU <= cores <= machine:
-            raise ValueError(f"cpu {cores:g} must be between {MIN_CPU} and {machine} cores")
-        if self.is_docker(host):
-            self._containers().set_cpus(host, cores)
-            return
-        cpu = CGROUP_ROOT / "cpu" / self.names[host]
-        period = int((cpu / "cpu.cfs_period_us").read_text())
-        _write(cpu / "cpu.cfs_quota_us", int(cores * period))
+        check_cores(cores)
+        self.host(host).set_cpu(cores)
 
     def reset_connections(self, host: str) -> int:
         """Destroy the host's TCP connections (`ss -K`, the kernel's socket destroy), as a
@@ -852,275 +657,57 @@ class EmulatedNetwork:
             changed.append(path.name)
         return changed
 
-    # -- links -------------------------------------------------------------------------------
+    # -- links (testbed.emulation.links does the work) ---------------------------------------
 
-    def _link(self, a: str, b: str) -> Any:
-        try:
-            return self._links[frozenset((a, b))]
-        except KeyError:
-            raise KeyError(f"no link between {a} and {b} in topology "
-                           f"{self.topology.name}") from None
-
-    def set_link_bandwidth(self, a: str, b: str, mbps: float) -> None:
-        """Re-shape a link (both directions). Above 1000 Mbit the link is left unshaped.
-        Between two shaped rates the HTB class is changed in place (one `tc` per end, no
-        moment without shaping); otherwise Mininet rebuilds the qdiscs."""
-        key = frozenset((a, b))
-        self._link(a, b)
-        if mbps <= 0:
-            raise ValueError(f"bandwidth {mbps} Mbit must be positive")
-        in_place = (self.impairment != "netem" and self._bw[key] <= HTB_MAX_MBPS
-                    and mbps <= HTB_MAX_MBPS)
-        self._bw[key] = mbps
-        if in_place:
-            for intf in self._ends(a, b):
-                self._in_node(intf.node, ["tc", "class", "change", "dev", intf.name, "parent",
-                                          "5:0", "classid", "5:1", "htb", "rate", f"{mbps}Mbit",
-                                          *_htb_burst(mbps).split()])
-        else:
-            self._configure_link(a, b)
-        self.mechanisms[self.topology.link(a, b).name] = self._mechanism(key)
-
-    def link_state(self, a: str, b: str) -> dict[str, float]:
-        """A link's bandwidth, delay, jitter and loss in force (steps change them)."""
-        key = frozenset((a, b))
-        self._link(a, b)
-        return {"bandwidth_mbps": self._bw[key], "delay_ms": self._delay[key],
-                "jitter_ms": self._jitter[key], "loss_pct": self._loss[key]}
-
-    def _ends(self, a: str, b: str) -> list[Any]:
-        link = self._link(a, b)
-        return [link.intf1, link.intf2]
-
-    def _switch_ends(self, a: str, b: str) -> list[Any]:
-        return [intf for intf in self._ends(a, b) if intf.node not in self.net.hosts]
-
-    def _in_node(self, node: Any, argv: Sequence[str]) -> str:
-        """Run a command in a node's network namespace from the root namespace (so outside
-        the host's cgroups); raises NetworkError with its output when it fails."""
-        prefix = ["mnexec", "-a", str(node.pid)] if node in self.net.hosts else []
-        result = subprocess.run([*prefix, *argv], capture_output=True, text=True, check=False,
-                                timeout=30)
-        if result.returncode != 0:
-            raise NetworkError(f"{' '.join(argv)} in {node.name} failed: "
-                               f"{(result.stderr or result.stdout).strip()}")
-        return result.stdout
+    @property
+    def impairment(self) -> str | None:
+        """How delay and loss are made: "netem" | "iptables" | None (none asked for yet)."""
+        return self.links.impairment
 
     def in_host(self, host: str, argv: Sequence[str]) -> str:
         """A short command in the host's namespaces but outside its cgroups (the driver's
         work, not the host's): its stdout; NetworkError if it fails."""
         self._spec(host)
-        return self._in_node(self.node(host), argv)
+        return self.links.in_node(self.node(host), argv)
 
-    def link_down(self, a: str, b: str) -> None:
-        """Cut the cable: the switch end goes down, so a host keeps its interface and route
-        and sees only lost carrier (packets vanish, as when a real cable is pulled), rather
-        than 'network unreachable' errors."""
-        for intf in self._switch_ends(a, b):
-            self._in_node(intf.node, ["ip", "link", "set", "dev", intf.name, "down"])
-
-    def link_up(self, a: str, b: str) -> None:
-        for intf in self._switch_ends(a, b):
-            self._in_node(intf.node, ["ip", "link", "set", "dev", intf.name, "up"])
-
-    def _impairment_for_change(self) -> str:
-        """The mechanism for a delay or loss a step adds to a network built without any."""
-        if self.impairment is None:
-            self.impairment = "netem" if netem_available() else "iptables"
-        return self.impairment
-
-    def prepare_delay(self) -> None:
-        """Get ready for delay steps: without netem, start every host's shim now, so that
-        the first delay step does not wait for interpreters to start."""
-        if self._impairment_for_change() == "iptables":
-            self.start_delay_shims()
-
-    def set_link_loss(self, a: str, b: str, pct: float) -> None:
-        """Change a link's loss (percent, each direction), with the build's mechanism (netem
-        where the kernel has it, else iptables at the receivers)."""
-        key = frozenset((a, b))
-        self._link(a, b)
-        if not 0 <= pct < 100:
-            raise ValueError(f"loss {pct}% must be in [0, 100)")
-        if self._impairment_for_change() == "iptables" and not iptables_statistic_available():
-            raise NetworkError("no loss mechanism on this kernel (netem, iptables statistic)")
-        self._loss[key] = pct
-        if self.impairment == "netem":
-            self._configure_link(a, b)
-        else:
-            self._apply_loss_rules()
-        self.mechanisms[self.topology.link(a, b).name] = self._mechanism(key)
+    def set_link_bandwidth(self, a: str, b: str, mbps: float) -> None:
+        self.links.set_link_bandwidth(a, b, mbps)
 
     def set_link_delay(self, a: str, b: str, delay_ms: float, jitter_ms: float = 0.0) -> None:
-        """Change a link's delay and jitter (ms, each direction), with netem where the kernel
-        has it, else the NFQUEUE shims of the receiving hosts."""
-        key = frozenset((a, b))
-        self._link(a, b)
-        if delay_ms < 0 or not 0 <= jitter_ms <= max(delay_ms, 0):
-            raise ValueError(f"delay {delay_ms} ms and jitter {jitter_ms} ms: need "
-                             "0 <= jitter <= delay")
-        if self._impairment_for_change() == "iptables" and not nfqueue_available():
-            raise NetworkError("no delay mechanism here: no netem, and the NFQUEUE shim "
-                               "cannot run (PyPI netfilterqueue, iptables NFQUEUE target)")
-        self._delay[key], self._jitter[key] = delay_ms, jitter_ms
-        if self.impairment == "netem":
-            self._configure_link(a, b)
-        else:
-            self._apply_delay_rules()
-        self.mechanisms[self.topology.link(a, b).name] = self._mechanism(key)
+        self.links.set_link_delay(a, b, delay_ms, jitter_ms)
 
-    def _configure_link(self, a: str, b: str) -> None:
-        """Apply the link's current bandwidth (and, with netem, delay and loss) to both
-        ends; Mininet's config replaces whatever qdiscs were there."""
-        params = self._tc_params(frozenset((a, b)))
-        for intf in self._ends(a, b):
-            if params:
-                intf.config(**params)
-            else:  # nothing to shape: back to the default qdisc
-                intf.node.cmd(f"tc qdisc del dev {intf.name} root 2>/dev/null")
+    def set_link_loss(self, a: str, b: str, pct: float) -> None:
+        self.links.set_link_loss(a, b, pct)
 
-    def path_loss_pct(self, src: str, dst: str) -> float:
-        """Current one-way loss from host src to host dst (links' losses compound)."""
-        delivered = 1.0
-        for link in self.topology.route_links(src, dst):
-            delivered *= 1 - self._loss[frozenset((link.a, link.b))] / 100
-        return (1 - delivered) * 100
+    def link_state(self, a: str, b: str) -> dict[str, float]:
+        return self.links.link_state(a, b)
 
-    def path_delay_ms(self, src: str, dst: str) -> tuple[float, float]:
-        """Current one-way (delay, jitter) in ms from host src to host dst: delays add up;
-        independent jitters add like standard deviations (root of the sum of squares)."""
-        keys = [frozenset((link.a, link.b)) for link in self.topology.route_links(src, dst)]
-        return (sum(self._delay[k] for k in keys),
-                sum(self._jitter[k] ** 2 for k in keys) ** 0.5)
+    def link_down(self, a: str, b: str) -> None:
+        self.links.link_down(a, b)
 
-    def _replace_chains(self, chain: str, rules: dict[str, list[str]], first: bool) -> None:
-        """Give each host's `chain` its rules: only hosts whose rules change, all at once
-        (one `iptables-restore` transaction per host, started side by side: iptables-nft
-        takes ~15 ms a call here, one after the other they would take 0.3 s on 20 hosts).
-        The first time, INPUT is made to jump to the chain as well."""
-        started = []
-        for host, host_rules in rules.items():
-            if self._chains.get((host, chain)) == host_rules:
-                continue
-            restore = ["iptables-restore", "-w", "--noflush"]
-            if (host, chain) not in self._chains:  # a shell only the first time
-                restore = ["sh", "-c", f"{' '.join(restore)} && {{ {jump_script(chain, first)}; }}"]
-            proc = subprocess.Popen(["mnexec", "-a", str(self.node(host).pid), *restore],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-            started.append((host, host_rules, proc))
-        problems = []
-        for host, host_rules, proc in started:
-            output, _ = proc.communicate(restore_input(chain, host_rules), timeout=30)
-            if proc.returncode == 0:
-                self._chains[(host, chain)] = host_rules
-            else:
-                problems.append(f"{chain} in {host}: {output.strip()}")
-        if problems:
-            raise NetworkError("iptables failed: " + "; ".join(problems))
+    def link_up(self, a: str, b: str) -> None:
+        self.links.link_up(a, b)
 
-    def _apply_loss_rules(self) -> None:
-        """In every host: drop what the path from each source loses (the chain is replaced
-        in one transaction, so a change never lets a packet through half-written rules)."""
-        rules: dict[str, list[str]] = {}
-        for dst in self.topology.hosts:
-            rules[dst] = []
-            for src in self.topology.hosts:
-                loss = self.path_loss_pct(src, dst) if src != dst else 0.0
-                if loss > 0:
-                    rules[dst].append(f"-s {self.ip(src)} -m statistic --mode random "
-                                      f"--probability {loss / 100:.6f} -j DROP")
-        self._replace_chains(LOSS_CHAIN, rules, first=True)
-
-    def _apply_delay_rules(self) -> None:
-        """In every host: queue what the path from each source delays to the host's shim.
-        A shim learns its new table before the rules change, so a queued packet always
-        finds its delay; a host whose paths have no delay keeps an empty chain (and its
-        shim, if it had one, idles)."""
-        tables: dict[str, dict[str, tuple[float, float]]] = {}
-        for dst in self.topology.hosts:
-            delays = {self.ip(src): self.path_delay_ms(src, dst)
-                      for src in self.topology.hosts if src != dst}
-            tables[dst] = {ip: dj for ip, dj in delays.items() if dj[0] > 0 or dj[1] > 0}
-        self.start_delay_shims([host for host, table in tables.items() if table])
-        changed = [shim for host, shim in self._shims.items() if shim.delays != tables[host]]
-        for shim in changed:
-            shim.send_delays(tables[shim.host])
-        for shim in changed:
-            shim.confirm()
-        self._replace_chains(DELAY_CHAIN, {
-            host: [f"-i {self.node(host).defaultIntf().name} -s {ip} -j NFQUEUE "
-                   f"--queue-num {SHIM_QUEUE}" for ip in table]
-            for host, table in tables.items()}, first=False)
+    def prepare_delay(self) -> None:
+        self.links.prepare_delay()
 
     def start_delay_shims(self, hosts: Iterable[str] | None = None) -> None:
-        """Start the delay shims of these hosts (default: all) that are not running yet,
-        side by side: each is an interpreter that takes a moment to start, so a driver
-        whose scenario will add delay calls this before the measured window. Each runs in
-        its host's network namespace, outside its cgroups, its PID recorded before it can
-        touch a packet."""
-        assert self.record is not None
-        wanted = [h for h in (self.topology.hosts if hosts is None else hosts)
-                  if h not in self._shims]
-        if not wanted:
-            return
-        if not nfqueue_available():
-            raise NetworkError("the NFQUEUE delay shim cannot run here (PyPI netfilterqueue, "
-                               "iptables NFQUEUE target)")
-        logs = self.run_dir / "shims"
-        if not logs.exists():
-            self.record.add("dirs", str(logs))  # removed at teardown when no log is kept
-            logs.mkdir()
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        names = list(self.topology.hosts)
-        for host in wanted:
-            with open(logs / f"{host}.log", "ab") as log_file:
-                proc = subprocess.Popen(
-                    ["mnexec", "-a", str(self.node(host).pid),
-                     *shim_argv(seed=names.index(host) + 1)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env,
-                    start_new_session=True)
-            self.record.add_process(proc.pid, records.process_start_time(proc.pid), host,
-                                    "delayshim")
-            self._procs.append(proc)
-            self._shims[host] = ShimClient(proc, host)
-        for host in wanted:
-            self._shims[host].wait_ready()
+        self.links.start_delay_shims(hosts)
 
-    # -- partitions --------------------------------------------------------------------------
+    def path_loss_pct(self, src: str, dst: str) -> float:
+        return self.links.path_loss_pct(src, dst)
+
+    def path_delay_ms(self, src: str, dst: str) -> tuple[float, float]:
+        return self.links.path_delay_ms(src, dst)
 
     def partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:
-        """Cut all traffic between two groups of hosts (each host drops what comes from the
-        other side; traffic within a group and to other hosts flows on)."""
-        pair = (frozenset(group_a), frozenset(group_b))
-        for host in pair[0] | pair[1]:
-            self._spec(host)
-        if pair[0] & pair[1]:
-            raise ValueError("a host cannot be on both sides of a partition")
-        self._partitions.append(pair)
-        self._apply_partition_rules()
+        self.links.partition(group_a, group_b)
 
     def heal_partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:
-        pair = (frozenset(group_a), frozenset(group_b))
-        if pair not in self._partitions:
-            raise KeyError("no such partition in force")
-        self._partitions.remove(pair)
-        self._apply_partition_rules()
-
-    def _apply_partition_rules(self) -> None:
-        rules: dict[str, list[str]] = {}
-        for host in self.topology.hosts:
-            blocked: set[str] = set()
-            for side_a, side_b in self._partitions:
-                blocked |= side_b if host in side_a else side_a if host in side_b else set()
-            rules[host] = [f"-s {self.ip(other)} -j DROP" for other in sorted(blocked)]
-        self._replace_chains(PARTITION_CHAIN, rules, first=True)
+        self.links.heal_partition(group_a, group_b)
 
     def link_report(self) -> list[dict[str, Any]]:
-        """Per link: what is in force and which mechanism provides it (for the run report)."""
-        return [{"link": link.name, **self.link_state(link.a, link.b),
-                 **self._mechanism(frozenset((link.a, link.b)))}
-                for link in self.topology.links]
+        return self.links.link_report()
 
     # -- teardown ----------------------------------------------------------------------------
 
@@ -1142,19 +729,19 @@ class EmulatedNetwork:
             for host in self.docker.containers:
                 problems += filter(None, [records.thaw(self.docker.cgroup(host, "freezer"))])
         self._terminate_processes(grace_s)
-        for shim in self._shims.values():  # they hold no state; undo() kills any that linger
+        for shim in self.links.shims.values():  # no state; undo() kills any that linger
             shim.close()
             log_file = self.run_dir / "shims" / f"{shim.host}.log"
             if log_file.exists() and log_file.stat().st_size == 0:  # keep only what says why
                 log_file.unlink()
-        self._shims.clear()
+        self.links.shims.clear()
         if self.net is not None:
             try:
                 self.net.stop()
             except Exception as exc:  # keep going: undo() removes what Mininet left
                 problems.append(f"mininet stop: {exc}")
         problems += records.undo(self.record)
-        for proc in self._procs:  # reap, so no zombie of ours outlives the run
+        for proc in [*self._procs, *self.links.procs]:  # reap: no zombie outlives the run
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1)
         self.state = "stopped"
@@ -1177,7 +764,7 @@ class EmulatedNetwork:
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while remaining() and time.monotonic() < deadline:
-            for proc in self._procs:
+            for proc in [*self._procs, *self.links.procs]:
                 proc.poll()
             time.sleep(0.05)
 

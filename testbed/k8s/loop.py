@@ -567,11 +567,10 @@ def main(argv: list[str]) -> int:
             ("suspect_after_missed", args.suspect_after_missed),
             ("rejoin_hold_s", args.rejoin_hold_s), ("rejoin_margin", args.rejoin_margin),
             ("deploy_timeout_s", args.deploy_timeout_s)) if value is not None}
-        # the stages beat at the settings' interval: the loop must expect the same
-        timing = ControlSettings.from_json(
-            {**inputs.control, **overrides,
-             "heartbeat_ms": settings.heartbeat_ms or inputs.control.get("heartbeat_ms", 200.0)},
-            "controller.json")
+        timing = ControlSettings.from_json({**inputs.control, **overrides}, "controller.json")
+        if settings.heartbeat_ms is not None:
+            # the stages beat at the settings' interval: the loop must expect the same
+            timing = timing.replace(heartbeat_ms=settings.heartbeat_ms)
         keys = KeyPair.from_secret(args.keypair.read_text().strip()) if args.keypair else None
     except (OSError, ValueError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)

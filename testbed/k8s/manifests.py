@@ -139,9 +139,9 @@ class K8sSettings:
     # Admit only this namespace's pods to ours. Off for CNIs that would also block the
     # kubelet's probes (not verified on k3s' kube-router yet: docs/lab.md).
     network_policy: bool = True
-    # Stage workers beat to the controller's control port this often (the embedded agents'
+    # Stage workers beat to the controller's control port this often (the control settings'
     # default); None: no heartbeats, node health from the API alone.
-    heartbeat_ms: float | None = 200.0
+    heartbeat_ms: float | None = ControlSettings.heartbeat_ms
     curve_keys: Mapping[str, Any] | None = None  # name -> security.KeyPair; None: generate
     extra_labels: Mapping[str, str] = field(default_factory=dict)
 

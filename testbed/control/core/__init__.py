@@ -13,5 +13,7 @@ clock (tests/test_core_*.py).
 - straggler: a stage computing too slowly for too long
 - replan: the pending re-plan (which request wins), epoch numbers, stale plans
 - standby: where warm standbys go, and which are no longer needed
+- reconcile: a host's heartbeat against the workers wanted there (level-triggered)
 - versions: the target model version, rollout and rollback
+- records: the embedded plane's worker (`Slot`) and epoch (`Epoch`) records
 """
