@@ -233,6 +233,24 @@ def test_a_straggler_is_flagged_once_while_the_move_off_it_is_under_way() -> Non
     assert len(flags) == 1 and flags[0].fields["host"] == "e2"
 
 
+def test_standbys_chosen_in_one_pass_share_a_hosts_room() -> None:
+    from testbed.control.policy import Held
+
+    world = World(standby=False)
+    world.serving()                 # e1 serves stage 0: one worker (70 MiB + 1 MiB) there
+    prepared = world.prepared("e1", "e2")
+    key, file = Held("e1", 1, 2, 1), stage_file(1)
+    fits = world.plane.contingency.fits
+    # 256 MiB: the serving worker (71 MiB), the new one (1 MiB) and two pending ones (71 MiB
+    # each) fit; with three pending it does not, though each alone would
+    pending = [(Held("e1", 0, 1, 1), stage_file(0))]
+    assert fits("e1", prepared, key, file)
+    assert fits("e1", prepared, key, file, pending * 2)
+    assert not fits("e1", prepared, key, file, pending * 3)
+    # pending workers of other hosts take no room here
+    assert fits("e1", prepared, key, file, [(Held("e2", 0, 1, 1), stage_file(0))] * 5)
+
+
 def test_a_disk_failure_is_a_disk_fault_planned_around() -> None:
     world = World(standby=False)
     world.serving()

@@ -154,11 +154,21 @@ class Contingencies:
             if slot.standby:
                 per_node[slot.host] = per_node.get(slot.host, 0) + 1
         serving = {s.host for s in self.plane.slots.values() if s.routes}
+        # choose() takes every key fits() accepts, in order: the room a pass has already
+        # given away counts for the next key (three standbys chosen at once on a 256 MiB
+        # host that each alone fitted were OOM-killed)
+        pending: list[tuple[Held, StageFile]] = []
+
+        def fits_now(key: Held) -> bool:
+            prepared, file = needed[key]
+            ok = self.fits(key.node, prepared, key, file, pending)
+            if ok:
+                pending.append((key, file))
+            return ok
+
         chosen = standby_rule.choose(
             list(needed), {s.held for s in self.plane.slots.values()},
-            serving, per_node,
-            self.plane.control.standby_per_node,
-            lambda key: self.fits(key.node, needed[key][0], key, needed[key][1]))
+            serving, per_node, self.plane.control.standby_per_node, fits_now)
         for key in chosen:
             file = needed[key][1]
             slot = self.plane.new_slot(key.node, key.version, key.first, key.end, file,
@@ -177,10 +187,12 @@ class Contingencies:
                                         for s in self.plane.slots.values() if s.standby))
 
     def fits(self, host: str, prepared: Prepared, key: Held,
-             file: StageFile | None = None) -> bool:
+             file: StageFile | None = None,
+             pending: list[tuple[Held, StageFile]] | None = None) -> bool:
         """Room for one more worker on `host`: the instance's node memory assumes one stage
         per host, so a second worker also pays the worker runtime allowance; and its model
-        file on the host's disk beside the ones its workers hold (testbed.control.disk)."""
+        file on the host's disk beside the ones its workers hold (testbed.control.disk).
+        `pending`: workers chosen for hosts but not made yet, counted like made ones."""
         from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
 
         instance = prepared.request.version.instance
@@ -188,10 +200,12 @@ class Contingencies:
             budget = instance.node(host).memory_bytes
         except KeyError:
             return False
+        pending = [(k, f) for k, f in pending or [] if k.node == host]
         if file is not None and not fits_disk(
                 instance.node(host).disk_bytes,
                 [(s.stage.sha256, s.stage.size) for s in self.plane.slots.values()
-                 if s.host == host], (file.sha256, file.size)):
+                 if s.host == host] + [(f.sha256, f.size) for _, f in pending],
+                (file.sha256, file.size)):
             return False
         segments = instance.segments
         need = sum(s.memory_bytes for s in segments[key.first:key.end])
@@ -200,6 +214,9 @@ class Contingencies:
                 need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
                     s.memory_bytes for s in self.plane.infos[slot.version].instance.segments[
                         slot.first:slot.end])
+        for other, _ in pending:
+            need += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(
+                s.memory_bytes for s in segments[other.first:other.end])
         return need <= budget
 
     def release_standbys(self, keep_version: int | None = None) -> None:
