@@ -251,6 +251,23 @@ def test_standbys_chosen_in_one_pass_share_a_hosts_room() -> None:
     assert fits("e1", prepared, key, file, [(Held("e2", 0, 1, 1), stage_file(0))] * 5)
 
 
+def test_each_contingency_plans_standbys_load_before_the_queue_is_done() -> None:
+    world = World()
+    world.serving("e1", "e2")                      # e3 is spare
+    world.plane.tick(world.now)
+    (job,) = world.take(StartJob)
+    assert job.kind == "contingency" and job.request is not None
+    assert job.request.excluded == "e1"
+    # if e1 is lost: e3 takes its stage 0 (a new stage file: a standby to load)
+    plan = Plan.of(world.instance, [Stage(0, 1, "e3"), Stage(1, 2, "e2")], "given", False)
+    world.plane.job_done("contingency", Prepared(job.request, plan, [stage_file(0), None],
+                                                 None), None, world.now)
+    out = world.take()
+    # e2's plan is still to come, but e1's standby is on its way already
+    assert [(s.host, s.kind) for s in out if isinstance(s, Send)] == [("e3", "prepare")]
+    assert "standby.prepared" in kinds(out) and "contingency.ready" not in kinds(out)
+
+
 def test_a_disk_failure_is_a_disk_fault_planned_around() -> None:
     world = World(standby=False)
     world.serving()

@@ -129,12 +129,14 @@ class Contingencies:
                 active.number, frozenset(self.plane.usable_hosts())):
             return                          # computed for a state that is gone
         self.plans[host] = prepared
-        if not self.queue:
-            self.reconcile_standbys()
+        # each plan's standbys load as soon as it is known: with many nodes the whole queue
+        # takes longer than the first fault may wait (two-tier-20: 10 plans of ~2.5 s)
+        self.reconcile_standbys(complete=not self.queue)
 
-    def reconcile_standbys(self) -> None:
+    def reconcile_standbys(self, complete: bool = True) -> None:
         """Load what the contingency plans would newly need as standbys (core.standby);
-        release standbys no plan needs any more."""
+        once they are `complete`, release standbys no plan needs any more and say so
+        (`contingency.ready`)."""
         needed: dict[Held, tuple[Prepared, StageFile]] = {}
         kept: set[Held] = set()            # every stage of every contingency plan
         for prepared in self.plans.values():
@@ -145,7 +147,7 @@ class Contingencies:
                 if file is not None:
                     needed.setdefault(key, (prepared, file))
         idle = [s for s in self.plane.slots.values() if s.standby and not s.routes]
-        drop = set(standby_rule.unneeded([s.held for s in idle], kept))
+        drop = set(standby_rule.unneeded([s.held for s in idle], kept)) if complete else set()
         for slot in idle:
             if slot.held in drop:
                 self.plane.release(slot, "no contingency plan needs it")
@@ -178,6 +180,8 @@ class Contingencies:
                             version=slot.version, segments=[slot.first, slot.end],
                             sha256=file.sha256, serving=key.node in serving)
         active = self.plane.active
+        if not complete:
+            return
         self.plane.emit("contingency.ready", epoch=active.number if active else None,
                         plans={h: {"hosts": [s.node for s in p.plan.stages],
                                    "bottleneck_ms": round(p.plan.bottleneck_ms, 3),
