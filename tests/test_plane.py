@@ -295,6 +295,30 @@ def test_a_returned_node_is_held_then_checked_for_a_better_plan() -> None:
     assert kinds(out) == ["rejoin.declined"] and not [a for a in out if isinstance(a, Send)]
 
 
+def test_a_node_back_while_a_sound_epoch_deploys_waits_for_the_rejoin_rule() -> None:
+    world = World(standby=False, unhealthy_hold_s=1.0, suspect_after_missed=100)
+    world.serving()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 1, "state": "failed",
+                                 "detail": "killed", "reason": "exit"}, world.now)
+    world.plane.tick(world.now)
+    world.take()
+    world.plane.job_done("plan", world.prepared("e1", "e3", "failure"), None, world.now)
+    sends = [s for s in world.take(Send) if s.kind == "deploy"]
+    assert world.plane.deploying is not None and world.plane.deploying.number == 2
+    out = world.advance(1.5, beating=())          # e2's back-off ends; epoch 2 still loads
+    assert "node.healthy" in kinds(out) and "replan.requested" not in kinds(out)
+    assert not [a for a in out if isinstance(a, StartJob)]
+    for s in sends:                               # epoch 2 serves; then e2 is weighed
+        world.plane.on_worker(s.host, {"port": s.fields["port"], "epoch": 2, "stage": 0,
+                                       "state": "ready", "detail": "", "reason": "started"},
+                              world.now)
+    assert world.plane.active is not None and world.plane.active.number == 2
+    world.plane.tick(world.now)
+    jobs = world.take(StartJob)
+    assert jobs and jobs[0].kind == "rejoin" and "e2" in jobs[0].request.live
+
+
 def test_stale_plans_are_dropped() -> None:
     world = World(standby=False)
     world.serving()

@@ -440,10 +440,15 @@ class ControlPlane:
     def host_usable(self, host: str) -> None:
         """A host became usable again: plan with it if nothing fits without it, else see
         whether it makes a better plan."""
-        if self.waiting_for_nodes or self.active is None or self.active.broken:
+        deploying = self.deploying is not None and not self.deploying.broken
+        if self.waiting_for_nodes or self.active is None or \
+                (self.active.broken and not deploying):
             if self.active is not None or self.waiting_for_nodes:
                 self.request_replan(f"{host} available")
         else:
+            # a sound epoch being deployed is let finish: a re-plan now would supersede it,
+            # and under churn (a node back every few seconds, deploys of 5-10 s) none ever
+            # finished; the host is weighed by the rejoin rule once it serves
             self.rejoin_hosts.add(host)
 
     def rejoin_done(self, prepared: Prepared) -> None:
