@@ -231,6 +231,19 @@ def test_a_straggler_is_flagged_once_while_the_move_off_it_is_under_way() -> Non
         flags += [a for a in world.take(Event) if a.kind == "node.straggler"]
     # one flag: the re-plan it asked for is not superseded by a new flag every second
     assert len(flags) == 1 and flags[0].fields["host"] == "e2"
+    # a broken epoch (e1's worker died) judges no straggler: its re-plan would only supersede
+    # the epoch being deployed
+    world = World(standby=False, straggler_factor=2.0, straggler_after_s=1.0)
+    world.serving()
+    slots = {h: (p, s) for (h, p), s in world.plane.slots.items()}
+    world.plane.on_worker("e1", {"port": slots["e1"][0], "epoch": 1, "stage": 0,
+                                 "state": "failed", "detail": "killed", "reason": "exit"},
+                          world.now)
+    assert world.plane.active is not None and world.plane.active.broken
+    for _ in range(4):
+        world.now += 1.0
+        beat("e2", 55.0)
+    assert "node.straggler" not in kinds(world.take())
 
 
 def test_standbys_chosen_in_one_pass_share_a_hosts_room() -> None:

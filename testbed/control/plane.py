@@ -395,13 +395,15 @@ class ControlPlane:
         """core.straggler for a stage of the active epoch; a straggler's host is treated as
         failing: the pipeline moves off it (a contingency plan, so at once where a standby
         waits) and it is tried again after the back-off. Not judged while a model loads on
-        the host (that takes its CPU for a while), nor again during its back-off: the move
-        off it is under way (each new flag re-planned and superseded the epoch being
-        deployed, so under machine load nothing was ever deployed again)."""
+        the host (that takes its CPU for a while), nor while the epoch is broken or another
+        deploys (a re-plan would only supersede the epoch being deployed), nor again during
+        its back-off: the move off it is under way (each new flag re-planned and superseded
+        the epoch being deployed, so under machine load nothing was ever deployed again)."""
         active = self.active
         key = (slot.host, slot.port)
         if not self.stragglers.enabled or load is None or active is None or \
                 active.state != "active" or active.number not in slot.routes or \
+                active.broken or self.deploying is not None or \
                 not self.usable(slot.host) or \
                 any(s.host == slot.host and s.state != "ready" for s in self.slots.values()):
             self.stragglers.reset(key)
