@@ -3,6 +3,11 @@ links), closed loop, one fault timeline per run through run_scenario.py, then a 
 
     sudo .venv/bin/python benchmarks/recovery.py [--only crash,update] [--duration 25]
          [--k8s-wait 340] [--out results/bench_recovery]
+         [--topology topologies/star-6.yaml] [--spare N]
+
+`--topology` runs them on another topology (the crash hits the plan's second host);
+`--spare N` sets `planner: {spare: N}` (N hosts kept out of the plan: compare recovery and
+predicted throughput with and without, docs/architecture.md "Recovery").
 
 Scenarios: one node of the plan crashes; two crash at once; one crashes and comes back; one is
 partitioned and healed; a new model version is published (resnet18 built with seed 2); and the
@@ -42,20 +47,25 @@ K8S_DEFAULT_WAIT_S = 340.0      # node-monitor grace (~40 s) + not-ready tolerat
 
 # -- the scenarios ----------------------------------------------------------------------------
 
-def initial_hosts() -> list[str]:
-    """The hosts of the plan the run will start with (the same profile and solver)."""
+def initial_hosts(topology: Path, spare: int) -> list[str]:
+    """The hosts of the plan the run will start with (the same profile and planner)."""
     from formats.topology import load_topology
-    from partitioner.algorithms import solve
     from partitioner.profile import instance_for_topology, profile_model
+    from partitioner.replicate import plan_pipelines
 
     instance = instance_for_topology(profile_model("resnet18", progress=False),
-                                     load_topology(ROOT / "topologies" / "star-6.yaml"))
-    return [s.node for s in solve(instance, "auto", time_limit_s=2.0, seed=0).stages]
+                                     load_topology(topology))
+    return [s.node for s in plan_pipelines(instance, "auto", 2.0, 0, 1, spare).stages]
 
 
-def scenarios(hosts: list[str], duration: float, k8s_wait: float) -> dict[str, dict[str, Any]]:
+def scenarios(hosts: list[str], duration: float, k8s_wait: float,
+              topology: Path) -> dict[str, dict[str, Any]]:
+    from formats.topology import load_topology
+
     at = f"{FAULT_AT_S:g}s"
-    others = [f"edge{i}" for i in range(1, 7)]
+    topo = load_topology(topology)
+    dispatcher = topo.dispatcher().name
+    others = [h.name for h in topo.edge_hosts()]
     cut = hosts[0]
     return {
         "crash": {"steps": [{"at": at, "action": "node.crash", "target": hosts[1]}]},
@@ -64,8 +74,8 @@ def scenarios(hosts: list[str], duration: float, k8s_wait: float) -> dict[str, d
         "crash-return": {"steps": [{"at": at, "action": "node.crash", "target": hosts[1],
                                     "duration": "8s"}]},
         "partition": {"steps": [{"at": at, "action": "link.partition",
-                                 "target": [[cut], ["dispatcher", *[h for h in others
-                                                                    if h != cut]]],
+                                 "target": [[cut], [dispatcher, *[h for h in others
+                                                                  if h != cut]]],
                                  "duration": "8s"}]},
         "update": {"steps": [{"at": at, "action": "model.update",
                               "params": {"version": 2}}]},
@@ -75,12 +85,13 @@ def scenarios(hosts: list[str], duration: float, k8s_wait: float) -> dict[str, d
     }
 
 
-def scenario_yaml(name: str, spec: dict[str, Any], duration: float) -> str:
+def scenario_yaml(name: str, spec: dict[str, Any], duration: float, topology: Path,
+                  spare: int) -> str:
     steps = "".join(f"  - {json.dumps(step)}\n" for step in spec["steps"])
     return (f"name: recovery-{name}\n"
-            f"topology: {ROOT / 'topologies' / 'star-6.yaml'}\n"
+            f"topology: {topology}\n"
             f"model: {{zoo: resnet18}}\n"
-            f"planner: {{algorithm: auto}}\n"
+            f"planner: {{algorithm: auto, spare: {spare}}}\n"
             f"workload: {{mode: closed, concurrency: 6, duration: "
             f"{spec.get('duration', duration):g}s, warmup: 5s, seed: 1}}\n"
             f"steps:\n{steps}"
@@ -192,20 +203,23 @@ def main() -> int:
     parser.add_argument("--k8s-wait", type=float, default=K8S_DEFAULT_WAIT_S,
                         help="simulated Kubernetes wait before re-planning (default 340 s)")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_recovery"))
+    parser.add_argument("--topology", type=Path, default=ROOT / "topologies" / "star-6.yaml")
+    parser.add_argument("--spare", type=int, default=0, help="planner: {spare: N}")
     args = parser.parse_args()
+    args.topology = args.topology.resolve()
     if os.geteuid() != 0:
         print("error: needs root (Mininet)", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    hosts = initial_hosts()
+    hosts = initial_hosts(args.topology, args.spare)
     print(f"initial plan on {hosts}", file=sys.stderr, flush=True)
     rows = []
-    for name, spec in scenarios(hosts, args.duration, args.k8s_wait).items():
+    for name, spec in scenarios(hosts, args.duration, args.k8s_wait, args.topology).items():
         if args.only and name not in args.only.split(","):
             continue
         path = out / f"{name}.yaml"
-        path.write_text(scenario_yaml(name, spec, args.duration))
+        path.write_text(scenario_yaml(name, spec, args.duration, args.topology, args.spare))
         print(f"== {name}", file=sys.stderr, flush=True)
         run_dir = out / name
         result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"), str(path),

@@ -14,6 +14,7 @@ from formats.control import ControlSettings
 from formats.errors import InputError
 from formats.limits import MAX_CONCURRENCY, MAX_POOL, MAX_RATE_RPS, plain_name
 from formats.models import ZOO_MODELS
+from formats.nodestate import check_node_states
 from formats.topology import Topology, load_topology
 from formats.units import (
     parse_bandwidth_mbps,
@@ -112,6 +113,7 @@ class Scenario:
     pipelines: int = 1          # planner.pipelines: at most this many (0: auto)
     # model.input_shapes: input name -> concrete shape (empty: the model's own, batch 1)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    spare: int = 0              # planner.spare: nodes kept out of the plan by choice
 
 
 def _count(value: Any) -> int:
@@ -320,7 +322,7 @@ def load_scenario(path: str | Path) -> Scenario:
     topology = load_topology(topology_file)
     model, input_shapes = _model(fields, path.parent)
     planner = fields.sub("planner", None)
-    algorithm, time_limit, pipelines = "auto", 2.0, 1
+    algorithm, time_limit, pipelines, spare = "auto", 2.0, 1, 0
     if planner is not None:
         algorithm = planner.get("algorithm", expect_type(str, "an algorithm name"), "auto")
         if algorithm not in ALGORITHMS:
@@ -328,6 +330,10 @@ def load_scenario(path: str | Path) -> Scenario:
                                              + ", ".join(ALGORITHMS))
         time_limit = planner.get("time_limit", parse_duration_s, 2.0)
         pipelines = planner.get("pipelines", parse_pipelines, 1)
+        spare = planner.get("spare", _count, 0)
+        if spare >= len(topology.hosts) - 1:
+            raise planner.error("spare", f"{spare} spare nodes leave none of the "
+                                         f"{len(topology.hosts) - 1} edge hosts to serve")
         planner.done()
     backend = fields.get("backend", expect_type(str, "a backend name"), "embedded")
     if backend not in BACKENDS:
@@ -335,11 +341,12 @@ def load_scenario(path: str | Path) -> Scenario:
                                       + ", ".join(BACKENDS))
     workload = _workload(fields)
     steps = _steps(fields, topology, workload)
+    check_node_states(steps, path, topology.hosts)
     slo = _slo(fields)
     control = ControlSettings.from_scenario(fields.sub("control", None))
     fields.done()
     return Scenario(name, path, topology, model, algorithm, time_limit, backend, workload,
-                    steps, slo, control, pipelines, input_shapes)
+                    steps, slo, control, pipelines, input_shapes, spare)
 
 
 def with_duration(scenario: Scenario, text: str) -> Scenario:

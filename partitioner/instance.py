@@ -20,13 +20,21 @@ class Segment:
     compute_ms: float
     memory_bytes: int
     output_bytes: int
+    # extension (optional in the JSON, 0 = not counted): the bytes of its weights, what a
+    # stage file of it takes on a node's disk (Node.disk_bytes)
+    model_bytes: int = 0
 
 
 @dataclass(frozen=True)
 class Node:
+    """A compute node. `disk_bytes` extends the DESIGN.md contract (optional in the JSON,
+    0 = not limited): the room for cached stage models, counted by the controller
+    (testbed.control.disk) against the models of the stages and standbys it places."""
+
     name: str
     speed: float
     memory_bytes: int
+    disk_bytes: int = 0
 
 
 @dataclass
@@ -72,9 +80,11 @@ class Instance:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "segments": [asdict(s) for s in self.segments],
+            "segments": [{k: v for k, v in asdict(s).items() if k != "model_bytes" or v}
+                         for s in self.segments],
             "input_bytes": self.input_bytes,
-            "nodes": [asdict(n) for n in self.nodes],
+            "nodes": [{k: v for k, v in asdict(n).items() if k != "disk_bytes" or v}
+                      for n in self.nodes],
             "source": self.source,
             "bandwidth_mbps": [[a, b, bw] for (a, b), bw in self.bandwidth_mbps.items()],
         }
@@ -184,6 +194,12 @@ def plan_problems(instance: Instance, stages: list[Stage],
     if problems:
         return problems
     cost = plan_cost(instance, stages)
+    for stage in stages:
+        disk = instance.node(stage.node).disk_bytes
+        need = sum(s.model_bytes for s in instance.segments[stage.first:stage.end])
+        if disk and need > disk:
+            problems.append(f"stage on {stage.node} needs {need} bytes of disk, the node has "
+                            f"{disk}")
     for stage, mem in zip(stages, cost.memory_bytes):
         if mem > instance.node(stage.node).memory_bytes:
             problems.append(f"stage on {stage.node} needs {mem} bytes of memory, "
@@ -369,27 +385,35 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
     segments = []
     for i, seg in enumerate(data["segments"]):
         where = f"segments[{i}]"
-        if not isinstance(seg, dict) or set(seg) != {"compute_ms", "memory_bytes", "output_bytes"}:
-            raise InputError("needs exactly compute_ms, memory_bytes, output_bytes",
+        if not isinstance(seg, dict) or \
+                not {"compute_ms", "memory_bytes", "output_bytes"} <= set(seg) or \
+                set(seg) - {"compute_ms", "memory_bytes", "output_bytes", "model_bytes"}:
+            raise InputError("needs exactly compute_ms, memory_bytes, output_bytes (and "
+                             "optionally model_bytes)",
                              file=file, field=where)
         segments.append(Segment(float(_number(seg["compute_ms"], where + ".compute_ms", file,
                                                 maximum=MAX_COMPUTE_MS)),
                                 int(_number(seg["memory_bytes"], where + ".memory_bytes", file)),
-                                int(_number(seg["output_bytes"], where + ".output_bytes", file))))
+                                int(_number(seg["output_bytes"], where + ".output_bytes", file)),
+                                int(_number(seg.get("model_bytes", 0), where + ".model_bytes",
+                                            file))))
     if not isinstance(data["nodes"], list) or not data["nodes"]:
         raise InputError("needs at least one node", file=file, field="nodes")
     nodes, names = [], set()
     for i, node in enumerate(data["nodes"]):
         where = f"nodes[{i}]"
-        if not isinstance(node, dict) or set(node) != {"name", "speed", "memory_bytes"}:
-            raise InputError("needs exactly name, speed, memory_bytes", file=file, field=where)
+        if not isinstance(node, dict) or not {"name", "speed", "memory_bytes"} <= set(node) \
+                or set(node) - {"name", "speed", "memory_bytes", "disk_bytes"}:
+            raise InputError("needs exactly name, speed, memory_bytes (and optionally "
+                             "disk_bytes)", file=file, field=where)
         if not isinstance(node["name"], str) or node["name"] in names:
             raise InputError(f"name must be a unique string, got {node['name']!r}",
                              file=file, field=where + ".name")
         names.add(node["name"])
         nodes.append(Node(node["name"], float(_number(node["speed"], where + ".speed", file, True,
                                                       MAX_SPEED)),
-                          int(_number(node["memory_bytes"], where + ".memory_bytes", file))))
+                          int(_number(node["memory_bytes"], where + ".memory_bytes", file)),
+                          int(_number(node.get("disk_bytes", 0), where + ".disk_bytes", file))))
     source = data["source"]
     if not isinstance(source, str):
         raise InputError("must be a node name", file=file, field="source")

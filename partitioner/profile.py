@@ -64,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -639,6 +639,11 @@ def instance_for_topology(profile: ModelProfile, topology: Any,
     payload = {pair: mbps * TCP_PAYLOAD_SHARE
                for pair, mbps in topology.path_bandwidth_mbps().items()}
     instance = instance_for_hosts(profile, topology.dispatcher().name, hosts, payload)
+    disks = {h.name: h.disk_bytes for h in topology.edge_hosts()}
+    instance.nodes = [replace(n, disk_bytes=disks[n.name]) for n in instance.nodes]
+    if len(profile.weight_bytes) == len(instance.segments):   # older cached profiles lack it
+        instance.segments = [replace(s, model_bytes=w)
+                             for s, w in zip(instance.segments, profile.weight_bytes)]
     cores = float(os.cpu_count() or 1) if machine_cores is None else machine_cores
     instance.cpu_budget = machine_budget([cpu for _, cpu, _ in hosts],
                                          topology.dispatcher().cpu, cores)

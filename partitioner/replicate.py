@@ -103,15 +103,47 @@ def replicate(instance: Instance, solve_one: SolveOne, max_pipelines: int | None
     return combined if combined.bottleneck_ms < single.bottleneck_ms else single
 
 
-def plan_pipelines(instance: Instance, algorithm: str, time_limit_s: float | None, seed: int,
-                   pipelines: int = 1) -> Plan:
+def keep_spare(instance: Instance, plan_over: SolveOne, spare: int) -> Plan:
+    """The best plan that leaves at least `spare` nodes unused (`planner: {spare: N}`): where
+    a lost node's stages can go, so a loss is recovered without moving the survivors' stages.
+    Greedy, one node at a time: of the nodes the plan uses, keep out the one whose absence
+    costs least (on ties the one with the most memory: a spare that can hold any stage).
+    Stops early, serving with what is left, when no plan fits fewer nodes."""
+    names = {n.name for n in instance.nodes}
+    memory = {n.name: n.memory_bytes for n in instance.nodes}
+    plan = plan_over(instance)
+    kept_out: set[str] = set()
+    while len(names) - len({s.node for s in plan.stages}) < spare \
+            and len(names - kept_out) > 1:
+        best: tuple[tuple[float, int], str, Plan] | None = None
+        for node in sorted({s.node for s in plan.stages}):
+            try:
+                candidate = plan_over(restrict(instance, names - kept_out - {node}))
+            except InfeasibleError:
+                continue
+            key = (candidate.bottleneck_ms, -memory[node])
+            if best is None or key < best[0]:
+                best = (key, node, candidate)
+        if best is None:
+            break
+        kept_out.add(best[1])
+        plan = best[2]
+    return plan
+
+
+def plan_pipelines(instance: Instance, algorithm: str, time_limit_s: float | None,
+                   seed: int, pipelines: int = 1, spare: int = 0) -> Plan:
     """The plan the testbed deploys: one pipeline (`pipelines` 1, the default), or up to
-    `pipelines` side by side (0: as many as pay off)."""
+    `pipelines` side by side (0: as many as pay off); with `spare`, the best such plan that
+    leaves that many nodes out (`keep_spare`)."""
     from partitioner.algorithms import solve
 
     def solve_one(part: Instance) -> Plan:
         return solve(part, algorithm, time_limit_s=time_limit_s, seed=seed)
 
+    if spare:
+        return keep_spare(instance, lambda part: plan_pipelines(
+            part, algorithm, time_limit_s, seed, pipelines), spare)
     if pipelines == 1:
         return solve_one(instance)
     return replicate(instance, solve_one, pipelines or None)

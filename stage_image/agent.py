@@ -24,8 +24,11 @@ Worker state changes (`ready` per route, `exited`, `failed`) are reported at onc
 stdout is a pipe in the same poll loop as the control socket, so its `ready`/`routed` lines
 and its exit (EOF) wake the agent immediately. Disk errors (ENOSPC, EROFS, ...) on the cache
 or on a worker's files are reported as `failed` with the reason; the agent itself never dies
-of one. Hashing runs in a thread so heartbeats keep flowing while a large model is checked on
-a slow CPU share.
+of one. Before writing a model it evicts cached models no worker holds (those of retired
+epochs) while the disk lacks room. Each start is a new incarnation (a random id in `hello` and
+every heartbeat), so the controller tells a restart from a late message; partial downloads of an
+earlier start are deleted. Hashing runs in a thread so heartbeats keep flowing while a large
+model is checked on a slow CPU share.
 
 CurveZMQ (`--curve-server-key`, off by default): the control connection is encrypted with a
 fresh keypair of ours and the controller's public key; each worker gets the keypair the
@@ -40,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -76,6 +80,20 @@ def sha256_file(path: Path) -> str:
         while block := f.read(4 * CHUNK_BYTES):
             digest.update(block)      # releases the GIL on large blocks
     return digest.hexdigest()
+
+
+def choose_evictions(cached: list[tuple[str, int, float]], keep: set[str], free: int,
+                     need: int) -> list[str]:
+    """Which cached models (sha256, bytes, mtime) to delete so that `need` bytes fit in
+    `free`: never one in `keep`, oldest first, none when it fits already."""
+    victims = []
+    for sha, size, _mtime in sorted(cached, key=lambda c: c[2]):
+        if free >= need:
+            break
+        if sha not in keep:
+            victims.append(sha)
+            free += size
+    return victims
 
 
 def describe_os_error(exc: OSError, what: str) -> str:
@@ -150,6 +168,9 @@ class Agent:
         self.attempts: dict[str, int] = {}   # fetch attempts per model
         self.stopping = False
         self.seq = 0
+        # a new id each start: the controller tells a restarted agent from a late message of
+        # the one before it (a pid can repeat: a container's agent often gets the same one)
+        self.incarnation = secrets.token_hex(8)
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
         if not args.curve_keypair:
@@ -204,7 +225,7 @@ class Agent:
 
     def heartbeat(self) -> None:
         self.seq += 1
-        self.send("heartbeat", host=self.host, seq=self.seq,
+        self.send("heartbeat", host=self.host, seq=self.seq, incarnation=self.incarnation,
                   workers=[{"port": r.port, "sha256": r.sha256, "state": r.state,
                             "standby": r.standby,
                             "load": list(r.load) if r.load is not None else None,
@@ -363,10 +384,37 @@ class Agent:
             self.fail_waiting(sha, f"model {sha[:12]} fetched 3 times, SHA-256 never matched",
                              "fetch")
 
+    def clean_stale_files(self) -> None:
+        """A new incarnation: partial downloads of the one before it are garbage (whole
+        cached models are kept; they are verified before use and evicted when space runs
+        short)."""
+        for part in self.models_dir.glob("*.part"):
+            self.log.info("deleting %s, left by an earlier start", part.name)
+            self._unlink(part)
+
+    def make_room(self, sha: str) -> None:
+        """Before writing a model: evict cached models no worker holds (active or standby:
+        the models of retired epochs) while the disk has less free than the model needs,
+        oldest first."""
+        need = max((r.size for r in self.workers.values() if r.sha256 == sha), default=0)
+        try:
+            stat = os.statvfs(self.models_dir)
+            cached = [(p.stem, p.stat().st_size, p.stat().st_mtime)
+                      for p in self.models_dir.glob("*.onnx")]
+        except OSError as exc:
+            self.log.warning("cannot look at the model cache: %s", exc)
+            return
+        keep = {r.sha256 for r in self.workers.values() if r.alive} | set(self.verifying)
+        for victim in choose_evictions(cached, keep, stat.f_bavail * stat.f_frsize, need):
+            self.log.info("evicting cached model %s (no worker holds it) for %s", victim[:12],
+                          sha[:12])
+            self._unlink(self.model_path(victim))
+
     def start_fetch(self, sha: str, attempts: int = 1) -> None:
         part = self.models_dir / f"{sha}.part"
         try:
             self.models_dir.mkdir(parents=True, exist_ok=True)
+            self.make_room(sha)
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             self.fail_waiting(sha, describe_os_error(exc, "creating the model cache"), "disk")
@@ -616,7 +664,9 @@ class Agent:
         except OSError as exc:
             # not fatal: reported per deploy when the cache is actually needed
             self.log.warning("cannot create %s: %s", self.models_dir, exc)
-        self.send("hello", host=self.host, pid=os.getpid(), ip=self.args.ip)
+        self.clean_stale_files()
+        self.send("hello", host=self.host, pid=os.getpid(), ip=self.args.ip,
+                  incarnation=self.incarnation)
         self.log.info("started: controller %s, data %s, heartbeat %.0f ms", self.args.controller,
                       self.data_dir, 1000 * self.heartbeat_s)
         next_beat = time.monotonic()

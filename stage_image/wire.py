@@ -309,6 +309,15 @@ def _check_host(value: Any, what: str) -> str:
     return value
 
 
+_INCARNATION_RE = re.compile(r"[0-9a-f]{16}\Z")
+
+
+def _check_incarnation(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _INCARNATION_RE.match(value):
+        raise FrameError(f"{what} must be 16 hex digits")
+    return value
+
+
 def _check_sha(value: Any, what: str) -> str:
     if not isinstance(value, str) or not _SHA_RE.match(value):
         raise FrameError(f"{what} must be a lowercase hex SHA-256")
@@ -455,9 +464,11 @@ def _detail(value: Any, what: str) -> str:
 # a standby exits), `release` ends the worker on a port whatever it serves.
 _CONTROL: dict[str, dict[str, tuple[Check, bool]]] = {
     "hello": {"host": (_check_host, True), "pid": (_nonneg, True),
-              "ip": (lambda v, w: _str(v, w, 64), False)},          # addition: data-plane IP
+              "ip": (lambda v, w: _str(v, w, 64), False),          # addition: data-plane IP
+              "incarnation": (_check_incarnation, False)},   # addition: one per agent start
     "heartbeat": {"host": (_check_host, True), "seq": (_nonneg, True),
-                  "workers": (_check_workers, True)},
+                  "workers": (_check_workers, True),
+                  "incarnation": (_check_incarnation, False)},
     "fetch": {"sha256": (_check_sha, True), "offset": (_nonneg, True)},
     # epoch 0 (never deployed) reports on a worker that holds no route: a standby
     "worker": {"port": (_port, True), "epoch": (_nonneg, True), "stage": (_stage, True),

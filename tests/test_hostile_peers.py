@@ -107,7 +107,6 @@ def _client(kind: int, address: str, own: KeyPair, server_public: str,
             identity: str | None = None) -> zmq.Socket:
     sock = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDTIMEO, 300)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity.encode())
     apply_client(sock, own, server_public)
@@ -115,13 +114,17 @@ def _client(kind: int, address: str, own: KeyPair, server_public: str,
     return sock
 
 
-def _send(sock: zmq.Socket, frames: list[Any]) -> None:
-    """Queue a message (whether it gets anywhere is what the test checks by its effects: a
-    client queues before the server's ZAP handler has refused the handshake)."""
+def _send(sock: zmq.Socket, frames: list[Any]) -> bool:
+    """Queue a message without waiting (whether it gets anywhere is what the test checks by
+    its effects: a client queues before the server's ZAP handler has refused the handshake).
+    False once nothing can be queued: the refused connection is gone, and a blocking send
+    would wait for a peer that never comes (on a quiet machine, thousands of request ids
+    times a send timeout)."""
     try:
-        sock.send_multipart(frames)
+        sock.send_multipart(frames, flags=zmq.NOBLOCK)
     except zmq.Again:
-        pass
+        return False
+    return True
 
 
 def _worker_keys(root: Path) -> tuple[dict[str, KeyPair], str | None]:
@@ -190,16 +193,18 @@ def test_hostile_peers_change_nothing(tmp_path, monkeypatch):
         for key in senders:
             push = _client(zmq.PUSH, sink, key, sink_public)
             for rid in rids:
-                _send(push, encode_tensors(rid, epoch, 1, 0.0,
-                                           {"y": np.zeros((1, 32), np.float32)}))
+                if not _send(push, encode_tensors(rid, epoch, 1, 0.0,
+                                                  {"y": np.zeros((1, 32), np.float32)})):
+                    break
             attackers.append(push)
         # 4. frames to every worker from keys that are not its upstream
         for address, pair in workers.items():
             for key in (stranger, c.agent_keys[other]):
                 push = _client(zmq.PUSH, address, key, pair.public.decode())
                 for rid in rids:
-                    _send(push, encode_tensors(rid, epoch, 1, 0.0,
-                                               {"x": np.ones((1, 32), np.float32)}))
+                    if not _send(push, encode_tensors(rid, epoch, 1, 0.0,
+                                                      {"x": np.ones((1, 32), np.float32)})):
+                        break
                 attackers.append(push)
         time.sleep(1.0)         # the attackers keep trying to connect meanwhile
         for attacker in attackers:

@@ -15,7 +15,8 @@ from formats.control import ControlSettings
 from partitioner.instance import Instance, Node, Plan, Segment, Stage
 from testbed.control.core.actions import Event
 from testbed.control.dispatcher import Route, Workload
-from testbed.control.plane import ControlPlane, Send, StartJob
+from testbed.control.plane import ControlPlane
+from testbed.control.plane_io import Send, StartJob
 from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.state import ControllerConfig
 
@@ -190,6 +191,108 @@ def test_a_worker_failure_backs_the_host_off_and_replans_at_once() -> None:
     assert "node.healthy" in kinds(out) and world.plane.usable("e2")
 
 
+def test_a_restart_is_a_new_incarnation_even_with_the_same_pid() -> None:
+    world = World(standby=False)
+    world.serving()
+    # e2's agent starts again and gets the same pid (a container): its id is new
+    world.plane.on_hello("e2", {"pid": 101, "incarnation": "0123456789abcdef"}, world.now)
+    out = world.take()
+    assert kinds(out)[:2] == ["agent.restarted", "replan.requested"]
+    assert not any(h == "e2" for h, _ in world.plane.slots)     # its workers died with it
+    # a heartbeat of the new start is the same incarnation: nothing more happens
+    world.plane.on_heartbeat("e2", {"host": "e2", "seq": 1, "workers": [],
+                                    "incarnation": "0123456789abcdef"}, world.now)
+    assert "agent.restarted" not in kinds(world.take())
+    # a late message of the start before it is stale and dropped
+    world.plane.on_hello("e2", {"pid": 101}, world.now)
+    assert kinds(world.take()) == ["agent.stale"]
+    # a heartbeat of a start whose hello was lost admits it
+    world.plane.on_heartbeat("e2", {"host": "e2", "seq": 1, "workers": [],
+                                    "incarnation": "fedcba9876543210"}, world.now)
+    assert "agent.restarted" in kinds(world.take())
+
+
+def test_a_straggler_is_flagged_once_while_the_move_off_it_is_under_way() -> None:
+    world = World(standby=False, straggler_factor=2.0, straggler_after_s=1.0,
+                  unhealthy_hold_s=30.0)
+    world.serving()
+    slots = {h: (p, s) for (h, p), s in world.plane.slots.items()}
+
+    def beat(host: str, ms: float) -> None:
+        port, slot = slots[host]
+        world.plane.on_heartbeat(host, {"host": host, "seq": 0, "workers": [
+            {"port": port, "sha256": slot.stage.sha256, "state": "ready", "standby": False,
+             "load": [10, ms], "routes": [[1, slot.routes[1]]]}]}, world.now)
+
+    flags = []
+    for _ in range(8):          # e2 at 5x its plan for 8 s; e1 on time
+        world.now += 1.0
+        beat("e1", 11.0)
+        beat("e2", 55.0)
+        flags += [a for a in world.take(Event) if a.kind == "node.straggler"]
+    # one flag: the re-plan it asked for is not superseded by a new flag every second
+    assert len(flags) == 1 and flags[0].fields["host"] == "e2"
+    # a broken epoch (e1's worker died) judges no straggler: its re-plan would only supersede
+    # the epoch being deployed
+    world = World(standby=False, straggler_factor=2.0, straggler_after_s=1.0)
+    world.serving()
+    slots = {h: (p, s) for (h, p), s in world.plane.slots.items()}
+    world.plane.on_worker("e1", {"port": slots["e1"][0], "epoch": 1, "stage": 0,
+                                 "state": "failed", "detail": "killed", "reason": "exit"},
+                          world.now)
+    assert world.plane.active is not None and world.plane.active.broken
+    for _ in range(4):
+        world.now += 1.0
+        beat("e2", 55.0)
+    assert "node.straggler" not in kinds(world.take())
+
+
+def test_standbys_chosen_in_one_pass_share_a_hosts_room() -> None:
+    from testbed.control.policy import Held
+
+    world = World(standby=False)
+    world.serving()                 # e1 serves stage 0: one worker (70 MiB + 1 MiB) there
+    prepared = world.prepared("e1", "e2")
+    key, file = Held("e1", 1, 2, 1), stage_file(1)
+    fits = world.plane.contingency.fits
+    # 256 MiB: the serving worker (71 MiB), the new one (1 MiB) and two pending ones (71 MiB
+    # each) fit; with three pending it does not, though each alone would
+    pending = [(Held("e1", 0, 1, 1), stage_file(0))]
+    assert fits("e1", prepared, key, file)
+    assert fits("e1", prepared, key, file, pending * 2)
+    assert not fits("e1", prepared, key, file, pending * 3)
+    # pending workers of other hosts take no room here
+    assert fits("e1", prepared, key, file, [(Held("e2", 0, 1, 1), stage_file(0))] * 5)
+
+
+def test_each_contingency_plans_standbys_load_before_the_queue_is_done() -> None:
+    world = World()
+    world.serving("e1", "e2")                      # e3 is spare
+    world.plane.tick(world.now)
+    (job,) = world.take(StartJob)
+    assert job.kind == "contingency" and job.request is not None
+    assert job.request.excluded == "e1"
+    # if e1 is lost: e3 takes its stage 0 (a new stage file: a standby to load)
+    plan = Plan.of(world.instance, [Stage(0, 1, "e3"), Stage(1, 2, "e2")], "given", False)
+    world.plane.job_done("contingency", Prepared(job.request, plan, [stage_file(0), None],
+                                                 None), None, world.now)
+    out = world.take()
+    # e2's plan is still to come, but e1's standby is on its way already
+    assert [(s.host, s.kind) for s in out if isinstance(s, Send)] == [("e3", "prepare")]
+    assert "standby.prepared" in kinds(out) and "contingency.ready" not in kinds(out)
+
+
+def test_a_disk_failure_is_a_disk_fault_planned_around() -> None:
+    world = World(standby=False)
+    world.serving()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 1, "state": "failed",
+                                 "detail": "ENOSPC writing model", "reason": "disk"},
+                          world.now)
+    assert kinds(world.take())[:4] == ["disk.fault", "worker.failed", "node.unhealthy",
+                                       "replan.requested"]
+
+
 def test_a_returned_node_is_held_then_checked_for_a_better_plan() -> None:
     world = World(suspect_after_missed=3, rejoin_hold_s=2.0, standby=False)
     world.serving("e1", "e2")
@@ -204,6 +307,30 @@ def test_a_returned_node_is_held_then_checked_for_a_better_plan() -> None:
     world.plane.job_done("rejoin", world.prepared("e1", "e2", "rejoin"), None, world.now)
     out = world.take()
     assert kinds(out) == ["rejoin.declined"] and not [a for a in out if isinstance(a, Send)]
+
+
+def test_a_node_back_while_a_sound_epoch_deploys_waits_for_the_rejoin_rule() -> None:
+    world = World(standby=False, unhealthy_hold_s=1.0, suspect_after_missed=100)
+    world.serving()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 1, "state": "failed",
+                                 "detail": "killed", "reason": "exit"}, world.now)
+    world.plane.tick(world.now)
+    world.take()
+    world.plane.job_done("plan", world.prepared("e1", "e3", "failure"), None, world.now)
+    sends = [s for s in world.take(Send) if s.kind == "deploy"]
+    assert world.plane.deploying is not None and world.plane.deploying.number == 2
+    out = world.advance(1.5, beating=())          # e2's back-off ends; epoch 2 still loads
+    assert "node.healthy" in kinds(out) and "replan.requested" not in kinds(out)
+    assert not [a for a in out if isinstance(a, StartJob)]
+    for s in sends:                               # epoch 2 serves; then e2 is weighed
+        world.plane.on_worker(s.host, {"port": s.fields["port"], "epoch": 2, "stage": 0,
+                                       "state": "ready", "detail": "", "reason": "started"},
+                              world.now)
+    assert world.plane.active is not None and world.plane.active.number == 2
+    world.plane.tick(world.now)
+    jobs = world.take(StartJob)
+    assert jobs and jobs[0].kind == "rejoin" and "e2" in jobs[0].request.live
 
 
 def test_stale_plans_are_dropped() -> None:

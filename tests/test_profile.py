@@ -4,6 +4,7 @@ peak RSS of a real stage process; instances for hosts and topologies."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -229,7 +230,10 @@ def test_cli_profile_writes_the_instance(resnet18, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "layer1.0.conv1" in text and "instance (2 nodes)" in text
     instance = instance_from_json(json.loads(out.read_text()))
-    assert instance.segments == resnet18.segments
+    # the segments, each with its weights' bytes (what its stage file takes on a disk)
+    assert [dataclasses.replace(s, model_bytes=0) for s in instance.segments] == \
+        resnet18.segments
+    assert [s.model_bytes for s in instance.segments] == resnet18.weight_bytes
     assert [n.name for n in instance.nodes] == ["e1", "e2"]
     assert cli(["profile", "resnet18", "--out", str(out)]) == 2       # --out needs --topology
 

@@ -199,3 +199,34 @@ def test_scenario_pipelines_refused(tmp_path: Path, value: str) -> None:
     with pytest.raises(InputError) as caught:
         load_scenario(path)
     assert caught.value.field == "planner.pipelines" and caught.value.line == 4
+
+
+def test_spare_keeps_nodes_out_of_the_plan() -> None:
+    # 2 segments on 2 nodes: a plan over all uses both; spare 1 keeps one out (one stage)
+    instance = uniform(2)
+    assert len({s.node for s in plan_pipelines(instance, "optimal", 5.0, 0).stages}) == 2
+    plan = plan_pipelines(instance, "optimal", 5.0, 0, spare=1)
+    assert len(plan.stages) == 1 and plan.bottleneck_ms == pytest.approx(200.0)
+    # a plan that already leaves nodes unused is kept as it is
+    wide = uniform(4)
+    assert plan_pipelines(wide, "optimal", 5.0, 0, spare=2).stages == single(wide).stages
+    # the spare is the node with the most memory when the cost is the same
+    bigger = Instance(wide.segments, wide.input_bytes,
+                      [Node(n.name, 1.0, 1000 if n.name == "e1" else 100)
+                       for n in uniform(2).nodes], "src", uniform(2).bandwidth_mbps)
+    assert [s.node for s in plan_pipelines(bigger, "optimal", 5.0, 0, spare=1).stages] == ["e0"]
+    # more spares than nodes can give: it serves with what is left, never with none
+    assert len(plan_pipelines(instance, "optimal", 5.0, 0, spare=5).stages) == 1
+
+
+def test_spare_field_is_read_and_bounded(tmp_path: Path) -> None:
+    text = (ROOT / "scenarios" / "node_failure.yaml").read_text().replace(
+        "topology: ../", f"topology: {ROOT}/").replace(
+        "planner: {algorithm: auto}", "planner: {algorithm: auto, spare: 1}")
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    assert load_scenario(path).spare == 1
+    path.write_text(text.replace("spare: 1", "spare: 6"))
+    with pytest.raises(InputError) as err:
+        load_scenario(path)
+    assert err.value.field == "planner.spare"

@@ -75,3 +75,33 @@ def test_model_update_is_detected_by_its_version_and_recovers_after_the_switch()
     (fault,) = fault_timings(events, buckets(records, T0, T0 + 10), T0, 10.0)
     assert fault["detected_s"] == 2.4           # the version, not an unrelated suspicion
     assert fault["recovered_s"] == 5.0          # measured from the switch at 3.5 s
+
+
+def test_restarted_node_reports_when_it_was_readmitted() -> None:
+    records = steady(10, 10)
+    events = [{"t": T0 + 1.0, "type": "fault.injected", "action": "node.crash",
+               "target": "edge2", "step": 0},
+              {"t": T0 + 1.5, "type": "agent.restarted", "host": "edge2"},   # not after boot
+              {"t": T0 + 4.0, "type": "fault.healed", "action": "node.crash", "step": 0,
+               "target": "edge2", "detail": {"restarted": True}},
+              {"t": T0 + 4.2, "type": "agent.restarted", "host": "edge3"},
+              {"t": T0 + 5.3, "type": "agent.restarted", "host": "edge2"},
+              {"t": T0 + 6.0, "type": "fault.injected", "action": "node.restart",
+               "target": "edge3", "step": 1},
+              {"t": T0 + 6.9, "type": "agent.restarted", "host": "edge3"},
+              {"t": T0 + 7.0, "type": "fault.injected", "action": "node.crash",
+               "target": "edge1", "step": 2}]
+    crash, restart, final = fault_timings(events, buckets(records, T0, T0 + 10), T0, 10.0)
+    assert crash["readmitted_s"] == 5.3 and restart["readmitted_s"] == 6.9
+    assert "readmitted_s" not in final          # a crash that never came back
+
+
+def test_partition_detection_is_about_the_far_side() -> None:
+    records = steady(10, 10)
+    events = [{"t": T0 + 2.0, "type": "fault.injected", "action": "link.partition",
+               "target": [["edge5"], ["dispatcher", "edge1", "edge2"]]},
+              {"t": T0 + 2.2, "type": "node.suspected", "host": "edge1"},   # another fault's
+              {"t": T0 + 2.6, "type": "node.suspected", "host": "edge5"}]
+    series = buckets(records, T0, T0 + 10)
+    (fault,) = fault_timings(events, series, T0, 10.0, "dispatcher")
+    assert fault["detected_s"] == 2.6

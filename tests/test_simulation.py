@@ -21,8 +21,9 @@ import pytest
 from partitioner.instance import Node, Plan, Stage
 from testbed.control import events as ev
 from testbed.control.core.actions import Event
-from testbed.control.plane import Send
+from testbed.control.plane_io import Send
 from testbed.control.planning import PlanRequest, Prepared
+from testbed.control.sim import run as sim_run
 from testbed.control.sim.checks import Checker
 from testbed.control.sim.nemesis import KINDS, draw
 from testbed.control.sim.run import run_schedule
@@ -71,13 +72,23 @@ def test_schedules_cover_every_fault_kind_and_heal() -> None:
     assert actions == {a for pair in KINDS.values() for a in pair if a is not None}
 
 
-def test_a_failure_prints_its_seed_and_the_command_that_replays_it() -> None:
-    # tight seed 35 shows the open disk bug (below): a failing run to look at
-    result = sim("--seed", "35", "--tight")
-    assert result.returncode == 1
-    assert "seed 35: FAIL" in result.stdout and "disk:" in result.stdout
-    assert "replay: python -m testbed.control.sim --seed 35 --faults 6 --tight --trace" \
-        in result.stdout
+def test_a_failure_prints_its_seed_and_the_command_that_replays_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # no shipped seed fails any more: a violation planted in a real schedule's outcome
+    real = sim_run.run_schedule
+
+    def planted(seed: int, *args: object, **kwargs: object) -> tuple[object, SimWorld]:
+        outcome, world = real(seed, *args, **kwargs)
+        outcome.violations.append((world.now, "lost", "planted"))
+        return outcome, world
+
+    monkeypatch.setenv("PYTHONHASHSEED", "0")     # main re-executes itself without it
+    monkeypatch.setattr(sim_run, "run_schedule", planted)
+    assert sim_run.main(["--seed", "35", "--tight"]) == 1
+    out = capsys.readouterr().out
+    assert "seed 35: FAIL lost" in out and "lost: planted" in out
+    assert "replay: python -m testbed.control.sim --seed 35 --faults 6 --tight --trace" in out
+    assert "1 schedules, 1 failed" in out and "failed seeds [35]" in out
 
 
 # -- bugs the simulation found --------------------------------------------------------------
@@ -149,9 +160,9 @@ def test_tight_seeds_that_ran_out_of_memory(seed: str) -> None:
     assert result.returncode == 0, result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 11 item 4): agents keep models of "
-                   "retired epochs and nothing counts disk, so a 72-192 MiB disk fills up")
 def test_retired_models_do_not_fill_the_disk() -> None:
+    # found by the simulation (issue 11 item 4): agents kept models of retired epochs, so a
+    # 72-192 MiB disk filled up; they now evict what no worker holds before writing
     result = sim("--seed", "35", "--tight")
     assert "disk:" not in result.stdout, result.stdout
 

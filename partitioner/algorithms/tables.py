@@ -82,7 +82,7 @@ class Tables:
     @cached_property
     def stage(self) -> np.ndarray:
         """(S+1, S+1, N) compute ms of stage [i, j) on node v; inf where j <= i or the stage
-        does not fit the node's memory."""
+        does not fit the node's memory (or its model file the node's disk)."""
         s = self.n_segments
         work = self.prefix_compute[None, :] - self.prefix_compute[:, None]
         need = self.prefix_memory[None, :] - self.prefix_memory[:, None]
@@ -90,6 +90,13 @@ class Tables:
         overhead = self.instance.frame_overhead_ms    # per stage, see Instance
         costs = (work[:, :, None] + overhead) / self.speed[None, None, :]
         fits = upper[:, :, None] & (need[:, :, None] <= self.memory[None, None, :])
+        disk = np.array([n.disk_bytes for n in self.instance.nodes], dtype=np.int64)
+        if disk.any():
+            # its model file must fit the node's disk too (0: a disk not counted)
+            files = np.concatenate([[0], np.cumsum([s.model_bytes
+                                                    for s in self.instance.segments])])
+            on_disk = files[None, :] - files[:, None]
+            fits &= (disk[None, None, :] == 0) | (on_disk[:, :, None] <= disk[None, None, :])
         return np.where(fits, costs, math.inf)
 
     @cached_property

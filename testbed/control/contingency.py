@@ -1,8 +1,9 @@
 """Contingency plans and warm standbys of the embedded controller: while all is well, for
 each node of the active plan, the plan it would move to if that node died (planned in the
 background, one job at a time), and the stages those plans would newly need loaded as
-standbys on spare nodes, so that a failure that matches a contingency is a new epoch of
-existing workers: a few routes, no model transfer, no model load.
+standbys, on spare nodes first and on serving ones where memory and disk allow, so that a
+failure that matches a contingency is a new epoch of existing workers: a few routes, no
+model transfer, no model load.
 
 Division of labour: testbed.control.plane owns the workers, epochs and jobs and calls this
 module; where standbys go is core.standby's rule; pipelines side by side get no contingency
@@ -19,6 +20,7 @@ from testbed.control import policy
 from testbed.control.core import standby as standby_rule
 from testbed.control.core.records import Epoch, Slot
 from testbed.control.core.replan import Epochs
+from testbed.control.disk import DISK_RESERVE_BYTES, fits_disk, held_model_bytes
 from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.policy import Held
 
@@ -127,12 +129,14 @@ class Contingencies:
                 active.number, frozenset(self.plane.usable_hosts())):
             return                          # computed for a state that is gone
         self.plans[host] = prepared
-        if not self.queue:
-            self.reconcile_standbys()
+        # each plan's standbys load as soon as it is known: with many nodes the whole queue
+        # takes longer than the first fault may wait (two-tier-20: 10 plans of ~2.5 s)
+        self.reconcile_standbys(complete=not self.queue)
 
-    def reconcile_standbys(self) -> None:
+    def reconcile_standbys(self, complete: bool = True) -> None:
         """Load what the contingency plans would newly need as standbys (core.standby);
-        release standbys no plan needs any more."""
+        once they are `complete`, release standbys no plan needs any more and say so
+        (`contingency.ready`)."""
         needed: dict[Held, tuple[Prepared, StageFile]] = {}
         kept: set[Held] = set()            # every stage of every contingency plan
         for prepared in self.plans.values():
@@ -143,7 +147,7 @@ class Contingencies:
                 if file is not None:
                     needed.setdefault(key, (prepared, file))
         idle = [s for s in self.plane.slots.values() if s.standby and not s.routes]
-        drop = set(standby_rule.unneeded([s.held for s in idle], kept))
+        drop = set(standby_rule.unneeded([s.held for s in idle], kept)) if complete else set()
         for slot in idle:
             if slot.held in drop:
                 self.plane.release(slot, "no contingency plan needs it")
@@ -151,20 +155,22 @@ class Contingencies:
         for slot in self.plane.slots.values():
             if slot.standby:
                 per_node[slot.host] = per_node.get(slot.host, 0) + 1
-        # standbys chosen in this pass share their host's memory with the ones chosen before
-        # them (core.standby.choose takes every key `fits` accepts): count those too
-        picked: list[Held] = []
+        serving = {s.host for s in self.plane.slots.values() if s.routes}
+        # choose() takes every key fits() accepts, in order: the room a pass has already
+        # given away counts for the next key (three standbys chosen at once on a 256 MiB
+        # host that each alone fitted were OOM-killed)
+        pending: list[tuple[Held, StageFile]] = []
 
-        def fits(key: Held) -> bool:
-            if not self.fits(key.node, needed[key][0], key, picked):
-                return False
-            picked.append(key)
-            return True
+        def fits_now(key: Held) -> bool:
+            prepared, file = needed[key]
+            ok = self.fits(key.node, prepared, key, file, pending)
+            if ok:
+                pending.append((key, file))
+            return ok
 
         chosen = standby_rule.choose(
             list(needed), {s.held for s in self.plane.slots.values()},
-            {s.host for s in self.plane.slots.values() if s.routes}, per_node,
-            self.plane.control.standby_per_node, fits)
+            serving, per_node, self.plane.control.standby_per_node, fits_now)
         for key in chosen:
             file = needed[key][1]
             slot = self.plane.new_slot(key.node, key.version, key.first, key.end, file,
@@ -172,8 +178,10 @@ class Contingencies:
             self.plane.send_prepare(slot)
             self.plane.emit("standby.prepared", host=slot.host, port=slot.port,
                             version=slot.version, segments=[slot.first, slot.end],
-                            sha256=file.sha256)
+                            sha256=file.sha256, serving=key.node in serving)
         active = self.plane.active
+        if not complete:
+            return
         self.plane.emit("contingency.ready", epoch=active.number if active else None,
                         plans={h: {"hosts": [s.node for s in p.plan.stages],
                                    "bottleneck_ms": round(p.plan.bottleneck_ms, 3),
@@ -183,19 +191,28 @@ class Contingencies:
                                         for s in self.plane.slots.values() if s.standby))
 
     def fits(self, host: str, prepared: Prepared, key: Held,
-             also: list[Held] | None = None) -> bool:
-        """Room for one more worker on `host`, beside its slots and the workers `also` about
-        to be loaded: the instance's node memory assumes one stage per host, so a second
-        worker also pays the worker runtime allowance."""
+             file: StageFile | None = None,
+             pending: list[tuple[Held, StageFile]] | None = None) -> bool:
+        """Room for one more worker on `host`: the instance's node memory assumes one stage
+        per host, so a second worker also pays the worker runtime allowance; and its model
+        file on the host's disk beside the ones its workers hold (testbed.control.disk).
+        `pending`: workers chosen for hosts but not made yet, counted like made ones."""
         instance = prepared.request.version.instance
         try:
             budget = instance.node(host).memory_bytes
         except KeyError:
             return False
+        pending = [(k, f) for k, f in pending or [] if k.node == host]
+        if file is not None and not fits_disk(
+                instance.node(host).disk_bytes,
+                [(s.stage.sha256, s.stage.size) for s in self.plane.slots.values()
+                 if s.host == host] + [(f.sha256, f.size) for _, f in pending],
+                (file.sha256, file.size)):
+            return False
         need = sum(s.memory_bytes for s in instance.segments[key.first:key.end])
         need += sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
                     if s.host == host)
-        need += sum(self.worker_bytes(k) for k in also or [] if k.node == host)
+        need += sum(self.worker_bytes(k) for k, _ in pending)
         return need <= budget
 
     def worker_bytes(self, key: Held) -> int:
@@ -226,31 +243,35 @@ class Contingencies:
 
     def make_room(self, host: str, keep: list[Slot], prepared: Prepared,
                   broken: list[Slot]) -> bool:
-        """A new epoch's worker shares `host`'s memory with every worker loaded there: the
-        planner counts only the stage itself, so what the epoch does not use is released
-        until it fits: first standbys (expendable: the contingency plans are made again for
-        the new epoch), then `broken`, workers that serve only broken epochs (those can never
-        serve again; their requests are replayed on the new epoch). The instance's node
-        memory holds one worker's runtime. True when the host's workers fit now."""
+        """A new epoch's worker shares `host`'s memory and disk with every worker loaded
+        there: the planner counts only the stage itself, so what the epoch does not use is
+        released until it fits: first standbys (expendable: the contingency plans are made
+        again for the new epoch), then `broken`, workers that serve only broken epochs (those
+        can never serve again; their requests are replayed on the new epoch). The instance's
+        node memory holds one worker's runtime; the agent evicts the model files of released
+        workers before it writes (testbed.control.disk). True when the host's workers fit."""
         from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
 
         try:
-            budget = prepared.request.version.instance.node(host).memory_bytes
+            node = prepared.request.version.instance.node(host)
         except KeyError:
             return True
-        budget += WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
+        budget = node.memory_bytes + WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
         spare = [s for s in self.plane.slots.values() if s.host == host and s.standby and
                  not s.routes and all(s is not k for k in keep)]
         spare = [s for s in broken if s.host == host and all(s is not k for k in keep)] + \
             spare
 
-        def need() -> int:
-            return sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
-                       if s.host == host)
+        def fits() -> bool:
+            here = [s for s in self.plane.slots.values() if s.host == host]
+            disk = node.disk_bytes <= 0 or held_model_bytes(
+                (s.stage.sha256, s.stage.size) for s in here) + DISK_RESERVE_BYTES \
+                <= node.disk_bytes
+            return disk and sum(self.worker_bytes(s.held) for s in here) <= budget
 
-        while spare and need() > budget:
+        while spare and not fits():
             self.plane.release(spare.pop(), "room for a new epoch's worker")
-        return need() <= budget
+        return fits()
 
     def release_standbys(self, keep_version: int | None = None) -> None:
         for slot in list(self.plane.slots.values()):

@@ -59,7 +59,10 @@ with it beats the plan in force by `rejoin_margin` (policy.better_by_margin); ot
 that returns is tried at once: nothing is running that could flap. A suspected host that
 comes back with its workers still running (it was slow, not dead: a small CPU share starves
 its agent now and then) keeps them as standbys (`standby.readopted`), so taking it back
-loads nothing.
+loads nothing. Which start of a host's agent is listened to is decided by
+testbed.control.admission (an incarnation id per start: a restart is `agent.restarted` even
+when the pid repeats, and a message of an earlier start is dropped); an agent's `disk` failure
+is `disk.fault` and the host is planned around like a failing one.
 
 Model versions. The controller polls the repository (`repository`, default RUN_DIR/repository)
 for new versions; a new one is hashed and its reference outputs computed, then (with
@@ -111,7 +114,8 @@ from testbed.control import commands
 from testbed.control.auth import AgentKeys, Peers, sink_senders
 from testbed.control.core.actions import Event
 from testbed.control.dispatcher import Dispatcher, compute_references, seeded_pool
-from testbed.control.plane import Action, ControlPlane, Send, StartJob
+from testbed.control.plane import ControlPlane
+from testbed.control.plane_io import Action, Send, StartJob
 from testbed.control.planning import (
     Planner,
     PlanRequest,
@@ -174,7 +178,7 @@ class Controller:
                                      zap_domain="sink" if self.zap is not None else None)
         self.planner = Planner(cfg.run_dir, cfg.planner.algorithm, cfg.planner.time_limit_s,
                                cfg.planner.seed, cfg.control.reuse_tolerance,
-                               cfg.planner.pipelines)
+                               cfg.planner.pipelines, cfg.planner.spare)
         self.plane = ControlPlane(cfg, {n.name for n in instance.nodes}, self.dispatcher,
                                   curve=self.curve is not None)
         self.jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan")

@@ -50,8 +50,11 @@ _TABLE: list[tuple[str, str, tuple[str, ...], str]] = [
      "the loop did not run for over two heartbeats; silences are shifted by the stall"),
     ("api.error", "k3s", ("source", "reason"), "a Kubernetes API call or watch failed"),
     # agents and nodes
-    ("agent.hello", "embedded", ("host", "pid"), "an agent connected"),
-    ("agent.restarted", "embedded", ("host", "pid"), "an agent came back with another pid"),
+    ("agent.hello", "embedded", ("host", "pid", "incarnation"), "an agent connected"),
+    ("agent.restarted", "embedded", ("host", "pid", "incarnation"),
+     "a new start of a host's agent was admitted (testbed.control.admission)"),
+    ("agent.stale", "embedded", ("host", "incarnation"),
+     "a hello of an agent start that was replaced already: dropped"),
     ("node.suspected", "both", ("host", "silent_ms", "missed", "source", "reason", "serving"),
      "a node stopped beating (or the API says it is down)"),
     ("node.returned", "both", ("host", "silent_ms", "down_s", "hold_s"),
@@ -83,7 +86,8 @@ _TABLE: list[tuple[str, str, tuple[str, ...], str]] = [
     ("contingency.ready", "embedded", ("epoch", "plans", "standbys"),
      "plans for the loss of each node, and their standbys, are ready"),
     ("contingency.none", "embedded", ("reason",), "no contingency plan for a loss"),
-    ("standby.prepared", "embedded", ("host", "port", "version", "segments", "sha256"),
+    ("standby.prepared", "embedded", ("host", "port", "version", "segments", "sha256",
+                                      "serving"),
      "a warm standby worker is being loaded"),
     ("standby.released", "embedded", ("host", "port", "reason"), "a standby was ended"),
     ("standby.readopted", "embedded", ("host", "port", "version", "segments"),
@@ -113,6 +117,8 @@ _TABLE: list[tuple[str, str, tuple[str, ...], str]] = [
     ("model.sent", "embedded", ("host", "sha256", "bytes"), "a model reached an agent"),
     ("model.corrupt", "embedded", ("host", "port", "sha256"),
      "an agent's cached model failed its SHA-256"),
+    ("disk.fault", "embedded", _WORKER,
+     "a worker failed on its host's disk (ENOSPC, EROFS) despite eviction: planned around"),
     ("model.received", "k3s", ("bytes", "sha256"), "the driver's model upload is complete"),
     # versions
     ("version.found", "embedded", ("version", "sha256", "source", "published"),
@@ -150,6 +156,10 @@ EVENTS: dict[str, EventSpec] = {
 CONTROLLER_STARTED = "controller.started"
 CONTROLLER_STOPPED = "controller.stopped"
 CONTROLLER_STALLED = "controller.stalled"
+AGENT_HELLO = "agent.hello"
+AGENT_RESTARTED = "agent.restarted"
+AGENT_STALE = "agent.stale"
+DISK_FAULT = "disk.fault"
 NODE_SUSPECTED = "node.suspected"
 NODE_RETURNED = "node.returned"
 NODE_STABLE = "node.stable"
@@ -181,7 +191,9 @@ FAULT_HEALED = "fault.healed"
 
 # what results.py counts as the control plane having noticed a fault
 DETECTION_EVENTS = (NODE_SUSPECTED, NODE_STRAGGLER, WORKER_EXITED, WORKER_FAILED,
-                    MODEL_CORRUPT)
+                    MODEL_CORRUPT, DISK_FAULT, AGENT_RESTARTED)
+# a booted node's agent admitted again (summary.json: readmitted_s of restarts)
+READMISSION_EVENTS = (AGENT_RESTARTED, AGENT_HELLO)
 
 
 class EventSchemaError(ValueError):

@@ -20,13 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from formats.errors import InputError
 from partitioner.instance import InfeasibleError, Plan, pipelines_cost
 from stage_image.security import KeyPair
 from testbed.control import events as ev
 from testbed.control import policy
+from testbed.control.admission import RESTARTED, SAME, STALE, Incarnations, incarnation_of
 from testbed.control.auth import upstream_keys
 from testbed.control.contingency import Contingencies
 from testbed.control.core import reconcile
@@ -39,55 +40,12 @@ from testbed.control.core.replan import Epochs, Replans, failure_kind, lost_whil
 from testbed.control.core.straggler import StragglerWatch
 from testbed.control.core.versions import Versions
 from testbed.control.dispatcher import Head, Route, Workload
+from testbed.control.plane_io import Action, DispatcherPort, Send, StartJob
 from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.policy import Held
 from testbed.control.state import ControllerConfig
 
 FIXED_WORKLOAD_FIELDS = ("seed", "pool_size", "input_dims")  # the pool is built at start
-
-
-# -- actions ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Send:
-    """A control message to a host's agent (stage_image.wire schema)."""
-
-    host: str
-    kind: str
-    fields: dict[str, Any] = field(default_factory=dict)
-    blob: bytes | None = None
-
-
-@dataclass(frozen=True)
-class StartJob:
-    """Slow work for the job thread; its outcome comes back through `ControlPlane.job_done`.
-    kind: bootstrap | initial | version (`manifest`) | plan | rejoin | contingency
-    (`request`)."""
-
-    kind: str
-    request: PlanRequest | None = None
-    manifest: Any = None
-
-
-Action = Send | Event | StartJob
-
-
-class DispatcherPort(Protocol):
-    """What the plane asks of the dispatcher (testbed.control.dispatcher.Dispatcher)."""
-
-    pool: list[Any]
-    state: str
-    sink_address: str
-    keys: KeyPair | None
-
-    def set_pool(self, pool: list[Any]) -> None: ...
-    def add_version(self, version: int, references: list[Any]) -> None: ...
-    def switch(self, route: Route, replay: bool = True) -> int: ...
-    def replay_epochs(self, epochs: set[int] | None, reason: str) -> int: ...
-    def retire(self, epoch: int) -> None: ...
-    def in_flight_on(self, epoch: int) -> int: ...
-    def start(self, workload: Workload) -> None: ...
-    def status(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -113,6 +71,7 @@ class ControlPlane:
         self.now = 0.0
         self.health = Health(cfg.control)
         self.links: dict[str, AgentLink] = {}
+        self.incarnations = Incarnations()      # which start of each host's agent is admitted
         self.stragglers = StragglerWatch(cfg.control.straggler_factor,
                                          cfg.control.straggler_after_s)
         self.infos: dict[int, VersionInfo] = {}
@@ -394,11 +353,16 @@ class ControlPlane:
         """core.straggler for a stage of the active epoch; a straggler's host is treated as
         failing: the pipeline moves off it (a contingency plan, so at once where a standby
         waits) and it is tried again after the back-off. Not judged while a model loads on
-        the host (that takes its CPU for a while)."""
+        the host (that takes its CPU for a while), nor while the epoch is broken or another
+        deploys (a re-plan would only supersede the epoch being deployed), nor again during
+        its back-off: the move off it is under way (each new flag re-planned and superseded
+        the epoch being deployed, so under machine load nothing was ever deployed again)."""
         active = self.active
         key = (slot.host, slot.port)
         if not self.stragglers.enabled or load is None or active is None or \
                 active.state != "active" or active.number not in slot.routes or \
+                active.broken or self.deploying is not None or \
+                not self.usable(slot.host) or \
                 any(s.host == slot.host and s.state != "ready" for s in self.slots.values()):
             self.stragglers.reset(key)
             return
@@ -407,7 +371,8 @@ class ControlPlane:
         planned_ms = active.compute_ms[stage]
         pace_ms = active.plan.bottleneck_ms * max(1, len(active.plan.chains))
         found = self.stragglers.observe(key, self.now, frames, observed_ms, planned_ms,
-                                        pace_ms)
+                                        pace_ms, [(s.host, s.port) for s in active.slots
+                                                  if s is not slot])
         if found is None:
             return
         self.emit(ev.NODE_STRAGGLER, host=slot.host, epoch=active.number, stage=stage,
@@ -435,10 +400,15 @@ class ControlPlane:
     def host_usable(self, host: str) -> None:
         """A host became usable again: plan with it if nothing fits without it, else see
         whether it makes a better plan."""
-        if self.waiting_for_nodes or self.active is None or self.active.broken:
+        deploying = self.deploying is not None and not self.deploying.broken
+        if self.waiting_for_nodes or self.active is None or \
+                (self.active.broken and not deploying):
             if self.active is not None or self.waiting_for_nodes:
                 self.request_replan(f"{host} available")
         else:
+            # a sound epoch being deployed is let finish: a re-plan now would supersede it,
+            # and under churn (a node back every few seconds, deploys of 5-10 s) none ever
+            # finished; the host is weighed by the rejoin rule once it serves
             self.rejoin_hosts.add(host)
 
     def rejoin_done(self, prepared: Prepared) -> None:
@@ -677,14 +647,21 @@ class ControlPlane:
     def on_hello(self, host: str, f: dict[str, Any], now: float) -> None:
         self.now = now
         old = self.health.nodes.get(host)
-        # pid 0: first heard of by a heartbeat, so its pid is not known yet
-        restarted = old is not None and old.pid not in (0, f["pid"])
-        if old is not None and old.pid == 0:
-            old.pid = f["pid"]
+        incarnation = incarnation_of(f)
+        verdict = self.incarnations.admit(host, incarnation)
+        if verdict == STALE:
+            self.emit(ev.AGENT_STALE, host=host, incarnation=incarnation)
             return
+        if verdict == SAME:
+            if old is not None and old.pid == 0:
+                old.pid = f["pid"]      # first heard of by a heartbeat: now its pid is known
+            return
+        # a new start (testbed.control.admission): a pid alone can repeat in a container
+        restarted = verdict == RESTARTED and old is not None
         self.health.hello(host, f["pid"], now, returned=restarted)
         self.links[host] = AgentLink()
-        self.emit("agent.restarted" if restarted else "agent.hello", host=host, pid=f["pid"])
+        self.emit("agent.restarted" if restarted else "agent.hello", host=host, pid=f["pid"],
+                  incarnation=incarnation)
         if restarted:
             # its workers died with it; it is back, and held like any returning node
             self.suspended.pop(host, None)
@@ -696,9 +673,16 @@ class ControlPlane:
 
     def on_heartbeat(self, host: str, f: dict[str, Any], now: float) -> None:
         self.now = now
-        if host not in self.health.nodes:
+        known = host in self.health.nodes
+        if "incarnation" in f:
+            verdict = self.incarnations.verdict(host, f["incarnation"])
+            if verdict == STALE:
+                return                  # queued before its agent restarted
+            known = known and verdict == SAME
+        if not known:
             # we missed (or restarted before) its hello: a heartbeat is as good
-            self.on_hello(host, {"pid": 0}, now)
+            self.on_hello(host, {"pid": 0, **({"incarnation": f["incarnation"]}
+                                              if "incarnation" in f else {})}, now)
         returned = self.health.beat(host, now)
         if returned:
             self.out.extend(returned)
@@ -774,6 +758,10 @@ class ControlPlane:
         if reason == "conflict":
             self.emit("deploy.conflict", **fields)   # retried from the heartbeats
             return
+        if reason == "disk" and slot is not None:
+            # ENOSPC/EROFS that eviction could not prevent: the host is left out (back-off)
+            # and the stage planned elsewhere; requests in flight are replayed
+            self.emit(ev.DISK_FAULT, **fields)
         if reason == "corrupt_model" and slot is not None:
             self.emit(ev.MODEL_CORRUPT, host=host, port=f["port"], sha256=slot.stage.sha256)
         if state in ("failed", "exited") and slot is None:

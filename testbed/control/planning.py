@@ -6,9 +6,10 @@ and the dispatcher meanwhile.
 Division of labour: `partitioner.algorithms.solve` searches, `testbed.control.policy` picks among
 candidate plans (the reuse and rejoin rules), this module turns a request into a `Prepared`
 plan: each stage either re-uses a loaded worker (no files needed) or comes with a stage file
-from a split of the model at the plan's cuts. Splits run as a child process (`python -m
-partitioner split`), so the controller's interpreter lock is never held for seconds by ONNX
-graph surgery, and are cached per (model version, cuts).
+from a split of the model at the plan's cuts. Splits run in a child process (a warm one,
+`python -m partitioner.split_server`, that keeps the parsed model; a one-shot `python -m
+partitioner split` if it fails), so the controller's interpreter lock is never held for
+seconds by ONNX graph surgery, and are cached per (model version, cuts).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from testbed.control import policy
 from testbed.control.policy import Held
 
 ROOT = Path(__file__).resolve().parents[2]
+# plans that keep `planner.spare` nodes out: the ones made while nothing is lost. A plan after
+# a loss (failure, straggler) or for the next loss (contingency) uses the spare instead.
+SPARE_KINDS = ("initial", "rejoin", "rollout", "manual")
 
 
 def sha256_file(path: Path) -> str:
@@ -146,6 +150,7 @@ class Planner:
     seed: int
     tolerance: float
     pipelines: int = 1                  # at most this many side by side (0: auto)
+    spare: int = 0                      # nodes kept out of plans by choice (SPARE_KINDS)
     split_cache: dict[tuple[int, tuple[int, ...]], Path] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -170,7 +175,9 @@ class Planner:
             problem: InfeasibleError | None = None
             for pool in pools:
                 try:
-                    candidates.append(self.solve(req.version, restrict(instance, pool)))
+                    candidates.append(self.solve(
+                        req.version, restrict(instance, pool),
+                        self.spare if req.kind in SPARE_KINDS else 0))
                 except InfeasibleError as exc:
                     problem = problem or exc
             if not candidates:
@@ -194,12 +201,13 @@ class Planner:
             prepared.stage_dir = stage_dir
         return prepared
 
-    def solve(self, version: VersionInfo, instance: Instance) -> Plan:
-        """The planner's best plan for `instance` (the version's, on some of its nodes)."""
+    def solve(self, version: VersionInfo, instance: Instance, spare: int = 0) -> Plan:
+        """The planner's best plan for `instance` (the version's, on some of its nodes),
+        leaving `spare` nodes out by choice."""
         from partitioner.replicate import plan_pipelines  # needed only here
 
         return plan_pipelines(instance, self.algorithm, self.time_limit_s, self.seed,
-                              self.pipelines)
+                              self.pipelines, spare)
 
     def stage_files(self, version: VersionInfo, plan: Plan,
                     ) -> tuple[list[StageFile], Path, bool]:
@@ -230,22 +238,64 @@ class Planner:
         return files, dirs[0], cached
 
 
+class SplitServer:
+    """The warm splitter child (`python -m partitioner.split_server`), started on first use;
+    one request at a time (the job thread is the only caller)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        self.lock = threading.Lock()
+
+    def split(self, model: Path, cuts: list[int], out_dir: Path) -> str | None:
+        """None when done, else why not (the caller falls back to a one-shot child)."""
+        with self.lock:
+            try:
+                if self.proc is None or self.proc.poll() is not None:
+                    self.proc = subprocess.Popen(
+                        [sys.executable, "-m", "partitioner.split_server"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, text=True, env=_split_env(), cwd=str(ROOT))
+                assert self.proc.stdin is not None and self.proc.stdout is not None
+                self.proc.stdin.write(json.dumps({"model": str(model), "cuts": cuts,
+                                                  "out": str(out_dir)}) + "\n")
+                self.proc.stdin.flush()
+                line = self.proc.stdout.readline()
+            except OSError as exc:
+                return f"split server: {exc}"
+            if not line:
+                return "split server ended"
+            try:
+                reply = json.loads(line)
+            except json.JSONDecodeError:
+                return "split server: bad reply"
+            return None if reply.get("ok") else str(reply.get("error", "failed"))
+
+
+SPLITTER = SplitServer()
+
+
+def _split_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p), OMP_NUM_THREADS="1")
+
+
 def split_model(model: Path, cuts: list[int], out_dir: Path) -> None:
-    """`python -m partitioner split` in a child process, into a temporary directory renamed
-    into place (a crash mid-split leaves no half directory behind to be trusted)."""
+    """The stages of `model` at `cuts` into a temporary directory renamed into place (a crash
+    mid-split leaves no half directory behind to be trusted): by the warm splitter
+    (SplitServer), else by `python -m partitioner split` in a one-shot child."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "partitioner", "split", str(model), "--out", str(tmp),
-         "--cuts", ",".join(str(c) for c in cuts)],
-        capture_output=True, text=True, env=env, cwd=str(ROOT))
-    if result.returncode != 0:
+    if SPLITTER.split(model, cuts, tmp) is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(f"split at {cuts} failed (exit {result.returncode}): {tail}")
+        result = subprocess.run(
+            [sys.executable, "-m", "partitioner", "split", str(model), "--out", str(tmp),
+             "--cuts", ",".join(str(c) for c in cuts)],
+            capture_output=True, text=True, env=_split_env(), cwd=str(ROOT))
+        if result.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"split at {cuts} failed (exit {result.returncode}): {tail}")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 
@@ -255,10 +305,10 @@ def version_instance(base: Instance, manifest: Any, base_reserve: int | None) ->
     cluster's nodes, bandwidth and per-frame overhead. Node memory is the host's memory less
     a per-model activation reserve; when the reserve of the base model is known, the
     difference is applied, else both are taken as equal."""
-    from partitioner.instance import Node
 
     delta = 0 if base_reserve is None else base_reserve - manifest.activation_reserve_bytes
-    nodes = [Node(n.name, n.speed, max(0, n.memory_bytes + delta)) for n in base.nodes]
+    nodes = [dataclasses.replace(n, memory_bytes=max(0, n.memory_bytes + delta))
+             for n in base.nodes]
     return dataclasses.replace(base, segments=list(manifest.segments),
                                input_bytes=manifest.input_bytes, nodes=nodes,
                                bandwidth_mbps=dict(base.bandwidth_mbps))

@@ -30,6 +30,7 @@ class PlannerConfig:
     time_limit_s: float = 2.0
     seed: int = 0
     pipelines: int = 1          # at most this many side by side (0: as many as pay off)
+    spare: int = 0              # nodes kept out of the plan while nothing is lost
 
 
 @dataclass
@@ -83,7 +84,7 @@ class ControllerConfig:
             planner = values.get("planner", {})
             if not isinstance(planner, dict) or set(planner) - set(
                     PlannerConfig.__dataclass_fields__):
-                raise ValueError("planner takes algorithm, time_limit_s, seed, pipelines")
+                raise ValueError("planner takes algorithm, time_limit_s, seed, pipelines, spare")
             values["planner"] = PlannerConfig(**planner)
             values["workload"] = Workload.from_json(values.get("workload", {}))
         except (TypeError, ValueError) as exc:

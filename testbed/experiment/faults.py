@@ -12,7 +12,9 @@ of what is supported; `check_supported` refuses the rest before any network exis
 Every action is an inject function returning a `detail` dict (written into the event, and
 handed to the heal so it can restore what was there: the previous bandwidth, CPU limit...),
 and an optional heal. A step with `duration` heals itself; `node.resume` and `link.up` heal the
-`node.pause` / `link.down` in force on their target; the final heal phase (`heal_all`) undoes
+`node.pause` / `link.down` in force on their target, `node.restart` ends a crash or pause in
+force and `node.crash` a pause (formats.nodestate: the node state machine scenarios are checked
+by); the final heal phase (`heal_all`) undoes
 the rest, newest first, and only touches the machine: it starts no software, the run is over.
 
 Timing: the thread sleeps until ~2 ms before a step and spins the rest, so a step fires within
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from formats.errors import InputError
+from formats.nodestate import ENDS
 from formats.scenario import Scenario, Step
 from formats.topology import MIN_CPU
 
@@ -83,7 +86,8 @@ Heal = Callable[[Context, Step, Detail], Detail]
 class FaultKind:
     inject: Inject
     heal: Heal | None = None     # None: nothing to undo (or the action is itself a heal)
-    cancels: str | None = None   # this action heals that action in force on the same target
+    cancels: tuple[str, ...] = ()  # ends these actions in force on the same target (their
+    # heal never fires): formats.nodestate.ENDS, the state machine the scenario is checked by
     prepare: Callable[[Any], None] | None = None  # before the window, once per run (net)
 
 
@@ -112,7 +116,11 @@ def _resume(ctx: Context, step: Step, _detail: Detail | None = None) -> Detail:
 
 
 def _restart(ctx: Context, step: Step) -> Detail:
+    # a reboot from any state (formats.nodestate): whatever runs is killed (a paused host is
+    # thawed to die), then the machine is powered and linked again, which after a crash is
+    # the return of the machine, and its software starts
     killed = ctx.net.kill_host(step.target)
+    ctx.net.host_up(step.target)
     ctx.hooks.restart_host(step.target)
     return {"killed": killed}
 
@@ -233,13 +241,13 @@ def _model_rollback(ctx: Context, step: Step) -> Detail:
 
 
 FAULTS: dict[str, FaultKind] = {
-    "node.crash": FaultKind(_crash, _crash_heal),
+    "node.crash": FaultKind(_crash, _crash_heal, cancels=ENDS["node.crash"]),
     "node.pause": FaultKind(_pause, _resume),
-    "node.resume": FaultKind(_resume, cancels="node.pause"),
-    "node.restart": FaultKind(_restart),
+    "node.resume": FaultKind(_resume, cancels=ENDS["node.resume"]),
+    "node.restart": FaultKind(_restart, cancels=ENDS["node.restart"]),
     "node.cpu": FaultKind(_cpu, _cpu_heal),
     "link.down": FaultKind(_link_down, _link_up),
-    "link.up": FaultKind(_link_up, cancels="link.down"),
+    "link.up": FaultKind(_link_up, cancels=("link.down",)),
     "link.bandwidth": FaultKind(_bandwidth, _bandwidth_heal),
     "link.delay": FaultKind(_delay, _delay_heal, prepare=_delay_prepare),
     "link.loss": FaultKind(_loss, _loss_heal),
@@ -377,8 +385,8 @@ class FaultTimeline:
             if error is None and kind.heal is not None:
                 self._active[index] = detail
             self._record("fault.injected", index, due, fired, detail, error)
-            if error is None and kind.cancels is not None:
-                for other in [i for i in self._active if self.steps[i].action == kind.cancels
+            if error is None:
+                for other in [i for i in self._active if self.steps[i].action in kind.cancels
                               and self.steps[i].target == step.target]:
                     del self._active[other]
                     self._record("fault.healed", other, fired, fired, {"by": step.action},

@@ -84,7 +84,7 @@ def prepare(scenario: Any, out_dir: Path, curve: bool = True) -> Prepared:
     log(f"planning with '{scenario.algorithm}' over {len(instance.nodes)} hosts, "
         f"{len(instance.segments)} segments")
     plan = plan_pipelines(instance, scenario.algorithm, scenario.time_limit_s, 0,
-                          scenario.pipelines)
+                          scenario.pipelines, scenario.spare)
     shape = f" in {len(plan.chains)} pipelines" if plan.chains else ""
     log(f"plan: {len(plan.stages)} stages{shape}, bottleneck {plan.bottleneck_ms:.1f} ms, "
         f"predicted {plan.predicted_throughput_rps:.2f} rps "

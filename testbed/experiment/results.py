@@ -16,6 +16,7 @@ from testbed.control import events as ev
 
 # Events (in events.jsonl) that show the system noticed a fault on a host.
 DETECTION_EVENTS = ev.DETECTION_EVENTS
+READMISSION_EVENTS = ev.READMISSION_EVENTS
 # Model rollouts are not failures: noticing one means finding the version (or the rollback
 # command), and recovery is measured from the switch-over.
 MODEL_DETECTION = {"model.update": (ev.VERSION_FOUND,),
@@ -128,7 +129,8 @@ def _predicted_at(events: list[dict[str, Any]], t: float, initial: float) -> flo
 
 
 def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_start: float,
-                  initial_predicted: float) -> list[dict[str, Any]]:
+                  initial_predicted: float, dispatcher: str | None = None,
+                  ) -> list[dict[str, Any]]:
     """Per injected fault: when it happened, when the system noticed, when throughput came
     back to RECOVERY_FRACTION of the prediction of the plan in force (seconds from the
     start of the measured window)."""
@@ -144,7 +146,7 @@ def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_sta
                              and e.get("type") == ev.VERSION_SWITCHED), None)
             recovery_from = switched if switched is not None else at
         else:
-            targets = _hosts_of(fault.get("target"))
+            targets = _fault_hosts(fault, dispatcher)
             detected = next((e["t"] for e in events
                              if e["t"] >= at and e.get("type") in DETECTION_EVENTS
                              and (not targets or e.get("host") in targets)), None)
@@ -158,14 +160,47 @@ def fault_timings(events: list[dict[str, Any]], series: list[Bucket], window_sta
             if bucket.throughput_rps >= RECOVERY_FRACTION * predicted:
                 recovered = bucket_end
                 break
-        faults.append({
+        entry = {
             "action": fault["action"], "target": fault.get("target"),
             "at_s": round(at - window_start, 3),
             "late_ms": fault.get("late_ms"),
             "detected_s": None if detected is None else round(detected - window_start, 3),
             "recovered_s": None if recovered is None else round(recovered - window_start, 3),
-        })
+        }
+        booted = _booted_at(events, fault)
+        if booted is not None:
+            readmitted = next((e["t"] for e in events if e["t"] >= booted
+                               and e.get("type") in READMISSION_EVENTS
+                               and e.get("host") == fault.get("target")), None)
+            entry["readmitted_s"] = (None if readmitted is None
+                                     else round(readmitted - window_start, 3))
+        faults.append(entry)
     return faults
+
+
+def _booted_at(events: list[dict[str, Any]], fault: dict[str, Any]) -> float | None:
+    """When a node fault started the node's software again: a node.restart when it fired, a
+    node.crash when its heal restarted it (not the final heal); None for other faults."""
+    if fault["action"] == "node.restart":
+        return float(fault["t"])
+    if fault["action"] != "node.crash":
+        return None
+    return next((float(e["t"]) for e in events if e.get("type") == ev.FAULT_HEALED
+                 and e.get("step") == fault.get("step") and not e.get("final")
+                 and (e.get("detail") or {}).get("restarted")), None)
+
+
+def _fault_hosts(fault: dict[str, Any], dispatcher: str | None) -> set[str]:
+    """The hosts a fault's detection is about. A partition cuts the hosts on the far side
+    from the controller (the dispatcher's side sees them vanish): counting every host of both
+    groups attributed any node's detection to it."""
+    target = fault.get("target")
+    if fault.get("action") == "link.partition" and dispatcher is not None and \
+            isinstance(target, list):
+        far = [group for group in target if dispatcher not in group]
+        if far and len(far) < len(target):
+            return _hosts_of(far)
+    return _hosts_of(target)
 
 
 def _hosts_of(target: Any) -> set[str]:
@@ -307,7 +342,8 @@ def summarise(scenario: Scenario, backend: str, records: list[RequestRecord],
             "mismatched": sum(r.mismatched for r in records),
             "replayed": sum(r.attempts > 1 for r in records),
         },
-        "faults": fault_timings(events, series, window_start, predicted_rps),
+        "faults": fault_timings(events, series, window_start, predicted_rps,
+                                scenario.topology.dispatcher().name),
         "control": control_summary(events, window_start),
         "window": {"start_unix": window_start, "duration_s": scenario.workload.duration_s,
                    "warmup_s": scenario.workload.warmup_s},

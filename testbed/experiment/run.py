@@ -142,7 +142,7 @@ def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir
         "dispatcher_ip": net.ip(dispatcher),
         "host": dispatcher,
         "planner": {"algorithm": scenario.algorithm, "time_limit_s": scenario.time_limit_s,
-                    "seed": 0, "pipelines": scenario.pipelines},
+                    "seed": 0, "pipelines": scenario.pipelines, "spare": scenario.spare},
         "workload": workload_json(scenario),
         "control_port": CONTROL_PORT,
         "sink_port": SINK_PORT,

@@ -1,11 +1,12 @@
 """Warm standbys: where the stages that contingency plans would newly need are loaded ahead
 of a failure, and which standbys no plan needs any more.
 
-The rules: a standby goes only on a spare node (a model load on a serving node takes its
-CPU share), at most `per_node` per node, only where it fits in memory (the backend's
-`fits`), and not twice for the same stage; a standby that no contingency plan uses is
-released. Contingency plans themselves should put new stages where a standby can wait for
-them (`contingency_avoid`).
+The rules: a standby goes on a spare node first and then on a serving one (a model load
+there takes CPU from the stage it serves, once, for a few seconds; without it a plan that
+uses every host reloads models on every loss), at most `per_node` per node, only where it
+fits in memory and disk (the backend's `fits`), and not twice for the same stage; a standby
+that no contingency plan uses is released. Contingency plans themselves should put new
+stages where a standby can wait for them (`contingency_avoid`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ def unneeded(standbys: Iterable[Held], kept: set[Held]) -> list[Held]:
 def choose(needed: Iterable[Held], held: set[Held], serving: set[str],
            standbys_per_node: dict[str, int], per_node: int,
            fits: Callable[[Held], bool]) -> list[Held]:
-    """The new standbys to load, in the order given (module docstring)."""
+    """The new standbys to load: on spare nodes, then on serving ones, each in the order
+    given (module docstring)."""
     count = dict(standbys_per_node)
     out = []
-    for key in needed:
-        if key in held or key.node in serving or count.get(key.node, 0) >= per_node \
-                or not fits(key):
+    for key in sorted(needed, key=lambda k: k.node in serving):    # stable: order kept
+        if key in held or count.get(key.node, 0) >= per_node or not fits(key):
             continue
         count[key.node] = count.get(key.node, 0) + 1
         out.append(key)

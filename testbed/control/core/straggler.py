@@ -6,11 +6,18 @@ A slow stage that still keeps up with its pipeline's pace costs no throughput (e
 pipelines side by side gets every R-th request), so the pace is the bottleneck x R. A second
 without frames is no evidence either way; the backend resets the clock while a model loads
 on the host (that takes its CPU for a while).
+
+Slow relative to its peers: when the machine itself is loaded (an emulating machine shared
+with other work, every host's CPU share stretched alike), every stage computes slower than
+planned; that is not one host straggling. Both bounds are scaled by the median slowdown
+(measured / planned) of the epoch's other stages, when it is above 1: under machine load
+every stage used to be flagged in turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import statistics
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 
@@ -30,6 +37,7 @@ class StragglerWatch:
     def __init__(self, factor: float, after_s: float) -> None:
         self.factor, self.after_s = factor, after_s
         self.slow_since: dict[Hashable, float] = {}
+        self.ratios: dict[Hashable, float] = {}     # last measured / planned, per worker
 
     @property
     def enabled(self) -> bool:
@@ -38,15 +46,24 @@ class StragglerWatch:
     def reset(self, key: Hashable) -> None:
         self.slow_since.pop(key, None)
 
+    def slowdown(self, peers: Iterable[Hashable]) -> float:
+        """The median slowdown of `peers` (1 when none is known or they are on time)."""
+        known = sorted(self.ratios[p] for p in peers if p in self.ratios)
+        return max(1.0, statistics.median(known)) if known else 1.0
+
     def observe(self, key: Hashable, now: float, frames: int, compute_ms: float,
-                planned_ms: float, pace_ms: float) -> Straggling | None:
+                planned_ms: float, pace_ms: float,
+                peers: Iterable[Hashable] = ()) -> Straggling | None:
         """One second of load; a Straggling once it has been too slow for `after_s` (the
-        clock then starts over)."""
+        clock then starts over), relative to its `peers` (module docstring)."""
         if not self.enabled:
             return None
         if frames == 0:
             return None
-        if compute_ms < max(self.factor * planned_ms, pace_ms):
+        if planned_ms > 0:
+            self.ratios[key] = compute_ms / planned_ms
+        machine = self.slowdown(peers)
+        if compute_ms < machine * max(self.factor * planned_ms, pace_ms):
             self.reset(key)
             return None
         since = self.slow_since.setdefault(key, now)

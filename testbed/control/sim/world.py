@@ -17,10 +17,10 @@ world's state.
 The agent model follows stage_image.agent: `deploy`/`prepare` start or route a worker on a
 port (a different model on a busy port is a `conflict`), `stop` withdraws an epoch's routes
 and ends workers left with nothing, `release` ends a worker; a model is fetched unless it is
-on the disk (models of retired epochs stay there, as in the real agent), written (ENOSPC when
-the disk is full), checked and loaded; a worker whose memory does not fit in the host's is
-killed (the cgroup's OOM kill). A worker computes frames of the epochs it has a route for and
-drops the others.
+on the disk, written (first evicting, oldest first, cached models no worker on the host
+holds, as the real agent does; ENOSPC when the disk is still full), checked and loaded; a
+worker whose memory does not fit in the host's is killed (the cgroup's OOM kill). A worker
+computes frames of the epochs it has a route for and drops the others.
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ from typing import Any
 from formats.control import ControlSettings
 from partitioner.instance import Instance, Node, Plan, Segment
 from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
+from stage_image.agent import choose_evictions
 from testbed.control import events as ev
 from testbed.control.core.actions import Event
 from testbed.control.dispatcher import Route, Workload
-from testbed.control.plane import ControlPlane, Send, StartJob
+from testbed.control.plane import ControlPlane
+from testbed.control.plane_io import Send, StartJob
 from testbed.control.planning import (
     Planner,
     PlanRequest,
@@ -90,6 +92,8 @@ class Cluster:
         disks) one or two workers and a few files."""
         segments = [Segment(round(rng.uniform(4, 30), 2), rng.randint(2, 16) * MiB,
                             rng.randint(8, 200) * 1000) for _ in range(rng.randint(4, 7))]
+        # a stage file's weights take on disk what they take in memory (stage_bytes)
+        segments = [replace(s, model_bytes=s.memory_bytes) for s in segments]
         hosts = []
         for i in range(rng.randint(4, 6)):
             memory = rng.randint(60, 300) * MiB if tight else rng.randint(350, 600) * MiB
@@ -100,8 +104,8 @@ class Cluster:
         bandwidth = {(a, b): float(rng.choice((50, 100, 200, 1000)))
                      for a, b in itertools.combinations(names, 2)}
         instance = Instance(segments, rng.randint(50, 600) * 1000,
-                            [Node(h.name, h.speed, h.memory_bytes) for h in hosts], SOURCE,
-                            bandwidth, frame_overhead_ms=1.5)
+                            [Node(h.name, h.speed, h.memory_bytes, h.disk_bytes)
+                             for h in hosts], SOURCE, bandwidth, frame_overhead_ms=1.5)
         return cls(hosts, instance)
 
 
@@ -121,7 +125,7 @@ class SimPlanner(Planner):
     The exact solver gives the same plan for the same nodes, and the live sets repeat (every
     epoch's contingency plans ask again): `solved` remembers its answers."""
 
-    solved: dict[tuple[int, frozenset[str]], Plan] = field(default_factory=dict)
+    solved: dict[tuple[int, frozenset[str], int], Plan] = field(default_factory=dict)
 
     def stage_files(self, version: VersionInfo, plan: Plan,
                     ) -> tuple[list[StageFile], Path, bool]:
@@ -131,10 +135,10 @@ class SimPlanner(Planner):
                  for s in plan.stages]
         return files, Path(f"v{version.version}"), True
 
-    def solve(self, version: VersionInfo, instance: Instance) -> Plan:
-        key = (version.version, frozenset(n.name for n in instance.nodes))
+    def solve(self, version: VersionInfo, instance: Instance, spare: int = 0) -> Plan:
+        key = (version.version, frozenset(n.name for n in instance.nodes), spare)
         if key not in self.solved:
-            self.solved[key] = replace(super().solve(version, instance), solve_s=None)
+            self.solved[key] = replace(super().solve(version, instance, spare), solve_s=None)
         return self.solved[key]
 
     def prepare(self, req: PlanRequest) -> Prepared:
@@ -713,6 +717,10 @@ class World:
                     self.retry_fetch, w)
             return
         if w.sha256 not in host.disk:
+            cached = [(sha, size, order) for order, (sha, size) in enumerate(host.disk.items())]
+            keep = {other.sha256 for other in host.workers.values()}
+            for victim in choose_evictions(cached, keep, host.disk_free, w.size):
+                del host.disk[victim]
             if host.disk_free < w.size:
                 if not host.disk_filler:
                     self.violation("disk", f"{host.name}: no room for model {w.sha256[:12]} "
