@@ -21,9 +21,11 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """SIGINT/SIGTERM: stop the run, tear down, exit 128 + the signal's number (130 / 143,
-    what shells expect of a program a signal ended)."""
+    what shells expect of a program a signal ended). A BaseException, as KeyboardInterrupt
+    is: the `except Exception` around library calls (onnx, onnxruntime) must not swallow
+    it."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
