@@ -69,7 +69,7 @@ class Pki:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self._not_before = now - datetime.timedelta(minutes=5)   # tolerate clock skew
         self._not_after = now + VALIDITY
         self._ca_key = _key()
