@@ -52,14 +52,33 @@ def write_plan_and_stages(prepared: Any, out_dir: Path) -> tuple[dict[str, Any],
     return plan_json, stage_dir
 
 
-def make_bundle(scenario: Scenario, prepared: Any, out_dir: Path) -> Bundle:
-    """plan.json and the split stages in OUT, the settings, keys and controller inputs."""
+# The scenario's `control:` fields the k3s loop takes (heartbeat_ms goes in the settings, the
+# stage workers beat at it too); the others are the embedded controller's alone.
+CONTROL_FLAGS = {"suspect_after_missed": "--suspect-after-missed",
+                 "rejoin_hold_s": "--rejoin-hold-s", "rejoin_margin": "--rejoin-margin"}
+
+
+def controller_flags(control: dict[str, Any]) -> tuple[str, ...]:
+    """The controller pod's flags for the scenario's `control:` settings."""
+    return tuple(arg for key, flag in CONTROL_FLAGS.items() if key in control
+                 for arg in (flag, f"{control[key]:g}"))
+
+
+def make_bundle(scenario: Scenario, prepared: Any, out_dir: Path,
+                **overrides: Any) -> Bundle:
+    """plan.json and the split stages in OUT, the settings (`overrides` on top), keys and
+    controller inputs."""
     from testbed.control.planning import sha256_file
     from testbed.experiment.run import workload_json
 
     plan_json, stage_dir = write_plan_and_stages(prepared, out_dir)
+    control = scenario.control
     try:
-        settings = k8s.settings_for_topology(scenario.topology, epoch=1, model_version=1)
+        if "heartbeat_ms" in control:
+            overrides = {"heartbeat_ms": float(control["heartbeat_ms"]), **overrides}
+        settings = k8s.settings_for_topology(scenario.topology, epoch=1, model_version=1,
+                                             controller_args=controller_flags(control),
+                                             **overrides)
         driver = None
         if settings.curve:
             settings = replace(settings, curve_keys=generate_deployment_keys(

@@ -121,6 +121,9 @@ class K8sSettings:
     image_pull_policy: str = "IfNotPresent"
     controller_node: str | None = None          # the dispatcher host; None: anywhere
     controller_command: Sequence[str] | None = None
+    # Appended to the controller's command: the scenario's `control:` knobs the loop takes as
+    # flags (testbed.experiment.k3s_dry_run.controller_flags).
+    controller_args: Sequence[str] = ()
     controller_cpu: float = 0.5
     controller_memory_bytes: int = 1024 * MiB
     control_port: int = 18000
@@ -505,7 +508,7 @@ def stage_service(index: int, settings: K8sSettings) -> Manifest:
 
 # What a controller may be started from: every field but the per-epoch ones (the controller
 # numbers the epochs and makes fresh keys for each) and how the controller itself is run.
-_SETTINGS_NOT_IN_JSON = {"epoch", "curve_keys", "controller_command"}
+_SETTINGS_NOT_IN_JSON = {"epoch", "curve_keys", "controller_command", "controller_args"}
 
 
 def settings_to_json(settings: K8sSettings) -> dict[str, Any]:
@@ -659,6 +662,7 @@ def controller_manifests(settings: K8sSettings, inputs: ControllerInputs | None 
         "--namespace", settings.namespace, "--models", CONTROLLER_MODELS_DIR,
         "--inputs", CONTROLLER_INPUT_DIR,
         *(["--keypair", f"{CONTROLLER_KEY_DIR}/controller.secret"] if keyed else [])])
+    command += list(settings.controller_args)
     budget = NodeResources(settings.controller_cpu, settings.controller_memory_bytes)
     if settings.controller_node and settings.controller_node in settings.nodes:
         budget = settings.nodes[settings.controller_node]
