@@ -7,6 +7,8 @@ set -eu
 CONF=/etc/edgepipe/node
 STATE=/var/lib/edgepipe-node
 mkdir -p "$STATE/logs"
+# The driver writes the configuration once the control plane is up; a reboot finds it there.
+until [ -f "$CONF/ready" ]; do sleep 0.2; done
 
 # cgroups: the container has its own cgroup namespace, so each v1 hierarchy's root here is the
 # node's own group (its --cpus and --memory bound everything below). Docker mounts them
