@@ -360,7 +360,7 @@ def download_debs(dest: Path, packages: Sequence[str]) -> list[Path]:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     log(f"apt-get download {' '.join(packages)}")
-    subprocess.run(["apt-get", "download", "-q", *packages], cwd=dest, check=True,
+    subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages], cwd=dest, check=True,
                    stdout=subprocess.DEVNULL)
     stamp.write_text(request)
     return sorted(dest.glob("*.deb"))

@@ -8,13 +8,15 @@ containerd and all its pods alike.
 The machine container is not privileged. It gets what containerd, runc and the CNI plugins
 need and no more: its own cgroup namespace (the kubelet's `cgroupRoot /` is the node's own
 group, so nodes never meet in the cgroup tree and the host's limits bound the pods),
-CAP_SYS_ADMIN (mounts and namespaces for pods), CAP_NET_ADMIN (pod veths and routes),
-CAP_SYS_RESOURCE, and seccomp unconfined (runc's keyring and mount calls; pods get
+CAP_SYS_ADMIN (mounts and namespaces for pods), CAP_NET_ADMIN (pod veths and routes) and
+seccomp unconfined (runc's keyring and mount calls; pods get
 containerd's default profile again). /proc/sys and /sys stay read-only and no device is
 passed: a node cannot change the machine's kernel settings or reach its disks, which
 `--privileged` would allow. The kubelet reads the six global sysctls it insists on from
 files node-entry.sh mounts over them; what is per network namespace (ip_forward, routes,
-the Service rule) the driver sets from outside, through the host's Mininet shell.
+the Service rule) the driver sets from outside, through the host's Mininet shell. (Not
+CAP_SYS_RESOURCE: these machines' bounding set lacks it; containerd keeps pods' OOM scores
+at or above the node's, `restrict_oom_score_adj`.)
 
 Pod networking is kindnet's design without the daemon: each node has a /24 of the pod range
 (host order), the CNI `ptp` plugin gives each pod a veth and a /32 route in the node's
@@ -65,7 +67,7 @@ API_SERVICE_IP = "10.96.0.1"
 CONF_MOUNT = "/etc/edgepipe/node"
 STATE_MOUNT = "/var/lib/edgepipe-node"
 IMAGES_MOUNT = "/opt/edgepipe/images"
-NODE_CAPS = ("SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE")
+NODE_CAPS = ("SYS_ADMIN", "NET_ADMIN")
 
 
 def kube_bin(version: str = KUBE_VERSION) -> Path:
