@@ -360,8 +360,9 @@ def download_debs(dest: Path, packages: Sequence[str]) -> list[Path]:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     log(f"apt-get download {' '.join(packages)}")
-    subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages], cwd=dest, check=True,
-                   stdout=subprocess.DEVNULL)
+    # as root into our own cache directory (apt's _apt user cannot write there)
+    subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages],
+                   cwd=dest, check=True, stdout=subprocess.DEVNULL)
     stamp.write_text(request)
     return sorted(dest.glob("*.deb"))
 
