@@ -34,6 +34,11 @@ kernel/keys/root_maxkeys 1000000
 kernel/keys/root_maxbytes 25000000
 SYSCTL
 
+# The kubelet's OOM watcher opens /dev/kmsg or refuses to start. The machine's kernel log is
+# not the node's to read (dmesg_restrict): an empty file, read to its end, stops the watcher;
+# a pod killed for memory is still reported, by containerd from its cgroup.
+[ -e /dev/kmsg ] || : > /dev/kmsg
+
 mkdir -p /etc/cni/net.d /run/containerd
 cp "$CONF"/cni.conflist /etc/cni/net.d/10-edgepipe.conflist
 containerd --config "$CONF/containerd.toml" >>"$STATE/logs/containerd.log" 2>&1 &
