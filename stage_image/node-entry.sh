@@ -21,8 +21,10 @@ mount -o remount,rw /sys/fs/cgroup 2>/dev/null || true
 # /proc/sys stays read-only (a node must not change the machine's kernel), but for
 # /proc/sys/net: what is there belongs to the network namespace of whoever writes (the node's,
 # a pod's), and the CNI plugins set a pod's interfaces through it.
-mount --bind /proc/sys/net /proc/sys/net && mount -o remount,rw,bind /proc/sys/net /proc/sys/net The kubelet insists
-# on six global settings (it would write them); it reads them from these files instead.
+mount --bind /proc/sys/net /proc/sys/net
+mount -o remount,rw,bind /proc/sys/net /proc/sys/net
+# The kubelet insists on six global settings (it would write them); it reads them from these
+# files instead.
 mkdir -p /run/edgepipe-sysctl
 while read -r key value; do
     file=/run/edgepipe-sysctl/$(echo "$key" | tr / .)
