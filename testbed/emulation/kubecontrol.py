@@ -167,8 +167,8 @@ class ControlPlane:
             "--service-account-signing-key-file", str(p / "sa.key"),
             "--authorization-mode", "Node,RBAC",
             "--enable-admission-plugins", "NodeRestriction",
-            "--allow-privileged", "false", "--profiling", "false",
-            "--enable-priority-and-fairness", "false",
+            "--allow-privileged=false", "--profiling=false",
+            "--enable-priority-and-fairness=false",
             "--default-not-ready-toleration-seconds", str(self.tuning.toleration_s),
             "--default-unreachable-toleration-seconds", str(self.tuning.toleration_s),
             "--event-ttl", "30m", "-v", "1"])
@@ -179,15 +179,15 @@ class ControlPlane:
             "--kubeconfig", str(self.kube_dir / "controller-manager.conf"),
             "--service-account-private-key-file", str(p / "sa.key"),
             "--root-ca-file", str(p / "ca.crt"),
-            "--use-service-account-credentials", "true",
-            "--leader-elect", "false", "--profiling", "false", "--secure-port", "0",
+            "--use-service-account-credentials=true",
+            "--leader-elect=false", "--profiling=false", "--secure-port", "0",
             "--node-monitor-grace-period", f"{self.tuning.monitor_grace_s}s",
             "--node-monitor-period", monitor_period,
             "--concurrent-deployment-syncs", "2", "-v", "1"])
         self._spawn("kube-scheduler", [
             str(bin_dir / "kube-scheduler"),
             "--kubeconfig", str(self.kube_dir / "scheduler.conf"),
-            "--leader-elect", "false", "--profiling", "false", "--secure-port", "0",
+            "--leader-elect=false", "--profiling=false", "--secure-port", "0",
             "-v", "1"])
         corefile = self.kube_dir / "Corefile"
         # ttl 0: a new epoch's stage pod is found at once, not after a cached answer expires

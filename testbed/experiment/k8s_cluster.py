@@ -100,8 +100,9 @@ class EmulatedCluster:
     `down()`, or a with-block; `down()` is safe at any point of `up()`."""
 
     def __init__(self, topology: Topology, shared_dirs: list[Path],
-                 tuning: NodeTuning | None = None) -> None:
+                 tuning: NodeTuning | None = None, logs_to: Path | None = None) -> None:
         self.topology = topology
+        self.logs_to = logs_to        # the control plane's and nodes' logs are copied here
         self.tuning = tuning or NodeTuning()
         self.net = NodeNetwork(topology, shared_dirs=shared_dirs)
         self.control: ControlPlane | None = None
@@ -215,7 +216,17 @@ class EmulatedCluster:
     def down(self) -> None:
         if self.control is not None:
             self.control.stop()
+        if self.logs_to is not None:
+            self._save_logs(self.logs_to / "kube")
         self.net.stop()
+
+    def _save_logs(self, target: Path) -> None:
+        """Copy the logs out of the run's directories before teardown removes them."""
+        sources = {"control-plane": self.net.kube_dir / "logs",
+                   **{host: dirs.state / "logs" for host, dirs in self.net.node_dirs.items()}}
+        for name, source in sources.items():
+            if source.is_dir():
+                shutil.copytree(source, target / name, dirs_exist_ok=True)
 
     def __enter__(self) -> EmulatedCluster:
         try:
@@ -232,7 +243,7 @@ def run_emulated(scenario: Any, out_dir: Path, keep: bool = False) -> int:
     """The scenario on a cluster built from its topology (module docstring)."""
     from testbed.experiment.k3s_live import BuiltCluster, run_k3s
 
-    with EmulatedCluster(scenario.topology, [out_dir]) as cluster:
+    with EmulatedCluster(scenario.topology, [out_dir], logs_to=out_dir / "logs") as cluster:
         built = BuiltCluster(cluster.net, CLUSTER_FAULTS, {"image_pull_policy": "Never"},
                              cluster.summary())
         return run_k3s(scenario, out_dir, str(cluster.kubeconfig), keep=keep, cluster=built)
