@@ -8,8 +8,10 @@ containerd and all its pods alike.
 The machine container is not privileged. It gets what containerd, runc and the CNI plugins
 need and no more: its own cgroup namespace (the kubelet's `cgroupRoot /` is the node's own
 group, so nodes never meet in the cgroup tree and the host's limits bound the pods),
-CAP_SYS_ADMIN (mounts and namespaces for pods), CAP_NET_ADMIN (pod veths and routes) and
-seccomp unconfined (runc's keyring and mount calls; pods get
+CAP_SYS_ADMIN (mounts and namespaces for pods), CAP_NET_ADMIN (pod veths and routes),
+CAP_SYS_PTRACE (runc opens /proc/PID/ns/* of the pod's sandbox, which runs as the pod's user
+when it sets runAsUser: without it every restricted pod fails to start with "can't get final
+child's PID from pipe") and seccomp unconfined (runc's keyring and mount calls; pods get
 containerd's default profile again). /proc/sys and /sys stay read-only and no device is
 passed: a node cannot change the machine's kernel settings or reach its disks, which
 `--privileged` would allow. The kubelet reads the six global sysctls it insists on from
@@ -67,7 +69,7 @@ API_SERVICE_IP = "10.96.0.1"
 CONF_MOUNT = "/etc/edgepipe/node"
 STATE_MOUNT = "/var/lib/edgepipe-node"
 IMAGES_MOUNT = "/opt/edgepipe/images"
-NODE_CAPS = ("SYS_ADMIN", "NET_ADMIN")
+NODE_CAPS = ("SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE")
 
 
 def kube_bin(version: str = KUBE_VERSION) -> Path:
