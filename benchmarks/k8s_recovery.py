@@ -169,7 +169,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated: k8s-default, k8s-tuned, k3s, "
                         "embedded")
-    parser.add_argument("--duration", default="30s", help="controller runs' measured window")
+    parser.add_argument("--duration", default="40s", help="controller runs' measured window "
+                        "(the scenario's own: the k3s re-plan fetches the model over edge2's link)")
     parser.add_argument("--limit", type=float, default=600.0,
                         help="Kubernetes-only: give up waiting after this many seconds")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
