@@ -4,7 +4,7 @@ APT_PACKAGES := mininet bridge-utils iputils-ping ethtool iperf3 iptables cgroup
 	iproute2 procps python3-venv python3-dev libnetfilter-queue-dev gcc libc6-dev docker.io debootstrap
 OUT ?= results/baseline
 
-.PHONY: setup demo test lint image lab-test
+.PHONY: setup demo test lint image kube-bin kube-image lab-test
 
 setup: .venv/.installed
 
@@ -31,6 +31,18 @@ lint: setup
 # Both images: the stage image, and FROM it the k3s controller's (each rebuilt only if stale).
 image: setup
 	$(PY) -m testbed.emulation.images --target controller
+
+# The emulated Kubernetes cluster's binaries (kube-apiserver, controller-manager, scheduler,
+# kubelet, etcd, pause; CoreDNS) from the Go module proxy, cached per machine by version in
+# /var/cache/edgepipe/kubernetes: a second call returns at once.
+kube-bin:
+	cluster/build-kubernetes.sh
+	cluster/build-coredns.sh
+
+# The node image (FROM the stage image: containerd, runc, CNI plugins, the kubelet) and the
+# image tarballs each node imports into its containerd (stage, controller, pause).
+kube-image: setup kube-bin
+	$(PY) -m testbed.emulation.images --target node
 
 # Only inside the lab VM (Vagrantfile): k3s in Docker hosts over shaped links.
 lab-test: setup

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from formats.topology import HostSpec
 from testbed.emulation import records
-from testbed.emulation.dockerd import RUN_LABEL, Dockerd, docker_cli
+from testbed.emulation.dockerd import APP_LABEL, RUN_LABEL, Dockerd, docker_cli, image_label
 from testbed.emulation.records import CGROUP_ROOT, RunRecord
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,6 @@ class DockerHosts:
     def check_image(self, image: str, app_digest: str) -> None:
         """Refuse an image the daemon lacks, or one built from other agent/worker code than
         this checkout's (an image without the label, e.g. from a registry, is trusted)."""
-        from testbed.emulation.images import APP_LABEL, image_label
-
         found = image_label(self.daemon, image, APP_LABEL)
         if found is None:
             raise ContainerError(f"image {image} is not in the Docker daemon at "

@@ -433,3 +433,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# The digest of the agent/worker code an image was built from (testbed.emulation.images).
+APP_LABEL = "edgepipe.app-sha256"
+
+
+def image_label(daemon: Dockerd, tag: str, label: str) -> str | None:
+    """A label of an image ('' when it has no such label), None when there is no image."""
+    proc = daemon.docker("image", "inspect", "-f",
+                         "{{ index .Config.Labels \"" + label + "\" }}", tag, check=False)
+    return proc.stdout.decode().strip() if proc.returncode == 0 else None

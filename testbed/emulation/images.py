@@ -44,7 +44,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from testbed.emulation.dockerd import Dockerd, DockerError, docker_cli
+from testbed.emulation.dockerd import APP_LABEL, Dockerd, DockerError, docker_cli, image_label
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = REPO / "stage_image"    # the stage image: its Dockerfiles and runtime modules
@@ -53,8 +53,8 @@ LOCAL_BASE = "edgepipe-base:bookworm"
 DEFAULT_TAG = "edgepipe-stage:latest"
 # testbed.k8s.manifests.K8sSettings.controller_image names it too:
 CONTROLLER_TAG = "edgepipe-controller:latest"
+NODE_TAG = "edgepipe-node:latest"      # the emulated cluster's nodes (testbed.emulation.kubenodes)
 DIGEST_LABEL = "edgepipe.inputs-sha256"
-APP_LABEL = "edgepipe.app-sha256"
 # What the image needs at run time; versions come from requirements.txt so the image runs the
 # same onnxruntime/pyzmq/numpy as the host-side tests.
 IMAGE_PACKAGES = ("onnxruntime", "pyzmq", "numpy")
@@ -272,13 +272,6 @@ def controller_wheels(controller_house: Path, stage_house: Path) -> list[Path]:
     return extra
 
 
-def image_label(daemon: Dockerd, tag: str, label: str) -> str | None:
-    """A label of an image ('' when it has no such label), None when there is no image."""
-    proc = daemon.docker("image", "inspect", "-f",
-                         "{{ index .Config.Labels \"" + label + "\" }}", tag, check=False)
-    return proc.stdout.decode().strip() if proc.returncode == 0 else None
-
-
 def assemble_context(context: Path, dockerfile: Path, wheels: Sequence[Path],
                      app: dict[str, Path]) -> str:
     """Write a build context (Dockerfile, wheelhouse/, app/) and return a digest of
@@ -347,6 +340,57 @@ def build_controller(daemon: Dockerd, args: argparse.Namespace, stage_house: Pat
                  args.tag, offline=True)
 
 
+def download_debs(dest: Path, packages: Sequence[str]) -> list[Path]:
+    """`apt-get download` the node image's packages on the host (the build has no network);
+    cached: the same request is not downloaded again."""
+    request = "\n".join(packages) + "\n"
+    stamp = dest / ".request"
+    if stamp.exists() and stamp.read_text() == request:
+        log(f"node packages cached in {dest}")
+        return sorted(dest.glob("*.deb"))
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    log(f"apt-get download {' '.join(packages)}")
+    # as root into our own cache directory (apt's _apt user cannot write there)
+    subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages],
+                   cwd=dest, check=True, stdout=subprocess.DEVNULL)
+    stamp.write_text(request)
+    return sorted(dest.glob("*.deb"))
+
+
+def build_node(daemon: Dockerd, args: argparse.Namespace) -> None:
+    """The Kubernetes node image FROM the stage image `args.tag` (built just before), and the
+    tarballs of the images every node imports (testbed.emulation.kubenodes)."""
+    from testbed.emulation import kubenodes
+
+    kubelet = kubenodes.kube_bin() / "kubelet"
+    if not kubelet.is_file():
+        raise SystemExit(f"{kubelet} is missing: build the Kubernetes binaries first "
+                         "(`make kube-bin`)")
+    debs = download_debs(args.cache / "node-debs", kubenodes.NODE_PACKAGES)
+    context = args.cache / "node-context"
+    if context.exists():
+        shutil.rmtree(context)
+    (context / "debs").mkdir(parents=True)
+    digest = hashlib.sha256()
+    for source, name in [(HERE / "Dockerfile.node", "Dockerfile"), (kubelet, "kubelet"),
+                         (HERE / "node-entry.sh", "node-entry.sh"),
+                         *((deb, f"debs/{deb.name}") for deb in debs)]:
+        try:
+            os.link(source, context / name)
+        except OSError:
+            shutil.copy2(source, context / name)
+        digest.update(name.encode() + b"\0" + (source.read_bytes() if source.suffix != ".deb"
+                                                 else b""))
+    stage_id = daemon.docker("image", "inspect", "-f", "{{.Id}}", args.tag).stdout.decode()
+    digest.update(stage_id.strip().encode())
+    ensure_image(daemon, args, NODE_TAG, context, digest.hexdigest(), app_digest(),
+                 args.tag, offline=True)
+    for tar in kubenodes.image_tarballs(daemon, args.tag, args.controller_tag):
+        log(f"node import: {tar}")
+
+
 def build(args: argparse.Namespace) -> int:
     started = time.monotonic()
     cache: Path = args.cache
@@ -379,6 +423,9 @@ def build(args: argparse.Namespace) -> int:
         if controller_house is not None:
             build_controller(daemon, args, wheelhouse, controller_house)
             tags.append(args.controller_tag)
+        if args.target == "node":
+            build_node(daemon, args)
+            tags.append(NODE_TAG)
         for tag in tags:
             size = image_size(daemon, tag)
             log(f"{tag}: {size / 1e6:.0f} MB ({size} bytes)")
@@ -395,8 +442,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--base", default=os.environ.get("BASE", LOCAL_BASE),
                     help=f"base image (default {LOCAL_BASE}, made locally with debootstrap; "
                          "a registry image such as debian:bookworm-slim needs network)")
-    ap.add_argument("--target", choices=("stage", "controller"), default="stage",
-                    help="controller: also the k3s controller's image, FROM the stage image")
+    ap.add_argument("--target", choices=("stage", "controller", "node"), default="stage",
+                    help="controller: also the k3s controller's image, FROM the stage image; "
+                         "node: both and the emulated cluster's node image (make kube-bin "
+                         "first)")
     ap.add_argument("--tag", default=DEFAULT_TAG, help="the stage image's tag")
     ap.add_argument("--controller-tag", default=CONTROLLER_TAG)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)

@@ -135,6 +135,10 @@ class EmulatedNetwork:
     thread (or hold a lock around calls).
     """
 
+    # The emulated Kubernetes cluster's dispatcher is a node container too (its control
+    # plane runs beside it, testbed.emulation.kubecontrol); an embedded run's cannot be.
+    docker_dispatcher = False
+
     def __init__(self, topology: Topology, run_id: str | None = None,
                  run_dir: str | Path | None = None,
                  shared_dirs: Iterable[str | Path] = ()) -> None:
@@ -212,7 +216,7 @@ class EmulatedNetwork:
         if missing:
             raise NetworkError(f"missing tools: {', '.join(missing)} (run `make setup`)")
         dispatcher = self.topology.dispatcher()
-        if dispatcher.kind == "docker":
+        if dispatcher.kind == "docker" and not self.docker_dispatcher:
             raise InputError(f"the dispatcher {dispatcher.name} cannot be a Docker host: the "
                              "controller and load generator are not in the stage image",
                              file=self.topology.path, line=dispatcher.line,

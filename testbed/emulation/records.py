@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -89,6 +90,7 @@ class RunRecord:
     netns: dict[str, int] = field(default_factory=dict)  # mininet host -> netns inode
     mounts: list[str] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)         # created by us: rmdir if empty
+    trees: list[str] = field(default_factory=list)        # created by us: removed whole
     forward_rules: list[str] = field(default_factory=list)  # bridges with an ACCEPT rule
     containers: list[str] = field(default_factory=list)   # Docker hosts' containers
     docker_host: str = ""                                  # the daemon they run on
@@ -136,7 +138,8 @@ class RunRecord:
 
     def add(self, kind: str, *values: str) -> None:
         """Append names to one of the list fields (bridges, interfaces, cgroups, mounts, dirs,
-        forward_rules, containers) and save, before the things themselves are created."""
+        trees, forward_rules, containers) and save, before the things themselves are
+        created."""
         items: list[str] = getattr(self, kind)
         for value in values:
             self.check_owned(kind, value)
@@ -161,8 +164,11 @@ class RunRecord:
         if kind == "cgroups" and value.split("/", 1)[0] not in (
                 *CGROUP_CONTROLLERS, *FAULT_CONTROLLERS, *CONTAINER_CONTROLLERS):
             raise ValueError(f"unknown cgroup controller in {value!r}")
-        if kind in ("mounts", "dirs") and not Path(value).is_absolute():
+        if kind in ("mounts", "dirs", "trees") and not Path(value).is_absolute():
             raise ValueError(f"{kind} entry {value!r} must be an absolute path")
+        if kind == "trees" and self.run_id not in Path(value).parts:
+            raise ValueError(f"trees entry {value!r} has no component named after run "
+                             f"{self.run_id}")
 
     # -- state ---------------------------------------------------------------------------
 
@@ -358,9 +364,11 @@ def remove_cgroup(cgroup: str, timeout_s: float = 3.0) -> str | None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            for child in [entry for entry in os.scandir(path) if entry.is_dir()]:
-                with contextlib.suppress(OSError):  # busy: the parent's rmdir says so
-                    os.rmdir(child.path)
+            # deepest first: an emulated Kubernetes node nests its pods' groups below
+            for directory, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
+                if directory != str(path):
+                    with contextlib.suppress(OSError):  # busy: the parent's rmdir says so
+                        os.rmdir(directory)
             path.rmdir()
             return None
         except FileNotFoundError:
@@ -444,6 +452,12 @@ def undo(record: RunRecord) -> list[str]:
             problems += filter(None, [delete_interface(name)])
     for path in record.mounts:
         problems += filter(None, [unmount(path, record.run_id)])
+    for path in record.trees:
+        # a directory of the run's own (the emulated cluster's PKI, node stores): after the
+        # containers and processes that used it, and only by its recorded name
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):
+            problems.append(f"could not remove {path}")
     for path in reversed(record.dirs):
         with contextlib.suppress(OSError):
             os.rmdir(path)

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None, prog: str = "run_scenario.py") -> argpars
                         "e.g. 45s")
     parser.add_argument("--kubeconfig", help="k3s: the cluster's kubeconfig (default "
                         "$KUBECONFIG)")
+    parser.add_argument("--cluster", choices=("emulated",), help=(
+        "k3s: build a Kubernetes cluster from the scenario's topology (every host a node "
+        "container on the emulated links; root; `make kube-image` first) and run on it"))
     parser.add_argument("--keep", action="store_true",
                         help="k3s: leave the namespace on the cluster after the run")
     parser.add_argument("--plaintext", action="store_true",
@@ -91,6 +94,10 @@ def problem(scenario: Scenario, args: argparse.Namespace) -> str | None:
             scenario.control.refuse_unsupported("k3s", K3S_UNSUPPORTED)
     except InputError as exc:
         return str(exc)
+    if args.cluster and (backend != "k3s" or args.kubeconfig or args.dry_run):
+        return "--cluster emulated goes with --backend k3s, without --kubeconfig or --dry-run"
+    if args.cluster and not args.check and os.geteuid() != 0:
+        return "--cluster emulated builds a Mininet network and node containers: needs root"
     if backend == "embedded" and not (args.dry_run or args.check) and os.geteuid() != 0:
         return "the embedded backend builds a Mininet network and needs root (sudo)"
     return None
@@ -103,6 +110,10 @@ def run_one(scenario: Scenario, out_dir: Path, args: argparse.Namespace) -> int:
     from testbed.experiment.run import run_embedded
 
     try:
+        if args.cluster == "emulated":
+            from testbed.experiment.k8s_cluster import run_emulated
+
+            return run_emulated(scenario, out_dir, keep=args.keep)
         if backend == "k3s" and not args.dry_run:
             from testbed.experiment.k3s_live import run_k3s
 

@@ -52,15 +52,18 @@ def write_plan_and_stages(prepared: Any, out_dir: Path) -> tuple[dict[str, Any],
     return plan_json, stage_dir
 
 
-def make_bundle(scenario: Scenario, prepared: Any, out_dir: Path) -> Bundle:
-    """plan.json and the split stages in OUT, the settings, keys and controller inputs."""
+def make_bundle(scenario: Scenario, prepared: Any, out_dir: Path,
+                **overrides: Any) -> Bundle:
+    """plan.json and the split stages in OUT, the settings (`overrides` on top), keys and
+    controller inputs."""
     from testbed.control.planning import sha256_file
     from testbed.experiment.run import workload_json
 
     plan_json, stage_dir = write_plan_and_stages(prepared, out_dir)
     try:
         settings = k8s.settings_for_topology(scenario.topology, epoch=1, model_version=1,
-                                             heartbeat_ms=scenario.control.heartbeat_ms)
+                                             **{"heartbeat_ms": scenario.control.heartbeat_ms,
+                                                **overrides})
         driver = None
         if settings.curve:
             settings = replace(settings, curve_keys=generate_deployment_keys(

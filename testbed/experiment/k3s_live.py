@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,26 @@ API_TIMEOUT_S = 10.0
 CONTROLLER_SELECTOR = f"{k8s.LABEL_NAME}={k8s.NAME},{k8s.LABEL_COMPONENT}=controller"
 
 
-def check_steps(scenario: Scenario) -> None:
+@dataclass(frozen=True)
+class BuiltCluster:
+    """A cluster the driver built for this run (`--cluster emulated`,
+    testbed.experiment.k8s_cluster): its faults act on the nodes themselves (`net`, the
+    emulated network of node containers: every action in `actions`), the settings it needs
+    (`settings`: e.g. images imported, never pulled) and what summary.json says of it."""
+
+    net: Any
+    actions: tuple[str, ...]
+    settings: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def check_steps(scenario: Scenario, allowed: tuple[str, ...] = K3S_FAULTS) -> None:
     """Refuse, before the cluster is touched, steps the k3s backend cannot do from outside."""
     for step in scenario.steps:
-        if step.action not in K3S_FAULTS:
+        if step.action not in allowed:
             raise InputError(
                 f"{step.action} is not supported by the k3s backend (it acts through the API "
-                f"only: {', '.join(K3S_FAULTS)}); run this scenario with --backend embedded",
+                f"only: {', '.join(allowed)}); run this scenario with --backend embedded",
                 file=scenario.path, line=step.line, field="action")
 
 
@@ -334,19 +348,20 @@ def fetch_file(call: Callable[..., dict[str, Any] | None], name: str, target: Pa
 
 def run_k3s(scenario: Scenario, out_dir: Path, kubeconfig: str | None, keep: bool = False,
             connector: Callable[[client.ApiClient, str, str, int], Connector] | None = None,
-            ) -> int:
+            cluster: BuiltCluster | None = None) -> int:
     """The scenario on a cluster (module docstring). `connector` makes the way to the
-    controller's command port (default: the API server's port-forward)."""
+    controller's command port (default: the API server's port-forward); `cluster` is the one
+    the driver built, if it did."""
     from testbed.experiment.faults import FaultTimeline, Hooks
     from testbed.experiment.k3s_dry_run import make_bundle
     from testbed.experiment.prepare import prepare
     from testbed.experiment.run import ControlClient, run_workload, wait_ready, write_results
 
-    check_steps(scenario)
+    check_steps(scenario, cluster.actions if cluster else K3S_FAULTS)
     api = connect(kubeconfig)
     check_nodes(api, scenario)
     prepared = prepare(scenario, out_dir)
-    bundle = make_bundle(scenario, prepared, out_dir)
+    bundle = make_bundle(scenario, prepared, out_dir, **(cluster.settings if cluster else {}))
     deployment = Deployment(api, bundle.settings)
     curve = ((bundle.driver_keys, bundle.controller_public)
              if bundle.driver_keys is not None and bundle.controller_public else None)
@@ -364,8 +379,11 @@ def run_k3s(scenario: Scenario, out_dir: Path, kubeconfig: str | None, keep: boo
         clients += [client_, step_client]
         check = deployment.pod_check(pod)
         upload_model(client_.call, prepared.model_path)
-        # a crash's heal starts nothing: the kubelet and the Deployments do that
-        timeline = FaultTimeline(scenario.steps, ClusterFaults(api, bundle.settings.namespace),
+        # a crash's heal starts nothing: the kubelet and the Deployments do that (a built
+        # cluster's node boots its kubelet when its container starts again)
+        timeline = FaultTimeline(scenario.steps,
+                                 cluster.net if cluster else ClusterFaults(
+                                     api, bundle.settings.namespace),
                                  Hooks(restart_host=lambda _host: None,
                                        controller=step_client.call))
         wait_ready(client_, check, READY_TIMEOUT_S)
@@ -398,5 +416,6 @@ def run_k3s(scenario: Scenario, out_dir: Path, kubeconfig: str | None, keep: boo
                             prepared.predicted_rps, int(status.get("duplicates", 0)),
                             {"plan": bundle.plan_json,
                              "cluster": {"namespace": bundle.settings.namespace,
-                                         "controller_pod": pod}})
+                                         "controller_pod": pod,
+                                         **(cluster.summary if cluster else {})}})
     return 0 if summary["slo"]["passed"] else 1

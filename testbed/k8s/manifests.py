@@ -718,9 +718,11 @@ def controller_manifests(settings: K8sSettings, inputs: ControllerInputs | None 
                  "template": {"metadata": {"labels": {**labels, **selector}},
                               "spec": pod_spec}},
     }
+    # Headless like the stages' (one pod; its name resolves to the pod's IP): no Service
+    # proxy is needed, so it works on clusters without kube-proxy (the emulated one).
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": _meta(name, settings, labels),
-        "spec": {"selector": selector,
+        "spec": {"clusterIP": "None", "selector": selector,
                  "ports": [{"name": "control", "port": settings.control_port,
                             "targetPort": "control"},
                            {"name": "models", "port": settings.model_port,
