@@ -4,7 +4,9 @@
     dispatcher --600 KB--> A (Identity) --600 KB--> B (GlobalAveragePool) --12 B--> sink
 
 in a closed loop, every result checked, and the CPU each process spends per frame is read
-from the kernel (/proc/PID/task/*/schedstat: every thread, ZeroMQ's I/O thread included).
+from the kernel (/proc/PID/task/*/schedstat: every thread, ZeroMQ's I/O thread included),
+also printed per kind of thread (`python`: the main loop and pyzmq's zero-copy collector;
+`ZMQbg/IO/0`: ZeroMQ's I/O thread, which does the socket reads and writes).
 A stage's overhead is that CPU minus what its bare `session.run` takes on the same input in
 this process (what the profiler charges as compute): the cost model's `frame_overhead_ms`.
 The dispatcher's figure is all of it (encode, send, receive, decode, result check).
