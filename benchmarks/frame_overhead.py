@@ -4,7 +4,9 @@
     dispatcher --600 KB--> A (Identity) --600 KB--> B (GlobalAveragePool) --12 B--> sink
 
 in a closed loop, every result checked, and the CPU each process spends per frame is read
-from the kernel (/proc/PID/task/*/schedstat: every thread, ZeroMQ's I/O thread included).
+from the kernel (/proc/PID/task/*/schedstat: every thread, ZeroMQ's I/O thread included),
+also printed per kind of thread (`python`: the main loop and pyzmq's zero-copy collector;
+`ZMQbg/IO/0`: ZeroMQ's I/O thread, which does the socket reads and writes).
 A stage's overhead is that CPU minus what its bare `session.run` takes on the same input in
 this process (what the profiler charges as compute): the cost model's `frame_overhead_ms`.
 The dispatcher's figure is all of it (encode, send, receive, decode, result check).
@@ -37,6 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -80,15 +83,26 @@ def build_models(root: Path) -> dict[str, Path]:
     return paths
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time of every live thread of a process, in ns."""
-    total = 0
+def thread_ns(pid: int) -> dict[str, int]:
+    """CPU time of every live thread of a process, in ns, by thread (`comm` + tid): the
+    main loop, ZeroMQ's I/O thread (ZMQbg/IO/0), pyzmq's zero-copy garbage collector."""
+    out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            total += int((task / "schedstat").read_text().split()[0])
+            name = (task / "comm").read_text().strip()
+            out[f"{name}/{task.name}"] = int((task / "schedstat").read_text().split()[0])
         except (OSError, IndexError, ValueError):
             pass                        # a thread that ended meanwhile
-    return total
+    return out
+
+
+def by_thread(before: dict[str, int], after: dict[str, int], frames: int) -> dict[str, float]:
+    """CPU ms per frame of each thread kind (tids dropped: `python`, `ZMQbg/IO/0`, ...)."""
+    out: dict[str, float] = {}
+    for key, ns in after.items():
+        kind = key.rsplit("/", 1)[0]
+        out[kind] = out.get(kind, 0.0) + (ns - before.get(key, 0)) / frames / 1e6
+    return {kind: round(ms, 4) for kind, ms in out.items() if ms >= 0.0005}
 
 
 def bare_run_ms(model: Path, feeds: dict[str, np.ndarray], runs: int = 300) -> float:
@@ -157,10 +171,10 @@ def measure(models: dict[str, Path], head: str, sink: str, pids: dict[str, int],
     try:
         serve_until(args.warmup)
         pids = {**pids, "dispatcher": os.getpid()}
-        before = {name: cpu_ns(pid) for name, pid in pids.items()}
+        before = {name: thread_ns(pid) for name, pid in pids.items()}
         done0, wall0, start = dispatcher.completed, time.monotonic(), time.time()
         serve_until(args.warmup + args.frames)
-        after = {name: cpu_ns(pid) for name, pid in pids.items()}
+        after = {name: thread_ns(pid) for name, pid in pids.items()}
         end = time.time()
         frames, wall = dispatcher.completed - done0, time.monotonic() - wall0
         if args.hold_s:
@@ -177,10 +191,12 @@ def measure(models: dict[str, Path], head: str, sink: str, pids: dict[str, int],
         ctx.term()
     if counts["mismatched"] or counts["bad_results"]:
         raise RuntimeError(f"wrong results: {counts}")
-    out: dict[str, float] = {"frames": frames, "rps": frames / wall, "start": start,
+    out: dict[str, Any] = {"frames": frames, "rps": frames / wall, "start": start,
                              "end": end}
     for name in pids:
-        out[f"{name}_cpu_ms"] = (after[name] - before[name]) / frames / 1e6
+        threads = by_thread(before[name], after[name], frames)
+        out[f"{name}_cpu_ms"] = sum(threads.values())
+        out[f"{name}_threads"] = threads
     return out
 
 
@@ -371,6 +387,9 @@ def main() -> int:
             line += (f" {result[name + '_host_cpu_ms']:>12.3f} "
                      f"{result[name + '_host_overhead_ms']:>14.3f}")
         print(line)
+    for name in ("A", "B", "dispatcher"):
+        print(f"  {name} by thread (ms/frame): "
+              + " ".join(f"{k}={v:.3f}" for k, v in sorted(result[name + "_threads"].items())))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -95,6 +95,13 @@ RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_
 # adds 0.002 cores (~0.15 ms a frame at 15 frames/s). Real resnet18 stages on star-5 spent
 # 1.3-2.0 ms of host CPU per frame over their bare session.run. (The 3.5 ms this replaces
 # was host CPU / rate - the cached profile's compute, which folds the profile's own noise in.)
+# Re-measured with the machine at load 10-11 on 2 cores (3 runs): 1.35-1.95 ms and 1.15-1.8
+# ms; per thread, ZeroMQ's I/O thread ~0.6-0.9 ms (kernel TCP copies, wakeups per paced
+# burst), the main loop ~0.8-1.0 ms (of which header checks and encode ~0.02 ms, measured
+# in a tight loop). Cuts tried and measured side by side, none kept: copying sends instead of
+# zero-copy (+0.2 ms: a 600 KB memcpy costs more than pyzmq's collector wake-up), a 1 MiB
+# SO_SNDBUF (no change on loopback, +-0.2 ms noise in Mininet). 1.5 stays: the spread is the
+# load of the machine, not the code.
 FRAME_OVERHEAD_MS = 1.5
 # A host limited by a CFS quota runs in slices (`cores` x the 100 ms period) and starts each
 # slice with caches the other hosts have since filled: about 2 ms of every period is spent
