@@ -54,7 +54,9 @@ def test_fresh_profile_adds_up_and_is_cached():
     assert prof.sha256 == profile.file_sha256(zoo.zoo_path("mobilenetv2"))
     took = time.perf_counter() - start
     start = time.perf_counter()
-    again = profile.profile_model("mobilenetv2", runs=5, progress=False)
+    # (check=False: the quick check against a few whole-model frames re-profiles when the
+    # machine's speed moved by >15%, which a busy CI machine can do; that has its own test)
+    again = profile.profile_model("mobilenetv2", runs=5, progress=False, check=False)
     assert again.segments == prof.segments and again.cuts == prof.cuts
     assert time.perf_counter() - start < max(0.5, took / 3)
     cached = list((zoo.cache_dir() / "profiles").glob(f"{prof.sha256}-*.json"))

@@ -76,7 +76,8 @@ def test_shipped_topologies_load(path: Path) -> None:
 def test_shipped_set_is_complete() -> None:
     sizes = {p.stem: len(load_topology(p).edge_hosts()) for p in TOPOLOGIES}
     assert sizes == {"star-5": 5, "star-6": 6, "star-6-wan": 6, "star-10": 10,
-                     "two-tier-20": 20, "hetero-6": 6, "docker-3": 3, "kube-3": 2}
+                     "two-tier-20": 20, "hetero-6": 6, "docker-3": 3, "kube-3": 2,
+                     "two-switch-6": 6}
 
 
 # -- values and units ----------------------------------------------------------------------

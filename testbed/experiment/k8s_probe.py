@@ -60,14 +60,8 @@ conn.close()
 
 
 def path_bandwidth_mbps(topology: Topology, a: str, b: str) -> float:
-    """The narrowest link between two hosts (one switch or a chain: the shortest path)."""
-    import networkx as nx
-
-    graph = nx.Graph()
-    for link in topology.links:
-        graph.add_edge(link.a, link.b, mbps=link.bandwidth_mbps)
-    path = nx.shortest_path(graph, a, b)
-    return min(graph.edges[u, v]["mbps"] for u, v in zip(path, path[1:]))
+    """The narrowest link between two hosts (the topology is a tree: one path)."""
+    return topology.path_bandwidth_mbps()[(a, b)]
 
 
 def _pod(name: str, node: str, args: list[str]) -> dict[str, Any]:
