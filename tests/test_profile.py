@@ -232,9 +232,12 @@ def test_cli_profile_writes_the_instance(resnet18, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "layer1.0.conv1" in text and "instance (2 nodes)" in text
     instance = instance_from_json(json.loads(out.read_text()))
-    # the segments, each with its weights' bytes (what its stage file takes on a disk)
-    assert [dataclasses.replace(s, model_bytes=0) for s in instance.segments] == \
-        resnet18.segments
+    # the segments, each with its weights' bytes (what its stage file takes on a disk); the
+    # compute times are the profile's unless its check on use found the machine's speed moved
+    # by >15% and profiled again (a busy CI machine), so only their signs are compared
+    assert [dataclasses.replace(s, model_bytes=0, compute_ms=0.0) for s in instance.segments] \
+        == [dataclasses.replace(s, compute_ms=0.0) for s in resnet18.segments]
+    assert all(s.compute_ms >= 0 for s in instance.segments)
     assert [s.model_bytes for s in instance.segments] == resnet18.weight_bytes
     assert [n.name for n in instance.nodes] == ["e1", "e2"]
     assert cli(["profile", "resnet18", "--out", str(out)]) == 2       # --out needs --topology
