@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from testbed.control.core.reconcile import LIVE_STATES
 from testbed.control.core.records import Epoch
 
 
@@ -69,15 +70,11 @@ class Peers:
         return self.identities.get(host)
 
 
-# Epochs whose last stages may deliver results to the sink.
-LIVE_EPOCH_STATES = ("deploying", "active", "draining")
-
-
 def sink_senders(epochs: Iterable[Epoch]) -> list[str]:
     """The sink's allow-list: the public keys of the last stages of every live epoch (slots
     without keys, plaintext, add none)."""
     return sorted({slot.keys.public.decode()
-                   for epoch in epochs if epoch.state in LIVE_EPOCH_STATES
+                   for epoch in epochs if epoch.state in LIVE_STATES
                    for i, slot in enumerate(epoch.slots)
                    if epoch.plan.next_stage(i) is None and slot.keys is not None})
 

@@ -189,9 +189,9 @@ class Controller:
 
     def execute(self, actions: list[Action] | None = None) -> None:
         actions = self.plane.take() if actions is None else actions
-        if self.zap is not None:
+        if self.zap is not None and actions:
             # before the deploys go out: a new last stage's worker connects to the sink
-            # soon after its agent hears of it
+            # soon after its agent hears of it (an epoch changes state only with actions)
             self.sink_gate.set(sink_senders(self.plane.epochs.values()))
         for action in actions:
             if isinstance(action, Event):
