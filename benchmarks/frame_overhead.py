@@ -11,8 +11,11 @@ A stage's overhead is that CPU minus what its bare `session.run` takes on the sa
 this process (what the profiler charges as compute): the cost model's `frame_overhead_ms`.
 The dispatcher's figure is all of it (encode, send, receive, decode, result check).
 
-    .venv/bin/python benchmarks/frame_overhead.py [--frames 1500] [--cpu 0.2]
+    .venv/bin/python benchmarks/frame_overhead.py [--frames 1500] [--cpu 0.2] [--curve]
         [--mininet [--bandwidth 100Mbit]] [--port 35000] [--hold-s 0] [--json OUT]
+
+`--curve` secures every hop as the embedded backend does by default: per-run CurveZMQ keys,
+each worker admitting only its upstream's key and the sink only the last stage's (ZAP).
 
 By default everything runs on loopback in this process's namespace. `--cpu C` (root,
 cgroup v1) runs each worker under a CFS quota of C cores. `--mininet` (root) runs the same
@@ -49,6 +52,7 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stage_image.security import Gate, KeyPair, start_gates  # noqa: E402
 from stage_image.worker import make_session  # noqa: E402
 from testbed.control.dispatcher import (  # noqa: E402
     Dispatcher,
@@ -135,28 +139,60 @@ class Quota:
         self.path.rmdir()
 
 
+def make_keys(tmp: Path, curve: bool) -> dict[str, KeyPair] | None:
+    """Per-run keys of A, B and the dispatcher (`--curve`), saved for the `--inside` side."""
+    if not curve:
+        return None
+    keys = {name: KeyPair.generate() for name in ("A", "B", "dispatcher")}
+    (tmp / "keys.json").write_text(json.dumps({n: k.to_json() for n, k in keys.items()}))
+    return keys
+
+
+def load_keys(tmp: Path) -> dict[str, KeyPair] | None:
+    path = tmp / "keys.json"
+    if not path.exists():
+        return None
+    return {n: KeyPair.from_secret(k["secret"]) for n, k in json.loads(path.read_text()).items()}
+
+
 def worker_config(tmp: Path, name: str, model: Path, bind: str, nxt: str,
-                  inputs: list[str], outputs: list[str]) -> Path:
+                  inputs: list[str], outputs: list[str],
+                  keys: dict[str, KeyPair] | None) -> Path:
+    """A worker of epoch 1; with keys, it admits only its upstream (the dispatcher for A, A
+    for B) and encrypts to the next hop (B, or the dispatcher's sink), as an agent sets it."""
+    route: dict[str, Any] = {"stage": 0, "next": nxt}
+    extra: dict[str, Any] = {}
+    if keys is not None:
+        upstream, downstream = {"A": ("dispatcher", "B"), "B": ("A", "dispatcher")}[name]
+        route.update(public=keys[downstream].public.decode(),
+                     upstream=[keys[upstream].public.decode()])
+        extra = {"curve_secret": keys[name].secret.decode(), "upstream_gate": True}
     config = tmp / f"{name}.json"
     config.write_text(json.dumps({"host": name, "version": 1, "model": str(model),
                                   "bind": bind, "inputs": inputs, "outputs": outputs,
-                                  "epoch": 1, "stage": 0, "next": nxt,
-                                  "stats_every_s": 3600.0}))
+                                  "routes": {"1": route}, "stats_every_s": 3600.0,
+                                  **extra}))
     return config
 
 
 def measure(models: dict[str, Path], head: str, sink: str, pids: dict[str, int],
-            args: argparse.Namespace) -> dict[str, float]:
+            args: argparse.Namespace, keys: dict[str, KeyPair] | None) -> dict[str, float]:
     """The dispatcher's side: closed-loop load through the workers, every result checked;
     CPU per frame of each process over the measured frames (and when they were)."""
     log = logging.getLogger("dispatcher")
     ctx = zmq.Context(1)
-    dispatcher = Dispatcher(ctx, sink, lambda *a, **k: None, log)
+    gates = None
+    if keys is not None:        # the sink admits the last stage only, as the controller's
+        gates = start_gates(ctx, {"sink": Gate([keys["B"].public])})
+    dispatcher = Dispatcher(ctx, sink, lambda *a, **k: None, log,
+                            keys=keys["dispatcher"] if keys else None,
+                            zap_domain="sink" if keys else None)
     workload = Workload(concurrency=args.concurrency, duration_s=3600.0, pool_size=8)
     pool = seeded_pool(models["full"], workload)
     dispatcher.set_pool(pool)
     dispatcher.add_version(1, compute_references(models["full"], pool))
-    dispatcher.switch(Route(1, 1, [Head(head)], ["x"]), replay=False)
+    public = keys["A"].public.decode() if keys else None
+    dispatcher.switch(Route(1, 1, [Head(head, public)], ["x"]), replay=False)
     dispatcher.start(workload)
     poller = zmq.Poller()
     poller.register(dispatcher.sink, zmq.POLLIN)
@@ -188,6 +224,8 @@ def measure(models: dict[str, Path], head: str, sink: str, pids: dict[str, int],
         counts = dispatcher.counts()
     finally:
         dispatcher.close()
+        if gates is not None:
+            gates.stop()
         ctx.term()
     if counts["mismatched"] or counts["bad_results"]:
         raise RuntimeError(f"wrong results: {counts}")
@@ -224,10 +262,12 @@ def wait_ready(procs: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path])
 
 def run_local(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     models = build_models(tmp)
+    keys = make_keys(tmp, args.curve)
     addr = {k: f"tcp://127.0.0.1:{args.port + i}" for i, k in enumerate(("a", "b", "sink"))}
-    configs = {"A": worker_config(tmp, "A", models["a"], addr["a"], addr["b"], ["x"], ["h"]),
+    configs = {"A": worker_config(tmp, "A", models["a"], addr["a"], addr["b"], ["x"], ["h"],
+                                  keys),
                "B": worker_config(tmp, "B", models["b"], addr["b"], addr["sink"], ["h"],
-                                  ["y"])}
+                                  ["y"], keys)}
     logs = {name: tmp / f"{name}.log" for name in configs}
     procs = {name: subprocess.Popen([sys.executable, "-m", "stage_image.worker",
                                      str(config)], cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -244,7 +284,7 @@ def run_local(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         print("pids: " + " ".join(f"{n}={p.pid}" for n, p in procs.items())
               + f" dispatcher={os.getpid()}", file=sys.stderr, flush=True)
         result = measure(models, addr["a"], addr["sink"],
-                         {name: proc.pid for name, proc in procs.items()}, args)
+                         {name: proc.pid for name, proc in procs.items()}, args, keys)
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -274,14 +314,15 @@ def run_mininet(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         "  - {endpoints: [dispatcher, s1], bandwidth: 1Gbit}\n"
         "  - {endpoints: [edgea, s1]}\n  - {endpoints: [edgeb, s1]}\n")
     models = build_models(tmp)
+    keys = make_keys(tmp, args.curve)
     with EmulatedNetwork(load_topology(topology_path), run_dir=tmp / "run") as net:
         addr = {"a": f"tcp://{net.ip('edgea')}:{args.port}",
                 "b": f"tcp://{net.ip('edgeb')}:{args.port}",
                 "sink": f"tcp://{net.ip('dispatcher')}:{args.port}"}
         configs = {"A": worker_config(tmp, "A", models["a"], addr["a"], addr["b"], ["x"],
-                                      ["h"]),
+                                      ["h"], keys),
                    "B": worker_config(tmp, "B", models["b"], addr["b"], addr["sink"], ["h"],
-                                      ["y"])}
+                                      ["y"], keys)}
         hosts = {"A": "edgea", "B": "edgeb", "dispatcher": "dispatcher"}
         logs = {name: tmp / f"{name}.log" for name in hosts}
         procs = {name: net.popen_python(hosts[name], ["-m", "stage_image.worker", str(config)],
@@ -353,6 +394,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--cpu", type=float, default=0.0,
                         help="CFS quota per worker in cores (root); 0 = none (--mininet: 0.2)")
+    parser.add_argument("--curve", action="store_true",
+                        help="CurveZMQ keys and allow-lists on every hop (the default of runs)")
     parser.add_argument("--mininet", action="store_true",
                         help="workers and dispatcher in Mininet hosts (root)")
     parser.add_argument("--bandwidth", default="100Mbit", help="--mininet: the edge links")
@@ -368,7 +411,8 @@ def main() -> int:
     if args.inside:
         models = {name: Path(args.inside) / f"{name}.onnx" for name in ("a", "b", "full")}
         result = measure(models, args.head, args.sink,
-                         {name: int(pid) for name, pid in args.pids.items()}, args)
+                         {name: int(pid) for name, pid in args.pids.items()}, args,
+                         load_keys(Path(args.inside)))
         Path(args.json).write_text(json.dumps(result))
         return 0
     with tempfile.TemporaryDirectory(prefix="edgepipe-overhead-") as tmp:
@@ -377,6 +421,7 @@ def main() -> int:
         add_compute(result, build_models(Path(tmp)), image)
     where = (f"Mininet hosts of {args.cpu or 0.2} core, {args.bandwidth} links" if args.mininet
              else f"loopback, workers at {args.cpu} core" if args.cpu else "loopback")
+    where = ("CurveZMQ, " if args.curve else "plaintext, ") + where
     print(f"{result['frames']} frames at {result['rps']:.1f}/s ({where})")
     print(f"{'process':12} {'cpu ms/frame':>13} {'onnxruntime':>12} {'overhead':>9}"
           + (f" {'host cpu ms':>12} {'host overhead':>14}" if args.mininet else ""))
