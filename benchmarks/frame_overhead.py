@@ -11,11 +11,14 @@ A stage's overhead is that CPU minus what its bare `session.run` takes on the sa
 this process (what the profiler charges as compute): the cost model's `frame_overhead_ms`.
 The dispatcher's figure is all of it (encode, send, receive, decode, result check).
 
-    .venv/bin/python benchmarks/frame_overhead.py [--frames 1500] [--cpu 0.2] [--curve]
+    .venv/bin/python benchmarks/frame_overhead.py [--frames 1500] [--cpu 0.2]
+        [--auth plain|token|curve]
         [--mininet [--bandwidth 100Mbit]] [--port 35000] [--hold-s 0] [--json OUT]
 
-`--curve` secures every hop as the embedded backend does by default: per-run CurveZMQ keys,
-each worker admitting only its upstream's key and the sink only the last stage's (ZAP).
+`--auth` secures every hop with per-run keys, each worker admitting only its upstream's key
+and the sink only the last stage's (ZAP): `token` authenticates each connection and sends
+frames in the clear (the embedded backend's default), `curve` encrypts every frame (the k3s
+backend's, and the embedded one's before); `plain` (default) is `--plaintext`.
 
 By default everything runs on loopback in this process's namespace. `--cpu C` (root,
 cgroup v1) runs each worker under a CFS quota of C cores. `--mininet` (root) runs the same
@@ -139,9 +142,9 @@ class Quota:
         self.path.rmdir()
 
 
-def make_keys(tmp: Path, curve: bool) -> dict[str, KeyPair] | None:
-    """Per-run keys of A, B and the dispatcher (`--curve`), saved for the `--inside` side."""
-    if not curve:
+def make_keys(tmp: Path, auth: str) -> dict[str, KeyPair] | None:
+    """Per-run keys of A, B and the dispatcher (`--auth`), saved for the `--inside` side."""
+    if auth == "plain":
         return None
     keys = {name: KeyPair.generate() for name in ("A", "B", "dispatcher")}
     (tmp / "keys.json").write_text(json.dumps({n: k.to_json() for n, k in keys.items()}))
@@ -157,7 +160,7 @@ def load_keys(tmp: Path) -> dict[str, KeyPair] | None:
 
 def worker_config(tmp: Path, name: str, model: Path, bind: str, nxt: str,
                   inputs: list[str], outputs: list[str],
-                  keys: dict[str, KeyPair] | None) -> Path:
+                  keys: dict[str, KeyPair] | None, auth: str) -> Path:
     """A worker of epoch 1; with keys, it admits only its upstream (the dispatcher for A, A
     for B) and encrypts to the next hop (B, or the dispatcher's sink), as an agent sets it."""
     route: dict[str, Any] = {"stage": 0, "next": nxt}
@@ -166,7 +169,8 @@ def worker_config(tmp: Path, name: str, model: Path, bind: str, nxt: str,
         upstream, downstream = {"A": ("dispatcher", "B"), "B": ("A", "dispatcher")}[name]
         route.update(public=keys[downstream].public.decode(),
                      upstream=[keys[upstream].public.decode()])
-        extra = {"curve_secret": keys[name].secret.decode(), "upstream_gate": True}
+        extra = {"curve_secret": keys[name].secret.decode(), "upstream_gate": True,
+                 "data_auth": auth}
     config = tmp / f"{name}.json"
     config.write_text(json.dumps({"host": name, "version": 1, "model": str(model),
                                   "bind": bind, "inputs": inputs, "outputs": outputs,
@@ -183,10 +187,11 @@ def measure(models: dict[str, Path], head: str, sink: str, pids: dict[str, int],
     ctx = zmq.Context(1)
     gates = None
     if keys is not None:        # the sink admits the last stage only, as the controller's
-        gates = start_gates(ctx, {"sink": Gate([keys["B"].public])})
+        gates = start_gates(ctx, {"sink": Gate([keys["B"].public], own=keys["dispatcher"])})
     dispatcher = Dispatcher(ctx, sink, lambda *a, **k: None, log,
                             keys=keys["dispatcher"] if keys else None,
-                            zap_domain="sink" if keys else None)
+                            zap_domain="sink" if keys else None,
+                            data_auth="curve" if args.auth == "plain" else args.auth)
     workload = Workload(concurrency=args.concurrency, duration_s=3600.0, pool_size=8)
     pool = seeded_pool(models["full"], workload)
     dispatcher.set_pool(pool)
@@ -262,12 +267,12 @@ def wait_ready(procs: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path])
 
 def run_local(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     models = build_models(tmp)
-    keys = make_keys(tmp, args.curve)
+    keys = make_keys(tmp, args.auth)
     addr = {k: f"tcp://127.0.0.1:{args.port + i}" for i, k in enumerate(("a", "b", "sink"))}
     configs = {"A": worker_config(tmp, "A", models["a"], addr["a"], addr["b"], ["x"], ["h"],
-                                  keys),
+                                  keys, args.auth),
                "B": worker_config(tmp, "B", models["b"], addr["b"], addr["sink"], ["h"],
-                                  ["y"], keys)}
+                                  ["y"], keys, args.auth)}
     logs = {name: tmp / f"{name}.log" for name in configs}
     procs = {name: subprocess.Popen([sys.executable, "-m", "stage_image.worker",
                                      str(config)], cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -314,15 +319,15 @@ def run_mininet(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         "  - {endpoints: [dispatcher, s1], bandwidth: 1Gbit}\n"
         "  - {endpoints: [edgea, s1]}\n  - {endpoints: [edgeb, s1]}\n")
     models = build_models(tmp)
-    keys = make_keys(tmp, args.curve)
+    keys = make_keys(tmp, args.auth)
     with EmulatedNetwork(load_topology(topology_path), run_dir=tmp / "run") as net:
         addr = {"a": f"tcp://{net.ip('edgea')}:{args.port}",
                 "b": f"tcp://{net.ip('edgeb')}:{args.port}",
                 "sink": f"tcp://{net.ip('dispatcher')}:{args.port}"}
         configs = {"A": worker_config(tmp, "A", models["a"], addr["a"], addr["b"], ["x"],
-                                      ["h"], keys),
+                                      ["h"], keys, args.auth),
                    "B": worker_config(tmp, "B", models["b"], addr["b"], addr["sink"], ["h"],
-                                      ["y"], keys)}
+                                      ["y"], keys, args.auth)}
         hosts = {"A": "edgea", "B": "edgeb", "dispatcher": "dispatcher"}
         logs = {name: tmp / f"{name}.log" for name in hosts}
         procs = {name: net.popen_python(hosts[name], ["-m", "stage_image.worker", str(config)],
@@ -333,7 +338,8 @@ def run_mininet(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
                  "--sink", addr["sink"], "--json", str(result_path),
                  "--pids", ",".join(f"{n}={p.pid}" for n, p in procs.items()),
                  "--frames", str(args.frames), "--warmup", str(args.warmup),
-                 "--concurrency", str(args.concurrency), "--hold-s", str(args.hold_s)]
+                 "--concurrency", str(args.concurrency), "--hold-s", str(args.hold_s),
+                 "--auth", args.auth]
         print("pids: " + " ".join(f"{n}={p.pid}" for n, p in procs.items()), file=sys.stderr,
               flush=True)
         # the hosts' cgroups are read from here (a host's own mount namespace hides them)
@@ -394,8 +400,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--cpu", type=float, default=0.0,
                         help="CFS quota per worker in cores (root); 0 = none (--mininet: 0.2)")
-    parser.add_argument("--curve", action="store_true",
-                        help="CurveZMQ keys and allow-lists on every hop (the default of runs)")
+    parser.add_argument("--auth", choices=("plain", "token", "curve"), default="plain",
+                        help="keys and allow-lists on every hop: token (the default of runs) "
+                             "or curve (every frame encrypted)")
     parser.add_argument("--mininet", action="store_true",
                         help="workers and dispatcher in Mininet hosts (root)")
     parser.add_argument("--bandwidth", default="100Mbit", help="--mininet: the edge links")
@@ -421,7 +428,7 @@ def main() -> int:
         add_compute(result, build_models(Path(tmp)), image)
     where = (f"Mininet hosts of {args.cpu or 0.2} core, {args.bandwidth} links" if args.mininet
              else f"loopback, workers at {args.cpu} core" if args.cpu else "loopback")
-    where = ("CurveZMQ, " if args.curve else "plaintext, ") + where
+    where = f"{args.auth}, {where}"
     print(f"{result['frames']} frames at {result['rps']:.1f}/s ({where})")
     print(f"{'process':12} {'cpu ms/frame':>13} {'onnxruntime':>12} {'overhead':>9}"
           + (f" {'host cpu ms':>12} {'host overhead':>14}" if args.mininet else ""))

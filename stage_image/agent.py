@@ -507,8 +507,10 @@ class Agent:
                                 "upstream": list(upstream)}
                        for e, (stage, nxt, public, upstream) in rec.routes.items()},
             "curve_secret": rec.curve_secret,
-            # with keys, the worker admits only its routes' upstream (stage_image.security)
+            # with keys, the worker admits only its routes' upstream, authenticated by
+            # token rather than encrypted (stage_image.security: the threat is forged peers)
             "upstream_gate": rec.curve_secret is not None,
+            "data_auth": "token" if rec.curve_secret is not None else "curve",
             "commands": True,
             # the worker ties its life to ours (PR_SET_PDEATHSIG): nothing outlives a kill -9
             "parent_pid": os.getpid(),

@@ -32,7 +32,10 @@ CONFIG.json fields (written by stage_image.agent, or testbed.k8s.manifests for a
   stages.json order); the first route as epoch, stage, next (optional: a standby has none);
   more routes as routes {"EPOCH": {"stage", "next", "public"}}; with CurveZMQ the worker's
   curve_secret and each route's public (next_public for the first route) and upstream (the
-  keys that may send to it, enforced with upstream_gate; under Kubernetes
+  keys that may send to it, enforced with upstream_gate; data_auth "curve" (default:
+  every frame encrypted) or "token" (the embedded agent's workers: PLAIN with a password
+  derived from the keys, admitted by the upstream_gate, frames in the clear; see
+  stage_image.security); under Kubernetes
   both come from the files named by $EDGEPIPE_CURVE_DIR and curve-public.json beside the
   config); and optionally commands (read route changes from stdin, default false), hwm
   (default 4), stats_every_s (default 5.0),
@@ -64,7 +67,15 @@ import numpy as np
 import onnxruntime as ort
 import zmq
 
-from stage_image.security import Gate, KeyPair, apply_client, apply_server, start_gates
+from stage_image.security import (
+    DATA_AUTH,
+    Gate,
+    KeyPair,
+    apply_client,
+    apply_data_client,
+    apply_data_server,
+    start_gates,
+)
 from stage_image.wire import (
     DEFAULT_MAX_BYTES,
     FrameError,
@@ -106,6 +117,7 @@ class WorkerConfig:
     next_public: str | None = None
     curve_secret: str | None = None
     upstream_gate: bool = False
+    data_auth: str = "curve"
     commands: bool = False
     hwm: int = 4
     stats_every_s: float = 5.0
@@ -129,6 +141,11 @@ class WorkerConfig:
             raise ValueError("epoch and next come together (or neither, for a standby)")
         if cfg.heartbeat is not None and (cfg.epoch is None or not cfg.heartbeat_ms > 0):
             raise ValueError("a heartbeat needs the epoch it reports and heartbeat_ms > 0")
+        if cfg.data_auth not in DATA_AUTH:
+            raise ValueError(f"data_auth must be one of {DATA_AUTH}, got {cfg.data_auth!r}")
+        if cfg.data_auth == "token" and not (cfg.curve_secret and cfg.upstream_gate):
+            # PLAIN without a Gate admits anyone
+            raise ValueError("data_auth token needs curve_secret and upstream_gate")
         return cfg
 
     def initial_routes(self) -> dict[int, Route]:
@@ -314,9 +331,9 @@ class Worker:
         self.zap = None
         routes = cfg.initial_routes()
         if self.keys is not None:
-            apply_server(self.pull, self.keys)
+            apply_data_server(self.pull, self.keys, cfg.data_auth)
             if cfg.upstream_gate:
-                self.gate = Gate()
+                self.gate = Gate(own=self.keys if cfg.data_auth == "token" else None)
                 self.zap = start_gates(self.ctx, {"upstream": self.gate})
                 self.pull.zap_domain = b"upstream"
         self.pull.bind(cfg.bind)
@@ -363,7 +380,7 @@ class Worker:
             push.setsockopt(zmq.IMMEDIATE, 1)
             if self.keys is not None:
                 assert route.public is not None
-                apply_client(push, self.keys, route.public)
+                apply_data_client(push, self.keys, route.public, self.cfg.data_auth)
             push.connect(route.next)
             self.pushes[route.next] = push
         if old is not None and old.next != route.next:

@@ -159,23 +159,30 @@ class Controller:
         if self.curve is not None:
             apply_server(self.router, self.curve)
         # Authentication (testbed.control.auth): ZAP admits only the run's agent keys on the
-        # control port and the live last stages' keys on the sink.
+        # control port and the live last stages' keys (by data token) on the sink.
         self.agent_keys = AgentKeys(cfg.agent_keys) if cfg.agent_keys is not None else None
-        self.sink_gate = Gate()
+        # the dispatcher's keys: the sink's Gate checks the last stages' data tokens with them
+        dispatcher_keys = KeyPair.generate() if self.curve else None
+        self.sink_gate = Gate(own=dispatcher_keys)
         self.peers = Peers()
-        self.zap = None
+        gates: dict[str, Gate] = {}
+        if self.curve is not None:
+            # the sink's data hops are authenticated by token (stage_image.security), which
+            # admits nobody without the Gate: with keys the sink always has one
+            gates["sink"] = self.sink_gate
         if self.agent_keys is not None:
-            self.zap = start_gates(self.ctx, {"control": Gate(self.agent_keys.publics()),
-                                              "sink": self.sink_gate})
+            gates["control"] = Gate(self.agent_keys.publics())
             self.router.zap_domain = b"control"
+        self.zap = start_gates(self.ctx, gates) if gates else None
         self.router.bind(f"tcp://{cfg.dispatcher_ip}:{cfg.control_port}")
         self.rep = self.ctx.socket(zmq.REP)
         self.rep.setsockopt(zmq.LINGER, 0)
         self.rep.bind(cfg.control_ipc)
         self.dispatcher = Dispatcher(self.ctx, f"tcp://{cfg.dispatcher_ip}:{cfg.sink_port}",
                                      self.events.emit, dispatch_log,
-                                     keys=KeyPair.generate() if self.curve else None,
-                                     zap_domain="sink" if self.zap is not None else None)
+                                     keys=dispatcher_keys,
+                                     zap_domain="sink" if self.curve else None,
+                                     data_auth="token")
         self.planner = Planner(cfg.run_dir, cfg.planner.algorithm, cfg.planner.time_limit_s,
                                cfg.planner.seed, cfg.control.reuse_tolerance,
                                cfg.planner.pipelines, cfg.planner.spare)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from stage_image.security import KeyPair, apply_client, apply_server
+from stage_image.security import KeyPair, apply_data_client, apply_data_server
 from stage_image.wire import DTYPES, FrameError, decode_tensors, encode_tensors
 
 ATOL, RTOL = 1e-4, 1e-3
@@ -280,14 +280,18 @@ class Route:
 class Dispatcher:
     def __init__(self, ctx: zmq.Context, sink_bind: str, emit: Emit, log: logging.Logger,
                  hwm: int = 16, keys: KeyPair | None = None,
-                 zap_domain: str | None = None) -> None:
+                 zap_domain: str | None = None, data_auth: str = "curve") -> None:
         self.ctx, self.emit, self.log, self.hwm = ctx, emit, log, hwm
         self.keys = keys            # CurveZMQ: the sink's server keys, the push's client keys
+        # with keys, "curve" encrypts both hops, "token" authenticates them (security.py)
+        self.data_auth = data_auth
         self.sink = ctx.socket(zmq.PULL)
         self.sink.setsockopt(zmq.LINGER, 0)
         self.sink.setsockopt(zmq.RCVHWM, 1000)
         if keys is not None:
-            apply_server(self.sink, keys)
+            if data_auth == "token" and zap_domain is None:
+                raise ValueError("data_auth token needs the sink's ZAP Gate (zap_domain)")
+            apply_data_server(self.sink, keys, data_auth)
             if zap_domain is not None:
                 # the controller's ZAP Gate for this domain admits live last stages only
                 self.sink.zap_domain = zap_domain.encode()
@@ -352,7 +356,7 @@ class Dispatcher:
                 # the server key applies to the connects after it: one per head
                 if head.public is None:
                     raise ValueError("CurveZMQ is on: stage 0's public key is missing")
-                apply_client(push, self.keys, head.public)
+                apply_data_client(push, self.keys, head.public, self.data_auth)
             push.connect(head.address)
         self.push, self.route = push, route
         if not replay:
