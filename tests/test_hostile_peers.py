@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import zmq
 
-from stage_image.security import KeyPair, apply_client, save_keypair
+from stage_image.security import KeyPair, apply_data_client, save_keypair
 from stage_image.wire import encode_control, encode_tensors
 from testbed.control.auth import AgentKeys, sink_senders, upstream_keys
 from tests import test_recovery
@@ -104,12 +104,12 @@ class KeyedCluster(Cluster):
 
 
 def _client(kind: int, address: str, own: KeyPair, server_public: str,
-            identity: str | None = None) -> zmq.Socket:
+            identity: str | None = None, mode: str = "curve") -> zmq.Socket:
     sock = zmq.Context.instance().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity.encode())
-    apply_client(sock, own, server_public)
+    apply_data_client(sock, own, server_public, mode)
     sock.connect(address)
     return sock
 
@@ -190,22 +190,25 @@ def test_hostile_peers_change_nothing(tmp_path, monkeypatch):
         senders += [pair for address, pair in workers.items()
                     if address == ready["endpoints"][0]["address"]
                     and len(ready["endpoints"]) > 1]
+        # (data hops are authenticated by token: each forger tries its own token and CURVE)
         for key in senders:
-            push = _client(zmq.PUSH, sink, key, sink_public)
-            for rid in rids:
-                if not _send(push, encode_tensors(rid, epoch, 1, 0.0,
-                                                  {"y": np.zeros((1, 32), np.float32)})):
-                    break
-            attackers.append(push)
+            for mode in ("token", "curve"):
+                push = _client(zmq.PUSH, sink, key, sink_public, mode=mode)
+                for rid in rids:
+                    if not _send(push, encode_tensors(rid, epoch, 1, 0.0,
+                                                      {"y": np.zeros((1, 32), np.float32)})):
+                        break
+                attackers.append(push)
         # 4. frames to every worker from keys that are not its upstream
         for address, pair in workers.items():
             for key in (stranger, c.agent_keys[other]):
-                push = _client(zmq.PUSH, address, key, pair.public.decode())
-                for rid in rids:
-                    if not _send(push, encode_tensors(rid, epoch, 1, 0.0,
-                                                      {"x": np.ones((1, 32), np.float32)})):
-                        break
-                attackers.append(push)
+                for mode in ("token", "curve"):
+                    push = _client(zmq.PUSH, address, key, pair.public.decode(), mode=mode)
+                    for rid in rids:
+                        if not _send(push, encode_tensors(rid, epoch, 1, 0.0,
+                                                          {"x": np.ones((1, 32), np.float32)})):
+                            break
+                    attackers.append(push)
         time.sleep(1.0)         # the attackers keep trying to connect meanwhile
         for attacker in attackers:
             attacker.close(0)

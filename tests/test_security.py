@@ -1,5 +1,7 @@
 """CurveZMQ helpers on loopback: only a client holding an allowed keypair and the server's
-public key gets a message through; plain, wrong-key and unknown-key clients do not."""
+public key gets a message through; plain, wrong-key and unknown-key clients do not. The same
+for data hops authenticated by token (PLAIN, a password derived from the two keys): only the
+admitted upstream's own token gets in, whatever name or mechanism a forger uses."""
 
 from __future__ import annotations
 
@@ -11,13 +13,18 @@ import zmq
 
 from stage_image.security import (
     CurveKeyError,
+    Gate,
     KeyPair,
     apply_client,
+    apply_data_client,
+    apply_data_server,
     apply_server,
+    data_token,
     generate_deployment_keys,
     load_keypair,
     save_keypair,
     start_authenticator,
+    start_gates,
 )
 
 WAIT_MS = 600   # a CURVE handshake on loopback takes well under a millisecond
@@ -98,6 +105,74 @@ def test_client_with_wrong_server_key_is_refused(ctx: zmq.Context) -> None:
                     lambda s: apply_client(s, keys["dispatcher"], keys["other"].public))
     assert _received(pull) is None
     push.close()
+
+
+def test_data_token_is_the_same_at_both_ends_and_differs_per_pair() -> None:
+    keys = generate_deployment_keys(["a", "b", "c"])
+    ab = data_token(keys["a"], keys["b"].public)
+    assert ab == data_token(keys["b"], keys["a"].public)
+    assert ab != data_token(keys["a"], keys["c"].public)
+    assert ab != data_token(keys["c"], keys["b"].public)
+    assert len(ab) == 64 and int(ab, 16) >= 0
+
+
+def _token_server(ctx: zmq.Context, keys: KeyPair,
+                  allowed: list[bytes]) -> tuple[zmq.Socket, str]:
+    """A worker's PULL with `data_auth: token`: PLAIN, its Gate holding the server's keys."""
+    _AUTHENTICATORS.append(start_gates(ctx, {"upstream": Gate(allowed, own=keys)}))
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    apply_data_server(pull, keys, "token")
+    pull.zap_domain = b"upstream"
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    return pull, f"tcp://127.0.0.1:{port}"
+
+
+def _plain(user: bytes, password: str):
+    def configure(sock: zmq.Socket) -> None:
+        sock.plain_username, sock.plain_password = user, password.encode()
+    return configure
+
+
+def test_token_hop_admits_its_upstream_only(ctx: zmq.Context) -> None:
+    keys = generate_deployment_keys(["stage0", "dispatcher", "intruder"])
+    server, upstream, intruder = keys["stage0"], keys["dispatcher"], keys["intruder"]
+    pull, address = _token_server(ctx, server, [upstream.public])
+    forgers = [
+        lambda s: None,                                              # NULL: no credentials
+        lambda s: apply_data_client(s, intruder, server.public, "token"),   # its own token
+        # the upstream's name with a token the forger can compute, or any other password
+        _plain(upstream.public, data_token(intruder, server.public)),
+        _plain(upstream.public, data_token(upstream, intruder.public)),
+        _plain(upstream.public, "0" * 64),
+        lambda s: apply_data_client(s, upstream, server.public, "curve"),  # right keys, CURVE
+    ]
+    for configure in forgers:
+        push = _deliver(ctx, address, configure)
+        assert _received(pull) is None
+        push.close()
+    push = _deliver(ctx, address,
+                    lambda s: apply_data_client(s, upstream, server.public, "token"))
+    assert _received(pull) == b"hello"
+    # ZAP's User-Id names the sender by its public key, as with CURVE
+    push.send(b"again")
+    assert pull.poll(WAIT_MS, zmq.POLLIN)
+    assert pull.recv(copy=False).get("User-Id") == upstream.public.decode()
+    push.close()
+
+
+def test_token_gate_follows_its_allow_list(ctx: zmq.Context) -> None:
+    keys = generate_deployment_keys(["stage1", "old", "new"])
+    gate = Gate([keys["old"].public], own=keys["stage1"])
+    assert gate.admits_plain(keys["old"].public.decode(),
+                             data_token(keys["old"], keys["stage1"].public))
+    gate.set([keys["new"].public])                  # a re-plan changes the upstream
+    assert not gate.admits_plain(keys["old"].public.decode(),
+                                 data_token(keys["old"], keys["stage1"].public))
+    assert gate.admits_plain(keys["new"].public.decode(),
+                             data_token(keys["new"], keys["stage1"].public))
+    assert not Gate([keys["new"].public]).admits_plain(      # no own keys: no PLAIN at all
+        keys["new"].public.decode(), data_token(keys["new"], keys["stage1"].public))
 
 
 def test_keys_are_fresh_per_deployment() -> None:
