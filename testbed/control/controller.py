@@ -105,6 +105,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import zmq
+from zmq.auth import CURVE_ALLOW_ANY
 
 from formats.errors import EXIT_BAD_INPUT, InputError
 from partitioner.instance import InfeasibleError, load_instance, plan_from_json, plan_problems
@@ -172,8 +173,13 @@ class Controller:
             gates["sink"] = self.sink_gate
         if self.agent_keys is not None:
             gates["control"] = Gate(self.agent_keys.publics())
-            self.router.zap_domain = b"control"
         self.zap = start_gates(self.ctx, gates) if gates else None
+        if self.zap is not None:
+            # with a ZAP handler in the context every CURVE server asks it: without agent
+            # keys the control port admits any agent that knows our public key, as before
+            if self.agent_keys is None:
+                self.zap.configure_curve(domain="control", location=CURVE_ALLOW_ANY)
+            self.router.zap_domain = b"control"
         self.router.bind(f"tcp://{cfg.dispatcher_ip}:{cfg.control_port}")
         self.rep = self.ctx.socket(zmq.REP)
         self.rep.setsockopt(zmq.LINGER, 0)
