@@ -548,8 +548,9 @@ def test_model_update_switch_and_rollback(cluster):
 
 
 def test_curve_encrypts_every_hop(cluster):
-    """CurveZMQ on: the control channel and every data hop are encrypted, a re-plan hands the
-    new workers their keys, and a sender without the keys reaches no worker."""
+    """CurveZMQ on: the control channel is encrypted and every data hop authenticated, a
+    re-plan hands the new workers their keys, and a sender without the keys reaches no
+    worker."""
     c = cluster({"edge1": 1.0, "edge2": 1.0, "edge3": 1.0, "edge4": 1.0}, curve=True,
                 workload={"mode": "closed", "concurrency": 4, "duration_s": 4.0,
                           "timeout_s": 2.0, "drain_timeout_s": 8.0, "pool_size": 8})
