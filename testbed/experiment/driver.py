@@ -119,7 +119,9 @@ def run_one(scenario: Scenario, out_dir: Path, args: argparse.Namespace) -> int:
 
             # no root needed: everything happens through the cluster's API
             return run_k3s(scenario, out_dir, args.kubeconfig, keep=args.keep)
-        prepared = prepare(scenario, out_dir, curve=not args.plaintext)
+        # only the k3s backend's pods encrypt data hops (the embedded one authenticates them)
+        prepared = prepare(scenario, out_dir,
+                           encrypted_hops=backend == "k3s" and not args.plaintext)
         if args.dry_run:
             from testbed.experiment.k3s_dry_run import dry_run
 

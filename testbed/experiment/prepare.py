@@ -50,8 +50,11 @@ class Prepared:
 
 # CPU that CurveZMQ adds per MB a stage receives or sends (decrypting and encrypting), over
 # plaintext ZeroMQ: benchmarks/curve_cost.py measured 0.4-1.2 ms per MB and side on the
-# 2-core machine (run to run, under load). Without it in the prediction the baseline scenario
-# delivered 0.78-0.95 of a prediction made for plaintext (it delivers 0.89-1.0 in plaintext).
+# 2-core machine (run to run, under load); benchmarks/frame_overhead.py --auth curve vs
+# plain, quiet machine: +0.67 ms a frame for a stage receiving and sending 600 KB (1.1 ms per
+# MB), +0.35 for one receiving 600 KB. Only where data hops are encrypted: the k3s backend's
+# pods. The embedded backend authenticates its hops by token and sends frames in the clear
+# (stage_image.security), which costs what plaintext does (frame_overhead.py --auth token).
 CURVE_MS_PER_MB = 1.0
 
 
@@ -67,9 +70,9 @@ def with_curve_cost(instance: Any) -> Any:
                    frame_overhead_ms=instance.frame_overhead_ms + CURVE_MS_PER_MB * stage_mb)
 
 
-def prepare(scenario: Any, out_dir: Path, curve: bool = True) -> Prepared:
-    """The model, its profile, the planner instance (with CurveZMQ's cost unless the run is
-    `--plaintext`) and the first plan."""
+def prepare(scenario: Any, out_dir: Path, encrypted_hops: bool = True) -> Prepared:
+    """The model, its profile, the planner instance (with CurveZMQ's cost when the data hops
+    are encrypted) and the first plan."""
     from partitioner.profile import instance_for_topology, profile_model
     from partitioner.replicate import plan_pipelines
     from partitioner.zoo import resolve_model
@@ -79,7 +82,7 @@ def prepare(scenario: Any, out_dir: Path, curve: bool = True) -> Prepared:
     log("profiling (cached by model SHA-256)")
     profile = profile_model(model_path, input_shapes=scenario.input_shapes or None)
     instance = instance_for_topology(profile, scenario.topology)
-    if curve:
+    if encrypted_hops:
         instance = with_curve_cost(instance)
     instance_path = out_dir / "instance.json"
     instance_path.write_text(json.dumps(instance.to_json(), indent=1))
