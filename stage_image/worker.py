@@ -25,7 +25,10 @@ Robustness rules: a bad frame (malformed header, wrong tensors, wrong epoch or v
 onnxruntime error on its contents) is dropped with a rate-limited log line and counted; the
 worker never dies of one. Queues stay bounded (small ZeroMQ high-water marks, and a blocked
 downstream blocks us instead of buffering); a frame blocked on a hop whose route is withdrawn
-meanwhile is dropped. SIGTERM ends the loop and exits 0.
+meanwhile is dropped. SIGTERM ends the loop and exits 0. A next hop that refuses our handshake
+is dialled again (`REDIAL_S`): a re-plan sends the new routes to all stages at once, so the
+upstream may dial before the next stage's Gate admits it, and libzmq never retries a
+connection whose handshake was refused (it would stay dead, frames blocked forever).
 
 CONFIG.json fields (written by stage_image.agent, or testbed.k8s.manifests for a pod):
   host, version, model (path), bind (tcp://IP:PORT), inputs, outputs (tensor names,
@@ -291,6 +294,63 @@ def make_session(model: str) -> ort.InferenceSession:
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
+# libzmq's events for a refused or broken handshake (the connection is then dropped for good)
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+REDIAL_S = 0.1      # at most one new dial of a refusing next hop this often
+
+
+class NextHop:
+    """The PUSH to one next address, dialled again when its handshake is refused (module
+    docstring). Only secured hops can be refused, so only they carry a monitor."""
+
+    def __init__(self, ctx: zmq.Context, address: str, hwm: int, linger_ms: int,
+                 secure: Any = None) -> None:
+        self.address = address
+        self.push = ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.SNDHWM, hwm)
+        self.push.setsockopt(zmq.LINGER, linger_ms)
+        # queue only to a live connection: frames for a dead next hop stay here (and
+        # block us) rather than piling up in a pipe that may never drain
+        self.push.setsockopt(zmq.IMMEDIATE, 1)
+        self.monitor: zmq.Socket | None = None
+        if secure is not None:
+            secure(self.push)
+            self.monitor = self.push.get_monitor_socket(HANDSHAKE_FAILED)
+        self.refused = False
+        self.dialled = time.monotonic()
+        self.redials = 0
+        self.push.connect(address)
+
+    def poll_timeout_ms(self) -> int:
+        return 50 if self.refused else 200
+
+    def check(self, now: float) -> bool:
+        """Take the monitor's events; dial again if refused and `REDIAL_S` has passed (True
+        when it did)."""
+        if self.monitor is None:
+            return False
+        while self.monitor.poll(0):
+            self.monitor.recv_multipart()
+            self.refused = True
+        if self.refused and now - self.dialled >= REDIAL_S:
+            try:
+                self.push.disconnect(self.address)
+            except zmq.ZMQError:
+                pass            # already dropped by libzmq: nothing to undo
+            self.push.connect(self.address)
+            self.refused, self.dialled = False, now
+            self.redials += 1
+            return True
+        return False
+
+    def close(self, linger_ms: int) -> None:
+        if self.monitor is not None:
+            self.push.disable_monitor()
+            self.monitor.close(0)
+        self.push.close(linger_ms)
+
+
 class Worker:
     def __init__(self, cfg: WorkerConfig, log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log
@@ -338,7 +398,7 @@ class Worker:
                 self.pull.zap_domain = b"upstream"
         self.pull.bind(cfg.bind)
         self.routes: dict[int, Route] = {}
-        self.pushes: dict[str, zmq.Socket] = {}       # next address -> PUSH
+        self.hops: dict[str, NextHop] = {}            # next address -> its PUSH
         for epoch, route in routes.items():
             self.add_route(epoch, route)
         self.stdin_fd: int | None = None
@@ -356,8 +416,8 @@ class Worker:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.pull.close(0)
-        for push in self.pushes.values():
-            push.close(self.cfg.linger_ms)
+        for hop in self.hops.values():
+            hop.close(self.cfg.linger_ms)
         if self.zap is not None:
             self.zap.stop()
         self.ctx.term()
@@ -371,18 +431,12 @@ class Worker:
         if self.keys is not None and route.public is None:
             raise ValueError(f"CurveZMQ is on: the route of epoch {epoch} lacks the public "
                              f"key of {route.next}")
-        if route.next not in self.pushes:
-            push = self.ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.SNDHWM, self.cfg.hwm)
-            push.setsockopt(zmq.LINGER, self.cfg.linger_ms)
-            # queue only to a live connection: frames for a dead next hop stay here (and
-            # block us) rather than piling up in a pipe that may never drain
-            push.setsockopt(zmq.IMMEDIATE, 1)
-            if self.keys is not None:
-                assert route.public is not None
-                apply_data_client(push, self.keys, route.public, self.cfg.data_auth)
-            push.connect(route.next)
-            self.pushes[route.next] = push
+        if route.next not in self.hops:
+            keys, public, mode = self.keys, route.public, self.cfg.data_auth
+            secure = (None if keys is None or public is None else
+                      lambda push: apply_data_client(push, keys, public, mode))
+            self.hops[route.next] = NextHop(self.ctx, route.next, self.cfg.hwm,
+                                            self.cfg.linger_ms, secure)
         if old is not None and old.next != route.next:
             self._close_unused(old.next)
         self.log.info("route: epoch %d as stage %d -> %s", epoch, route.stage, route.next)
@@ -403,7 +457,7 @@ class Worker:
     def _close_unused(self, address: str) -> None:
         if all(r.next != address for r in self.routes.values()):
             # frames still queued there belong to withdrawn epochs: dropping them is right
-            self.pushes.pop(address).close(0)
+            self.hops.pop(address).close(0)
 
     def read_commands(self) -> None:
         """Apply the route changes the agent wrote to stdin, confirming each on stdout."""
@@ -491,20 +545,26 @@ class Worker:
         responsive to SIGTERM and to route changes: a frame whose route is withdrawn or moved
         while it waits is dropped (its epoch is over; the dispatcher replays it)."""
         route = self.routes[epoch]
+        hop = self.hops[route.next]
         try:
             # the common case, with room downstream: no poller, no clock reads
-            self.pushes[route.next].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            hop.push.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             pass
         started = time.perf_counter()
         poller = zmq.Poller()
-        poller.register(self.pushes[route.next], zmq.POLLOUT)
+        poller.register(hop.push, zmq.POLLOUT)
+        if hop.monitor is not None:
+            poller.register(hop.monitor, zmq.POLLIN)
         if self.stdin_fd is not None:
             poller.register(self.stdin_fd, zmq.POLLIN)
         try:
             while not self.stopping:
-                ready = dict(poller.poll(200))
+                if hop.check(time.monotonic()):
+                    self.throttled.warning("redial", f"next hop {hop.address} refused our "
+                                           f"handshake: dialled again ({hop.redials} so far)")
+                ready = dict(poller.poll(hop.poll_timeout_ms()))
                 if self.stdin_fd is not None and self.stdin_fd in ready:
                     self.read_commands()
                 if self.routes.get(epoch) != route:
@@ -512,8 +572,7 @@ class Worker:
                                f"route changed while it waited")
                     return False
                 try:
-                    self.pushes[route.next].send_multipart(frames, flags=zmq.NOBLOCK,
-                                                           copy=False)
+                    hop.push.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                     return True
                 except zmq.Again:
                     continue

@@ -6,6 +6,7 @@ admitted upstream's own token gets in, whatever name or mechanism a forger uses.
 from __future__ import annotations
 
 import stat
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -26,6 +27,7 @@ from stage_image.security import (
     start_authenticator,
     start_gates,
 )
+from stage_image.worker import NextHop
 
 WAIT_MS = 600   # a CURVE handshake on loopback takes well under a millisecond
 
@@ -173,6 +175,47 @@ def test_token_gate_follows_its_allow_list(ctx: zmq.Context) -> None:
                              data_token(keys["new"], keys["stage1"].public))
     assert not Gate([keys["new"].public]).admits_plain(      # no own keys: no PLAIN at all
         keys["new"].public.decode(), data_token(keys["new"], keys["stage1"].public))
+
+
+def test_refused_next_hop_is_dialled_again_once_admitted(ctx: zmq.Context) -> None:
+    """A re-plan's routes reach the stages in any order: an upstream may dial before the next
+    stage's Gate admits it. libzmq never retries a refused handshake (the plain PUSH below
+    stays dead after the Gate opens); a worker's NextHop dials again and gets through."""
+    keys = generate_deployment_keys(["stage2", "stage1"])
+    gate = Gate(own=keys["stage2"])                         # admits nobody yet
+    _AUTHENTICATORS.append(start_gates(ctx, {"upstream": gate}))
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    apply_data_server(pull, keys["stage2"], "token")
+    pull.zap_domain = b"upstream"
+    address = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def secure(sock: zmq.Socket) -> None:
+        apply_data_client(sock, keys["stage1"], keys["stage2"].public, "token")
+
+    plain = ctx.socket(zmq.PUSH)
+    plain.linger = 0
+    plain.setsockopt(zmq.IMMEDIATE, 1)
+    secure(plain)
+    plain.connect(address)
+    hop = NextHop(ctx, address, hwm=4, linger_ms=0, secure=secure)
+    assert hop.monitor is not None and hop.monitor.poll(5000)     # refused
+    gate.set([keys["stage1"].public])                             # the route arrives
+    deadline = time.monotonic() + 5.0
+    sent = False
+    while not sent and time.monotonic() < deadline:
+        hop.check(time.monotonic())
+        try:
+            hop.push.send(b"through", zmq.NOBLOCK)
+            sent = True
+        except zmq.Again:
+            time.sleep(0.02)
+    assert sent and hop.redials >= 1
+    assert _received(pull) == b"through"
+    with pytest.raises(zmq.Again):                  # the undialled PUSH never got a link
+        plain.send(b"stuck", zmq.NOBLOCK)
+    hop.close(0)
+    plain.close()
 
 
 def test_keys_are_fresh_per_deployment() -> None:
