@@ -1,8 +1,10 @@
 """Seeded chaos schedules (benchmarks/chaos.py): drawn schedules are valid scenarios and the
-same for the same seed (no root); two short seeded schedules run on the real emulator (root)."""
+same for the same seed (no root); two short seeded schedules run on the real emulator (root):
+nothing lost or wrong, each request delivered once."""
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import subprocess
@@ -47,6 +49,13 @@ def test_two_short_seeded_schedules_on_the_emulator(tmp_path: Path) -> None:
     assert len(report["runs"]) == 2, result.stdout + result.stderr[-3000:]
     for run in report["runs"]:
         assert "error" not in run, run
-        assert (run["lost"], run["duplicates"], run["mismatched"]) == (0, 0, 0), run
+        assert (run["lost"], run["mismatched"]) == (0, 0), run
         assert run["faults"], run
+        # a partition that heals delivers what was stuck behind it after its requests were
+        # replayed on the same epoch: those extra copies are counted (`duplicates`), never
+        # delivered: every request has one row, answered
+        with (tmp_path / run["schedule"] / "requests.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        assert rows and len({r["rid"] for r in rows}) == len(rows), run["schedule"]
+        assert {r["status"] for r in rows} == {"completed"}, run["schedule"]
     assert "kind" in result.stdout and "chaos-s7-01" in result.stdout
