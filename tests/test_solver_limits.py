@@ -24,7 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from partitioner.__main__ import main as partitioner_main
-from partitioner.algorithms import optimal, solve, tables
+from partitioner.algorithms import optimal, relaxed, solve, tables
+from partitioner.algorithms.chains import Chain, chain_search
 from partitioner.algorithms.greedy import greedy
 from partitioner.algorithms.tables import Candidates, OutOfTime, Tables, key_of
 from partitioner.instance import Instance, Node, Segment, plan_problems
@@ -171,6 +172,25 @@ def test_sampled_bisection_proves_the_same_optimum(instance: Instance):
             assert result.proven
             assert result.lower_bound_ms == pytest.approx(best[0], rel=TOL, abs=TOL)
             assert t.key(result.path)[0] <= result.lower_bound_ms * (1 + TOL)
+
+
+def test_useful_arcs_in_blocks_and_past_the_deadline(monkeypatch):
+    t = Tables.of(random_instance(9, 5, seed=4))
+    bounds = relaxed.reach(t.stage, t.hop, 30.0, "sum")
+    whole = relaxed.useful_arcs(t.stage, t.hop, 30.0, "sum", 200.0, bounds)
+    assert len(whole.stage) and len(whole.hop)
+    monkeypatch.setattr(relaxed, "CHUNK_ENTRIES", 7)
+    blocks = relaxed.useful_arcs(t.stage, t.hop, 30.0, "sum", 200.0, bounds)
+    assert np.array_equal(whole.stage, blocks.stage) and np.array_equal(whole.hop, blocks.hop)
+    late = time.monotonic() - 1
+    with pytest.raises(OutOfTime):
+        relaxed.useful_arcs(t.stage, t.hop, 30.0, "sum", 200.0, bounds, deadline=late)
+    assert relaxed.best_path(t.stage, t.hop, "sum", deadline=late) is None
+    with pytest.raises(OutOfTime):
+        relaxed.reach(t.stage, t.hop, 30.0, "sum", deadline=late)
+    # past the deadline the chain search knows nothing: neither a plan nor a proof of none
+    assert chain_search(t.stage, t.hop, 30.0, deadline=late) == Chain(None, False)
+    assert chain_search(t.stage, t.hop, 1e-9) == Chain(None, True)
 
 
 def test_candidates_pick_and_list_exactly():

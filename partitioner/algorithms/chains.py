@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioner.algorithms.relaxed import reach
-from partitioner.algorithms.tables import Path
+from partitioner.algorithms.tables import OutOfTime, Path
 
 # Expansions before giving up (each costs segments^2 x nodes boolean operations).
 MAX_EXPANSIONS = 500
@@ -32,7 +32,10 @@ def chain_search(stage: np.ndarray, hop: np.ndarray, threshold: float,
     neither when the budget runs out first, or time.monotonic() passes `deadline` (on 300
     segments x 200 nodes one expansion takes tens of milliseconds)."""
     s, n = stage.shape[0] - 1, stage.shape[2]
-    r = reach(stage, hop, threshold)
+    try:
+        r = reach(stage, hop, threshold, deadline=deadline)
+    except OutOfTime:
+        return Chain(None, False)
     if not r.feasible:
         return Chain(None, True)
     # stage_ok[b, e, w]: stage [b, e) on w is cheap enough and the relaxation can finish from e.
