@@ -35,13 +35,13 @@ CONFIG.json fields (written by stage_image.agent, or testbed.k8s.manifests for a
   stages.json order); the first route as epoch, stage, next (optional: a standby has none);
   more routes as routes {"EPOCH": {"stage", "next", "public"}}; with CurveZMQ the worker's
   curve_secret and each route's public (next_public for the first route) and upstream (the
-  keys that may send to it, enforced with upstream_gate; data_auth "curve" (default:
-  every frame encrypted) or "token" (the embedded agent's workers: PLAIN with a password
-  derived from the keys, admitted by the upstream_gate, frames in the clear; see
-  stage_image.security); under Kubernetes
-  both come from the files named by $EDGEPIPE_CURVE_DIR and curve-public.json beside the
-  config); and optionally commands (read route changes from stdin, default false), hwm
-  (default 4), stats_every_s (default 5.0),
+  keys that may send to it, enforced with upstream_gate; upstream for the first route);
+  data_auth "curve" (default: every frame encrypted) or "token" (the embedded agent's
+  workers: PLAIN with a password derived from the keys, admitted by the upstream_gate,
+  frames in the clear; see stage_image.security); under Kubernetes curve_secret and
+  next_public come from the files named by $EDGEPIPE_CURVE_DIR and curve-public.json beside
+  the config); and optionally commands (read route changes from stdin, default false), hwm
+  (default 4), stats_every_s (5.0),
   max_bytes (default 256 MiB), linger_ms (0), parent_pid (the agent: the worker dies with
   it), nice (added to the worker's niceness).
   With commands on (an agent reads stdout), every LOAD_EVERY_S it prints `load FRAMES MS`:
@@ -118,6 +118,7 @@ class WorkerConfig:
     next: str | None = None
     routes: dict[str, dict[str, Any]] = field(default_factory=dict)
     next_public: str | None = None
+    upstream: list[str] = field(default_factory=list)   # the first route's (see Route)
     curve_secret: str | None = None
     upstream_gate: bool = False
     data_auth: str = "curve"
@@ -156,7 +157,8 @@ class WorkerConfig:
                                     tuple(r.get("upstream") or ()))
                   for epoch, r in self.routes.items()}
         if self.epoch is not None and self.next is not None:
-            routes[self.epoch] = Route(self.stage, self.next, self.next_public)
+            routes[self.epoch] = Route(self.stage, self.next, self.next_public,
+                                       tuple(self.upstream))
         return routes
 
     def load_pod_keys(self, curve_dir: Path, config_dir: Path) -> None:
@@ -384,8 +386,8 @@ class Worker:
         self.pull.setsockopt(zmq.RCVHWM, cfg.hwm)
         self.pull.setsockopt(zmq.LINGER, 0)
         # CurveZMQ: encrypted, and senders must know our public key; with upstream_gate (the
-        # embedded agent's workers) only the keys the routes name as upstream get in: the
-        # Gate's allow-list follows the routes (a re-plan changes who sends to us)
+        # embedded agent's workers, k3s stage pods) only the keys the routes name as upstream
+        # get in: the Gate's allow-list follows the routes (a re-plan changes who sends to us)
         self.keys = KeyPair.from_secret(cfg.curve_secret) if cfg.curve_secret else None
         self.gate: Gate | None = None
         self.zap = None

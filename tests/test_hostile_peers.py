@@ -55,7 +55,7 @@ def _epoch(state: str, keys: list[KeyPair | None], chains: list[int]) -> SimpleN
         for i in range(start, start + count):
             nxt[i] = i + 1 if i + 1 < start + count else None
         start += count
-    plan = SimpleNamespace(heads=heads, next_stage=nxt.get)
+    plan = SimpleNamespace(heads=heads, next_stage=nxt.get, stages=list(range(start)))
     return SimpleNamespace(state=state, plan=plan,
                            slots=[SimpleNamespace(keys=k) for k in keys])
 

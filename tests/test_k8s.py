@@ -166,11 +166,29 @@ def test_pipeline_addresses_chain_to_the_sink(all_manifests) -> None:
     assert stage1["next"] == "tcp://edgepipe-controller.edgepipe.svc.cluster.local:19000"
     assert stage0["bind"] == f"tcp://*:{port}" and stage0["host"] == "edge1"
     assert set(stage0) == {"host", "epoch", "stage", "version", "model", "bind", "next",
-                           "inputs", "outputs", "heartbeat",
-                           "heartbeat_ms"}       # stage_image.worker.WorkerConfig
+                           "inputs", "outputs", "heartbeat", "heartbeat_ms", "upstream",
+                           "upstream_gate"}       # stage_image.worker.WorkerConfig
     # stage pods beat to the controller Service's control port (testbed/k8s/loop.py)
     assert stage0["heartbeat"] == "tcp://edgepipe-controller.edgepipe.svc.cluster.local:18000"
     assert config["immutable"] is True
+
+
+def test_each_stage_admits_frames_from_its_upstream_only() -> None:
+    """As in the embedded backend (testbed.control.auth.senders): stage 0 admits the
+    dispatcher (the controller's key), every later stage the stage before it; without
+    CurveZMQ there is no list (and no gate)."""
+    keys = k8s.generate_deployment_keys(k8s.endpoint_names(3))
+    public = {name: pair.public.decode() for name, pair in keys.items()}
+    config = by_kind(k8s.epoch_manifests(plan(PLAN_B), models(3),
+                                         settings(curve_keys=keys)), "ConfigMap")[0]
+    stages = [json.loads(config["data"][f"stage-{i}.json"]) for i in range(3)]
+    assert [s["upstream"] for s in stages] == [
+        [public["controller"]], [public["stage-0"]], [public["stage-1"]]]
+    assert all(s["upstream_gate"] is True for s in stages)
+    assert k8s.sender_keys(plan(PLAN_B), None, public) == [public["stage-2"]]   # the sink's
+    plain = by_kind(k8s.epoch_manifests(plan(PLAN_B), models(3), settings(curve=False)),
+                    "ConfigMap")[0]
+    assert not {"upstream", "upstream_gate"} & set(json.loads(plain["data"]["stage-1.json"]))
 
 
 def test_services_select_their_stage_pods_of_this_epoch(all_manifests) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,7 +40,7 @@ from formats.control import ControlSettings
 from partitioner import cuts
 from partitioner.algorithms import solve
 from partitioner.instance import InfeasibleError, Instance, Node, Plan, Segment, Stage
-from stage_image.security import KeyPair, apply_client
+from stage_image.security import KeyPair, apply_client, apply_server
 from stage_image.wire import MAX_STAGE_HEARTBEAT_BYTES, FrameError, encode_control
 from testbed.control.core.actions import Event
 from testbed.control.planning import Planner, PlanRequest, VersionInfo, restrict, sha256_file
@@ -584,6 +585,149 @@ def test_a_real_worker_heartbeats_to_the_receiver(worker_dir: Path) -> None:
             worker.wait()
         ctx.term()
         receiver.stop()
+
+
+# --- allow-lists: a stage pod and the sink admit the keys the manifests name ------------------
+
+def _keyed_push(ctx: zmq.Context, address: str, own: KeyPair, server_public: bytes) -> zmq.Socket:
+    sock = ctx.socket(zmq.PUSH)
+    sock.linger = 0
+    apply_client(sock, own, server_public)
+    sock.connect(address)
+    return sock
+
+
+def _try_send(sock: zmq.Socket, frames: list[Any]) -> None:
+    """Queue without waiting: a refused handshake leaves nothing to send to."""
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        pass
+
+
+def test_a_stage_pod_admits_frames_from_its_upstream_only(worker_dir: Path) -> None:
+    """Stage 1 of a k3s epoch, started as its pod would be (its config from the epoch's
+    ConfigMap, its own secret key mounted): frames from stage 0's key are computed and
+    forwarded; frames from the controller's key (a key of the same deployment, not stage 1's
+    upstream) and from a stranger's never get in."""
+    from stage_image.wire import encode_tensors
+    from tests.test_k8s import PLAN_B, models, plan
+    from tests.test_k8s import settings as epoch_settings_of
+
+    keys = k8s.generate_deployment_keys(k8s.endpoint_names(3))
+    manifests = k8s.epoch_manifests(plan(PLAN_B), models(3), epoch_settings_of(curve_keys=keys))
+    (config_map,) = [m for m in manifests if m["kind"] == "ConfigMap"]
+    config = json.loads(config_map["data"]["stage-1.json"])
+    assert config["upstream"] == [keys["stage-0"].public.decode()]
+    ctx = zmq.Context()
+    # stage 2 as the next hop: a CURVE server with stage 2's key, admitting anyone
+    downstream = ctx.socket(zmq.PULL)
+    downstream.linger = 0
+    apply_server(downstream, keys["stage-2"])
+    next_port = downstream.bind_to_random_port("tcp://127.0.0.1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    build_relu(worker_dir / "stage.onnx")
+    # only the addresses and the model change: loopback instead of Services, a relu stage
+    config.update(model=str(worker_dir / "stage.onnx"), bind=f"tcp://127.0.0.1:{port}",
+                  next=f"tcp://127.0.0.1:{next_port}", inputs=["x"], outputs=["y"])
+    for field in ("heartbeat", "heartbeat_ms"):
+        config.pop(field, None)
+    pod_dir = worker_dir / "pod1"
+    (pod_dir / "curve").mkdir(parents=True)
+    (pod_dir / "stage.json").write_text(json.dumps(config))
+    (pod_dir / "curve-public.json").write_text(config_map["data"]["curve-public.json"])
+    (pod_dir / "curve" / "own.secret").write_text(keys["stage-1"].secret.decode())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "EDGEPIPE_CURVE_DIR": str(pod_dir / "curve")}
+    log = pod_dir / "worker.log"
+    with open(log, "w") as stderr:
+        worker = subprocess.Popen([sys.executable, "-m", "stage_image.worker",
+                                   str(pod_dir / "stage.json")], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=stderr)
+    senders = []
+    try:
+        address, public = config["bind"], keys["stage-1"].public
+
+        def frame(rid: int) -> list[Any]:
+            return encode_tensors(rid, config["epoch"], config["version"], 0.0,
+                                  {"x": np.ones((1, 4), np.float32)})
+
+        for rid, own in enumerate((keys["controller"], KeyPair.generate(), keys["stage-2"])):
+            senders.append(_keyed_push(ctx, address, own, public))
+            for _ in range(20):
+                _try_send(senders[-1], frame(100 + rid))
+        senders.append(_keyed_push(ctx, address, keys["stage-0"], public))
+        senders[-1].send_multipart(frame(7), copy=False)
+        received: list[int] = []
+        poller = zmq.Poller()
+        poller.register(downstream, zmq.POLLIN)
+
+        def drain() -> bool:
+            while poller.poll(50):
+                received.append(json.loads(downstream.recv_multipart()[0])["rid"])
+            return bool(received)
+
+        assert wait_until(drain, 60), log.read_text()[-2000:]
+        time.sleep(0.5)             # anything else admitted would be on its way by now
+        drain()
+        assert received == [7]
+    finally:
+        for sock in senders:
+            sock.close(0)
+        downstream.close(0)
+        ctx.term()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def test_the_k3s_sink_admits_the_keys_the_loop_admits(tmp_path: Path) -> None:
+    """The controller pod's sink (testbed.k8s.workload) with CurveZMQ: a result from a key
+    the loop admitted (an epoch's last stage) reaches the dispatcher; one from any other key
+    (an earlier stage, a stranger) never does, nor from the last stage once it is dropped."""
+    import logging
+
+    from stage_image.wire import encode_tensors
+    from testbed.control.dispatcher import Workload
+    from testbed.k8s.workload import WorkloadHost
+
+    controller, last, first = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+    host = WorkloadHost(Workload(), tmp_path, tmp_path / "model.onnx", "0" * 64,
+                        tmp_path / "events.jsonl", lambda *a, **k: None,
+                        logging.getLogger("test"), lambda: {"state": "planning"},
+                        "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", controller,
+                        KeyPair.generate().public.decode()).start()
+    ctx = zmq.Context()
+    senders = []
+    result = encode_tensors(3, 1, 1, 0.0, {"y": np.zeros((1, 4), np.float32)})
+    try:
+        host.admit([last.public.decode()])
+        for own in (first, KeyPair.generate()):
+            senders.append(_keyed_push(ctx, host.sink_address, own, controller.public))
+            for _ in range(20):
+                _try_send(senders[-1], result)
+        senders.append(_keyed_push(ctx, host.sink_address, last, controller.public))
+        senders[-1].send_multipart(result, copy=False)
+        # no request was sent: an admitted result is counted as unknown
+        assert wait_until(lambda: host.dispatcher.unknown_results >= 1, 30)
+        time.sleep(0.5)             # anything else admitted would be counted by now
+        assert host.dispatcher.unknown_results == 1
+        host.admit([])              # the epoch pruned: a new connection is refused
+        senders.append(_keyed_push(ctx, host.sink_address, last, controller.public))
+        for _ in range(20):
+            _try_send(senders[-1], result)
+        time.sleep(0.5)
+        assert host.dispatcher.unknown_results == 1
+    finally:
+        for sock in senders:
+            sock.close(0)
+        ctx.term()
+        host.stop()
 
 
 # --- the whole loop against a fake API server ----------------------------------------------

@@ -22,7 +22,7 @@ import time
 
 from formats.errors import InputError
 from partitioner.algorithms.greedy import greedy
-from partitioner.algorithms.optimal import exact_search
+from partitioner.algorithms.optimal import ExactResult, exact_search
 from partitioner.algorithms.randomised import random_plan
 from partitioner.algorithms.seifer import seifer
 from partitioner.algorithms.tables import (
@@ -68,12 +68,19 @@ def solve(instance: Instance, algorithm: str = "auto", time_limit_s: float | Non
         budget = default if time_limit_s is None else time_limit_s
         tables.deadline = started + budget
         incumbent = _best_baseline(tables, seed)
-        left = max(0.0, budget - (time.monotonic() - started))
-        result = exact_search(tables.stage, tables.hop, incumbent, left)
+        try:
+            stage, hop = tables.stage, tables.hop
+        except OutOfTime:
+            # Not even the cost tables were built in time: the baselines' plan.
+            result = ExactResult(incumbent or [], False, 0.0)
+        else:
+            left = max(0.0, budget - (time.monotonic() - started))
+            result = exact_search(stage, hop, incumbent, left)
         # No plan yet only when time ran out first and both baselines failed: draw one.
         path = result.path or random_plan(tables, seed)
         proven = result.proven
-        lower_bound = None if proven else result.lower_bound_ms
+        # (the search's bound is 0 when it was stopped before its first round)
+        lower_bound = None if proven else max(result.lower_bound_ms, tables.quick_bound())
     plan = Plan.of(instance, tables.stages(path), algorithm, proven, lower_bound,
                    time.monotonic() - started)
     if lower_bound is not None:

@@ -8,12 +8,13 @@ way; long chains over few nodes are left to the DP and the MILP."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from partitioner.algorithms.relaxed import reach
-from partitioner.algorithms.tables import Path
+from partitioner.algorithms.tables import OutOfTime, Path
 
 # Expansions before giving up (each costs segments^2 x nodes boolean operations).
 MAX_EXPANSIONS = 500
@@ -26,11 +27,15 @@ class Chain:
 
 
 def chain_search(stage: np.ndarray, hop: np.ndarray, threshold: float,
-                 max_expansions: int = MAX_EXPANSIONS) -> Chain:
+                 max_expansions: int = MAX_EXPANSIONS, deadline: float | None = None) -> Chain:
     """A valid path whose every cost is <= threshold, or the proof that there is none, or
-    neither when the budget runs out first."""
+    neither when the budget runs out first, or time.monotonic() passes `deadline` (on 300
+    segments x 200 nodes one expansion takes tens of milliseconds)."""
     s, n = stage.shape[0] - 1, stage.shape[2]
-    r = reach(stage, hop, threshold)
+    try:
+        r = reach(stage, hop, threshold, deadline=deadline)
+    except OutOfTime:
+        return Chain(None, False)
     if not r.feasible:
         return Chain(None, True)
     # stage_ok[b, e, w]: stage [b, e) on w is cheap enough and the relaxation can finish from e.
@@ -43,6 +48,8 @@ def chain_search(stage: np.ndarray, hop: np.ndarray, threshold: float,
     def extend(last: int, frontier: np.ndarray, used: np.ndarray,
                chain: list[tuple[int, np.ndarray]]) -> Path | None:
         """`frontier[b]`: the chain so far can end at boundary b on `last`."""
+        if deadline is not None and time.monotonic() > deadline:
+            budget[0] = 0       # out of time: "don't know", as with the budget spent
         if budget[0] <= 0:
             return None
         budget[0] -= 1

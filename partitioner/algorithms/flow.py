@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +21,7 @@ import highspy
 import numpy as np
 
 from partitioner.algorithms.relaxed import Bounds, useful_arcs
-from partitioner.algorithms.tables import Path
+from partitioner.algorithms.tables import OutOfTime, Path
 
 Status = Literal["feasible", "infeasible", "unknown"]
 
@@ -70,9 +71,15 @@ def solve_flow(stage: np.ndarray, hop: np.ndarray, threshold: float, *,
     HiGHS 1.16 misprices a start after presolve (it compares the start's objective without
     presolve's offset and stops early, "optimal" with a worse plan). Models with more than
     `max_columns` arcs are not attempted ("unknown"): HiGHS would not finish them in any budget
-    we give it, and building them alone costs seconds."""
+    we give it, and building them alone costs seconds; nor are they past `time_limit_s`
+    (the arc scan stops there)."""
     s, n = stage.shape[0] - 1, stage.shape[2]
-    arcs = useful_arcs(stage, hop, threshold, "sum", prune_above, bounds)
+    # the time limit covers the arc scan too (seconds on 20 x 1000), not only HiGHS
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+    try:
+        arcs = useful_arcs(stage, hop, threshold, "sum", prune_above, bounds, deadline)
+    except OutOfTime:
+        return FlowResult("unknown")
     columns = len(arcs.stage) + len(arcs.hop)
     if not len(arcs.stage):
         return FlowResult("infeasible")

@@ -19,7 +19,7 @@ import numpy as np
 
 from partitioner.algorithms import relaxed
 from partitioner.algorithms.chains import chain_search, repair
-from partitioner.algorithms.tables import Path, candidates, key_of
+from partitioner.algorithms.tables import Candidates, OutOfTime, Path, key_of
 
 EVALUATIONS = 3000
 
@@ -104,18 +104,23 @@ def descend(stage: np.ndarray, hop: np.ndarray, path: Path, lower: float,
     for a plan with every cost <= the candidate from the relaxation's least-latency path
     (repaired where it repeats nodes) or a short chain search. A heuristic: a failed test
     proves nothing, so the search may skip better plans, never return a worse one."""
-    values = candidates(stage, hop, lower, key_of(stage, hop, path)[0])
-    lo, hi = 0, len(values) - 1
+    values = Candidates(stage, hop, deadline)
+    lo, hi = lower, key_of(stage, hop, path)[0]
     while lo < hi and time.monotonic() < deadline:
-        mid = (lo + hi) // 2
-        threshold = float(values[mid])
+        try:
+            threshold, after = values.pick(lo, hi)
+        except OutOfTime:
+            break
+        if threshold is None:
+            break
         found = relaxed.best_path(stage, hop, "sum", [], threshold).path
         if found and not relaxed.distinct(found):
             found = repair(stage, hop, found, threshold)
         if not found:
-            found = chain_search(stage, hop, threshold, max_expansions=50).path
+            found = chain_search(stage, hop, threshold, max_expansions=50,
+                                 deadline=deadline).path
         if found:
-            hi, path = mid, found
+            hi, path = threshold, found
         else:
-            lo = mid + 1
+            lo = after
     return path

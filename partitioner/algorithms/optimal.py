@@ -39,7 +39,13 @@ from partitioner.algorithms import relaxed
 from partitioner.algorithms.chains import chain_search, repair
 from partitioner.algorithms.flow import solve_flow
 from partitioner.algorithms.local import descend, improve
-from partitioner.algorithms.tables import Path, candidates, key_of, path_latency
+from partitioner.algorithms.tables import (
+    Candidates,
+    OutOfTime,
+    Path,
+    key_of,
+    path_latency,
+)
 from partitioner.instance import InfeasibleError
 
 # Costs within this relative distance of the optimal bottleneck count as equal to it when the
@@ -132,7 +138,7 @@ def exact_search(stage: np.ndarray, hop: np.ndarray, incumbent: Path | None = No
         lower = max(lower, found.value)
         if relaxed.distinct(found.path):
             return search.least_latency(found.value).result(found.value, search)
-        chain = chain_search(stage, hop, found.value)
+        chain = chain_search(stage, hop, found.value, deadline=search.clock.deadline)
         if chain.path is not None:
             return search.least_latency(found.value).result(found.value, search)
         if chain.exhausted:
@@ -269,40 +275,45 @@ def _bisect(stage: np.ndarray, hop: np.ndarray, lower: float, best: Path | None,
             clock: _Clock) -> _Bisection:
     """Smallest feasible candidate bottleneck >= lower (see the module docstring). The DP's
     bound is usually the optimum itself, so the first test is at the bound, and asks the MILP
-    for the least latency too: when that is feasible both phases are done at once."""
-    upper = key_of(stage, hop, best)[0]
-    if clock.expired():
-        return _Bisection(best, False, lower)
-    values = candidates(stage, hop, lower, upper)
-    if best is not None and not len(values):
-        return _Bisection(best, True, upper)    # the bound met the incumbent
-    lo, hi = 0, len(values) - 1 if best else len(values)
-    witness, first = best, True
-    # Invariant: every candidate below values[lo] is infeasible; values[hi] is feasible (or,
-    # with no plan yet, hi is past the end).
+    for the least latency too: when that is feasible both phases are done at once. The
+    candidates are never all sorted (tables.Candidates): thresholds come from a sample until
+    the interval is small enough to list, then from the list, as a plain binary search."""
+    values = Candidates(stage, hop, clock.deadline)
+    hi = key_of(stage, hop, best)[0] if best else math.inf
+    # (a bound at or above the incumbent's bottleneck proves it optimal)
+    lo, witness, first = min(lower, hi), best, True
+    # Invariant: every candidate below lo is infeasible; hi is a feasible candidate (witness's
+    # bottleneck is at most hi), or inf with no plan yet.
     while lo < hi and not clock.expired():
-        mid = lo if first else (lo + hi) // 2
-        threshold = float(values[mid])
-        chain = chain_search(stage, hop, threshold)
+        try:
+            threshold, after = values.pick(lo, hi, first)
+        except OutOfTime:
+            break
+        if threshold is None:
+            lo = hi         # no candidate in [lo, hi): hi is the least (inf: no plan at all)
+            break
+        chain = chain_search(stage, hop, threshold, deadline=clock.deadline)
         found = chain.path
         if chain.exhausted:
-            lo, first = mid + 1, False
+            lo, first = after, False
             continue
         if found is None:
+            if clock.expired():
+                break       # (building the MILP alone takes seconds on big instances)
             result = solve_flow(stage, hop, threshold * (1 + TIE) if first else threshold,
                                 latency=first, time_limit_s=clock.remaining())
             if result.status == "unknown":
                 break
             if result.status == "infeasible":
-                lo, first = mid + 1, False
+                lo, first = after, False
                 continue
             found = result.path
             if first and result.proven:
                 return _Bisection(found, True, threshold, latency_proven=True)
-        hi, witness, first = mid, found, False
-    if lo >= len(values):
+        hi, witness, first = threshold, found, False
+    if math.isinf(lo) and witness is None:
         raise InfeasibleError(_infeasible_reason([0]))
-    return _Bisection(witness, lo == hi, float(values[lo]))
+    return _Bisection(witness, lo == hi, lo)
 
 
 def _infeasible_reason(critical: list[int]) -> str:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from partitioner.algorithms.tables import Path
+from partitioner.algorithms.tables import CHUNK_ENTRIES, OutOfTime, Path
 
 # Relative slack when pruning against a known value: float sums must not cut off a tie.
 SLACK = 1e-9
@@ -73,25 +74,39 @@ class Bounds:
 
 
 def reach(stage: np.ndarray, hop: np.ndarray, threshold: float = math.inf,
-          combine: str = "sum") -> Bounds:
-    """Forward and backward relaxed optima over arcs costing at most `threshold`."""
+          combine: str = "sum", deadline: float | None = None) -> Bounds:
+    """Forward and backward relaxed optima over arcs costing at most `threshold`; OutOfTime
+    once time.monotonic() passes `deadline` (checked every few boundaries: 900 segments x 60
+    nodes take about a second)."""
     join = _join(combine)
     s, n = stage.shape[0] - 1, stage.shape[2]
-    stage, hop = capped(stage, threshold), capped(hop, threshold)
+
+    def cap(costs: np.ndarray) -> np.ndarray:
+        # row by row: a capped copy of the whole tables (0.4 GB there) took as long as the
+        # rest, before the first look at the clock
+        return capped(costs, threshold)
+
+    def check(b: int) -> None:
+        if deadline is not None and b % 16 == 0 and time.monotonic() > deadline:
+            raise OutOfTime("the time limit ran out")
+
     ready = np.full((s, n), math.inf)
     done = np.full((s + 1, n), math.inf)
-    ready[0] = hop[0, n, :n]
+    ready[0] = cap(hop[0, n, :n])
     for b in range(s):
+        check(b)
         if b > 0:
-            ready[b] = join(done[b][:, None], hop[b, :n, :n]).min(axis=0)
-        done[b + 1:] = np.minimum(done[b + 1:], join(ready[b][None, :], stage[b, b + 1:, :]))
+            ready[b] = join(done[b][:, None], cap(hop[b, :n, :n])).min(axis=0)
+        done[b + 1:] = np.minimum(done[b + 1:],
+                                  join(ready[b][None, :], cap(stage[b, b + 1:, :])))
     finish_done = np.full((s + 1, n), math.inf)
     finish_ready = np.full((s, n), math.inf)
-    finish_done[s] = hop[s, :n, n]
+    finish_done[s] = cap(hop[s, :n, n])
     for b in range(s - 1, -1, -1):
-        finish_ready[b] = join(stage[b, b + 1:, :], finish_done[b + 1:]).min(axis=0)
+        check(b)
+        finish_ready[b] = join(cap(stage[b, b + 1:, :]), finish_done[b + 1:]).min(axis=0)
         if b > 0:
-            finish_done[b] = join(hop[b, :n, :n], finish_ready[b][None, :]).min(axis=1)
+            finish_done[b] = join(cap(hop[b, :n, :n]), finish_ready[b][None, :]).min(axis=1)
     return Bounds(ready, done, finish_ready, finish_done)
 
 
@@ -114,24 +129,38 @@ class Arcs:
 
 
 def useful_arcs(stage: np.ndarray, hop: np.ndarray, threshold: float, combine: str,
-                upper: float = math.inf, bounds: Bounds | None = None) -> Arcs:
+                upper: float = math.inf, bounds: Bounds | None = None,
+                deadline: float | None = None) -> Arcs:
     """Arcs through which the best relaxed path (by `bounds`, by default `reach`'s) is finite
-    and at most `upper` (with SLACK)."""
+    and at most `upper` (with SLACK). A block of rows at a time, raising OutOfTime once
+    time.monotonic() passes `deadline` (20 x 1000 takes seconds: 21 M hop entries)."""
     s, n = stage.shape[0] - 1, stage.shape[2]
     join = _join(combine)
     r = bounds if bounds is not None else reach(stage, hop, threshold, combine)
     limit = upper * (1 + SLACK)
-    stage, hop = capped(stage, threshold), capped(hop, threshold)
 
     def keep(through: np.ndarray) -> np.ndarray:
         return np.isfinite(through) & (through <= limit)
 
-    stage_keep = keep(join(join(r.ready[:, None, :], stage[:s]), r.finish_done[None, :, :]))
+    def blocks(first: int, last: int, table: np.ndarray) -> Iterator[tuple[int, int]]:
+        rows = max(1, CHUNK_ENTRIES // max(1, table[0].size))
+        for a in range(first, last, rows):
+            if deadline is not None and time.monotonic() > deadline:
+                raise OutOfTime("the time limit ran out")
+            yield a, min(a + rows, last)
+
+    stage_keep = np.zeros((s, s + 1, n), dtype=bool)
+    for a, b in blocks(0, s, stage):
+        stage_keep[a:b] = keep(join(join(r.ready[a:b, None, :], capped(stage[a:b], threshold)),
+                                    r.finish_done[None, :, :]))
     hop_keep = np.zeros((s + 1, n + 1, n + 1), dtype=bool)
-    hop_keep[1:s, :n, :n] = keep(join(join(r.done[1:s, :, None], hop[1:s, :n, :n]),
-                                      r.finish_ready[1:, None, :]))
+    for a, b in blocks(1, s, hop):
+        hop_keep[a:b, :n, :n] = keep(join(join(r.done[a:b, :, None],
+                                               capped(hop[a:b, :n, :n], threshold)),
+                                          r.finish_ready[a:b, None, :]))
+    hop = capped(hop[[0, s]], threshold)        # boundaries 0 and S, now rows 0 and 1
     hop_keep[0, n, :n] = keep(join(hop[0, n, :n], r.finish_ready[0]))
-    hop_keep[s, :n, n] = keep(join(r.done[s], hop[s, :n, n]))
+    hop_keep[s, :n, n] = keep(join(r.done[s], hop[1, :n, n]))
     return Arcs(np.argwhere(stage_keep), np.argwhere(hop_keep))
 
 
@@ -203,7 +232,10 @@ def best_path(stage: np.ndarray, hop: np.ndarray, combine: str, critical: list[i
     join = _join(combine)
     s, n = stage.shape[0] - 1, stage.shape[2]
     r = bounds if bounds is not None else reach(stage, hop, threshold, combine)
-    arcs = useful_arcs(stage, hop, threshold, combine, upper, r)
+    try:
+        arcs = useful_arcs(stage, hop, threshold, combine, upper, r, deadline)
+    except OutOfTime:
+        return None
     limit = upper * (1 + SLACK)
     bit = np.zeros(n + 1, dtype=np.int64)
     bit[list(critical)] = np.left_shift(1, np.arange(len(critical), dtype=np.int64))

@@ -17,7 +17,9 @@ Rules:
   another host's name (with names as identities, ROUTER_HANDOVER let any admitted key hand
   itself another host's connection);
 - the sink accepts results only from the last stage's workers of live epochs (active,
-  deploying, draining): their public keys are the sink's allow-list.
+  deploying, draining): their public keys are the sink's allow-list;
+- a worker accepts frames only from its upstream (`senders`: the stage before it, or the
+  dispatcher). The k3s backend applies the same rule through `senders`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from partitioner.instance import Plan
 from testbed.control.core.reconcile import LIVE_STATES
 from testbed.control.core.records import Epoch
 
@@ -70,21 +73,34 @@ class Peers:
         return self.identities.get(host)
 
 
+def senders(plan: Plan, stage: int | None) -> list[int | None]:
+    """Who sends to `stage` of `plan` (None: to the sink): the stages before it, one per
+    pipeline feeding it (for the sink, every pipeline's last stage), then None, the
+    dispatcher, where `stage` heads a pipeline. The one rule behind every data-plane
+    allow-list: the embedded controller's (below, with its slots' keys) and the k3s
+    backend's (testbed.k8s.manifests and loop, with each epoch's endpoint keys)."""
+    before: list[int | None] = [i for i in range(len(plan.stages))
+                                if plan.next_stage(i) == stage]
+    return before + [None] if stage is not None and stage in plan.heads else before
+
+
 def sink_senders(epochs: Iterable[Epoch]) -> list[str]:
     """The sink's allow-list: the public keys of the last stages of every live epoch (slots
     without keys, plaintext, add none)."""
-    return sorted({slot.keys.public.decode()
-                   for epoch in epochs if epoch.state in LIVE_STATES
-                   for i, slot in enumerate(epoch.slots)
-                   if epoch.plan.next_stage(i) is None and slot.keys is not None})
+    return sorted({key for epoch in epochs if epoch.state in LIVE_STATES
+                   for key in _slot_keys(epoch, senders(epoch.plan, None), None)})
 
 
 def upstream_keys(epoch: Epoch, stage: int, dispatcher_public: str | None) -> list[str]:
     """Public keys of whoever sends to `stage` in `epoch`: the stages before it (one per
     pipeline feeding it), or the dispatcher for a pipeline's first stage."""
-    plan = epoch.plan
-    keys = [slot.keys.public.decode() for i, slot in enumerate(epoch.slots)
-            if plan.next_stage(i) == stage and slot.keys is not None]
-    if stage in plan.heads and dispatcher_public is not None:
-        keys.append(dispatcher_public)
-    return keys
+    return _slot_keys(epoch, senders(epoch.plan, stage), dispatcher_public)
+
+
+def _slot_keys(epoch: Epoch, indices: list[int | None], dispatcher_public: str | None,
+               ) -> list[str]:
+    keys = [epoch.slots[i].keys for i in indices if i is not None]
+    out = [pair.public.decode() for pair in keys if pair is not None]
+    if None in indices and dispatcher_public is not None:
+        out.append(dispatcher_public)
+    return out

@@ -22,7 +22,8 @@ on plain data, the API calls sit at the edges.
   and events.jsonl is written with the embedded controller's EventLog and event names.
 - With a workload in its inputs, the controller also hosts the load generator + sink and the
   driver's command port (testbed.k8s.workload.WorkloadHost, a thread of its own): the last
-  stage of every epoch sends to the sink, and when an epoch is ready (`plan.deployed`) the
+  stage of every epoch sends to the sink (which, with CurveZMQ, admits the last stages of
+  the epochs not yet pruned, and nobody else), and when an epoch is ready (`plan.deployed`) the
   dispatcher switches to its stage 0 and replays what is unanswered.
 
 Node health. A node is dead when the API says so (NotReady, cordoned, a NoSchedule/NoExecute
@@ -294,6 +295,8 @@ class K3sController:
         # node: stage 0's Service (tests map it to loopback)
         self.stage0_address = stage0_address or (lambda s, _node: k8s.stage_address(0, s))
         self.routes: dict[int, Route] = {}
+        # epoch -> public keys of its last stages: the sink admits the epochs not yet pruned
+        self.sink_keys: dict[int, list[str]] = {}
         self.workload: WorkloadHost | None = None
         if inputs.workload is not None:
             self.workload = WorkloadHost(
@@ -446,6 +449,7 @@ class K3sController:
                 self._submit(lambda a=action: self.backend.force_delete_pods_on(set(a.nodes)),
                              self._reported("pods.force_deleted", nodes=sorted(action.nodes)))
             elif isinstance(action, Prune):
+                self._admit(keep_from=action.epoch - 1)    # what prune_epochs keeps
                 self._submit(lambda a=action: self.backend.prune_epochs(a.epoch),
                              self._reported("epochs.pruned", epoch=action.epoch))
 
@@ -490,6 +494,11 @@ class K3sController:
                     if settings.curve_keys else None)
         self.routes[epoch] = Route(epoch, settings.model_version, [head],
                                    list(models[0].inputs))
+        if settings.curve_keys is not None:
+            # before the pods exist: the new last stage connects to the sink once it is up
+            public = {name: pair.public.decode() for name, pair in settings.curve_keys.items()}
+            self.sink_keys[epoch] = k8s.sender_keys(plan, None, public)
+            self._admit(keep_from=min(self.sink_keys))
         self.events.emit("plan.computed", epoch=epoch, **prepared.summary(),
                          plan=plan.to_json())
 
@@ -506,6 +515,13 @@ class K3sController:
             return self.decider.deployed(epoch, now)
 
         self._submit(lambda: self.backend.deploy_epoch(plan, models, settings), then)
+
+    def _admit(self, keep_from: int) -> None:
+        """The sink admits the last stages of the epochs from `keep_from` on (the embedded
+        controller's rule, testbed.control.auth.senders, over each epoch's keys)."""
+        self.sink_keys = {e: keys for e, keys in self.sink_keys.items() if e >= keep_from}
+        if self.workload is not None:
+            self.workload.admit({key for keys in self.sink_keys.values() for key in keys})
 
     def _reported(self, kind: str, **fields: Any,
                   ) -> Callable[[Future[Any], float], list[Action]]:

@@ -26,6 +26,9 @@ How the embedded design maps onto Kubernetes (one to one, see docs/architecture.
                               Service's control port (testbed/k8s/loop.py receives it)
 - CurveZMQ keys            -> a Secret per epoch, one keypair per endpoint; each pod mounts
                               only its own secret key; public keys are in the ConfigMap
+- the agent's allow-lists  -> each stage's config names the keys it admits frames from (its
+                              upstream, testbed.control.auth.senders); the sink's list is
+                              the control loop's (testbed.k8s.loop)
 Labels carry the epoch and model version on everything that belongs to one deployment.
 """
 
@@ -47,6 +50,7 @@ from formats.control import ControlSettings
 from formats.errors import InputError
 from partitioner.instance import Plan
 from stage_image.security import generate_deployment_keys
+from testbed.control.auth import senders
 
 Manifest = dict[str, Any]
 
@@ -316,7 +320,18 @@ def network_policy_manifest(settings: K8sSettings) -> Manifest:
 
 def endpoint_names(n_stages: int) -> list[str]:
     """CurveZMQ endpoints of a deployment: each stage and the controller (dispatcher+sink)."""
-    return [f"stage-{i}" for i in range(n_stages)] + ["controller"]
+    return [endpoint_name(i) for i in range(n_stages)] + [endpoint_name(None)]
+
+
+def endpoint_name(stage: int | None) -> str:
+    """The endpoint of a stage, or (None) of the dispatcher and sink: the controller."""
+    return "controller" if stage is None else f"stage-{stage}"
+
+
+def sender_keys(plan: Plan, stage: int | None, public: Mapping[str, str]) -> list[str]:
+    """The allow-list of `stage`'s worker (None: of the sink), the embedded backend's rule
+    (testbed.control.auth.senders) over this epoch's endpoint keys."""
+    return [public[endpoint_name(i)] for i in senders(plan, stage)]
 
 
 def _curve_keys(settings: K8sSettings, n_stages: int) -> Mapping[str, Any]:
@@ -344,8 +359,11 @@ def heartbeat_address(settings: K8sSettings) -> str:
 
 
 def worker_config(index: int, plan: Plan, stages: Sequence[StageModel],
-                  settings: K8sSettings) -> dict[str, Any]:
-    """The worker's JSON config (stage_image.worker.WorkerConfig fields) for stage `index`."""
+                  settings: K8sSettings, curve_public: Mapping[str, str] | None = None,
+                  ) -> dict[str, Any]:
+    """The worker's JSON config (stage_image.worker.WorkerConfig fields) for stage `index`;
+    with CurveZMQ (`curve_public`: endpoint -> public key), the keys it admits frames from:
+    its upstream only, as in the embedded backend."""
     stage, model = plan.stages[index], stages[index]
     config: dict[str, Any] = {
         "host": stage.node, "epoch": settings.epoch, "stage": index,
@@ -357,12 +375,16 @@ def worker_config(index: int, plan: Plan, stages: Sequence[StageModel],
     if settings.heartbeat_ms is not None:
         config["heartbeat"] = heartbeat_address(settings)
         config["heartbeat_ms"] = settings.heartbeat_ms
+    if curve_public is not None:
+        config["upstream"] = sender_keys(plan, index, curve_public)
+        config["upstream_gate"] = True
     return config
 
 
 def config_map_manifest(plan: Plan, stages: Sequence[StageModel], settings: K8sSettings,
                         curve_public: Mapping[str, str] | None) -> Manifest:
-    data = {f"stage-{i}.json": json.dumps(worker_config(i, plan, stages, settings), indent=1)
+    data = {f"stage-{i}.json": json.dumps(worker_config(i, plan, stages, settings,
+                                                        curve_public), indent=1)
             for i in range(len(plan.stages))}
     data["stages.json"] = json.dumps(
         [{"file": m.file, "inputs": m.inputs, "outputs": m.outputs, "sha256": m.sha256,

@@ -1,16 +1,16 @@
 """The k3s controller's workload: the load generator + sink (testbed.control.dispatcher.Dispatcher)
 and the driver's command port, hosted in the controller's pod next to the control loop.
 
-Division of labour: the control loop (testbed.k8s.loop.K3sController) decides epochs and
-tells this module, through `activate`, when an epoch is ready (its `plan.deployed`); nothing
-here decides placement. One thread owns every ZeroMQ socket of the workload (ZeroMQ sockets
-are not thread-safe): the dispatcher's sink (PULL, bound once, where the last stage of every
-epoch sends), its PUSH to the active epoch's stage 0, and the command port (REP). The
-dispatcher's rules are the embedded controller's: a seeded input pool, the full model's
-outputs as references, every result checked, at-least-once processing and exactly-once
-results. On a new epoch every unanswered request is replayed at once and the old epoch is
-retired: in k3s every epoch replaces every stage pod (the epoch is in the pod template), so
-the old pipeline is torn down whatever the reason for the new one.
+Division of labour: the control loop (testbed.k8s.loop.K3sController) decides epochs and tells
+this module, through `activate`, when an epoch is ready (its `plan.deployed`); nothing here
+decides placement. One thread owns every ZeroMQ socket of the workload (ZeroMQ sockets are not
+thread-safe): the dispatcher's sink (PULL, bound once, where the last stage of every epoch
+sends; with CurveZMQ only the keys the loop `admit`s get in), its PUSH to the active epoch's
+stage 0, and the command port (REP). The dispatcher's rules are the embedded controller's: a
+seeded input pool, the full model's outputs as references, every result checked, at-least-once
+processing and exactly-once results. On a new epoch every unanswered request is replayed at
+once and the old epoch is retired: in k3s every epoch replaces every stage pod (the epoch is in
+the pod template), so the old pipeline is torn down whatever the reason for the new one.
 
 Commands (JSON over REQ/REP, every reply has "ok"). With CurveZMQ the port is a CURVE server
 with the controller's keypair that admits only the driver's public key (ZAP allow-list):
@@ -38,14 +38,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from stage_image.security import KeyPair, apply_server, start_authenticator
+from stage_image.security import Gate, KeyPair, apply_server, start_authenticator, start_gates
 from testbed.control import commands
 from testbed.control.dispatcher import (
     Dispatcher,
@@ -87,9 +87,15 @@ class WorkloadHost:
         self.model_sha256, self.events_path = model_sha256, events_path
         self.emit, self.log, self.view = emit, log, view
         self.ctx = zmq.Context()
-        self.dispatcher = Dispatcher(self.ctx, sink_bind, emit, log, keys=keys)
-        # Its own context: ZAP is per context, and only this port has an allow-list (the
-        # sink admits the last stage of every epoch, whose keys change with the epoch).
+        # With CurveZMQ the sink admits only the last stages of the epochs whose pods may run
+        # (`admit`, from the control loop: their keys change with every epoch).
+        self.sink_gate = Gate()
+        self.sink_zap = (start_gates(self.ctx, {"sink": self.sink_gate})
+                         if keys is not None else None)
+        self.dispatcher = Dispatcher(self.ctx, sink_bind, emit, log, keys=keys,
+                                     zap_domain="sink")
+        # Its own context: ZAP is per context, and this port's allow-list (the driver) is
+        # fixed for the run and covers every domain of its context.
         self.command_ctx = zmq.Context()
         self.auth = (start_authenticator(self.command_ctx, [driver_public])
                      if keys is not None and driver_public is not None else None)
@@ -122,6 +128,11 @@ class WorkloadHost:
 
     def activate(self, route: Route) -> None:
         self.inbox.put(("route", route))
+
+    def admit(self, senders: Iterable[str]) -> None:
+        """The sink's allow-list from now on (public keys; only with CurveZMQ). Safe from
+        any thread: the Gate swaps in a new frozenset, which the ZAP thread reads."""
+        self.sink_gate.set(senders)
 
     def stop(self) -> None:
         self._stop.set()
@@ -207,6 +218,8 @@ class WorkloadHost:
         self.rep.close(0)
         if self.auth is not None:
             self.auth.stop()
+        if self.sink_zap is not None:
+            self.sink_zap.stop()
         self.ctx.term()
         self.command_ctx.term()
 
