@@ -714,6 +714,12 @@ class Agent:
         self.log.info("stopped")
 
 
+def curve_args(server_public: str, keypair: str | Path) -> list[str]:
+    """The agent's CurveZMQ arguments, as whoever starts it passes them: `--opt=VALUE`, since
+    a Z85 key may begin with '-' (1 key in 85), which argparse takes for an option."""
+    return [f"--curve-server-key={server_public}", f"--curve-keypair={keypair}"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stage_image.agent", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

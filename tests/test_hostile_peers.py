@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import zmq
 
+from stage_image.agent import curve_args
 from stage_image.security import KeyPair, apply_data_client, save_keypair
 from stage_image.wire import encode_control, encode_tensors
 from testbed.control.auth import AgentKeys, sink_senders, upstream_keys
@@ -99,8 +100,8 @@ class KeyedCluster(Cluster):
             ["-m", "stage_image.agent", "--host", host, "--controller",
              f"tcp://{DISPATCHER_IP}:{self.port}", "--data-dir", str(self.root / host),
              "--ip", NODE_IPS[host], "--heartbeat-ms", "100",
-             "--curve-server-key", str(self.curve_public),
-             "--curve-keypair", str(self.root / f"{host}.key")], f"agent_{host}")
+             *curve_args(str(self.curve_public), self.root / f"{host}.key")],
+            f"agent_{host}")
 
 
 def _client(kind: int, address: str, own: KeyPair, server_public: str,

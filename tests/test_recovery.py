@@ -202,7 +202,7 @@ class Cluster:
             ["-m", "stage_image.agent", "--host", host, "--controller",
              f"tcp://{DISPATCHER_IP}:{self.port}", "--data-dir", str(self.root / host),
              "--ip", NODE_IPS[host], "--heartbeat-ms", "100",
-             *(["--curve-server-key", self.curve_public] if self.curve_public else [])],
+             *([f"--curve-server-key={self.curve_public}"] if self.curve_public else [])],
             f"agent_{host}")
 
     # -- the driver's side ---------------------------------------------------------------------

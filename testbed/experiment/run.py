@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from formats.scenario import Scenario
+from stage_image.agent import curve_args
 from stage_image.security import KeyPair, apply_client
 from testbed.experiment.faults import FaultTimeline, Hooks
 from testbed.experiment.prepare import CONTROL_PORT, SINK_PORT, Prepared, log
@@ -126,8 +127,7 @@ class RunKeys:
                 "agent_keys": {h: pair.public.decode() for h, pair in self.agents.items()}}
 
     def agent_args(self, host: str) -> list[str]:
-        return ["--curve-server-key", self.controller.public.decode(),
-                "--curve-keypair", str(self.path(host))]
+        return curve_args(self.controller.public.decode(), self.path(host))
 
 
 def _controller_config(scenario: Scenario, prepared: Prepared, net: Any, out_dir: Path,
