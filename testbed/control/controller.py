@@ -29,7 +29,11 @@ frames) as soon as its first heartbeat arrives.
 Failures. A host silent for `suspect_after_missed` heartbeat intervals is suspected
 (`node.suspected`); a worker dying is reported by its agent at once (`worker.failed`). Its
 workers are forgotten, every epoch that used one is broken, and a re-plan starts at once
-(after `replan_delay_s` when set: the simulated Kubernetes wait). The re-plan (policy) keeps
+(after `replan_delay_s` when set: the simulated Kubernetes wait), unless a sound epoch is
+being deployed that the failure does not touch: it is let finish (`replan.deferred`; under
+overlapping faults each re-plan superseded the epoch still loading its models, and nothing
+became active), and the rejoin rule weighs a host that came back meanwhile once it serves
+(testbed.control.core.replan). The re-plan (policy) keeps
 surviving workers where the bottleneck allows. To recover in about a second, the controller
 prepares for the next failure while all is well: for each node of the active plan it computes
 the plan it would move to if that node died (contingency plans, in the background), and
