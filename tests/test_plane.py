@@ -436,6 +436,24 @@ def test_a_host_available_while_a_sound_epoch_deploys_is_weighed_after() -> None
     assert world.plane.rejoin_hosts == {"e2"}
 
 
+def test_hosts_in_their_rejoin_hold_are_tried_at_once_when_no_plan_fits() -> None:
+    world = World(standby=False, rejoin_hold_s=10.0)
+    world.serving()
+    world.plane.on_hello("e3", {"pid": 7, "incarnation": "0123456789abcdef"}, world.now)
+    assert not world.plane.usable("e3")         # restarted: held while epoch 1 serves
+    fail_worker(world, "e1")
+    world.plane.tick(world.now)
+    (job,) = world.take(StartJob)
+    assert job.request is not None and "e3" not in job.request.live
+    world.plane.job_done("plan", None, InfeasibleError("no room"), world.now)
+    # nothing fits without e3, so its hold does not apply: it is planned with now, not in
+    # ten seconds when its hold ends
+    assert kinds(world.take())[-2:] == ["plan.infeasible", "replan.requested"]
+    world.plane.tick(world.now)
+    (job,) = world.take(StartJob)
+    assert job.request is not None and "e3" in job.request.live
+
+
 def test_stale_plans_are_dropped() -> None:
     world = World(standby=False)
     world.serving()

@@ -60,7 +60,8 @@ stable for `rejoin_hold_s`, doubled for each failure while it served (testbed.co
 backoff; a new suspicion restarts the clock), and then only if the plan
 with it beats the plan in force by `rejoin_margin` (policy.better_by_margin); otherwise
 `rejoin.declined` and it becomes a spare (and may hold a standby). While no plan fits, a node
-that returns is tried at once: nothing is running that could flap. A suspected host that
+that returns is tried at once, and so are nodes still in their hold when a plan is found
+infeasible: nothing is running that could flap. A suspected host that
 comes back with its workers still running (it was slow, not dead: a small CPU share starves
 its agent now and then) keeps them as standbys (`standby.readopted`), so taking it back
 loads nothing. Which start of a host's agent is listened to is decided by

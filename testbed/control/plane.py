@@ -248,12 +248,21 @@ class ControlPlane:
         self.new_epoch(prepared)
 
     def infeasible(self, reason: str) -> None:
-        self.emit(ev.PLAN_INFEASIBLE, reason=reason, live=sorted(self.usable_hosts()),
+        usable = self.usable_hosts()
+        self.emit(ev.PLAN_INFEASIBLE, reason=reason, live=sorted(usable),
                   version=self.target_version)
         self.waiting_for_nodes = True
         self.infeasible_reason = reason
         if not self.control.replan and self.active is None:
             self.failure = f"no plan: {reason}"
+            return
+        # while nothing fits the rejoin hold does not apply (core.rejoin): hosts it kept out
+        # are usable now, and are tried at once, not when their hold ends (under churn no
+        # node served for seconds while restarted ones sat out their hold)
+        held = self.usable_hosts() - usable
+        if held:
+            self.request_replan(f"{', '.join(sorted(held))} usable while no plan fits",
+                                available=frozenset(held))
 
     def next_job(self) -> None:
         """Start the most urgent work: a re-plan after a failure first (a contingency plan
