@@ -1,4 +1,5 @@
-"""testbed/control/core/replan.py: the pending re-plan, kinds, stale plans, epoch numbers."""
+"""testbed/control/core/replan.py: the pending re-plan, kinds, stale plans, epoch numbers,
+and the hold of a sound epoch being deployed."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from partitioner.instance import Instance, Node, Plan, Segment, Stage
 from testbed.control.core.replan import (
     Epochs,
     Replans,
+    Request,
+    answered,
     failure_kind,
+    hold,
     lost_while_planning,
     stale_event,
 )
@@ -43,3 +47,34 @@ def test_stale_plans_and_epoch_numbers() -> None:
     asked_at = epochs.next
     assert epochs.current(asked_at) and epochs.allocate() == 4 and epochs.next == 5
     assert not epochs.current(asked_at)
+
+
+def test_only_a_sound_deploying_epoch_untouched_by_the_cause_holds_a_request() -> None:
+    assert hold(deploying_sound=True, touches_deploying=False)
+    assert not hold(deploying_sound=True, touches_deploying=True)
+    assert not hold(deploying_sound=False, touches_deploying=False)
+    (event,) = Replans.defer("failure", "e4 lost", 7)
+    assert event.kind == "replan.deferred" and event.fields == {
+        "kind": "failure", "reason": "e4 lost", "deploying_epoch": 7}
+
+
+def test_merged_requests_keep_the_newest_generation_the_force_and_every_host() -> None:
+    replans = Replans()
+    assert replans.want("failure", "e1 lost", generation=3, hosts=frozenset({"e5"}))
+    assert replans.want("failure", "by the driver", generation=5, force=True,
+                        hosts=frozenset({"e6"})) == []
+    assert replans.pending == Request("failure", "e1 lost", 5, True, frozenset({"e5", "e6"}))
+    # a rejoin upgraded to a failure keeps the rejoin's hosts to weigh
+    replans = Replans()
+    replans.want("rejoin", "e3 stable", generation=2, hosts=frozenset({"e3"}))
+    replans.want("failure", "e1 lost", generation=2)
+    assert replans.pending == Request("failure", "e1 lost", 2, False, frozenset({"e3"}))
+
+
+def test_a_sound_epoch_made_after_a_request_answers_it_unless_forced() -> None:
+    asked = Request("failure", "e2 lost", generation=4)
+    assert answered(asked, 4, deploying_sound=True)          # epoch 4: made after the ask
+    assert not answered(asked, 3, deploying_sound=True)      # made before: it was not held
+    assert not answered(asked, 4, deploying_sound=False)     # broken: a re-plan is needed
+    assert not answered(asked, None, deploying_sound=True)
+    assert not answered(Request("failure", "driver", 4, force=True), 4, deploying_sound=True)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from formats.control import ControlSettings
-from partitioner.instance import Instance, Node, Plan, Segment, Stage
+from partitioner.instance import InfeasibleError, Instance, Node, Plan, Segment, Stage
 from testbed.control.core.actions import Event
 from testbed.control.dispatcher import Route, Workload
 from testbed.control.plane import ControlPlane
@@ -331,6 +331,127 @@ def test_a_node_back_while_a_sound_epoch_deploys_waits_for_the_rejoin_rule() -> 
     world.plane.tick(world.now)
     jobs = world.take(StartJob)
     assert jobs and jobs[0].kind == "rejoin" and "e2" in jobs[0].request.live
+
+
+def fail_worker(world: World, host: str, epoch: int = 1) -> None:
+    port = next(p for (h, p) in world.plane.slots if h == host)
+    world.plane.on_worker(host, {"port": port, "epoch": epoch, "stage": 0, "state": "failed",
+                                 "detail": "killed", "reason": "exit"}, world.now)
+
+
+def confirm(world: World, sends: list[Send], epoch: int) -> None:
+    for s in sends:
+        if s.kind == "deploy":
+            world.plane.on_worker(s.host, {"port": s.fields["port"], "epoch": epoch,
+                                           "stage": 0, "state": "ready", "detail": "",
+                                           "reason": "started"}, world.now)
+
+
+def deploying_on_e3(world: World) -> list[Send]:
+    """Epoch 1 on (e1, e2) serving, e1's worker fails, the re-plan puts both stages on e3:
+    epoch 2 deploys, the broken epoch 1 still uses e2."""
+    world.serving()
+    fail_worker(world, "e1")
+    world.plane.tick(world.now)
+    (job,) = world.take(StartJob)
+    assert job.kind == "plan"
+    world.plane.job_done("plan", world.prepared("e3", "e3", "failure"), None, world.now)
+    assert world.plane.deploying is not None and world.plane.deploying.number == 2
+    return world.take(Send)
+
+
+def test_a_fault_outside_the_deploying_epoch_lets_it_finish() -> None:
+    world = World(standby=False)
+    sends = deploying_on_e3(world)
+    fail_worker(world, "e2")        # the broken epoch 1's other host; epoch 2 does not use it
+    out = world.take()
+    assert "replan.requested" not in kinds(out)
+    (deferred,) = [a for a in out if isinstance(a, Event) and a.kind == "replan.deferred"]
+    assert deferred.fields["deploying_epoch"] == 2
+    world.plane.tick(world.now)
+    assert world.take(StartJob) == [] and world.plane.deploying.number == 2
+    confirm(world, sends, 2)
+    assert world.plane.active is not None and world.plane.active.number == 2
+    # epoch 1 was broken: its requests are replayed on epoch 2
+    assert world.dispatcher.routes[-1][0].epoch == 2 and world.dispatcher.routes[-1][1]
+    # the driver's request is never held
+    world.take()
+    fail_worker(world, "e3", epoch=2)
+    world.plane.tick(world.now)
+    world.take()
+    world.plane.job_done("plan", world.prepared("e2", "e2", "failure"), None, world.now)
+    world.plane.command({"cmd": "replan"}, world.now)
+    assert "replan.requested" in kinds(world.take())
+
+
+def test_a_fault_touching_the_deploying_epoch_replans() -> None:
+    world = World(standby=False)
+    deploying_on_e3(world)
+    port = next(p for (h, p) in world.plane.slots if h == "e3")
+    world.plane.on_worker("e3", {"port": port, "epoch": 2, "stage": 0, "state": "failed",
+                                 "detail": "killed", "reason": "exit"}, world.now)
+    out = world.take()
+    assert "replan.requested" in kinds(out) and "replan.deferred" not in kinds(out)
+    assert world.plane.deploying is not None and world.plane.deploying.broken
+    world.plane.tick(world.now)
+    (job,) = world.take(StartJob)
+    assert job.request is not None and job.request.live == frozenset({"e2"})
+
+
+def test_a_request_pending_while_an_epoch_was_planned_is_answered_by_it() -> None:
+    world = World(standby=False)
+    world.serving()
+    fail_worker(world, "e1")
+    world.plane.tick(world.now)
+    assert [j.kind for j in world.take(StartJob)] == ["plan"]
+    fail_worker(world, "e2")        # while the plan is computed: a second request waits
+    assert "replan.requested" in kinds(world.take())
+    world.plane.job_done("plan", world.prepared("e3", "e3", "failure"), None, world.now)
+    sends = world.take(Send)
+    world.plane.tick(world.now)
+    out = world.take()
+    # epoch 2 does not use e2 (a plan that did would have been stale): it answers the
+    # second request too, which would otherwise have superseded it
+    assert "replan.deferred" in kinds(out) and not [a for a in out if isinstance(a, StartJob)]
+    confirm(world, sends, 2)
+    assert world.plane.active is not None and world.plane.active.number == 2
+
+
+def test_a_host_available_while_a_sound_epoch_deploys_is_weighed_after() -> None:
+    world = World(standby=False)
+    deploying_on_e3(world)
+    # the driver's re-plan finds no plan: waiting for nodes, epoch 2 still deploys
+    world.plane.command({"cmd": "replan"}, world.now)
+    world.plane.tick(world.now)
+    assert [j.kind for j in world.take(StartJob)] == ["plan"]
+    world.plane.job_done("plan", None, InfeasibleError("no room"), world.now)
+    assert world.plane.waiting_for_nodes and world.plane.deploying is not None
+    world.take()
+    # e2's agent restarts: its request for a plan is held, e2 is kept for the rejoin rule
+    world.plane.on_hello("e2", {"pid": 7, "incarnation": "0123456789abcdef"}, world.now)
+    out = world.take()
+    assert "replan.requested" not in kinds(out)
+    assert [e.fields["reason"] for e in out if isinstance(e, Event)
+            and e.kind == "replan.deferred"][-1] == "e2 available"
+    assert world.plane.rejoin_hosts == {"e2"}
+
+
+def test_hosts_in_their_rejoin_hold_are_tried_at_once_when_no_plan_fits() -> None:
+    world = World(standby=False, rejoin_hold_s=10.0)
+    world.serving()
+    world.plane.on_hello("e3", {"pid": 7, "incarnation": "0123456789abcdef"}, world.now)
+    assert not world.plane.usable("e3")         # restarted: held while epoch 1 serves
+    fail_worker(world, "e1")
+    world.plane.tick(world.now)
+    (job,) = world.take(StartJob)
+    assert job.request is not None and "e3" not in job.request.live
+    world.plane.job_done("plan", None, InfeasibleError("no room"), world.now)
+    # nothing fits without e3, so its hold does not apply: it is planned with now, not in
+    # ten seconds when its hold ends
+    assert kinds(world.take())[-2:] == ["plan.infeasible", "replan.requested"]
+    world.plane.tick(world.now)
+    (job,) = world.take(StartJob)
+    assert job.request is not None and "e3" in job.request.live
 
 
 def test_stale_plans_are_dropped() -> None:

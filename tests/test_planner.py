@@ -239,3 +239,18 @@ def test_pure_bottleneck_leaves_out_only_the_per_frame_overhead() -> None:
         plan_cost(slow_link, stages).bottleneck_ms) == pytest.approx(1000 * 8 / 50)
     side_by_side = [Stage(0, 2, "a"), Stage(0, 2, "b")]
     assert pure_bottleneck_ms(instance, side_by_side, (1, 1)) == pytest.approx(40 / 0.25 / 2)
+
+
+@pytest.mark.parametrize("algorithm", ["seifer", "greedy", "random"])
+def test_baselines_place_stages_on_disks_that_hold_their_models(algorithm: str) -> None:
+    """Eight nodes whose disks hold one segment's model each: the only plans put one segment
+    on each node. Blind to disk, greedy and seifer put the whole model on one node (its
+    memory holds it) and random drew that one plan in 8! only."""
+    segments = [Segment(10.0, 10, 100, model_bytes=40) for _ in range(8)]
+    nodes = [Node(f"e{i}", 1.0, 1000, disk_bytes=50) for i in range(8)]
+    names = ["src", *(n.name for n in nodes)]
+    bandwidth = {pair: 1000.0 for pair in itertools.combinations(names, 2)}
+    instance = Instance(segments, 100, nodes, "src", bandwidth)
+    plan = solve(instance, algorithm, seed=1)
+    assert plan_problems(instance, plan.stages) == []
+    assert [s.end - s.first for s in plan.stages] == [1] * 8

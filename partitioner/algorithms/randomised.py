@@ -1,6 +1,7 @@
-"""`random`: the published random baseline, made memory-aware per node. Nodes are taken in a
-random order; each takes the next segments, as many as a uniformly random choice among those
-that fit its memory. Draws that run out of nodes or use a missing link are retried."""
+"""`random`: the published random baseline, made memory- and disk-aware per node. Nodes are
+taken in a random order; each takes the next segments, as many as a uniformly random choice
+among those whose stage fits its memory and, where counted, its disk (`Tables.stage`). Draws
+that run out of nodes or use a missing link are retried."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ ATTEMPTS = 200
 
 def random_plan(tables: Tables, seed: int = 0) -> Path:
     rng = random.Random(seed)
-    s, memory = tables.n_segments, tables.prefix_memory
+    s, stage = tables.n_segments, tables.stage
     for _ in range(ATTEMPTS):
         order = list(range(tables.n_nodes))
         rng.shuffle(order)
@@ -26,9 +27,10 @@ def random_plan(tables: Tables, seed: int = 0) -> Path:
         for node in order:
             if start == s:
                 break
-            # Ends e with segments [start, e) fitting the node's memory.
-            last = int(np.searchsorted(memory, memory[start] + tables.memory[node],
-                                       side="right")) - 1
+            # Ends e with segments [start, e) fitting the node's memory and disk: both grow
+            # with e, so they are the first run of finite stage costs.
+            fits = np.isfinite(stage[start, start + 1:, node])
+            last = start + (int(fits.argmin()) if not fits.all() else len(fits))
             if last <= start:
                 continue
             end = rng.randint(start + 1, min(last, s))

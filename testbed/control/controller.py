@@ -29,7 +29,11 @@ frames) as soon as its first heartbeat arrives.
 Failures. A host silent for `suspect_after_missed` heartbeat intervals is suspected
 (`node.suspected`); a worker dying is reported by its agent at once (`worker.failed`). Its
 workers are forgotten, every epoch that used one is broken, and a re-plan starts at once
-(after `replan_delay_s` when set: the simulated Kubernetes wait). The re-plan (policy) keeps
+(after `replan_delay_s` when set: the simulated Kubernetes wait), unless a sound epoch is
+being deployed that the failure does not touch: it is let finish (`replan.deferred`; under
+overlapping faults each re-plan superseded the epoch still loading its models, and nothing
+became active), and the rejoin rule weighs a host that came back meanwhile once it serves
+(testbed.control.core.replan). The re-plan (policy) keeps
 surviving workers where the bottleneck allows. To recover in about a second, the controller
 prepares for the next failure while all is well: for each node of the active plan it computes
 the plan it would move to if that node died (contingency plans, in the background), and
@@ -56,7 +60,8 @@ stable for `rejoin_hold_s`, doubled for each failure while it served (testbed.co
 backoff; a new suspicion restarts the clock), and then only if the plan
 with it beats the plan in force by `rejoin_margin` (policy.better_by_margin); otherwise
 `rejoin.declined` and it becomes a spare (and may hold a standby). While no plan fits, a node
-that returns is tried at once: nothing is running that could flap. A suspected host that
+that returns is tried at once, and so are nodes still in their hold when a plan is found
+infeasible: nothing is running that could flap. A suspected host that
 comes back with its workers still running (it was slow, not dead: a small CPU share starves
 its agent now and then) keeps them as standbys (`standby.readopted`), so taking it back
 loads nothing. Which start of a host's agent is listened to is decided by

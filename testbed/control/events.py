@@ -67,6 +67,8 @@ _TABLE: list[tuple[str, str, tuple[str, ...], str]] = [
     ("node.healthy", "embedded", ("host", "failures"), "a node's back-off ended"),
     # planning
     ("replan.requested", "both", ("kind", "reason"), "a new plan is wanted"),
+    ("replan.deferred", "embedded", ("kind", "reason", "deploying_epoch"),
+     "no re-plan: a fault that does not touch the sound epoch being deployed lets it finish"),
     ("replan.delayed", "embedded", ("host", "delay_s", "reason"),
      "the re-plan waits `replan_delay` (the simulated Kubernetes wait)"),
     ("replan.disabled", "embedded", ("reason",), "a re-plan was wanted, `replan` is off"),
@@ -167,6 +169,7 @@ NODE_STRAGGLER = "node.straggler"
 NODE_UNHEALTHY = "node.unhealthy"
 NODE_HEALTHY = "node.healthy"
 REPLAN_REQUESTED = "replan.requested"
+REPLAN_DEFERRED = "replan.deferred"
 PLAN_COMPUTED = "plan.computed"
 PLAN_DEPLOYED = "plan.deployed"
 PLAN_STALE = "plan.stale"

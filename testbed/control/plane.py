@@ -36,7 +36,15 @@ from testbed.control.core.actions import Event
 from testbed.control.core.health import Health, stall_s
 from testbed.control.core.records import Epoch, Slot
 from testbed.control.core.rejoin import judge
-from testbed.control.core.replan import Epochs, Replans, failure_kind, lost_while_planning
+from testbed.control.core.replan import (
+    Epochs,
+    Replans,
+    Request,
+    answered,
+    failure_kind,
+    hold,
+    lost_while_planning,
+)
 from testbed.control.core.straggler import StragglerWatch
 from testbed.control.core.versions import Versions
 from testbed.control.dispatcher import Head, Route, Workload
@@ -223,14 +231,16 @@ class ControlPlane:
             return
         if prepared.request.version.version != self.target_version and kind != "initial":
             self.emit(ev.PLAN_STALE, reason="the target version changed meanwhile")
-            self.request_replan("target version changed")
+            # a plan made while a sound epoch deploys answers a request that was not held
+            # (no newer epoch was made meanwhile): its continuation is not held either
+            self.request_replan("target version changed", touches_deploying=True)
             return
         # a host not heard from yet is waited for (epoch "waiting"); a lost one is not
         gone = [h for h in lost_while_planning(prepared.plan, self.usable_hosts())
                 if h in self.health.nodes]
         if gone:
             self.emit(ev.PLAN_STALE, reason=f"hosts {gone} lost while planning")
-            self.request_replan(f"hosts {gone} lost while planning")
+            self.request_replan(f"hosts {gone} lost while planning", touches_deploying=True)
             return
         if kind == "rejoin":
             self.rejoin_done(prepared)
@@ -238,12 +248,21 @@ class ControlPlane:
         self.new_epoch(prepared)
 
     def infeasible(self, reason: str) -> None:
-        self.emit(ev.PLAN_INFEASIBLE, reason=reason, live=sorted(self.usable_hosts()),
+        usable = self.usable_hosts()
+        self.emit(ev.PLAN_INFEASIBLE, reason=reason, live=sorted(usable),
                   version=self.target_version)
         self.waiting_for_nodes = True
         self.infeasible_reason = reason
         if not self.control.replan and self.active is None:
             self.failure = f"no plan: {reason}"
+            return
+        # while nothing fits the rejoin hold does not apply (core.rejoin): hosts it kept out
+        # are usable now, and are tried at once, not when their hold ends (under churn no
+        # node served for seconds while restarted ones sat out their hold)
+        held = self.usable_hosts() - usable
+        if held:
+            self.request_replan(f"{', '.join(sorted(held))} usable while no plan fits",
+                                available=frozenset(held))
 
     def next_job(self) -> None:
         """Start the most urgent work: a re-plan after a failure first (a contingency plan
@@ -251,6 +270,11 @@ class ControlPlane:
         versions, a rollout, a rejoin check, and last the contingency plans."""
         if not self.dispatcher.pool:
             return
+        pending, deploying = self.replans.pending, self.deploying
+        if pending is not None and deploying is not None and \
+                answered(pending, deploying.number, not deploying.broken):
+            self.replans.take()
+            self.drop(pending, deploying)
         if self.replans.pending is not None:
             live = self.usable_hosts() - self.replan_exclude
             broken = self.active is None or self.active.broken
@@ -311,13 +335,31 @@ class ControlPlane:
     def usable_hosts(self) -> set[str]:
         return {h for h in self.health.nodes if self.usable(h)}
 
-    def request_replan(self, reason: str, force: bool = False) -> None:
+    def request_replan(self, reason: str, force: bool = False,
+                       touches_deploying: bool = False,
+                       available: frozenset[str] = frozenset()) -> None:
+        """Ask for a re-plan; held while a sound epoch deploys that the cause does not
+        touch (core.replan.hold; a fault that touches it has broken it already, except
+        those that say so: `touches_deploying`). `available`: hosts that became usable,
+        weighed by the rejoin rule if the request is dropped."""
         if not (self.control.replan or force):
             self.emit("replan.disabled", reason=reason)
             if self.deploying is not None or self.active is None or self.active.broken:
                 self.failure = f"deployment broken and re-planning is off: {reason}"
             return
-        self.out.extend(self.replans.want("failure", reason))
+        deploying = self.deploying
+        if deploying is not None and hold(not deploying.broken, touches_deploying or force):
+            self.drop(Request("failure", reason, hosts=available), deploying)
+            return
+        self.out.extend(self.replans.want("failure", reason, self.numbers.next, force,
+                                          available))
+
+    def drop(self, request: Request, deploying: Epoch) -> None:
+        """A re-plan not made: the sound epoch being deployed answers it (core.replan). A
+        host that became available is weighed once that epoch serves (rejoin rule)."""
+        self.rejoin_hosts |= request.hosts
+        self.straggling = False         # the flag belonged to the request
+        self.out.extend(self.replans.defer(request.kind, request.reason, deploying.number))
 
     def host_lost(self, host: str, reason: str, suspected: bool) -> None:
         """Forget every worker of `host`; re-plan if an epoch we need used one. A suspected
@@ -401,10 +443,10 @@ class ControlPlane:
         """A host became usable again: plan with it if nothing fits without it, else see
         whether it makes a better plan."""
         deploying = self.deploying is not None and not self.deploying.broken
-        if self.waiting_for_nodes or self.active is None or \
-                (self.active.broken and not deploying):
+        if not deploying and (self.waiting_for_nodes or self.active is None or
+                              self.active.broken):
             if self.active is not None or self.waiting_for_nodes:
-                self.request_replan(f"{host} available")
+                self.request_replan(f"{host} available", available=frozenset({host}))
         else:
             # a sound epoch being deployed is let finish: a re-plan now would supersede it,
             # and under churn (a node back every few seconds, deploys of 5-10 s) none ever
@@ -503,7 +545,8 @@ class ControlPlane:
                 if file is None:
                     self.emit(ev.PLAN_STALE, reason=f"the worker for segments "
                               f"{[stage.first, stage.end]} on {stage.node} is gone")
-                    self.request_replan("a worker to re-use is gone")
+                    self.request_replan("a worker to re-use is gone",
+                                        touches_deploying=True)
                     return
                 slot = self.new_slot(stage.node, version, stage.first, stage.end, file)
                 fresh.append(slot)
@@ -667,7 +710,7 @@ class ControlPlane:
             self.suspended.pop(host, None)
             self.host_lost(host, "agent restarted", suspected=False)
         if self.waiting_for_nodes:
-            self.request_replan(f"{host} available")
+            self.request_replan(f"{host} available", available=frozenset({host}))
         if self.deploying is not None:
             self.maybe_deploy(self.deploying)
 
@@ -688,7 +731,7 @@ class ControlPlane:
             self.out.extend(returned)
             self.readopt(host, f["workers"])
             if self.waiting_for_nodes:
-                self.request_replan(f"{host} returned")
+                self.request_replan(f"{host} returned", available=frozenset({host}))
         self.reconcile(host, f["workers"])
 
     def readopt(self, host: str, workers: list[dict[str, Any]]) -> None:
@@ -810,7 +853,7 @@ class ControlPlane:
             for host in missing:
                 self.mark_unhealthy(host, "no hello")
             epoch.created = now     # once per timeout period
-            self.request_replan(f"no hello from {missing}")
+            self.request_replan(f"no hello from {missing}", touches_deploying=True)
         if epoch is not None and epoch.state == "deploying" and \
                 now - epoch.deployed > self.control.deploy_timeout_s:
             late = [s for s in epoch.slots if epoch.number not in s.confirmed]
@@ -821,7 +864,8 @@ class ControlPlane:
                 self.slot_lost(slot)
                 self.send(slot.host, "release", port=slot.port)
             epoch.deployed = now
-            self.request_replan(f"workers on {[s.host for s in late]} not ready in time")
+            self.request_replan(f"workers on {[s.host for s in late]} not ready in time",
+                                touches_deploying=True)
 
     # -- driver commands (already checked by testbed.control.commands) -------------------------
 

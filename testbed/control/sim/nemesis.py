@@ -70,3 +70,24 @@ def draw(seed: int, hosts: list[str], span_s: float = 20.0, most: int = 6) -> Sc
             steps.append(Step(round(start + rng.uniform(0.3, 10.0), 3), end, target))
     order = sorted(range(len(steps)), key=lambda i: (steps[i].at, i))
     return Schedule(seed, [steps[i] for i in order])
+
+
+def churn(seed: int, hosts: list[str], pairs: int = 6) -> Schedule:
+    """`pairs` overlapping crash/restart pairs (issue 11's restart churn, closer together):
+    every 2-4 s a host that is up crashes, and it is back 3-5 s later, so each crash lands
+    while the epoch answering the previous one still loads its models. A host still down is
+    not picked: its restart would end the later crash early (at most three are down at once,
+    so four hosts suffice)."""
+    rng = random.Random(seed)
+    steps: list[Step] = []
+    back: dict[str, float] = {}         # host -> when its restart is due
+    at = 0.0
+    for _ in range(pairs):
+        up = [h for h in hosts if back.get(h, -1.0) < at]
+        target = rng.choice(up)
+        back[target] = round(at + rng.uniform(3.0, 5.0), 3)
+        steps.append(Step(round(at, 3), "crash", target))
+        steps.append(Step(back[target], "restart", target))
+        at += rng.uniform(2.0, 4.0)
+    order = sorted(range(len(steps)), key=lambda i: (steps[i].at, i))
+    return Schedule(seed, [steps[i] for i in order])

@@ -718,7 +718,9 @@ class World:
             return
         if w.sha256 not in host.disk:
             cached = [(sha, size, order) for order, (sha, size) in enumerate(host.disk.items())]
-            keep = {other.sha256 for other in host.workers.values()}
+            # as the agent: a failed or stopping worker holds no model (a disk fault's
+            # failed workers stay listed, and once kept their models from eviction)
+            keep = {other.sha256 for other in host.workers.values() if other.alive}
             for victim in choose_evictions(cached, keep, host.disk_free, w.size):
                 del host.disk[victim]
             if host.disk_free < w.size:
