@@ -58,13 +58,6 @@ import zmq
 from stage_image.security import KeyPair, apply_client, load_keypair
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 
-# Workers start at the lowest priority and return to the agent's + their `nice` once their
-# model is loaded (stage_image.worker): a standby loading beside a serving stage in the same
-# CPU share must not slow it. Measured with resnet18 on hetero-6: three standbys starting on
-# the 0.2-core host of the last stage, their imports at the agent's nice 0, cut the pipeline
-# from 23 to 4-7 rps for 8 s. Lowering it again needs CAP_SYS_NICE (Mininet hosts run as
-# root; Docker hosts are given that one capability).
-LOAD_NICE = 19
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # so `-m stage_image.worker` imports
 STOP_GRACE_S = 3.0
 
@@ -522,8 +515,7 @@ class Agent:
             # the worker ties its life to ours (PR_SET_PDEATHSIG): nothing outlives a kill -9
             "parent_pid": os.getpid(),
             # inside the host's CPU share the agent must win: a heartbeat delayed behind a
-            # busy worker would make the controller suspect a healthy node (added to our
-            # niceness once the worker serves)
+            # busy worker would make the controller suspect a healthy node
             "nice": 5,
         }
         try:
@@ -546,10 +538,8 @@ class Agent:
         env["OMP_NUM_THREADS"] = "1"
         try:
             with log_file:
-                # its imports and model load at LOAD_NICE
                 rec.proc = subprocess.Popen(
-                    ["nice", "-n", str(LOAD_NICE), self.args.python, "-m",
-                     "stage_image.worker", str(config_path)],
+                    [self.args.python, "-m", "stage_image.worker", str(config_path)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                     env=env, cwd=str(self.log_dir), close_fds=True)
         except OSError as exc:

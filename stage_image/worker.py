@@ -43,8 +43,7 @@ CONFIG.json fields (written by stage_image.agent, or testbed.k8s.manifests for a
   the config); and optionally commands (read route changes from stdin, default false), hwm
   (default 4), stats_every_s (5.0),
   max_bytes (default 256 MiB), linger_ms (0), parent_pid (the agent: the worker dies with
-  it), nice (added to the agent's niceness once the model is loaded; the agent starts the
-  worker, imports and model load included, at stage_image.agent.LOAD_NICE).
+  it), nice (added to the worker's niceness).
   With commands on (an agent reads stdout), every LOAD_EVERY_S it prints `load FRAMES MS`:
   frames computed in that second and their mean onnxruntime wall time, which the agent puts
   in its heartbeat (the controller's straggler check).
@@ -355,8 +354,7 @@ class NextHop:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, log: logging.Logger,
-                 serving_nice: int | None = None) -> None:
+    def __init__(self, cfg: WorkerConfig, log: logging.Logger) -> None:
         self.cfg, self.log = cfg, log
         self.throttled = Throttled(log)
         self.limits = Limits(max_bytes=cfg.max_bytes)
@@ -379,18 +377,9 @@ class Worker:
         self.feed_dtypes = {n: np.dtype(ORT_TYPES[i.type]) if i.type in ORT_TYPES else None
                             for n, i in session_inputs.items()}
         self.expected = set(cfg.inputs)
-        self.log.info("session loaded in %.2fs at nice %d: %s feeds=%s computes=%s passes=%s",
-                      time.monotonic() - started, os.getpriority(os.PRIO_PROCESS, 0),
-                      cfg.model, self.feeds, self.computed,
+        self.log.info("session loaded in %.2fs: %s feeds=%s computes=%s passes=%s",
+                      time.monotonic() - started, cfg.model, self.feeds, self.computed,
                       [o for o in cfg.outputs if o in cfg.inputs])
-        if serving_nice is not None:
-            # loaded at the agent's LOAD_NICE; serve at our own niceness, set before any
-            # thread is made (ZeroMQ's I/O thread included: threads inherit it)
-            try:
-                os.setpriority(os.PRIO_PROCESS, 0, serving_nice)
-            except PermissionError:
-                self.log.warning("serving at nice %d: a lower one needs CAP_SYS_NICE",
-                                 os.getpriority(os.PRIO_PROCESS, 0))
 
         self.ctx = zmq.Context(1)
         self.pull = self.ctx.socket(zmq.PULL)
@@ -673,11 +662,10 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("worker")
     if cfg.parent_pid is not None:
         die_with_parent(cfg.parent_pid)
-    # the agent started us at its LOAD_NICE; we serve at its niceness + ours
-    serving_nice = (min(19, os.getpriority(os.PRIO_PROCESS, os.getppid()) + cfg.nice)
-                    if cfg.nice else None)
+    if cfg.nice:
+        os.nice(cfg.nice)
     try:
-        worker = Worker(cfg, log, serving_nice)
+        worker = Worker(cfg, log)
     except Exception as exc:  # noqa: BLE001 - any start-up failure is reported the same way
         log.error("cannot start: %s", exc)
         return 1

@@ -344,23 +344,12 @@ def test_worker_death_replans_reuses_and_replays(cluster):
     hosts = [e["host"] for e in ready["endpoints"]]
     assert len(hosts) == 3, ready["endpoints"]                # 6 segments on 3 of 4 nodes
     before = {h: c.worker_pids(h) for h in hosts}
-
-    def serving_pid(host: str) -> str:
-        port = next(e["port"] for e in ready["endpoints"] if e["host"] == host)
-        return next(p for p in c.worker_pids(host) if f"worker_{port}_" in
-                    Path(f"/proc/{p}/cmdline").read_text(errors="replace"))
-
-    # loaded at the agent's LOAD_NICE (19), serving at the agent's niceness + 5
-    for host in hosts:
-        pid = serving_pid(host)
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        assert int(stat[16]) == os.getpriority(os.PRIO_PROCESS, c.procs[host].pid) + 5
-        config = Path(Path(f"/proc/{pid}/cmdline").read_text().split("\0")[-2])
-        assert "at nice 19:" in config.with_suffix(".log").read_text()
     assert c("start_workload")["ok"]
     time.sleep(1.5)
     victim = hosts[1]
-    pid = serving_pid(victim)
+    port = next(e["port"] for e in ready["endpoints"] if e["host"] == victim)
+    pid = next(p for p in c.worker_pids(victim)
+               if f"worker_{port}_" in Path(f"/proc/{p}/cmdline").read_text(errors="replace"))
     killed_at = time.time()
     os.kill(int(pid), signal.SIGKILL)
     status = c.wait("re-planned", lambda s: s["epoch"] is not None and s["epoch"] >= 2, 10)

@@ -128,14 +128,11 @@ class DockerHosts:
         mounts = [arg for path in binds
                   for arg in ("--mount", f"type=bind,source={path},target={path}")]
         self.record.add("containers", node)
-        # Root in the container (with no capabilities but CAP_SYS_NICE, which a worker needs
-        # to serve at a higher priority than it loaded its model at, stage_image.worker
-        # LOAD_NICE): the data directory and the shared directories belong to root, as on a
-        # process host.
+        # Root in the container (with no capabilities): the data directory and the shared
+        # directories belong to root, as on a process host.
         container_id = self._docker(
             "run", "-d", "--name", node, "--network", f"container:{holder}",
-            "--cpus", f"{spec.cpu:g}", *memory, "--user", "0:0", *mounts, *common,
-            "--cap-add", "SYS_NICE", image,
+            "--cpus", f"{spec.cpu:g}", *memory, "--user", "0:0", *mounts, *common, image,
             *IDLE[1:])
         container = Container(host, node, container_id)
         self.containers[host] = container
