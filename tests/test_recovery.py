@@ -249,7 +249,8 @@ class Cluster:
         path = self.run_dir / "events.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        text = path.read_text()         # whole lines only: the controller may be writing one
+        return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line]
 
     def ready(self, timeout: float = 40) -> dict[str, Any]:
         """Deployed, and the standbys (if any) loaded."""
