@@ -91,6 +91,50 @@ def test_cpu_limit_in_cores(net: EmulatedNetwork) -> None:
         assert int(throttled.split("nr_throttled")[1].split()[0]) > 0  # the quota did bind
 
 
+def test_standbys_take_what_serving_leaves_up_to_a_cap(net: EmulatedNetwork) -> None:
+    """A host's standby group (testbed.emulation.hosts) gets at most STANDBY_CPU_SHARE of
+    the host, alone or beside a busy serving process, which keeps the rest (with two CPUs
+    both run at once, so the group's low weight alone would not hold it back); a CPU change
+    (a slow node) moves both quotas, the child's never above the parent's."""
+    from testbed.emulation.hosts import STANDBY_CPU_SHARE
+
+    host, mn = net.host("edge1"), net.names["edge1"]
+    group = host.standby_cgroup()
+    assert group is not None and int((group / "cpu.shares").read_text()) == 2
+    code = textwrap.dedent("""
+        import time
+        start, cpu0 = time.monotonic(), time.process_time()
+        while time.monotonic() - start < 2.0:
+            pass
+        print((time.process_time() - cpu0) / (time.monotonic() - start))
+    """)
+
+    def busy(groups: list[str]) -> dict[str, float]:
+        procs = {g: subprocess.Popen(["cgexec", "-g", f"cpu:/{g}", "-g", f"cpuacct:/{mn}",
+                                      sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                     text=True) for g in groups}
+        return {g: float(p.communicate(timeout=30)[0]) for g, p in procs.items()}
+
+    cores = net.topology.hosts["edge1"].cpu
+    both = busy([mn, f"{mn}/standby"])
+    print(f"serving and standby side by side: {both}")
+    cap = STANDBY_CPU_SHARE * cores
+    assert both[f"{mn}/standby"] <= 1.15 * cap and both[mn] >= 0.6 * (cores - cap)
+    (alone,) = busy([f"{mn}/standby"]).values()
+    print(f"standby alone: {alone}")
+    assert 0.5 * cap <= alone <= 1.15 * cap
+
+    def read(path: Path, name: str) -> int:
+        return int((path / f"cpu.cfs_{name}_us").read_text())
+
+    parent = group.parent
+    period = read(parent, "period")
+    for new in (cores / 4, cores):
+        net.set_host_cpu("edge1", new)
+        assert read(parent, "quota") == int(new * period)
+        assert read(group, "quota") == max(1000, int(new * STANDBY_CPU_SHARE * period))
+
+
 def test_memory_limit(net: EmulatedNetwork) -> None:
     limit = net.topology.hosts["edge1"].memory_bytes
     memory = records.CGROUP_ROOT / "memory" / net.names["edge1"]

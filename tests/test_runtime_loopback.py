@@ -366,6 +366,104 @@ def test_agent_reports_disk_full_instead_of_crashing(tmp_path):
         agent.ctx.term()
 
 
+# -- standbys load in the background ----------------------------------------------------------
+
+def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch):
+    """A standby's model comes one chunk at a time, for the whole host, each ask after a
+    pause three times the last chunk's round trip (STANDBY_LINK_SHARE 0.25); once a route
+    makes it serve, the rest comes a window at a time at once."""
+    from stage_image import agent as agent_mod
+
+    assert agent_mod.STANDBY_LINK_SHARE == 0.25
+    clock = [100.0]
+    monkeypatch.setattr(agent_mod.time, "monotonic", lambda: clock[0])
+    args = agent_mod.parse_args(["--host", "edge9", "--controller", f"tcp://127.0.0.25:{PORT + 19}",
+                                 "--data-dir", str(tmp_path), "--ip", "127.0.0.25"])
+    agent = agent_mod.Agent(args, agent_mod.logging.getLogger("test-agent"))
+    sent: list[tuple[str, dict[str, Any]]] = []
+    agent.send = lambda kind, **fields: sent.append((kind, fields))   # type: ignore[method-assign]
+    chunk, total = agent_mod.CHUNK_BYTES, 6 * agent_mod.CHUNK_BYTES
+    a, b = "a1" * 32, "b2" * 32
+
+    def asked() -> list[tuple[str, int]]:
+        found = [(f["sha256"], f["offset"]) for kind, f in sent if kind == "fetch"]
+        sent.clear()
+        return found
+
+    def prepare(sha: str, port: int, epoch: int | None = None) -> None:
+        route = {} if epoch is None else {"epoch": epoch, "stage": 0, "next": "tcp://127.0.0.1:1"}
+        agent.on_deploy({"version": 1, "sha256": sha, "size": total, "port": port,
+                         "inputs": ["x"], "outputs": ["y"], **route})
+
+    try:
+        prepare(a, PORT + 30)
+        prepare(b, PORT + 31)
+        assert asked() == [(a, 0), (b, 0)]          # the first asks learn the sizes
+        clock[0] += 0.1
+        agent.on_chunk({"sha256": a, "offset": 0, "total": total}, memoryview(bytes(chunk)))
+        assert asked() == []                        # b's first chunk is still in flight
+        agent.on_chunk({"sha256": b, "offset": 0, "total": total}, memoryview(bytes(chunk)))
+        assert asked() == []                        # paused: 3 x 0.1 s
+        clock[0] += 0.29
+        agent.check_deadlines(clock[0])
+        assert asked() == []
+        clock[0] += 0.02
+        agent.check_deadlines(clock[0])
+        (first,) = asked()                          # one chunk for the whole host
+        agent.check_deadlines(clock[0])
+        assert asked() == []
+        # a route for a's standby: it serves now, its model is no longer paced
+        prepare(a, PORT + 30, epoch=1)
+        clock[0] += 0.5
+        if first[0] == b:
+            agent.on_chunk({"sha256": b, "offset": chunk, "total": total},
+                           memoryview(bytes(chunk)))
+            assert asked() == []                    # b is paced, a waits for its turn
+            agent.check_deadlines(clock[0])
+            assert asked()[0][0] == a
+        else:
+            agent.on_chunk({"sha256": a, "offset": chunk, "total": total},
+                           memoryview(bytes(chunk)))
+            assert sorted(asked()) == [(a, 2 * chunk), (a, 3 * chunk), (a, 4 * chunk),
+                                       (a, 5 * chunk)]      # a window (4) at once
+    finally:
+        agent.sock.close(0)
+        agent.ctx.term()
+
+
+def test_workers_are_moved_to_the_cpu_group_of_their_role(tmp_path):
+    """With --standby-cpu-cgroup, a standby's process goes to that group and one given a
+    route to its parent (the host's own group)."""
+    from stage_image import agent as agent_mod
+
+    host_group = tmp_path / "cpu-host"
+    standby_group = host_group / "standby"
+    standby_group.mkdir(parents=True)
+    args = agent_mod.parse_args(["--host", "edge9", "--controller", f"tcp://127.0.0.25:{PORT + 19}",
+                                 "--data-dir", str(tmp_path), "--ip", "127.0.0.25",
+                                 "--standby-cpu-cgroup", str(standby_group)])
+    agent = agent_mod.Agent(args, agent_mod.logging.getLogger("test-agent"))
+    agent.send = lambda kind, **fields: None   # type: ignore[method-assign]
+    sha = "c3" * 32
+    sleeper = subprocess.Popen(["sleep", "30"], stdin=subprocess.PIPE)
+    try:
+        rec = agent_mod.WorkerRecord(PORT + 32, 1, sha, 3, ["x"], ["y"], standby=True)
+        rec.proc = sleeper
+        agent.workers[rec.port] = rec
+        agent.place(rec)
+        assert (standby_group / "cgroup.procs").read_text() == f"{sleeper.pid}\n"
+        assert not (host_group / "cgroup.procs").exists()
+        agent.on_deploy({"epoch": 1, "stage": 0, "next": "tcp://127.0.0.1:1", "version": 1,
+                         "sha256": sha, "size": 3, "port": rec.port, "inputs": ["x"],
+                         "outputs": ["y"]})
+        assert (host_group / "cgroup.procs").read_text() == f"{sleeper.pid}\n"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        agent.sock.close(0)
+        agent.ctx.term()
+
+
 # -- a node dies under load: suspected, re-planned over the live nodes, replayed --------------
 
 def _planner_available() -> bool:

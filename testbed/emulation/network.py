@@ -393,6 +393,8 @@ class EmulatedNetwork:
             for name in self.topology.switches:
                 allow_bridge_forwarding(self.names[name], tag=self.run_id)
         self.net.start()
+        for edge in self.topology.edge_hosts():
+            self.host(edge.name).limit_standbys()
         self.links.check()
         if self.impairment == "iptables":
             self.links.apply_loss_rules()

@@ -5,6 +5,7 @@ the records are turned into the results directory. Teardown always happens, what
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -180,6 +181,12 @@ def start_agent(net: Any, out_dir: Path, host: str, heartbeat_ms: float | None,
             "--log-dir", str(host_logs)]
     if heartbeat_ms is not None:
         args += ["--heartbeat-ms", f"{heartbeat_ms:g}"]
+    standby_group = net.host(host).standby_cgroup()
+    if standby_group is not None:
+        # a host's mount namespace has a sysfs of its own, without the cgroup hierarchies:
+        # the agent reaches ours through our root (hosts share the PID namespace)
+        args += ["--standby-cpu-cgroup",
+                 f"/proc/{os.getpid()}/root{standby_group}"]
     if keys is not None:
         args += keys.agent_args(host)
     net.popen_python(host, args, host_logs / "agent.log", env=AGENT_ENV)
