@@ -34,12 +34,13 @@ from testbed.emulation.records import CGROUP_ROOT, RunRecord
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FREEZE_TIMEOUT_S = 5.0
 # Warm standbys load inside the host's CPU quota (a real device pays for them too) but in a
-# group of their own under it: the lowest weight, so a serving stage that has work always
-# goes first, and at most this share of the host's quota, so the quota they use while the
-# serving stage waits for a frame cannot leave it throttled for long when the frame comes.
-# Measured, resnet18 on star-6 after a crash (eight standbys loading on five serving 0.2-core
-# hosts): loading in the host's group, 14.2 -> 7-9 rps for 7 s (see the fault-tolerance notes)
-STANDBY_CPU_SHARE = float(os.environ.get("EP_STANDBY_SHARE", "0.25"))
+# group of their own under it, capped at this share of the host's quota: the cap is what
+# holds them back, since on a machine with several CPUs a loading standby and a serving
+# stage run at once and draw on the same quota whatever their weights (measured: a busy
+# loop in the group beside a busy serving loop took 0.076 of a 0.3-core host, its cap;
+# with equal weights it would take half). The lowest weight still lets the serving stage
+# go first where both wait for one CPU.
+STANDBY_CPU_SHARE = 0.25
 STANDBY_CPU_WEIGHT = 2                  # cpu.shares: the kernel's minimum
 
 
