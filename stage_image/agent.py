@@ -134,6 +134,7 @@ class WorkerRecord:
     stopping: bool = False
     log_path: Path | None = None
     load: tuple[int, float] | None = None    # the worker's last `load FRAMES MS` line
+    cpu_group: Path | None = None     # where Agent.place_workers last put the process
 
     @property
     def alive(self) -> bool:
@@ -294,7 +295,7 @@ class Agent:
             return
         if route is None:
             rec.standby = True
-            self.place(rec)
+            self.place_workers()
             return
         if rec.routes.get(epoch) == route:
             if epoch in rec.confirmed:      # the controller missed our report: say it again
@@ -303,7 +304,7 @@ class Agent:
         rec.routes[epoch] = route
         rec.confirmed.discard(epoch)
         rec.standby = False                 # it serves now; the controller asks again if not
-        self.place(rec)
+        self.place_workers()
         if rec.proc is not None:
             self.command(rec, {"op": "route", "epoch": epoch, "stage": route[0],
                                "next": route[1], "public": route[2],
@@ -452,7 +453,7 @@ class Agent:
             return
         now = fetch.last_activity = time.monotonic()
         asked = fetch.requested.pop(offset, None)
-        if asked is not None and not self.urgent(sha):
+        if asked is not None and not self.urgent(sha) and self.serves():
             self.standby_chunk_due = now + (now - asked) * (1 / STANDBY_LINK_SHARE - 1)
         if offset not in fetch.received:
             try:
@@ -481,13 +482,14 @@ class Agent:
 
     def request_more(self, fetch: Fetch) -> None:
         """Ask for the next chunks: a window of them for a model a serving worker waits
-        for; for standbys' models, one chunk at a time for the whole host, paced
+        for, or any model while no worker of this host serves; for standbys' models beside
+        a serving worker, one chunk at a time for the whole host, paced
         (STANDBY_LINK_SHARE)."""
         if fetch.total is None:
             return
         now = time.monotonic()
         window = self.args.fetch_window
-        if not self.urgent(fetch.sha256):
+        if not self.urgent(fetch.sha256) and self.serves():
             if now < self.standby_chunk_due or any(
                     f.requested for f in self.fetches.values() if not self.urgent(f.sha256)):
                 return
@@ -570,7 +572,7 @@ class Agent:
         except OSError as exc:
             self.report(rec, "failed", describe_os_error(exc, "starting the worker"), "exit")
             return
-        self.place(rec)
+        self.place_workers()
         assert rec.proc.stdout is not None
         rec.stdout_fd = rec.proc.stdout.fileno()
         os.set_blocking(rec.stdout_fd, False)
@@ -580,18 +582,28 @@ class Agent:
         self.log.info("worker %s started, pid %d, log %s", rec.label(), rec.proc.pid,
                       rec.log_path)
 
-    def place(self, rec: WorkerRecord) -> None:
-        """Move a worker's process to the CPU group of its role: a standby loads in the
-        standby group (it takes what serving workers leave, up to a cap), a worker given a
-        route serves in the host's own. Without such a group all share the host's."""
+    def serves(self) -> bool:
+        """Does a worker of this host serve a route (so background work must make way)?"""
+        return any(r.routes and r.alive for r in self.workers.values())
+
+    def place_workers(self) -> None:
+        """Keep each worker's process in the CPU group of its role (level-triggered): a
+        standby beside a serving worker loads in the standby group (a capped share of the
+        host), every other worker in the host's own. Without such a group all share the
+        host's."""
         group = self.args.standby_cpu_cgroup
-        if group is None or rec.proc is None or rec.proc.poll() is not None:
+        if group is None:
             return
-        target = group if rec.standby else group.parent
-        try:
-            (target / "cgroup.procs").write_text(f"{rec.proc.pid}\n")
-        except OSError as exc:       # it runs on where it is: slower or greedier, not wrong
-            self.log.warning("cannot move worker %s to %s: %s", rec.label(), target, exc)
+        serves = self.serves()
+        for rec in self.workers.values():
+            target = group if rec.standby and serves else group.parent
+            if rec.proc is None or rec.proc.poll() is not None or rec.cpu_group == target:
+                continue
+            rec.cpu_group = target
+            try:
+                (target / "cgroup.procs").write_text(f"{rec.proc.pid}\n")
+            except OSError as exc:   # it runs on where it is: slower or greedier, not wrong
+                self.log.warning("cannot move worker %s to %s: %s", rec.label(), target, exc)
 
     def on_stdout(self, rec: WorkerRecord) -> None:
         assert rec.proc is not None and rec.proc.stdout is not None
@@ -702,6 +714,7 @@ class Agent:
             if future.done():
                 del self.verifying[sha]
                 self.on_verified(sha, future, path, what)
+        self.place_workers()
 
     # -- main loop -----------------------------------------------------------------------------
 

@@ -369,9 +369,10 @@ def test_agent_reports_disk_full_instead_of_crashing(tmp_path):
 # -- standbys load in the background ----------------------------------------------------------
 
 def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch):
-    """A standby's model comes one chunk at a time, for the whole host, each ask after a
-    pause three times the last chunk's round trip (STANDBY_LINK_SHARE 0.25); once a route
-    makes it serve, the rest comes a window at a time at once."""
+    """Beside a serving worker, a standby's model comes one chunk at a time for the whole
+    host, each ask after a pause three times the last chunk's round trip (STANDBY_LINK_SHARE
+    0.25); once a route makes it serve, the rest comes a window at a time at once. A host
+    that serves nothing fetches standbys' models a window at a time."""
     from stage_image import agent as agent_mod
 
     assert agent_mod.STANDBY_LINK_SHARE == 0.25
@@ -383,7 +384,7 @@ def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch
     sent: list[tuple[str, dict[str, Any]]] = []
     agent.send = lambda kind, **fields: sent.append((kind, fields))   # type: ignore[method-assign]
     chunk, total = agent_mod.CHUNK_BYTES, 6 * agent_mod.CHUNK_BYTES
-    a, b = "a1" * 32, "b2" * 32
+    a, b, c = "a1" * 32, "b2" * 32, "c3" * 32
 
     def asked() -> list[tuple[str, int]]:
         found = [(f["sha256"], f["offset"]) for kind, f in sent if kind == "fetch"]
@@ -395,14 +396,22 @@ def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch
         agent.on_deploy({"version": 1, "sha256": sha, "size": total, "port": port,
                          "inputs": ["x"], "outputs": ["y"], **route})
 
+    def arrives(sha: str, offset: int) -> None:
+        agent.on_chunk({"sha256": sha, "offset": offset, "total": total},
+                       memoryview(bytes(chunk)))
+
     try:
+        prepare(c, PORT + 29)                       # nothing serves yet: a spare host
+        arrives(c, 0)
+        assert asked() == [(c, 0), (c, chunk), (c, 2 * chunk), (c, 3 * chunk), (c, 4 * chunk)]
+        prepare(c, PORT + 29, epoch=1)              # now it serves
         prepare(a, PORT + 30)
         prepare(b, PORT + 31)
         assert asked() == [(a, 0), (b, 0)]          # the first asks learn the sizes
         clock[0] += 0.1
-        agent.on_chunk({"sha256": a, "offset": 0, "total": total}, memoryview(bytes(chunk)))
+        arrives(a, 0)
         assert asked() == []                        # b's first chunk is still in flight
-        agent.on_chunk({"sha256": b, "offset": 0, "total": total}, memoryview(bytes(chunk)))
+        arrives(b, 0)
         assert asked() == []                        # paused: 3 x 0.1 s
         clock[0] += 0.29
         agent.check_deadlines(clock[0])
@@ -416,14 +425,12 @@ def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch
         prepare(a, PORT + 30, epoch=1)
         clock[0] += 0.5
         if first[0] == b:
-            agent.on_chunk({"sha256": b, "offset": chunk, "total": total},
-                           memoryview(bytes(chunk)))
+            arrives(b, chunk)
             assert asked() == []                    # b is paced, a waits for its turn
             agent.check_deadlines(clock[0])
             assert asked()[0][0] == a
         else:
-            agent.on_chunk({"sha256": a, "offset": chunk, "total": total},
-                           memoryview(bytes(chunk)))
+            arrives(a, chunk)
             assert sorted(asked()) == [(a, 2 * chunk), (a, 3 * chunk), (a, 4 * chunk),
                                        (a, 5 * chunk)]      # a window (4) at once
     finally:
@@ -432,8 +439,9 @@ def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch
 
 
 def test_workers_are_moved_to_the_cpu_group_of_their_role(tmp_path):
-    """With --standby-cpu-cgroup, a standby's process goes to that group and one given a
-    route to its parent (the host's own group)."""
+    """With --standby-cpu-cgroup, a standby's process goes to that group while a worker of
+    the host serves, and to its parent (the host's own group) when it is given a route or
+    nothing on the host serves."""
     from stage_image import agent as agent_mod
 
     host_group = tmp_path / "cpu-host"
@@ -446,17 +454,26 @@ def test_workers_are_moved_to_the_cpu_group_of_their_role(tmp_path):
     agent.send = lambda kind, **fields: None   # type: ignore[method-assign]
     sha = "c3" * 32
     sleeper = subprocess.Popen(["sleep", "30"], stdin=subprocess.PIPE)
+
+    def member(group: Path) -> bool:
+        procs = group / "cgroup.procs"
+        return procs.exists() and procs.read_text() == f"{sleeper.pid}\n"
+
     try:
-        rec = agent_mod.WorkerRecord(PORT + 32, 1, sha, 3, ["x"], ["y"], standby=True)
-        rec.proc = sleeper
-        agent.workers[rec.port] = rec
-        agent.place(rec)
-        assert (standby_group / "cgroup.procs").read_text() == f"{sleeper.pid}\n"
-        assert not (host_group / "cgroup.procs").exists()
-        agent.on_deploy({"epoch": 1, "stage": 0, "next": "tcp://127.0.0.1:1", "version": 1,
-                         "sha256": sha, "size": 3, "port": rec.port, "inputs": ["x"],
+        standby = agent_mod.WorkerRecord(PORT + 32, 1, sha, 3, ["x"], ["y"], standby=True)
+        standby.proc = sleeper
+        agent.workers[standby.port] = standby
+        agent.place_workers()
+        assert member(host_group) and not member(standby_group)     # a spare host
+        serving = agent_mod.WorkerRecord(PORT + 33, 1, "d4" * 32, 3, ["x"], ["y"])
+        serving.routes[1] = (0, "tcp://127.0.0.1:1", None, ())
+        agent.workers[serving.port] = serving
+        agent.place_workers()
+        assert member(standby_group)
+        agent.on_deploy({"epoch": 1, "stage": 1, "next": "tcp://127.0.0.1:1", "version": 1,
+                         "sha256": sha, "size": 3, "port": standby.port, "inputs": ["x"],
                          "outputs": ["y"]})
-        assert (host_group / "cgroup.procs").read_text() == f"{sleeper.pid}\n"
+        assert member(host_group)
     finally:
         sleeper.kill()
         sleeper.wait()
