@@ -15,7 +15,9 @@ stage, what the cost model's `frame_overhead_ms` would have to be for the stage'
 host CPU (cgroup, over the measured window, agent and kernel included) at the measured rate:
 CPU per frame x effective speed / cores - the stage's profiled compute (the median over the
 stages is shown; a plan re-planned during the run is flagged, its figures are the first
-plan's).
+plan's). `steady rps` is the rate from the moment the last warm standby was loaded to the end
+of the window (standbys load beside the serving stages during the first seconds, at a bounded
+share of their hosts: docs/architecture.md "Recovery"), `-` when that left under 5 s.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from testbed.control import events as ev  # noqa: E402
 
 CONFIGS = [  # (model, topology): every zoo model on two topologies
     ("resnet18", "star-5"),            # the baseline scenario's pair
@@ -96,12 +100,29 @@ def analyse(directory: Path, topology: str) -> dict[str, Any]:
         c = cores[stage.node]
         overheads.append(cpu_ms * effective_speed(c) / c - compute)
     events = [json.loads(line) for line in (directory / "events.jsonl").open()]
+    steady = steady_rps(directory, summary["window"], events)
     return {
-        "pure_rps": pure_rps, "pure_ratio": measured / pure_rps,
+        "pure_rps": pure_rps, "pure_ratio": measured / pure_rps, "steady_rps": steady,
+        "steady_pure_ratio": None if steady is None else steady / pure_rps,
         "overhead_ms": statistics.median(overheads) if overheads else None,
         "replanned": sum(e.get("type") == "plan.deployed" for e in events) > 1,
         "frame_overhead_ms": instance.frame_overhead_ms,
     }
+
+
+def steady_rps(directory: Path, window: dict[str, float],
+               events: list[dict[str, Any]]) -> float | None:
+    """Requests answered per second from the last standby's `worker.ready` (epoch 0: a worker
+    with no route) to the end of the measured window; None when under 5 s are left."""
+    start = window["start_unix"]
+    end = start + window["duration_s"]
+    loaded = max([e["t"] for e in events if e.get("type") == ev.WORKER_READY
+                  and e.get("epoch") == 0] + [start])
+    if end - loaded < 5.0:
+        return None
+    with (directory / "requests.csv").open() as handle:
+        done = [float(r["done"]) for r in csv.DictReader(handle) if r["status"] == "completed"]
+    return sum(loaded <= t < end for t in done) / (end - loaded)
 
 
 def main() -> int:
@@ -144,16 +165,19 @@ def main() -> int:
             **analyse(out / name, topology),
         })
     print(f"\n{'config':26} {'stages':>6} {'conc':>4} {'pred rps':>8} {'pure rps':>8} "
-          f"{'meas rps':>8} {'/pred':>5} {'/pure':>5} {'overhead ms':>11} {'p50 ms':>7} "
+          f"{'meas rps':>8} {'/pred':>5} {'/pure':>5} {'steady rps':>10} {'/pure':>5} "
+          f"{'overhead ms':>11} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'lost':>4} {'mism':>4}")
     for row in rows:
         if "error" in row:
             print(f"{row['config']:26} {row['error']}")
             continue
         overhead = "-" if row["overhead_ms"] is None else f"{row['overhead_ms']:.2f}"
+        steady = ("         -     -" if row["steady_rps"] is None else
+                  f"{row['steady_rps']:>10.2f} {row['steady_pure_ratio']:>5.2f}")
         print(f"{row['config']:26} {row['stages']:>6} {row['concurrency']:>4} "
               f"{row['predicted_rps']:>8.2f} {row['pure_rps']:>8.2f} {row['measured_rps']:>8.2f} "
-              f"{row['ratio']:>5.2f} {row['pure_ratio']:>5.2f} {overhead:>11} "
+              f"{row['ratio']:>5.2f} {row['pure_ratio']:>5.2f} {steady} {overhead:>11} "
               f"{row['p50_ms']:>7.0f} {row['p99_ms']:>7.0f} {row['lost']:>4} "
               f"{row['mismatched']:>4}" + (" (re-planned)" if row["replanned"] else ""))
     (out / "pipeline.json").write_text(json.dumps(rows, indent=1))

@@ -112,7 +112,8 @@ _TABLE: list[tuple[str, str, tuple[str, ...], str]] = [
     # workers and models
     ("worker.fetching", "embedded", _WORKER, "a worker's model is being fetched"),
     ("worker.starting", "embedded", _WORKER, "a worker process starts"),
-    ("worker.ready", "embedded", _WORKER, "a worker confirmed a route"),
+    ("worker.ready", "embedded", _WORKER,
+     "a worker confirmed a route (epoch 0: a standby is loaded)"),
     ("worker.exited", "embedded", _WORKER, "a worker ended on its own"),
     ("worker.failed", "embedded", _WORKER, "a worker could not start or serve"),
     ("worker.stopped", "embedded", _WORKER, "a worker we stopped ended"),
@@ -180,6 +181,7 @@ REJOIN_ACCEPTED = "rejoin.accepted"
 REJOIN_DECLINED = "rejoin.declined"
 DEPLOY_SENT = "deploy.sent"
 DEPLOY_FAILED = "deploy.failed"
+WORKER_READY = "worker.ready"
 WORKER_EXITED = "worker.exited"
 WORKER_FAILED = "worker.failed"
 MODEL_CORRUPT = "model.corrupt"
