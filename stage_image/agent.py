@@ -498,6 +498,9 @@ class Agent:
         while len(fetch.requested) < window and offset < fetch.total:
             if offset not in fetch.received and offset not in fetch.requested:
                 fetch.requested[offset] = now
+                # an ask is activity: a paced model's next ask may come long after its last
+                # chunk, and must not be taken for a stall and asked again at once
+                fetch.last_activity = now
                 self.send("fetch", sha256=fetch.sha256, offset=offset)
             offset += CHUNK_BYTES
 

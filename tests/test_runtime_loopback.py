@@ -421,9 +421,11 @@ def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch
         (first,) = asked()                          # one chunk for the whole host
         agent.check_deadlines(clock[0])
         assert asked() == []
+        clock[0] += args.fetch_timeout_s - 0.1      # the ask is recent: no stall to re-ask
+        agent.check_deadlines(clock[0])
+        assert [ask for ask in asked() if ask[0] != c] == []    # (c's chunks never came)
         # a route for a's standby: it serves now, its model is no longer paced
         prepare(a, PORT + 30, epoch=1)
-        clock[0] += 0.5
         if first[0] == b:
             arrives(b, chunk)
             assert asked() == []                    # b is paced, a waits for its turn
