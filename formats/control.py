@@ -28,6 +28,12 @@ def _fraction(value: Any) -> float:
     return float(value)
 
 
+def _share(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"expected a share in (0, 1], got {value!r}")
+    return float(value)
+
+
 def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -85,6 +91,7 @@ KNOBS: dict[str, Knob] = {
     "rejoin_hold_s": Knob("rejoin_hold", parse_duration_s, _seconds),
     "rejoin_margin": Knob("rejoin_margin", _fraction, _fraction),
     "standby": Knob("standby", _flag, _flag),
+    "standby_share": Knob("standby_share", _share, _share),
     "drain_s": Knob("drain", parse_duration_s, _seconds),
     "straggler_factor": Knob("straggler_factor", _straggler_factor, _straggler_factor),
     "straggler_after_s": Knob("straggler_after", parse_duration_s, _seconds),
@@ -99,8 +106,8 @@ KNOBS: dict[str, Knob] = {
 
 # fields the k3s loop does not apply: every k3s epoch starts new stage pods (no standbys, no
 # drain, no straggler load reports from pods), and its re-plan waits for nothing simulated
-K3S_UNSUPPORTED = frozenset({"standby", "drain_s", "straggler_factor", "straggler_after_s",
-                             "replan_delay_s"})
+K3S_UNSUPPORTED = frozenset({"standby", "standby_share", "drain_s", "straggler_factor",
+                             "straggler_after_s", "replan_delay_s"})
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,9 @@ class ControlSettings:
     rejoin_margin: float = 0.10         # ...and its plan better by this much
     standby: bool = True                # contingency plans and warm standbys
     standby_per_node: int = 4
+    # the share of a serving host's link time and CPU quota its standbys may take while they
+    # load (stage_image.agent): less slows the pipeline less and readies standbys later
+    standby_share: float = 0.25
     replan_delay_s: float = 0.0         # the simulated Kubernetes wait before a re-plan
     straggler_factor: float = 2.0       # 0: no straggler check
     straggler_after_s: float = 2.0

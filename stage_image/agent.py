@@ -60,13 +60,6 @@ from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_con
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # so `-m stage_image.worker` imports
 STOP_GRACE_S = 3.0
-# A standby's model shares its host's link with the pipeline's frames: it is fetched one
-# chunk at a time with pauses, so it takes at most this share of the link's time and a
-# frame waits behind at most one chunk. Measured, resnet18 on star-6 after a crash: fetched
-# four chunks at a time, standby models (up to 35 MB on 100 Mbit/s links) left the stages
-# idle and the pipeline at 2-4 of 14 rps for 3 s
-STANDBY_LINK_SHARE = 0.25
-
 
 def parse_load(line: str) -> tuple[int, float] | None:
     """`load FRAMES MS` from a worker's stdout (None if it is not one)."""
@@ -453,8 +446,8 @@ class Agent:
             return
         now = fetch.last_activity = time.monotonic()
         asked = fetch.requested.pop(offset, None)
-        if asked is not None and not self.urgent(sha) and self.serves():
-            self.standby_chunk_due = now + (now - asked) * (1 / STANDBY_LINK_SHARE - 1)
+        if asked is not None and self.paced(sha):
+            self.standby_chunk_due = now + (now - asked) * (1 / self.args.standby_share - 1)
         if offset not in fetch.received:
             try:
                 os.pwrite(fetch.fd, blob, offset)
@@ -480,18 +473,23 @@ class Agent:
         """Does a worker that is to serve wait for this model (not only standbys)?"""
         return any(r.sha256 == sha and not r.standby for r in self.workers.values())
 
+    def paced(self, sha: str) -> bool:
+        """Is this model held to --standby-share of the link: wanted by standbys only, on a
+        host that serves, with a share below the whole?"""
+        return self.args.standby_share < 1 and not self.urgent(sha) and self.serves()
+
     def request_more(self, fetch: Fetch) -> None:
-        """Ask for the next chunks: a window of them for a model a serving worker waits
-        for, or any model while no worker of this host serves; for standbys' models beside
-        a serving worker, one chunk at a time for the whole host, paced
-        (STANDBY_LINK_SHARE)."""
+        """Ask for the next chunks: a window of them, or for a paced model (standbys' only,
+        beside a serving worker) one chunk at a time for the whole host, each ask after a
+        pause that keeps such chunks to --standby-share of the time (a frame then waits
+        behind at most one chunk)."""
         if fetch.total is None:
             return
         now = time.monotonic()
         window = self.args.fetch_window
-        if not self.urgent(fetch.sha256) and self.serves():
+        if self.paced(fetch.sha256):
             if now < self.standby_chunk_due or any(
-                    f.requested for f in self.fetches.values() if not self.urgent(f.sha256)):
+                    f.requested for f in self.fetches.values() if self.paced(f.sha256)):
                 return
             window = 1
         offset = 0
@@ -584,6 +582,20 @@ class Agent:
         rec.deadline = time.monotonic() + self.args.start_timeout_s
         self.log.info("worker %s started, pid %d, log %s", rec.label(), rec.proc.pid,
                       rec.log_path)
+
+    def limit_standbys(self) -> None:
+        """Cap the standby CPU group at --standby-share of the host's quota (a slow-node
+        fault that changes the host's quota keeps the ratio: testbed.emulation.hosts)."""
+        group = self.args.standby_cpu_cgroup
+        if group is None:
+            return
+        try:
+            quota = int((group.parent / "cpu.cfs_quota_us").read_text())
+            if quota > 0:
+                cap = max(1000, int(quota * self.args.standby_share))
+                (group / "cpu.cfs_quota_us").write_text(f"{cap}\n")
+        except (OSError, ValueError) as exc:    # standbys then load uncapped: slower serving
+            self.log.warning("cannot cap standbys' CPU in %s: %s", group, exc)
 
     def serves(self) -> bool:
         """Does a worker of this host serve a route (so background work must make way)?"""
@@ -728,6 +740,7 @@ class Agent:
             # not fatal: reported per deploy when the cache is actually needed
             self.log.warning("cannot create %s: %s", self.models_dir, exc)
         self.clean_stale_files()
+        self.limit_standbys()
         self.send("hello", host=self.host, pid=os.getpid(), ip=self.args.ip,
                   incarnation=self.incarnation)
         self.log.info("started: controller %s, data %s, heartbeat %.0f ms", self.args.controller,
@@ -781,6 +794,13 @@ def curve_args(server_public: str, keypair: str | Path) -> list[str]:
     return [f"--curve-server-key={server_public}", f"--curve-keypair={keypair}"]
 
 
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stage_image.agent", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -798,7 +818,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="interpreter for workers")
     p.add_argument("--standby-cpu-cgroup", type=Path,
                    help="a cpu cgroup directory under this host's own: standby workers run "
-                   "in it, serving ones in its parent (testbed.emulation.hosts)")
+                   "in it while another worker serves, capped at --standby-share of the "
+                   "host's quota (testbed.emulation.hosts)")
+    p.add_argument("--standby-share", type=share, default=1.0,
+                   help="while a worker of this host serves, standbys' models take at most "
+                   "this share of the link's time and their workers of the CPU quota "
+                   "(default 1: no limit; the testbed passes the scenario's "
+                   "control.standby_share)")
     p.add_argument("--curve-server-key", help="CurveZMQ on: the controller's public key (Z85 "
                    "text, or a file holding it)")
     p.add_argument("--curve-keypair", help="CurveZMQ: this host's keypair file "

@@ -34,12 +34,17 @@ def test_scenario_keys_with_lines(tmp_path: Path) -> None:
     assert settings.lines == {"heartbeat": 3, "rejoin_hold": 4, "standby": 5}
     assert settings.given() == {"heartbeat_ms": 100.0, "rejoin_hold_s": 2.0, "standby": False}
     assert ControlSettings.from_scenario(None) == ControlSettings()
+    shared = ControlSettings.from_scenario(
+        control_fields(tmp_path, "control:\n  standby_share: 1\n"))
+    assert shared.standby_share == 1.0 and ControlSettings().standby_share == 0.25
 
 
 @pytest.mark.parametrize("text, field, line", [
     ("control:\n  rejoin_margin: 1.5\n", "control.rejoin_margin", 3),
     ("control:\n  heartbeat: 100ms\n  unhealthy_hold: 3s\n", "control.unhealthy_hold", 4),
     ("control:\n  suspect_after_missed: 0\n", "control.suspect_after_missed", 3),
+    ("control:\n  standby_share: 0\n", "control.standby_share", 3),
+    ("control:\n  heartbeat: 100ms\n  standby_share: 1.5\n", "control.standby_share", 4),
 ])
 def test_bad_scenario_values_name_file_line_field(tmp_path: Path, text: str, field: str,
                                                   line: int) -> None:

@@ -92,15 +92,21 @@ def test_cpu_limit_in_cores(net: EmulatedNetwork) -> None:
 
 
 def test_standbys_take_what_serving_leaves_up_to_a_cap(net: EmulatedNetwork) -> None:
-    """A host's standby group (testbed.emulation.hosts) gets at most STANDBY_CPU_SHARE of
-    the host, alone or beside a busy serving process, which keeps the rest (with two CPUs
-    both run at once, so the group's low weight alone would not hold it back); a CPU change
-    (a slow node) moves both quotas, the child's never above the parent's."""
-    from testbed.emulation.hosts import STANDBY_CPU_SHARE
-
+    """A host's standby group (testbed.emulation.hosts), capped at a quarter of the host's
+    quota as the agent caps it for `control.standby_share: 0.25`, gets at most that, alone
+    or beside a busy serving process, which keeps the rest (with two CPUs both run at once,
+    so the group's low weight alone would not hold it back); a CPU change (a slow node)
+    keeps the cap's share, the child's quota never above the parent's."""
     host, mn = net.host("edge1"), net.names["edge1"]
     group = host.standby_cgroup()
     assert group is not None and int((group / "cpu.shares").read_text()) == 2
+
+    def read(path: Path, name: str) -> int:
+        return int((path / f"cpu.cfs_{name}_us").read_text())
+
+    parent = group.parent
+    assert read(group, "quota") == read(parent, "quota")        # until the agent caps it
+    (group / "cpu.cfs_quota_us").write_text(f"{read(parent, 'quota') // 4}\n")
     code = textwrap.dedent("""
         import time
         start, cpu0 = time.monotonic(), time.process_time()
@@ -116,23 +122,19 @@ def test_standbys_take_what_serving_leaves_up_to_a_cap(net: EmulatedNetwork) -> 
         return {g: float(p.communicate(timeout=30)[0]) for g, p in procs.items()}
 
     cores = net.topology.hosts["edge1"].cpu
+    cap = cores / 4
     both = busy([mn, f"{mn}/standby"])
     print(f"serving and standby side by side: {both}")
-    cap = STANDBY_CPU_SHARE * cores
     assert both[f"{mn}/standby"] <= 1.15 * cap and both[mn] >= 0.6 * (cores - cap)
     (alone,) = busy([f"{mn}/standby"]).values()
     print(f"standby alone: {alone}")
     assert 0.5 * cap <= alone <= 1.15 * cap
 
-    def read(path: Path, name: str) -> int:
-        return int((path / f"cpu.cfs_{name}_us").read_text())
-
-    parent = group.parent
     period = read(parent, "period")
     for new in (cores / 4, cores):
         net.set_host_cpu("edge1", new)
         assert read(parent, "quota") == int(new * period)
-        assert read(group, "quota") == max(1000, int(new * STANDBY_CPU_SHARE * period))
+        assert read(group, "quota") == pytest.approx(new * period / 4, rel=0.01)
 
 
 def test_memory_limit(net: EmulatedNetwork) -> None:

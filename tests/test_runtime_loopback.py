@@ -370,16 +370,16 @@ def test_agent_reports_disk_full_instead_of_crashing(tmp_path):
 
 def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch):
     """Beside a serving worker, a standby's model comes one chunk at a time for the whole
-    host, each ask after a pause three times the last chunk's round trip (STANDBY_LINK_SHARE
+    host, each ask after a pause three times the last chunk's round trip (--standby-share
     0.25); once a route makes it serve, the rest comes a window at a time at once. A host
     that serves nothing fetches standbys' models a window at a time."""
     from stage_image import agent as agent_mod
 
-    assert agent_mod.STANDBY_LINK_SHARE == 0.25
     clock = [100.0]
     monkeypatch.setattr(agent_mod.time, "monotonic", lambda: clock[0])
     args = agent_mod.parse_args(["--host", "edge9", "--controller", f"tcp://127.0.0.25:{PORT + 19}",
-                                 "--data-dir", str(tmp_path), "--ip", "127.0.0.25"])
+                                 "--data-dir", str(tmp_path), "--ip", "127.0.0.25",
+                                 "--standby-share", "0.25"])
     agent = agent_mod.Agent(args, agent_mod.logging.getLogger("test-agent"))
     sent: list[tuple[str, dict[str, Any]]] = []
     agent.send = lambda kind, **fields: sent.append((kind, fields))   # type: ignore[method-assign]
@@ -441,19 +441,25 @@ def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch
 
 
 def test_workers_are_moved_to_the_cpu_group_of_their_role(tmp_path):
-    """With --standby-cpu-cgroup, a standby's process goes to that group while a worker of
-    the host serves, and to its parent (the host's own group) when it is given a route or
-    nothing on the host serves."""
+    """With --standby-cpu-cgroup, the agent caps that group at --standby-share of the host's
+    quota; a standby's process goes to it while a worker of the host serves, and to its
+    parent (the host's own group) when it is given a route or nothing on the host serves."""
     from stage_image import agent as agent_mod
 
     host_group = tmp_path / "cpu-host"
     standby_group = host_group / "standby"
     standby_group.mkdir(parents=True)
+    for group in (host_group, standby_group):
+        (group / "cpu.cfs_quota_us").write_text("20000\n")
     args = agent_mod.parse_args(["--host", "edge9", "--controller", f"tcp://127.0.0.25:{PORT + 19}",
                                  "--data-dir", str(tmp_path), "--ip", "127.0.0.25",
-                                 "--standby-cpu-cgroup", str(standby_group)])
+                                 "--standby-cpu-cgroup", str(standby_group),
+                                 "--standby-share", "0.25"])
     agent = agent_mod.Agent(args, agent_mod.logging.getLogger("test-agent"))
     agent.send = lambda kind, **fields: None   # type: ignore[method-assign]
+    agent.limit_standbys()
+    assert (standby_group / "cpu.cfs_quota_us").read_text() == "5000\n"
+    assert (host_group / "cpu.cfs_quota_us").read_text() == "20000\n"
     sha = "c3" * 32
     sleeper = subprocess.Popen(["sleep", "30"], stdin=subprocess.PIPE)
 

@@ -34,13 +34,12 @@ from testbed.emulation.records import CGROUP_ROOT, RunRecord
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FREEZE_TIMEOUT_S = 5.0
 # Warm standbys load inside the host's CPU quota (a real device pays for them too) but in a
-# group of their own under it, capped at this share of the host's quota: the cap is what
-# holds them back, since on a machine with several CPUs a loading standby and a serving
-# stage run at once and draw on the same quota whatever their weights (measured: a busy
-# loop in the group beside a busy serving loop took 0.076 of a 0.3-core host, its cap;
-# with equal weights it would take half). The lowest weight still lets the serving stage
-# go first where both wait for one CPU.
-STANDBY_CPU_SHARE = 0.25
+# group of their own under it, whose quota the agent caps at the scenario's
+# `control.standby_share` of the host's: the cap is what holds them back, since on a machine
+# with several CPUs a loading standby and a serving stage run at once and draw on the same
+# quota whatever their weights (measured: a busy loop in the group capped at a quarter, beside
+# a busy serving loop, took 0.076 of a 0.3-core host; with equal weights it would take half).
+# The lowest weight still lets the serving stage go first where both wait for one CPU.
 STANDBY_CPU_WEIGHT = 2                  # cpu.shares: the kernel's minimum
 
 
@@ -250,25 +249,33 @@ class ProcessHost(EmulatedHost):
         cpu = CGROUP_ROOT / "cpu" / self.mn
         period = int((cpu / "cpu.cfs_period_us").read_text())
         standby = self.standby_cgroup()
-        # a child's quota may never exceed its parent's (EINVAL): the smaller one goes first
-        order = [(cpu, 1.0), (standby, STANDBY_CPU_SHARE)]
+        # the standbys' cap keeps its share of the host's quota; a child's quota may never
+        # exceed its parent's (EINVAL), so the one that shrinks goes first
+        share = 1.0
+        if standby.is_dir():
+            share = max(0.0, int((standby / "cpu.cfs_quota_us").read_text())) / \
+                max(1, int((cpu / "cpu.cfs_quota_us").read_text()))
+        order = [(cpu, 1.0), (standby, min(1.0, share))]
         if cores < self.cpu():
             order.reverse()
-        for group, share in order:
+        for group, part in order:
             if group.is_dir():
                 _write(group / "cpu.cfs_period_us", period)
-                _write(group / "cpu.cfs_quota_us", max(1000, int(cores * share * period)))
+                _write(group / "cpu.cfs_quota_us", max(1000, int(cores * part * period)))
 
     def standby_cgroup(self) -> Path:
         """The cpu group, under the host's, that the agent moves standby workers to."""
         return CGROUP_ROOT / "cpu" / self.mn / "standby"
 
     def limit_standbys(self) -> None:
-        """Make the standbys' group (removed with the host's: records.remove_cgroup)."""
+        """Make the standbys' group, at first with the host's quota (the agent narrows it;
+        removed with the host's group: records.remove_cgroup)."""
         group = self.standby_cgroup()
         group.mkdir(exist_ok=True)
         _write(group / "cpu.shares", STANDBY_CPU_WEIGHT)
-        self.set_cpu(self.cpu())
+        cpu = CGROUP_ROOT / "cpu" / self.mn
+        _write(group / "cpu.cfs_period_us", int((cpu / "cpu.cfs_period_us").read_text()))
+        _write(group / "cpu.cfs_quota_us", int((cpu / "cpu.cfs_quota_us").read_text()))
 
 
 class DockerHost(EmulatedHost):

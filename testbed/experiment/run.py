@@ -17,6 +17,7 @@ from typing import Any
 
 import zmq
 
+from formats.control import ControlSettings
 from formats.scenario import Scenario
 from stage_image.agent import curve_args
 from stage_image.security import KeyPair, apply_client
@@ -169,7 +170,7 @@ def control_address(out_dir: Path) -> str:
     return f"ipc://{path}"
 
 
-def start_agent(net: Any, out_dir: Path, host: str, heartbeat_ms: float | None,
+def start_agent(net: Any, out_dir: Path, host: str, control: ControlSettings,
                 keys: RunKeys | None = None) -> None:
     """Start (or, after a crash, restart) a host's agent; its log is appended to."""
     dispatcher = net.topology.dispatcher().name
@@ -178,9 +179,8 @@ def start_agent(net: Any, out_dir: Path, host: str, heartbeat_ms: float | None,
     args = ["-m", "stage_image.agent", "--host", host,
             "--controller", f"tcp://{net.ip(dispatcher)}:{CONTROL_PORT}",
             "--data-dir", str(net.data_dir(host)), "--ip", net.ip(host),
-            "--log-dir", str(host_logs)]
-    if heartbeat_ms is not None:
-        args += ["--heartbeat-ms", f"{heartbeat_ms:g}"]
+            "--log-dir", str(host_logs), "--heartbeat-ms", f"{control.heartbeat_ms:g}",
+            f"--standby-share={control.standby_share:g}"]
     standby_group = net.host(host).standby_cgroup()
     if standby_group is not None:
         # a host's mount namespace has a sysfs of its own, without the cgroup hierarchies:
@@ -202,7 +202,7 @@ def _start_processes(scenario: Scenario, prepared: Prepared, net: Any, out_dir: 
                            [sys.executable, "-m", "testbed.control.controller", str(config_path)],
                            out_dir / "logs" / "controller.log", env=PROCESS_ENV)
     for host in scenario.topology.edge_hosts():
-        start_agent(net, out_dir, host.name, scenario.control.heartbeat_ms, keys)
+        start_agent(net, out_dir, host.name, scenario.control, keys)
     return controller
 
 
@@ -338,10 +338,9 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path,
     control_ipc = control_address(out_dir)
     # The timeline's thread gets its own REQ socket: one cannot be shared between threads.
     step_client = ControlClient(control_ipc)
-    heartbeat_ms = scenario.control.heartbeat_ms
     keys: RunKeys | None = None         # made once the data directories exist
     hooks = Hooks(
-        restart_host=lambda host: start_agent(net, out_dir, host, heartbeat_ms, keys),
+        restart_host=lambda host: start_agent(net, out_dir, host, scenario.control, keys),
         controller=step_client.call,
         publish_version=lambda v: publish_prepared(out_dir / "repository", versions[v]))
     timeline = FaultTimeline(scenario.steps, net, hooks)
