@@ -594,6 +594,8 @@ class Agent:
             if quota > 0:
                 cap = max(1000, int(quota * self.args.standby_share))
                 (group / "cpu.cfs_quota_us").write_text(f"{cap}\n")
+                self.log.info("standbys beside a serving worker: %g of the CPU quota (%d of "
+                              "%d us) and of the link", self.args.standby_share, cap, quota)
         except (OSError, ValueError) as exc:    # standbys then load uncapped: slower serving
             self.log.warning("cannot cap standbys' CPU in %s: %s", group, exc)
 

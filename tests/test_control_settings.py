@@ -36,7 +36,7 @@ def test_scenario_keys_with_lines(tmp_path: Path) -> None:
     assert ControlSettings.from_scenario(None) == ControlSettings()
     shared = ControlSettings.from_scenario(
         control_fields(tmp_path, "control:\n  standby_share: 1\n"))
-    assert shared.standby_share == 1.0 and ControlSettings().standby_share == 0.25
+    assert shared.standby_share == 1.0 and ControlSettings().standby_share == 0.1
 
 
 @pytest.mark.parametrize("text, field, line", [
