@@ -173,7 +173,7 @@ def main() -> int:
             print(f"{row['config']:26} {row['error']}")
             continue
         overhead = "-" if row["overhead_ms"] is None else f"{row['overhead_ms']:.2f}"
-        steady = ("         -     -" if row["steady_rps"] is None else
+        steady = (f"{'-':>10} {'-':>5}" if row["steady_rps"] is None else
                   f"{row['steady_rps']:>10.2f} {row['steady_pure_ratio']:>5.2f}")
         print(f"{row['config']:26} {row['stages']:>6} {row['concurrency']:>4} "
               f"{row['predicted_rps']:>8.2f} {row['pure_rps']:>8.2f} {row['measured_rps']:>8.2f} "

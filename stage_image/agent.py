@@ -61,6 +61,7 @@ from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_con
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # so `-m stage_image.worker` imports
 STOP_GRACE_S = 3.0
 
+
 def parse_load(line: str) -> tuple[int, float] | None:
     """`load FRAMES MS` from a worker's stdout (None if it is not one)."""
     parts = line.split()

@@ -44,6 +44,7 @@ from stage_image.security import KeyPair, apply_client, apply_server
 from stage_image.wire import MAX_STAGE_HEARTBEAT_BYTES, FrameError, encode_control
 from testbed.control.core.actions import Event
 from testbed.control.planning import Planner, PlanRequest, VersionInfo, restrict, sha256_file
+from testbed.experiment.results import read_events
 from testbed.k8s import manifests as k8s
 from testbed.k8s.backend import K3sBackend, ModelServer, latest_epoch
 from testbed.k8s.decider import Decider, Deploy, ForceDelete, Prune, Replan
@@ -736,16 +737,6 @@ def test_the_k3s_sink_admits_the_keys_the_loop_admits(tmp_path: Path) -> None:
 def fake_cluster() -> Iterator[tuple[Any, client.ApiClient]]:
     with serve_fake_cluster() as served:
         yield served
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """The whole lines of a log the loop may be writing meanwhile (a long event can be read
-    half written)."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()
-            if line.strip()]
 
 
 def test_the_loop_replans_when_a_stage_goes_silent(chain: dict[str, Any], fake_cluster,

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from partitioner.instance import Instance, Node, Plan, Segment, Stage
 from testbed.control import policy
+from testbed.experiment.results import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 DISPATCHER_IP = "127.0.0.31"
@@ -246,11 +247,7 @@ class Cluster:
         raise AssertionError(f"no {kind} event within {timeout}s")
 
     def events(self) -> list[dict[str, Any]]:
-        path = self.run_dir / "events.jsonl"
-        if not path.exists():
-            return []
-        text = path.read_text()         # whole lines only: the controller may be writing one
-        return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line]
+        return read_events(self.run_dir / "events.jsonl")
 
     def ready(self, timeout: float = 40) -> dict[str, Any]:
         """Deployed, and the standbys (if any) loaded."""

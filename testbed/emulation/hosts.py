@@ -59,6 +59,11 @@ def _write(path: Path, value: str | int) -> None:
     path.write_text(f"{value}\n")
 
 
+def _cfs(group: Path, name: str) -> int:
+    """A cpu group's CFS `quota` or `period`, in microseconds (quota -1: no limit)."""
+    return int((group / f"cpu.cfs_{name}_us").read_text())
+
+
 class EmulatedHost:
     """What both kinds share; the subclasses say how."""
 
@@ -156,7 +161,7 @@ class EmulatedHost:
         """The cpu group for the host's standby workers, if it has one of its own."""
         return None
 
-    def limit_standbys(self) -> None:
+    def make_standby_cgroup(self) -> None:
         """Make the group standby_cgroup() names."""
 
     def _wait_gone(self, timeout_s: float = 3.0) -> None:
@@ -239,23 +244,23 @@ class ProcessHost(EmulatedHost):
                 raise NetworkError(f"{freezer} did not reach {state}")
             time.sleep(0.005)
 
+    def cpu_cgroup(self) -> Path:
+        return CGROUP_ROOT / "cpu" / self.mn
+
     def cpu(self) -> float:
-        cpu = CGROUP_ROOT / "cpu" / self.mn
-        quota = int((cpu / "cpu.cfs_quota_us").read_text())
-        period = int((cpu / "cpu.cfs_period_us").read_text())
+        cpu = self.cpu_cgroup()
+        quota, period = _cfs(cpu, "quota"), _cfs(cpu, "period")
         return float(os.cpu_count() or 1) if quota < 0 else quota / period
 
     def set_cpu(self, cores: float) -> None:
-        cpu = CGROUP_ROOT / "cpu" / self.mn
-        period = int((cpu / "cpu.cfs_period_us").read_text())
-        standby = self.standby_cgroup()
+        cpu, standby = self.cpu_cgroup(), self.standby_cgroup()
+        period = _cfs(cpu, "period")
         # the standbys' cap keeps its share of the host's quota; a child's quota may never
         # exceed its parent's (EINVAL), so the one that shrinks goes first
         share = 1.0
         if standby.is_dir():
-            share = max(0.0, int((standby / "cpu.cfs_quota_us").read_text())) / \
-                max(1, int((cpu / "cpu.cfs_quota_us").read_text()))
-        order = [(cpu, 1.0), (standby, min(1.0, share))]
+            share = min(1.0, max(0, _cfs(standby, "quota")) / max(1, _cfs(cpu, "quota")))
+        order = [(cpu, 1.0), (standby, share)]
         if cores < self.cpu():
             order.reverse()
         for group, part in order:
@@ -265,17 +270,16 @@ class ProcessHost(EmulatedHost):
 
     def standby_cgroup(self) -> Path:
         """The cpu group, under the host's, that the agent moves standby workers to."""
-        return CGROUP_ROOT / "cpu" / self.mn / "standby"
+        return self.cpu_cgroup() / "standby"
 
-    def limit_standbys(self) -> None:
+    def make_standby_cgroup(self) -> None:
         """Make the standbys' group, at first with the host's quota (the agent narrows it;
         removed with the host's group: records.remove_cgroup)."""
-        group = self.standby_cgroup()
+        cpu, group = self.cpu_cgroup(), self.standby_cgroup()
         group.mkdir(exist_ok=True)
         _write(group / "cpu.shares", STANDBY_CPU_WEIGHT)
-        cpu = CGROUP_ROOT / "cpu" / self.mn
-        _write(group / "cpu.cfs_period_us", int((cpu / "cpu.cfs_period_us").read_text()))
-        _write(group / "cpu.cfs_quota_us", int((cpu / "cpu.cfs_quota_us").read_text()))
+        _write(group / "cpu.cfs_period_us", _cfs(cpu, "period"))
+        _write(group / "cpu.cfs_quota_us", _cfs(cpu, "quota"))
 
 
 class DockerHost(EmulatedHost):

@@ -394,7 +394,7 @@ class EmulatedNetwork:
                 allow_bridge_forwarding(self.names[name], tag=self.run_id)
         self.net.start()
         for edge in self.topology.edge_hosts():
-            self.host(edge.name).limit_standbys()
+            self.host(edge.name).make_standby_cgroup()
         self.links.check()
         if self.impairment == "iptables":
             self.links.apply_loss_rules()

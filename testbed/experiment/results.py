@@ -54,12 +54,12 @@ def read_requests(path: Path) -> list[RequestRecord]:
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
+    """events.jsonl by time; its whole lines only, since a controller may be writing one."""
     if not path.exists():
         return []
-    events = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            events.append(json.loads(line))
+    text = path.read_text()
+    events = [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()
+              if line.strip()]
     return sorted(events, key=lambda e: e["t"])
 
 
