@@ -122,10 +122,14 @@ def stage_bytes(instance: Instance, first: int, end: int) -> int:
 class SimPlanner(Planner):
     """The real planner (solver, repairs, reuse rule), with stage files described instead of
     split, and no wall-clock figures in what it returns (the trace must be reproducible).
-    The exact solver gives the same plan for the same nodes, and the live sets repeat (every
-    epoch's contingency plans ask again): `solved` remembers its answers."""
+    The solver's plan is a function of the instance it is given (and the planner's fixed
+    settings), and the instances repeat: every epoch's contingency plans ask again for the
+    same live sets, and a published version has the same instance as the one before it.
+    `solved` remembers the answers by the instance's full contents (its repr: every field,
+    floats exactly), so a repeat is the same plan, not a similar one. The solves are most of
+    a schedule's time (5-10 ms each, about a dozen distinct ones per schedule)."""
 
-    solved: dict[tuple[int, frozenset[str], int], Plan] = field(default_factory=dict)
+    solved: dict[tuple[str, int], Plan] = field(default_factory=dict)
 
     def stage_files(self, version: VersionInfo, plan: Plan,
                     ) -> tuple[list[StageFile], Path, bool]:
@@ -136,7 +140,7 @@ class SimPlanner(Planner):
         return files, Path(f"v{version.version}"), True
 
     def solve(self, version: VersionInfo, instance: Instance, spare: int = 0) -> Plan:
-        key = (version.version, frozenset(n.name for n in instance.nodes), spare)
+        key = (repr(instance), spare)
         if key not in self.solved:
             self.solved[key] = replace(super().solve(version, instance, spare), solve_s=None)
         return self.solved[key]
@@ -265,7 +269,9 @@ class SimDispatcher:
         self.retired: set[int] = set()
         self.completed = self.lost = self.mismatched = self.duplicates = 0
         self.stale_results = self.replays = 0
-        self.recent: deque[tuple[float, float]] = deque()      # (done, attempt seconds)
+        # (done, attempt seconds) of the last 5 s, only those no later attempt outlasts: the
+        # longest is the first (a sliding-window maximum, not a scan of every answer per tick)
+        self.recent: deque[tuple[float, float]] = deque()
         self.done_times: list[float] = []
         self.drain_deadline = 0.0
 
@@ -334,8 +340,7 @@ class SimDispatcher:
         assert self.workload is not None
         while self.recent and self.recent[0][0] < now - 5.0:
             self.recent.popleft()
-        return max(self.workload.timeout_s, 3.0 * max((s for _, s in self.recent),
-                                                      default=0.0))
+        return max(self.workload.timeout_s, 3.0 * (self.recent[0][1] if self.recent else 0.0))
 
     def send(self, request: Request) -> None:
         """Send (again) on the current route; a frame to a head that is gone is lost and
@@ -387,7 +392,10 @@ class SimDispatcher:
             self.mismatched += 1
             self.world.violation("mismatch", f"request {frame.rid}: result of epoch "
                                  f"{frame.epoch} computed as {list(frame.done)}")
-        self.recent.append((now, now - frame.sent))
+        took = now - frame.sent
+        while self.recent and self.recent[-1][1] <= took:
+            self.recent.pop()
+        self.recent.append((now, took))
 
 
 # -- the world --------------------------------------------------------------------------------
@@ -411,6 +419,11 @@ class World:
         self.violations: list[tuple[float, str, str]] = []
         self.observers: list[Callable[[str, dict[str, Any]], None]] = []
         self.link_free: dict[tuple[str, str], float] = {}
+        # per frame, what does not change in a run: addresses parsed, links' bandwidth and
+        # delay (looked up once per pair)
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.mbps: dict[tuple[str, str], float] = {}
+        self.delays: dict[tuple[str, str], float] = {}
         self.settings = settings or settings_for_sim()
         workload = Workload(concurrency=concurrency or 2 * len(self.hosts) + 4,
                             duration_s=1e9, timeout_s=5.0)
@@ -523,10 +536,15 @@ class World:
     # -- the network ---------------------------------------------------------------------------
 
     def delay(self, a: str, b: str) -> float:
-        return sum(self.hosts[h].spec.delay_s for h in (a, b) if h in self.hosts)
+        delay = self.delays.get((a, b))
+        if delay is None:
+            delay = self.delays[(a, b)] = sum(self.hosts[h].spec.delay_s for h in (a, b)
+                                              if h in self.hosts)
+        return delay
 
     def connected(self, a: str, b: str) -> bool:
-        return all(self.hosts[h].reachable for h in (a, b) if h in self.hosts)
+        ha, hb = self.hosts.get(a), self.hosts.get(b)
+        return (ha is None or ha.reachable) and (hb is None or hb.reachable)
 
     def to_agent(self, send: Send) -> None:
         host = self.hosts[send.host]
@@ -553,10 +571,15 @@ class World:
     def send_frame(self, src: str, address: str, frame: Frame, nbytes: int) -> None:
         """A data frame from `src` to a worker's address (or the sink): serialised on the
         link at its bandwidth, then the path's delay."""
-        dst, port = parse_address(address)
+        parsed = self.addresses.get(address)
+        if parsed is None:
+            parsed = self.addresses[address] = parse_address(address)
+        dst, port = parsed
         if not self.connected(src, dst):
             return
-        mbps = self.instance.bandwidth(src, dst) or 0.0
+        mbps = self.mbps.get((src, dst))
+        if mbps is None:
+            mbps = self.mbps[(src, dst)] = self.instance.bandwidth(src, dst) or 0.0
         wire = 0.0 if mbps == float("inf") else nbytes * 8 / (mbps * 1e6) if mbps else 1e9
         start = max(self.now, self.link_free.get((src, dst), 0.0))
         self.link_free[(src, dst)] = start + wire
@@ -798,7 +821,8 @@ class World:
         start, frames, ms = w.window
         w.window = (start, frames + 1, ms + 1000 * compute_s)
         self.roll_window(w)
-        out = replace(frame, done=(*frame.done, (w.version, w.first, w.end)))
+        out = Frame(frame.rid, frame.epoch, frame.version, frame.sent,
+                    (*frame.done, (w.version, w.first, w.end)))
         self.send_frame(host.name, route[1], out, self.instance.segments[w.end - 1].output_bytes)
 
     def roll_window(self, w: Worker) -> None:
