@@ -1,7 +1,7 @@
 """Runs seeded schedules on simulated clusters and judges them:
 
     python -m testbed.control.sim --seed S [--schedules K] [--faults N] [--tight] [--churn]
-                                  [--trace]
+                                  [--trace] [--jobs J]
 
 Schedule `S + i` (i < K) builds its cluster (testbed.control.sim.world.Cluster.random) and
 its fault schedule (testbed.control.sim.nemesis.draw, or with --churn nemesis.churn: N
@@ -14,6 +14,8 @@ and the request timeout has passed since the last heal, measure the throughput o
 and check that every request was answered exactly once (testbed.control.sim.checks). Each
 line also shows the rate answered while the faults came (the workload's start to the last
 heal) beside the first plan's prediction: no invariant, a figure of how the plane copes.
+With `--jobs J`, J worker processes run the schedules (each one still from its seed alone,
+so a line is the same whichever process ran it) and the lines come in seed order.
 
 The plane iterates over sets of host names in places, and Python salts string hashes per
 process: the command line therefore runs under PYTHONHASHSEED=0 (it re-executes itself when
@@ -23,11 +25,14 @@ that is not set), so a printed seed replays the same trace in any process.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import multiprocessing
 import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from testbed.control.sim.checks import Checker
@@ -152,6 +157,36 @@ def measure(world: World, checker: Checker) -> tuple[float, float]:
     return measured, predicted
 
 
+@dataclass(frozen=True)
+class Options:
+    """What every schedule of one command line shares."""
+
+    faults: int
+    tight: bool
+    churn: bool
+    trace: bool
+
+
+def judged(seed: int, options: Options) -> tuple[Outcome, list[str]]:
+    """One schedule's outcome and, with --trace, its trace's lines: what a worker process
+    (--jobs) sends back, as the world itself is not worth pickling."""
+    outcome, world = run_schedule(seed, options.faults, tight=options.tight,
+                                  churning=options.churn)
+    trace = [f"  {t:9.3f} {kind} {fields}" for t, kind, fields in world.trace] \
+        if options.trace else []
+    return outcome, trace
+
+
+def outcomes(seeds: range, options: Options, jobs: int) -> Iterator[tuple[Outcome, list[str]]]:
+    """The schedules' outcomes in seed order, from `jobs` worker processes (1: this one)."""
+    run = functools.partial(judged, options=options)
+    if jobs <= 1:
+        yield from map(run, seeds)
+        return
+    with multiprocessing.Pool(min(jobs, len(seeds))) as pool:
+        yield from pool.imap(run, seeds)
+
+
 def main(argv: list[str] | None = None) -> int:
     if os.environ.get("PYTHONHASHSEED") != "0":
         # string hashes must be the same in every process for a seed to replay
@@ -171,21 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--churn", action="store_true",
                    help="crash/restart pairs of different hosts every 2-4 s instead")
     p.add_argument("--trace", action="store_true", help="print each run's trace")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes running schedules side by side")
     args = p.parse_args(argv)
-    if args.schedules < 1 or args.faults < 1:
-        p.error("--schedules and --faults must be at least 1")
+    if args.schedules < 1 or args.faults < 1 or args.jobs < 1:
+        p.error("--schedules, --faults and --jobs must be at least 1")
     failed = []
     during: list[float] = []        # answered during the faults, a share of the first plan's
     started = time.monotonic()
-    for seed in range(args.seed, args.seed + args.schedules):
-        outcome, world = run_schedule(seed, args.faults, tight=args.tight,
-                                      churning=args.churn)
+    seeds = range(args.seed, args.seed + args.schedules)
+    options = Options(args.faults, args.tight, args.churn, args.trace)
+    for seed, (outcome, trace) in zip(seeds, outcomes(seeds, options, args.jobs)):
         print(outcome.line(), flush=True)
         if outcome.first_rps > 0:
             during.append(outcome.during_rps / outcome.first_rps)
-        if args.trace:
-            for t, kind, fields in world.trace:
-                print(f"  {t:9.3f} {kind} {fields}")
+        for line in trace:
+            print(line)
         if not outcome.ok:
             failed.append(seed)
             for step in outcome.schedule.steps:
