@@ -3,11 +3,13 @@ links), closed loop, one fault timeline per run through run_scenario.py, then a 
 
     sudo .venv/bin/python benchmarks/recovery.py [--only crash,update] [--duration 25]
          [--k8s-wait 340] [--out results/bench_recovery]
-         [--topology topologies/star-6.yaml] [--spare N]
+         [--topology topologies/star-6.yaml] [--spare N] [--standby-share X] [--fault-at S]
 
 `--topology` runs them on another topology (the crash hits the plan's second host);
 `--spare N` sets `planner: {spare: N}` (N hosts kept out of the plan: compare recovery and
-predicted throughput with and without, docs/architecture.md "Recovery").
+predicted throughput with and without, docs/architecture.md "Recovery"); `--standby-share X`
+sets `control: {standby_share: X}`; `--fault-at S` moves the fault to S seconds into the
+measured window (10 by default; the window starts 5 s after the first plan serves).
 
 Scenarios: one node of the plan crashes; two crash at once; one crashes and comes back; one is
 partitioned and healed; a new model version is published (resnet18 built with seed 2); and the
@@ -23,7 +25,9 @@ contract: recovered = first 1 s bucket back at 90% of the new plan's predicted t
 `recovered_rel` uses the 90% bar on the throughput measured before the fault, scaled by the
 new plan's prediction over the old one (on a shared machine measured throughput sits below
 the prediction, and the contract bar can then not be reached even without a fault);
-`switched` is when the new epoch took over. `dup` counts results that arrived twice and were
+`switched` is when the new epoch took over; `armed` is when, after the first plan was
+deployed, the last warm standby its contingency plans listed was loaded (`-`: not by the
+fault, which then has to load models). `dup` counts results that arrived twice and were
 suppressed by the sink (none is ever delivered twice: requests.csv has one row per request).
 JSON: OUT/recovery.json.
 """
@@ -44,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from testbed.control import events as ev  # noqa: E402
 
-FAULT_AT_S = 10.0
+FAULT_AT_S = 10.0           # default: seconds into the measured window
 
 def k8s_default_wait() -> float:
     """Kubernetes' own recovery from a node crash with default timing, as measured by
@@ -73,10 +77,10 @@ def initial_hosts(topology: Path, spare: int) -> list[str]:
 
 
 def scenarios(hosts: list[str], duration: float, k8s_wait: float,
-              topology: Path) -> dict[str, dict[str, Any]]:
+              topology: Path, fault_at: float = FAULT_AT_S) -> dict[str, dict[str, Any]]:
     from formats.topology import load_topology
 
-    at = f"{FAULT_AT_S:g}s"
+    at = f"{fault_at:g}s"
     topo = load_topology(topology)
     dispatcher = topo.dispatcher().name
     others = [h.name for h in topo.edge_hosts()]
@@ -94,14 +98,17 @@ def scenarios(hosts: list[str], duration: float, k8s_wait: float,
         "update": {"steps": [{"at": at, "action": "model.update",
                               "params": {"version": 2}}]},
         "k8s-wait": {"steps": [{"at": at, "action": "node.crash", "target": hosts[1]}],
-                     "duration": FAULT_AT_S + k8s_wait + 15.0,
+                     "duration": fault_at + k8s_wait + 15.0,
                      "control": {"replan_delay": f"{k8s_wait:g}s"}},
     }
 
 
 def scenario_yaml(name: str, spec: dict[str, Any], duration: float, topology: Path,
-                  spare: int) -> str:
+                  spare: int, standby_share: float | None = None) -> str:
     steps = "".join(f"  - {json.dumps(step)}\n" for step in spec["steps"])
+    control = dict(spec.get("control", {}))
+    if standby_share is not None:
+        control["standby_share"] = standby_share
     return (f"name: recovery-{name}\n"
             f"topology: {topology}\n"
             f"model: {{zoo: resnet18}}\n"
@@ -109,7 +116,7 @@ def scenario_yaml(name: str, spec: dict[str, Any], duration: float, topology: Pa
             f"workload: {{mode: closed, concurrency: 6, duration: "
             f"{spec.get('duration', duration):g}s, warmup: 5s, seed: 1}}\n"
             f"steps:\n{steps}"
-            + (f"control: {json.dumps(spec['control'])}\n" if "control" in spec else "")
+            + (f"control: {json.dumps(control)}\n" if control else "")
             + "slo: {lost: 0, mismatched: 0}\n")
 
 
@@ -134,14 +141,14 @@ def sliding_recovery(dones: list[float], after: float, bar: float) -> float | No
     return None
 
 
-def measure(name: str, run_dir: Path) -> dict[str, Any]:
+def measure(name: str, run_dir: Path, fault_at: float = FAULT_AT_S) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
               if line.strip()]
     rows = read_rows(run_dir / "requests.csv")
     window = summary["window"]["start_unix"]
     req = summary["requests"]
-    at = window + FAULT_AT_S
+    at = window + fault_at
     dones = sorted(float(r["done"]) for r in rows if r["status"] == "completed")
     deployed = [e for e in events if e["type"] == ev.PLAN_DEPLOYED]
     before = [e for e in deployed if e["t"] < at]
@@ -165,6 +172,7 @@ def measure(name: str, run_dir: Path) -> dict[str, Any]:
         "recovered_sliding_s": _rel(sliding_recovery(dones, at, 0.9 * new_rps), at),
         "recovered_rel_s": _rel(rel, at),
         "switched_s": round(after[0]["t"] - at, 3) if after else None,
+        "armed_s": armed_after(events, at),
         "lost": req["lost"], "dup": req["duplicates"],
         "dup_delivered": len(rows) - len({r["rid"] for r in rows}),
         "mismatched": req["mismatched"], "completed": req["completed"],
@@ -185,13 +193,30 @@ def measure(name: str, run_dir: Path) -> dict[str, Any]:
     return row
 
 
+def armed_after(events: list[dict[str, Any]], at: float) -> float | None:
+    """Seconds from the first plan's deployment until every warm standby its contingency
+    plans listed (`contingency.ready`) was loaded (`worker.ready`, epoch 0); None when that
+    had not happened by the fault at `at` (a loss then reloads models)."""
+    deployed = next((e for e in events if e["type"] == ev.PLAN_DEPLOYED), None)
+    ready = next((e for e in events if e["type"] == ev.CONTINGENCY_READY and deployed
+                  and e["epoch"] == deployed["epoch"] and e["t"] < at), None)
+    if deployed is None or ready is None:
+        return None
+    loaded = {f"{e['host']}:{e['port']}": e["t"] for e in events
+              if e["type"] == ev.WORKER_READY and e["epoch"] == 0 and e["t"] < at}
+    if not all(name in loaded for name in ready["standbys"]):
+        return None
+    return round(max([loaded[n] for n in ready["standbys"]] + [ready["t"]])
+                 - deployed["t"], 2)
+
+
 def _rel(t: float | None, at: float) -> float | None:
     return None if t is None else round(t - at, 3)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     cols = [("scenario", 12), ("detected_s", 9), ("recovered_s", 10), ("recovered_rel_s", 9),
-            ("switched_s", 9), ("lost", 5), ("dup", 4), ("mismatched", 10),
+            ("switched_s", 9), ("armed_s", 6), ("lost", 5), ("dup", 4), ("mismatched", 10),
             ("min_bucket", 10)]
     head = "  ".join(f"{c:>{w}}" if c != "scenario" else f"{c:<{w}}" for c, w in cols)
     lines = [head.replace("_s", "").replace("recovered_rel", "rec_rel"), "-" * len(head)]
@@ -220,6 +245,11 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_recovery"))
     parser.add_argument("--topology", type=Path, default=ROOT / "topologies" / "star-6.yaml")
     parser.add_argument("--spare", type=int, default=0, help="planner: {spare: N}")
+    parser.add_argument("--standby-share", type=float,
+                        help="control: {standby_share: X} (default: the scenario default)")
+    parser.add_argument("--fault-at", type=float, default=FAULT_AT_S,
+                        help="the fault, seconds into the measured window (the window starts "
+                        "5 s after the first plan serves)")
     args = parser.parse_args()
     args.topology = args.topology.resolve()
     if os.geteuid() != 0:
@@ -230,11 +260,13 @@ def main() -> int:
     hosts = initial_hosts(args.topology, args.spare)
     print(f"initial plan on {hosts}", file=sys.stderr, flush=True)
     rows = []
-    for name, spec in scenarios(hosts, args.duration, args.k8s_wait, args.topology).items():
+    for name, spec in scenarios(hosts, args.duration, args.k8s_wait, args.topology,
+                                    args.fault_at).items():
         if args.only and name not in args.only.split(","):
             continue
         path = out / f"{name}.yaml"
-        path.write_text(scenario_yaml(name, spec, args.duration, args.topology, args.spare))
+        path.write_text(scenario_yaml(name, spec, args.duration, args.topology, args.spare,
+                                     args.standby_share))
         print(f"== {name}", file=sys.stderr, flush=True)
         run_dir = out / name
         result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"), str(path),
@@ -242,7 +274,7 @@ def main() -> int:
         if not (run_dir / "summary.json").exists():
             rows.append({"scenario": name, "error": f"no summary (exit {result.returncode})"})
             continue
-        rows.append(measure(name, run_dir))
+        rows.append(measure(name, run_dir, args.fault_at))
     print(table(rows))
     ours = next((r for r in rows if r["scenario"] == "crash" and "error" not in r), None)
     k8s = next((r for r in rows if r["scenario"] == "k8s-wait" and "error" not in r), None)

@@ -153,6 +153,10 @@ class Fetch:
     last_activity: float = 0.0
     attempts: int = 1
 
+    def remaining(self) -> int:
+        """Bytes still to come (0 while the size is unknown: its first chunk is asked)."""
+        return 0 if self.total is None else max(0, self.total - len(self.received) * CHUNK_BYTES)
+
 
 class Agent:
     def __init__(self, args: argparse.Namespace, log: logging.Logger) -> None:
@@ -708,7 +712,9 @@ class Agent:
                 self.report(rec, "failed", "not ready in time; " + self.log_tail(rec),
                             "start_timeout")
                 rec.proc.kill()         # reaped by check_exit, which keeps the failure
-        for sha, fetch in list(self.fetches.items()):
+        # smallest first: paced standby models come one at a time, and the shortest first
+        # has the most standbys loaded at every moment (each covers a loss)
+        for sha, fetch in sorted(self.fetches.items(), key=lambda item: item[1].remaining()):
             waited_for = any(r.sha256 == sha and r.state == "fetching"
                              for r in self.workers.values())
             if not fetch.requested:                 # a standby's model between paced chunks

@@ -368,6 +368,48 @@ def test_agent_reports_disk_full_instead_of_crashing(tmp_path):
 
 # -- standbys load in the background ----------------------------------------------------------
 
+def test_paced_standby_models_come_smallest_first(tmp_path, monkeypatch):
+    """Paced standby models come one at a time, the one with the fewest bytes left first,
+    whatever order they were asked in: the most standbys are loaded at every moment."""
+    from stage_image import agent as agent_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(agent_mod.time, "monotonic", lambda: clock[0])
+    args = agent_mod.parse_args(["--host", "edge9", "--controller", f"tcp://127.0.0.25:{PORT + 19}",
+                                 "--data-dir", str(tmp_path), "--ip", "127.0.0.25",
+                                 "--standby-share", "0.5"])
+    agent = agent_mod.Agent(args, agent_mod.logging.getLogger("test-agent"))
+    sent: list[tuple[str, dict[str, Any]]] = []
+    agent.send = lambda kind, **fields: sent.append((kind, fields))   # type: ignore[method-assign]
+    chunk = agent_mod.CHUNK_BYTES
+    serving, big, small = "c3" * 32, "a1" * 32, "b2" * 32
+    sizes = {big: 8 * chunk, small: 3 * chunk}
+    try:
+        agent.on_deploy({"version": 1, "sha256": serving, "size": chunk, "port": PORT + 29,
+                         "inputs": ["x"], "outputs": ["y"], "epoch": 1, "stage": 0,
+                         "next": "tcp://127.0.0.1:1"})          # its chunk never comes
+        for port, sha in ((PORT + 30, big), (PORT + 31, small)):
+            agent.on_deploy({"version": 1, "sha256": sha, "size": sizes[sha], "port": port,
+                             "inputs": ["x"], "outputs": ["y"]})
+        got: list[str] = []
+        for _ in range(200):
+            asks = [(f["sha256"], f["offset"]) for kind, f in sent
+                    if kind == "fetch" and f["sha256"] != serving]
+            sent.clear()
+            clock[0] += 0.1                                    # each round trip: 0.1 s
+            for sha, offset in asks:
+                got.append(sha)
+                agent.on_chunk({"sha256": sha, "offset": offset, "total": sizes[sha]},
+                               memoryview(bytes(chunk)))
+            agent.check_deadlines(clock[0])
+        # the first asks learn both sizes; then the small model's two chunks, then the big
+        assert got[:2] == [big, small] and got[2:4] == [small, small], got
+        assert got.count(big) == 8 and set(got[4:]) == {big}
+    finally:
+        agent.sock.close(0)
+        agent.ctx.term()
+
+
 def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch):
     """Beside a serving worker, a standby's model comes one chunk at a time for the whole
     host, each ask after a pause three times the last chunk's round trip (--standby-share

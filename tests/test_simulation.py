@@ -33,8 +33,8 @@ from testbed.control.sim.world import World as SimWorld
 from tests.test_plane import MiB, World, stage_file
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEDULES = 150     # per CI run, in 2 processes: 27 CPU-s, 15 s wall on 2 busy cores (report;
-                    # mostly the planner's exact solves: 50 took 11 s in one before)
+SCHEDULES = 1000    # per CI run, in 2 processes: 163 CPU-s, 83 s wall on 2 cores (mostly the
+                    # planner's exact solves, ~15 distinct live sets per schedule)
 
 
 def sim(*args: str) -> subprocess.CompletedProcess[str]:

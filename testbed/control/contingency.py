@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from formats.control import ControlSettings
 from partitioner.instance import Plan
+from testbed.control import events as ev
 from testbed.control import policy
 from testbed.control.core import standby as standby_rule
 from testbed.control.core.records import Epoch, Slot
@@ -182,7 +183,7 @@ class Contingencies:
         active = self.plane.active
         if not complete:
             return
-        self.plane.emit("contingency.ready", epoch=active.number if active else None,
+        self.plane.emit(ev.CONTINGENCY_READY, epoch=active.number if active else None,
                         plans={h: {"hosts": [s.node for s in p.plan.stages],
                                    "bottleneck_ms": round(p.plan.bottleneck_ms, 3),
                                    "new_stages": sum(f is not None for f in p.stages)}
