@@ -6,7 +6,7 @@ onnxruntime: ONNX compute at the hosts' effective speed and link times only
 (`partitioner.instance.pure_bottleneck_ms`). Needs root (Mininet).
 
     sudo .venv/bin/python benchmarks/pipeline.py [--duration 20s] [--out results/bench_pipeline]
-        [--only resnet18,bert_mini] [--topologies star-5]
+        [--only resnet18,bert_mini] [--topologies star-5] [--no-standby]
 
 Each run's closed loop keeps 2 x (plan latency / plan bottleneck) requests in flight (at least
 4): by Little's law latency / bottleneck are needed to keep the bottleneck busy at all, and a
@@ -17,7 +17,8 @@ CPU per frame x effective speed / cores - the stage's profiled compute (the medi
 stages is shown; a plan re-planned during the run is flagged, its figures are the first
 plan's). `steady rps` is the rate from the moment the last warm standby was loaded to the end
 of the window (standbys load beside the serving stages during the first seconds, at a bounded
-share of their hosts: docs/architecture.md "Recovery"), `-` when that left under 5 s.
+share of their hosts: docs/architecture.md "Recovery"), `-` when that left under 5 s;
+`--no-standby` runs without them (the cost model's figure for the plan alone).
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ def concurrency_for(model: str, topology: str) -> int:
     return max(4, math.ceil(2 * plan.latency_ms / plan.bottleneck_ms))
 
 
-def scenario_text(model: str, topology: str, concurrency: int, duration: str) -> str:
+def scenario_text(model: str, topology: str, concurrency: int, duration: str,
+                  standby: bool = True) -> str:
     return (f"name: bench-{model}-{topology}\n"
             f"topology: {ROOT / 'topologies' / (topology + '.yaml')}\n"
             f"model: {{zoo: {model}}}\n"
             f"workload: {{mode: closed, concurrency: {concurrency}, duration: {duration}, "
             f"warmup: 5s, seed: 1}}\n"
-            f"slo: {{lost: 0, mismatched: 0}}\n")
+            + ("" if standby else "control: {standby: false}\n")
+            + "slo: {lost: 0, mismatched: 0}\n")
 
 
 def analyse(directory: Path, topology: str) -> dict[str, Any]:
@@ -131,6 +134,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_pipeline"))
     parser.add_argument("--only", help="comma-separated models to run")
     parser.add_argument("--topologies", help="comma-separated topologies to run")
+    parser.add_argument("--no-standby", action="store_true",
+                        help="control: {standby: false}: no warm standbys load beside the "
+                             "serving stages, so the window measures the plan alone")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +149,8 @@ def main() -> int:
         name = f"{model}-{topology}"
         concurrency = concurrency_for(model, topology)
         scenario = out / f"{name}.yaml"
-        scenario.write_text(scenario_text(model, topology, concurrency, args.duration))
+        scenario.write_text(scenario_text(model, topology, concurrency, args.duration,
+                                          standby=not args.no_standby))
         print(f"== {name} (concurrency {concurrency})", file=sys.stderr, flush=True)
         result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"), str(scenario),
                                  "--out", str(out / name)], check=False)

@@ -76,9 +76,9 @@ MAX_HOST_BYTES = 1024**4
 # (Little's law); the dispatcher also keeps every in-flight input for replay, so 1e8 grew it to
 # 1.9 GB and it sent nothing.
 MAX_CONCURRENCY = 1000
-# Open-loop rate: one dispatcher process spends ~1.5 ms of CPU per frame (FRAME_OVERHEAD_MS,
-# measured), so a few hundred frames/s per core is its ceiling; 10,000 rps is far past any
-# pipeline here and still a sane number for the load generator's clock.
+# Open-loop rate: one dispatcher process spends ~1.5-2 ms of CPU per 600 KB frame
+# (benchmarks/frame_overhead.py), so a few hundred frames/s per core is its ceiling; 10,000
+# rps is far past any pipeline here and still a sane number for the load generator's clock.
 MAX_RATE_RPS = 10_000.0
 # Durations of a run, warm-up, step or control-plane knob: a day. Runs here take a minute;
 # the report's 1 s buckets (timeseries.csv) grow with the duration.

@@ -12,6 +12,8 @@ from typing import Any
 from formats.errors import InputError, read_json
 from formats.limits import MAX_BANDWIDTH_MBPS, MAX_COMPUTE_MS, MAX_INSTANCE_BYTES, MAX_SPEED
 
+MIB = 2**20
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -44,6 +46,9 @@ class Instance:
     segments (receiving, checking and sending frames, the agent beside it), in full-core ms,
     so a stage computes (sum of its segments + frame_overhead_ms) / speed. On hosts of 0.1-0.3
     cores it is worth 10-25% of a stage's time, which the contract's model leaves out.
+    `frame_overhead_ms_per_mib` (optional too, default 0) adds to it per MiB the stage
+    receives (the bytes of the cut before it): taking a frame in costs the receiving side a
+    wake-up per burst the link delivers and a copy (`stage_overhead_ms`).
 
     `cpu_budget` (optional too, 0 = no limit) is the summed speed the nodes can deliver at
     once: an emulation whose hosts are promised more cores than its machine has sets it, and
@@ -56,6 +61,13 @@ class Instance:
     bandwidth_mbps: dict[tuple[str, str], float] = field(default_factory=dict)
     frame_overhead_ms: float = 0.0
     cpu_budget: float = 0.0
+    frame_overhead_ms_per_mib: float = 0.0
+
+    def stage_overhead_ms(self, first: int) -> float:
+        """The per-frame CPU of a stage that starts at segment `first`, besides its
+        segments: the fixed part and the part that grows with what it receives."""
+        received = self.input_bytes if first == 0 else self.segments[first - 1].output_bytes
+        return self.frame_overhead_ms + self.frame_overhead_ms_per_mib * received / MIB
 
     def bandwidth(self, a: str, b: str) -> float | None:
         """Symmetric bandwidth between two endpoints; None when the pair is missing."""
@@ -92,6 +104,8 @@ class Instance:
             data["frame_overhead_ms"] = self.frame_overhead_ms
         if self.cpu_budget:
             data["cpu_budget"] = self.cpu_budget
+        if self.frame_overhead_ms_per_mib:
+            data["frame_overhead_ms_per_mib"] = self.frame_overhead_ms_per_mib
         return data
 
 
@@ -137,7 +151,7 @@ def plan_cost(instance: Instance, stages: list[Stage]) -> PlanCost:
     for stage in stages:
         node = instance.node(stage.node)
         run = instance.segments[stage.first:stage.end]
-        compute.append((sum(s.compute_ms for s in run) + instance.frame_overhead_ms)
+        compute.append((sum(s.compute_ms for s in run) + instance.stage_overhead_ms(stage.first))
                        / node.speed)
         memory.append(sum(s.memory_bytes for s in run))
         hops.append(instance.hop_ms(previous_bytes, previous, stage.node))
@@ -229,7 +243,8 @@ def budget_ms(instance: Instance, pipelines: list[list[Stage]]) -> float:
     if instance.cpu_budget <= 0:
         return 0.0
     work = [sum(sum(s.compute_ms for s in instance.segments[stage.first:stage.end])
-                + instance.frame_overhead_ms for stage in pipeline) for pipeline in pipelines]
+                + instance.stage_overhead_ms(stage.first) for stage in pipeline)
+            for pipeline in pipelines]
     return sum(work) / len(work) / instance.cpu_budget
 
 
@@ -259,7 +274,7 @@ def pure_bottleneck_ms(instance: Instance, stages: list[Stage],
     speed and link times only (the DESIGN.md model). 1000 / this is the most a plan can
     deliver whatever its stages cost per frame besides onnxruntime; benchmarks/pipeline.py
     judges measured throughput against it."""
-    pure = replace(instance, frame_overhead_ms=0.0)
+    pure = replace(instance, frame_overhead_ms=0.0, frame_overhead_ms_per_mib=0.0)
     return pipelines_cost(pure, split_pipelines(stages, chains))[0]
 
 @dataclass
@@ -374,7 +389,7 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
     if not isinstance(data, dict):
         raise InputError("the instance must be a JSON object", file=file)
     unknown = set(data) - {"segments", "input_bytes", "nodes", "source", "bandwidth_mbps",
-                           "frame_overhead_ms", "cpu_budget"}
+                           "frame_overhead_ms", "frame_overhead_ms_per_mib", "cpu_budget"}
     if unknown:
         raise InputError("unknown field", file=file, field=sorted(unknown)[0])
     for key in ("segments", "input_bytes", "nodes", "source", "bandwidth_mbps"):
@@ -435,8 +450,10 @@ def instance_from_json(data: Any, file: str = "<instance>") -> Instance:
     overhead = float(_number(data.get("frame_overhead_ms", 0.0), "frame_overhead_ms", file,
                              maximum=MAX_COMPUTE_MS))
     budget = float(_number(data.get("cpu_budget", 0.0), "cpu_budget", file, maximum=MAX_SPEED))
+    per_mib = float(_number(data.get("frame_overhead_ms_per_mib", 0.0),
+                            "frame_overhead_ms_per_mib", file, maximum=MAX_COMPUTE_MS))
     return Instance(segments, int(_number(data["input_bytes"], "input_bytes", file)), nodes,
-                    source, bandwidth, overhead, budget)
+                    source, bandwidth, overhead, budget, per_mib)
 
 
 def load_instance(path: str | Path) -> Instance:

@@ -86,23 +86,21 @@ AGENT_RSS_BYTES = 28 * MiB          # `import stage_image.agent`: 23.5 MiB; + fe
 WORKER_RSS_BYTES = 60 * MiB         # numpy + onnxruntime + pyzmq + stage_image.worker: 56.9 MiB
 SESSION_OVERHEAD_BYTES = 10 * MiB   # a 2-node session, worker options, after a run: 8.6 MiB
 RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
-# CPU a stage spends per request besides onnxruntime (full-core ms): receiving and sending
-# frames (mostly the kernel's TCP work in ZeroMQ's I/O thread: about half of it), header
-# checks and the worker's loop, the agent beside it. Measured by benchmarks/frame_overhead.py
-# --mininet (real workers in 0.2-core Mininet hosts behind 100 Mbit links, a trivial model,
-# 600 KB frames, host cgroup CPU per frame - the bare session.run): 1.4-1.55 ms for a stage
-# receiving and sending 600 KB, 1.2-1.4 ms receiving 600 KB and sending 12 bytes; the agent
-# adds 0.002 cores (~0.15 ms a frame at 15 frames/s). Real resnet18 stages on star-5 spent
-# 1.3-2.0 ms of host CPU per frame over their bare session.run. (The 3.5 ms this replaces
-# was host CPU / rate - the cached profile's compute, which folds the profile's own noise in.)
-# Re-measured with the machine at load 10-11 on 2 cores (3 runs): 1.35-1.95 ms and 1.15-1.8
-# ms; per thread, ZeroMQ's I/O thread ~0.6-0.9 ms (kernel TCP copies, wakeups per paced
-# burst), the main loop ~0.8-1.0 ms (of which header checks and encode ~0.02 ms, measured
-# in a tight loop). Cuts tried and measured side by side, none kept: copying sends instead of
-# zero-copy (+0.2 ms: a 600 KB memcpy costs more than pyzmq's collector wake-up), a 1 MiB
-# SO_SNDBUF (no change on loopback, +-0.2 ms noise in Mininet). 1.5 stays: the spread is the
-# load of the machine, not the code.
-FRAME_OVERHEAD_MS = 1.5
+# CPU a stage spends per request besides onnxruntime (full-core ms): a fixed part (the
+# worker's loop, header checks, the agent beside it) and a part per MiB the stage receives
+# (ZeroMQ's I/O thread wakes for every burst the shaped link delivers and the kernel copies;
+# sending costs far less). Measured by benchmarks/frame_overhead.py --mininet --auth token
+# (real workers in 0.2-core Mininet hosts behind 100 Mbit links, a trivial model, host cgroup
+# CPU per frame - the bare session.run), quiet 2-core machine: 49 KB frames 0.55-0.58 ms; a
+# stage receiving 600 KB (0.57 MiB) and sending 12 B 1.24-1.49 ms, sending 600 KB too
+# 1.38-1.64 ms: 0.5 ms + 1.5 ms per MiB received (sent bytes inside the spread). Real
+# pipelines with no standbys loading beside them (benchmarks/pipeline.py --no-standby) imply
+# 0.6 ms for bert_exported (64 KB cuts), 0.8 for bert_mini (128 KB), 1.1 for resnet18
+# (0.2-0.8 MB), 1.8 for resnet50 on star-10 (up to 3 MB): the same shape. The one constant
+# used before (1.5 ms, measured at 600 KB) over-charged transformer stages by half (their
+# predictions 13-40% under what they delivered) and under-charged large cuts.
+FRAME_OVERHEAD_MS = 0.5
+FRAME_OVERHEAD_MS_PER_MIB = 1.5
 # A host limited by a CFS quota runs in slices (`cores` x the 100 ms period) and starts each
 # slice with caches the other hosts have since filled: about 2 ms of every period is spent
 # warming up. So a host of `cores` computes like `cores - CFS_WARMUP_CORES` of a free core.
@@ -634,7 +632,7 @@ def instance_for_hosts(profile: ModelProfile, source: str,
         if a != b and a in known and b in known and (b, a) not in bandwidth:
             bandwidth[(a, b)] = float(mbps)
     return Instance(list(profile.segments), profile.input_bytes, nodes, source, bandwidth,
-                    FRAME_OVERHEAD_MS)
+                    FRAME_OVERHEAD_MS, frame_overhead_ms_per_mib=FRAME_OVERHEAD_MS_PER_MIB)
 
 
 def instance_for_topology(profile: ModelProfile, topology: Any,

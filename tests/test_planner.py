@@ -26,6 +26,7 @@ from partitioner.instance import (
     Plan,
     Segment,
     Stage,
+    instance_from_json,
     plan_cost,
     plan_problems,
     pure_bottleneck_ms,
@@ -54,7 +55,11 @@ def instances(draw: st.DrawFn, max_segments: int = 6, max_nodes: int = 4) -> Ins
         mbps = draw(st.sampled_from([None, 1.0, 1.0, 2.0, 10.0, 100.0]))
         if mbps is not None:
             bandwidth[(a, b)] = mbps
-    return Instance(segments, draw(st.sampled_from([0, 100, 4000])), nodes, "src", bandwidth)
+    # a stage's own per-frame CPU: none, fixed, or growing with what it receives (up to
+    # ~5 ms for the 5000-byte cuts), so that it can change which cut is best
+    return Instance(segments, draw(st.sampled_from([0, 100, 4000])), nodes, "src", bandwidth,
+                    frame_overhead_ms=draw(st.sampled_from([0.0, 0.0, 0.5])),
+                    frame_overhead_ms_per_mib=draw(st.sampled_from([0.0, 0.0, 1000.0])))
 
 
 def brute_force(instance: Instance) -> tuple[float, float] | None:
@@ -239,6 +244,32 @@ def test_pure_bottleneck_leaves_out_only_the_per_frame_overhead() -> None:
         plan_cost(slow_link, stages).bottleneck_ms) == pytest.approx(1000 * 8 / 50)
     side_by_side = [Stage(0, 2, "a"), Stage(0, 2, "b")]
     assert pure_bottleneck_ms(instance, side_by_side, (1, 1)) == pytest.approx(40 / 0.25 / 2)
+
+
+def test_overhead_per_mib_charges_a_stage_for_what_it_receives() -> None:
+    """A stage's per-frame CPU is the fixed part plus the per-MiB part of the cut before it:
+    plan_cost and the solver's tables agree, it moves the best cut to the smaller tensor,
+    the pure limit leaves it out, and it survives the instance JSON."""
+    mib = 2**20
+    # the cut after segment 0 carries 4 MiB, the one after segment 1 a few bytes: the first
+    # balances the compute best (13 | 15 ms), the second costs no 20 ms to receive (17 | 11)
+    segments = [Segment(12.0, 0, 4 * mib), Segment(4.0, 0, 100), Segment(10.0, 0, 100)]
+    nodes = [Node("a", 1.0, 1 << 40), Node("b", 1.0, 1 << 40)]
+    links = {("src", "a"): 1e5, ("src", "b"): 1e5, ("a", "b"): 1e5}
+    plain = Instance(segments, 1000, nodes, "src", links, frame_overhead_ms=1.0)
+    charged = Instance(segments, 1000, nodes, "src", links, frame_overhead_ms=1.0,
+                       frame_overhead_ms_per_mib=5.0)
+    after_big = [Stage(0, 1, "a"), Stage(1, 3, "b")]
+    assert charged.stage_overhead_ms(1) == pytest.approx(1.0 + 5.0 * 4)
+    assert plan_cost(charged, after_big).compute_ms == pytest.approx(
+        [12 + 1 + 5 * 1000 / mib, 14 + 1 + 20])
+    assert [(s.first, s.end) for s in solve(plain, "optimal").stages] == [(0, 1), (1, 3)]
+    best = solve(charged, "optimal")
+    assert [(s.first, s.end) for s in best.stages] == [(0, 2), (2, 3)]
+    assert best.bottleneck_ms == pytest.approx(plan_cost(charged, best.stages).bottleneck_ms)
+    assert pure_bottleneck_ms(charged, after_big) == pytest.approx(14.0)
+    again = instance_from_json(json.loads(json.dumps(charged.to_json())))
+    assert again.frame_overhead_ms_per_mib == 5.0 and again == charged
 
 
 @pytest.mark.parametrize("algorithm", ["seifer", "greedy", "random"])

@@ -48,7 +48,7 @@ def random_instance(segments: int, nodes: int, seed: int, disk: bool = False) ->
         "src",
         {(a, b): rng.choice([1.0, 10.0, 100.0]) for a, b in itertools.combinations(
             ["src", *names], 2) if rng.random() < 0.85},
-        frame_overhead_ms=0.5)
+        frame_overhead_ms=0.5, frame_overhead_ms_per_mib=rng.choice([0.0, 100.0]))
 
 
 def reference_tables(t: Tables) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +58,10 @@ def reference_tables(t: Tables) -> tuple[np.ndarray, np.ndarray]:
     work = t.prefix_compute[None, :] - t.prefix_compute[:, None]
     need = t.prefix_memory[None, :] - t.prefix_memory[:, None]
     upper = np.triu(np.ones((s + 1, s + 1), dtype=bool), k=1)
-    costs = (work[:, :, None] + instance.frame_overhead_ms) / t.speed[None, None, :]
+    received = np.array([instance.input_bytes, *(g.output_bytes for g in instance.segments)])
+    overhead = instance.frame_overhead_ms + \
+        instance.frame_overhead_ms_per_mib * received[:, None, None] / 2**20
+    costs = (work[:, :, None] + overhead) / t.speed[None, None, :]
     fits = upper[:, :, None] & (need[:, :, None] <= t.memory[None, None, :])
     disk = np.array([n.disk_bytes for n in instance.nodes])
     files = np.concatenate([[0], np.cumsum([g.model_bytes for g in instance.segments])])

@@ -14,7 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from formats.errors import InputError
-from partitioner.instance import InfeasibleError, Instance, Stage
+from partitioner.instance import MIB, InfeasibleError, Instance, Stage
 
 
 class OutOfTime(Exception):
@@ -118,7 +118,9 @@ class Tables:
             first, end, node = first[..., None], end[..., None], np.arange(self.n_nodes)
         work = self.prefix_compute[end] - self.prefix_compute[first]
         need = self.prefix_memory[end] - self.prefix_memory[first]
-        overhead = self.instance.frame_overhead_ms    # per stage, see Instance
+        # per stage, see Instance.stage_overhead_ms: fixed, and per MiB the stage receives
+        overhead = self.instance.frame_overhead_ms + \
+            self.instance.frame_overhead_ms_per_mib * self.boundary_bytes[first] / MIB
         costs = (work + overhead) / self.speed[node]
         fits = (end > first) & (need <= self.memory[node])
         if self.disk.any():
@@ -179,7 +181,7 @@ class Tables:
         cheapest hop from the source, the output's back to it, the largest segment on the
         fastest node, and all the compute spread over every node in proportion to its speed
         (a stage on v costs (work + overhead) / speed_v, so no plan beats
-        (total + overhead) / sum of speeds)."""
+        (total + overhead) / sum of speeds; the fixed overhead: the per-MiB part only adds)."""
         n, overhead = self.n_nodes, self.instance.frame_overhead_ms
         compute = np.diff(self.prefix_compute)
         nodes = np.arange(n)

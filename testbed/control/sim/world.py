@@ -804,7 +804,8 @@ class World:
             return
         w, frame = host.cpu_queue.popleft()
         segments = self.instance.segments[w.first:w.end]
-        compute_s = (sum(s.compute_ms for s in segments) + self.instance.frame_overhead_ms) \
+        compute_s = (sum(s.compute_ms for s in segments)
+                     + self.instance.stage_overhead_ms(w.first)) \
             / host.spec.speed * host.slow / 1000.0
         host.cpu_busy = True
         self.at(self.now + compute_s, self.on_host, host, host.incarnation, self.computed, w,
