@@ -122,16 +122,12 @@ def speed_probe(model: str, cores: float, frames: int = 4) -> float:
 
 def predicted_frame_ms(model: str, cores: float) -> float:
     """What the cost model says the whole model takes a frame on one host of `cores`."""
-    from partitioner.profile import (
-        FRAME_OVERHEAD_MS,
-        FRAME_OVERHEAD_MS_PER_MIB,
-        effective_speed,
-        profile_model,
-    )
+    from partitioner.profile import instance_for_hosts, profile_model
 
-    profile = profile_model(model, progress=False)
-    overhead = FRAME_OVERHEAD_MS + FRAME_OVERHEAD_MS_PER_MIB * profile.input_bytes / 2**20
-    return (sum(s.compute_ms for s in profile.segments) + overhead) / effective_speed(cores)
+    instance = instance_for_hosts(profile_model(model, progress=False), "dispatcher",
+                                  [("host", cores, 1 << 40)], {})
+    return (sum(s.compute_ms for s in instance.segments) + instance.stage_overhead_ms(0)) \
+        / instance.nodes[0].speed
 
 
 def run_size(size: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:

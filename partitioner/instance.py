@@ -67,7 +67,11 @@ class Instance:
         """The per-frame CPU of a stage that starts at segment `first`, besides its
         segments: the fixed part and the part that grows with what it receives."""
         received = self.input_bytes if first == 0 else self.segments[first - 1].output_bytes
-        return self.frame_overhead_ms + self.frame_overhead_ms_per_mib * received / MIB
+        return self.overhead_for(received)
+
+    def overhead_for(self, received_bytes: Any) -> Any:
+        """`stage_overhead_ms` by the bytes a stage receives (a number or a numpy array)."""
+        return self.frame_overhead_ms + self.frame_overhead_ms_per_mib * received_bytes / MIB
 
     def bandwidth(self, a: str, b: str) -> float | None:
         """Symmetric bandwidth between two endpoints; None when the pair is missing."""

@@ -23,7 +23,7 @@ import pytest
 import zmq
 from onnx import TensorProto, helper, numpy_helper
 
-from stage_image.wire import encode_tensors
+from stage_image.wire import CHUNK_BYTES, encode_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = {"edge1": "127.0.0.21", "edge2": "127.0.0.22"}
@@ -368,20 +368,28 @@ def test_agent_reports_disk_full_instead_of_crashing(tmp_path):
 
 # -- standbys load in the background ----------------------------------------------------------
 
-def test_paced_standby_models_come_smallest_first(tmp_path, monkeypatch):
-    """Paced standby models come one at a time, the one with the fewest bytes left first,
-    whatever order they were asked in: the most standbys are loaded at every moment."""
+def paced_agent(tmp_path, monkeypatch, share: str) -> tuple[Any, Any, list[float],
+                                                           list[tuple[str, dict[str, Any]]]]:
+    """An agent with --standby-share `share` on a fake clock (`clock[0]`), whose messages to
+    the controller are collected in `sent` instead of sent."""
     from stage_image import agent as agent_mod
 
     clock = [100.0]
     monkeypatch.setattr(agent_mod.time, "monotonic", lambda: clock[0])
     args = agent_mod.parse_args(["--host", "edge9", "--controller", f"tcp://127.0.0.25:{PORT + 19}",
                                  "--data-dir", str(tmp_path), "--ip", "127.0.0.25",
-                                 "--standby-share", "0.5"])
+                                 "--standby-share", share])
     agent = agent_mod.Agent(args, agent_mod.logging.getLogger("test-agent"))
     sent: list[tuple[str, dict[str, Any]]] = []
     agent.send = lambda kind, **fields: sent.append((kind, fields))   # type: ignore[method-assign]
-    chunk = agent_mod.CHUNK_BYTES
+    return agent, args, clock, sent
+
+
+def test_paced_standby_models_come_smallest_first(tmp_path, monkeypatch):
+    """Paced standby models come one at a time, the one with the fewest bytes left first,
+    whatever order they were asked in: the most standbys are loaded at every moment."""
+    agent, _, clock, sent = paced_agent(tmp_path, monkeypatch, "0.5")
+    chunk = CHUNK_BYTES
     serving, big, small = "c3" * 32, "a1" * 32, "b2" * 32
     sizes = {big: 8 * chunk, small: 3 * chunk}
     try:
@@ -415,17 +423,8 @@ def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch
     host, each ask after a pause three times the last chunk's round trip (--standby-share
     0.25); once a route makes it serve, the rest comes a window at a time at once. A host
     that serves nothing fetches standbys' models a window at a time."""
-    from stage_image import agent as agent_mod
-
-    clock = [100.0]
-    monkeypatch.setattr(agent_mod.time, "monotonic", lambda: clock[0])
-    args = agent_mod.parse_args(["--host", "edge9", "--controller", f"tcp://127.0.0.25:{PORT + 19}",
-                                 "--data-dir", str(tmp_path), "--ip", "127.0.0.25",
-                                 "--standby-share", "0.25"])
-    agent = agent_mod.Agent(args, agent_mod.logging.getLogger("test-agent"))
-    sent: list[tuple[str, dict[str, Any]]] = []
-    agent.send = lambda kind, **fields: sent.append((kind, fields))   # type: ignore[method-assign]
-    chunk, total = agent_mod.CHUNK_BYTES, 6 * agent_mod.CHUNK_BYTES
+    agent, args, clock, sent = paced_agent(tmp_path, monkeypatch, "0.25")
+    chunk, total = CHUNK_BYTES, 6 * CHUNK_BYTES
     a, b, c = "a1" * 32, "b2" * 32, "c3" * 32
 
     def asked() -> list[tuple[str, int]]:

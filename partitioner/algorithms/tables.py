@@ -14,7 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from formats.errors import InputError
-from partitioner.instance import MIB, InfeasibleError, Instance, Stage
+from partitioner.instance import InfeasibleError, Instance, Stage
 
 
 class OutOfTime(Exception):
@@ -118,9 +118,8 @@ class Tables:
             first, end, node = first[..., None], end[..., None], np.arange(self.n_nodes)
         work = self.prefix_compute[end] - self.prefix_compute[first]
         need = self.prefix_memory[end] - self.prefix_memory[first]
-        # per stage, see Instance.stage_overhead_ms: fixed, and per MiB the stage receives
-        overhead = self.instance.frame_overhead_ms + \
-            self.instance.frame_overhead_ms_per_mib * self.boundary_bytes[first] / MIB
+        # per stage: fixed, and per MiB it receives (Instance.stage_overhead_ms)
+        overhead = self.instance.overhead_for(self.boundary_bytes[first])
         costs = (work + overhead) / self.speed[node]
         fits = (end > first) & (need <= self.memory[node])
         if self.disk.any():
