@@ -14,6 +14,9 @@ Two profiles are mapped:
     writes the Add's output; a SkipLayerNormalization writes the LayerNorm's);
   - a weight of the original graph that exactly one node reads: that node (a fused Gemm
     reads the MatMul's weight and the Add's bias; an NCHWc convolution its conv's bias).
+  - otherwise, its position: a kernel computing op X fed by kernels standing for nodes S
+    stands for the nearest unanchored X below S in the original graph (an NCHWc
+    convolution with a padded bias touches only renamed tensors).
   An original node no kernel anchors was fused away without a trace (an activation folded
   into a convolution, a residual Add into SkipLayerNormalization, GELU's Div/Erf/Add into
   Gelu). It joins the kernel that reads its inputs and anchors one of the first anchored
@@ -89,6 +92,7 @@ def attribute(original: onnx.ModelProto, optimised: onnx.ModelProto,
                      if t in weights and len(consumers.get(t, [])) == 1)
         anchors[kname] = found
 
+    _anchor_by_position(original, optimised, anchors, producer, consumers, weights)
     anchored_by: dict[int, list[str]] = {}
     for kname, found in anchors.items():
         for i in found:
@@ -134,6 +138,84 @@ def attribute(original: onnx.ModelProto, optimised: onnx.ModelProto,
             result.node_ms[names[i]] = result.node_ms.get(names[i], 0.0) + ms * share
         result.kernels[kname] = [names[i] for i in members]
     return result
+
+
+def _op(node: onnx.NodeProto) -> str:
+    """The operation a kernel computes, whatever fusion it carries (FusedConv is a Conv)."""
+    return node.op_type.removeprefix("Fused")
+
+
+def _anchor_by_position(original: onnx.ModelProto, optimised: onnx.ModelProto,
+                        anchors: dict[str, set[int]], producer: dict[str, int],
+                        consumers: dict[str, list[int]], weights: set[str]) -> None:
+    """Anchor, in place, kernels that touch no original tensor by where they sit: a kernel
+    computing op X whose data comes from kernels standing for nodes S stands for the first
+    unanchored X found walking down the original graph from S. (An NCHWc convolution whose
+    output channels are not a multiple of the block size reads a padded, renamed bias and
+    writes a renamed tensor: MobileNetV2's 24-channel projections; without this its time went
+    to the next block's expansion.)"""
+    opt_node = {n.name: n for n in optimised.graph.node}
+    opt_producer = {t: n.name for n in optimised.graph.node for t in n.output if t}
+    opt_weights = {t.name for t in optimised.graph.initializer} | weights
+    nodes = list(original.graph.node)
+    taken = set().union(*anchors.values()) if anchors else set()
+
+    def sources(tensor: str, seen: set[str]) -> set[int] | None:
+        """Original nodes whose output `tensor` carries (None: a graph input)."""
+        kernel = opt_producer.get(tensor)
+        if kernel is None:
+            return None if tensor in consumers else set()
+        if anchors.get(kernel):
+            return set(anchors[kernel])
+        if kernel in seen:
+            return set()
+        seen.add(kernel)
+        found: set[int] = set()
+        for t in opt_node[kernel].input:
+            if t and t not in opt_weights:
+                up = sources(t, seen)
+                found |= up if up is not None else set(consumers.get(t, []))
+        return found
+
+    for node in optimised.graph.node:
+        if anchors.get(node.name):
+            continue
+        starts: list[int] = []
+        for t in node.input:
+            if not t or t in opt_weights:
+                continue
+            up = sources(t, set())
+            if up is None:                            # reads a graph input directly
+                starts.extend(c for c in consumers.get(t, []) if c not in taken)
+            else:
+                starts.extend(c for s in up for o in nodes[s].output if o
+                              for c in consumers.get(o, []))
+        match = _first_unanchored(starts, _op(node), nodes, consumers, taken)
+        if match is not None:
+            anchors[node.name] = {match}
+            taken.add(match)
+
+
+def _first_unanchored(starts: list[int], op: str, nodes: list[onnx.NodeProto],
+                      consumers: dict[str, list[int]], taken: set[int]) -> int | None:
+    """The one unanchored node computing `op` nearest below `starts` (walking through other
+    unanchored nodes), or None when there is none or more than one at that distance."""
+    frontier, seen = sorted(set(starts)), set(starts)
+    while frontier:
+        hits = [i for i in frontier if i not in taken and nodes[i].op_type == op]
+        if hits:
+            return hits[0] if len(hits) == 1 else None
+        following = []
+        for i in frontier:
+            if i in taken:
+                continue
+            for t in nodes[i].output:
+                for c in consumers.get(t, []) if t else []:
+                    if c not in seen:
+                        seen.add(c)
+                        following.append(c)
+        frontier = sorted(following)
+    return None
 
 
 def _dynamic_nodes(model: onnx.ModelProto) -> set[int]:

@@ -129,8 +129,9 @@ DEFAULT_WEIGHT_COPIES = 2.0
 ACTIVATION_FACTOR = 3
 
 # 4: CPU-time totals, attribution through the optimised graph, measured cut sizes, input
-# shapes, the machine's state; keyed by graph + weights.
-PROFILE_FORMAT = 4
+# shapes, the machine's state; keyed by graph + weights. 5: kernels that touch no original
+# tensor placed by position (`attribution._anchor_by_position`).
+PROFILE_FORMAT = 5
 # A profile whose whole-model runs took more than this much wall time per CPU time was taken
 # while other processes had the core: it is taken again (at most CONTENTION_RETAKES times,
 # keeping the least contended). Kernel times are wall times, so they are what contention

@@ -335,3 +335,50 @@ def test_real_fused_kernels_are_charged_to_their_nodes(tmp_path: Path) -> None:
                                            "/bert/pooler/activation/Tanh"}
     assert result.unmatched_ms == 0.0
     assert sum(result.node_ms.values()) == pytest.approx(sum(kernel_ms.values()))
+
+
+def _padded_channel_convs() -> onnx.ModelProto:
+    """Conv 3x3 (16 -> 32) + Relu, Conv 1x1 (32 -> 20), Conv 1x1 (20 -> 32): onnxruntime runs
+    them in the NCHWc layout, and the 20-channel convolution's bias is padded to the block
+    size, so its kernel reads and writes only tensors the original graph does not have."""
+    rng = np.random.default_rng(0)
+
+    def conv(name: str, x: str, c_in: int, c_out: int, k: int) -> tuple[onnx.NodeProto, list]:
+        w = numpy_helper.from_array(rng.standard_normal((c_out, c_in, k, k)).astype(np.float32),
+                                    f"{name}.weight")
+        b = numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32),
+                                    f"{name}.bias")
+        return helper.make_node("Conv", [x, w.name, b.name], [name], name=name,
+                                pads=[k // 2] * 4), [w, b]
+
+    expand, p1 = conv("expand", "x", 16, 32, 3)
+    project, p2 = conv("project", "expand_relu", 32, 20, 1)
+    widen, p3 = conv("widen", "project", 20, 32, 1)
+    return helper.make_model(helper.make_graph(
+        [expand, helper.make_node("Relu", ["expand"], ["expand_relu"], name="expand_relu"),
+         project, widen], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 56, 56])],
+        [helper.make_tensor_value_info("widen", TensorProto.FLOAT, [1, 32, 56, 56])],
+        initializer=p1 + p2 + p3), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_kernels_touching_no_original_tensor_are_placed_by_position(tmp_path: Path) -> None:
+    model = _padded_channel_convs()
+    feeds = {"x": np.ones((1, 16, 56, 56), np.float32)}
+    model_bytes = model.SerializeToString()
+    base = profile_kernels(model_bytes, feeds, 2, "ORT_DISABLE_ALL")
+    base_ms = attribution.unoptimised_node_ms(model, {k.node_index: k.ms for k in base[-1]})
+    optimized = str(tmp_path / "optimised.onnx")
+    runs = profile_kernels(model_bytes, feeds, 2, "ORT_ENABLE_ALL", optimized)
+    kernel_ms = {k.name: k.ms for k in runs[-1]}
+    graph = onnx.load(optimized)
+    convs = [n.name for n in graph.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3 and all(n.domain == "com.microsoft.nchwc"
+                                   for n in graph.graph.node if n.op_type == "Conv"), \
+        "onnxruntime did not use the NCHWc layout"
+    result = attribution.attribute(model, graph, kernel_ms, base_ms)
+    # each convolution kernel stands for its own node (the Relu folded into the first)
+    assert [result.kernels[k] for k in convs] == [["expand", "expand_relu"], ["project"],
+                                                  ["widen"]]
+    assert result.node_ms["project"] >= kernel_ms[convs[1]]
+    assert sum(result.node_ms.values()) == pytest.approx(sum(kernel_ms.values()))
