@@ -55,6 +55,7 @@ from typing import Any
 
 import zmq
 
+from stage_image.launcher import LaunchedWorker, Launcher
 from stage_image.security import KeyPair, apply_client, load_keypair
 from stage_image.wire import CHUNK_BYTES, FrameError, decode_control, encode_control
 
@@ -121,7 +122,7 @@ class WorkerRecord:
     confirmed: set[int] = field(default_factory=set)
     in_config: set[int] = field(default_factory=set)     # routes given at start
     state: str = "fetching"
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | LaunchedWorker | None = None
     stdout_fd: int | None = None
     stdout_buffer: bytes = b""
     deadline: float = 0.0             # start timeout, then kill deadline once stopping
@@ -177,6 +178,8 @@ class Agent:
         # a new id each start: the controller tells a restarted agent from a late message of
         # the one before it (a pid can repeat: a container's agent often gets the same one)
         self.incarnation = secrets.token_hex(8)
+        # workers fork from a process that imported onnxruntime once (stage_image.launcher)
+        self.launcher = Launcher(args.python, self.worker_env(), self.log_dir / "launcher.log")
         self.ctx = zmq.Context(1)
         self.sock = self.ctx.socket(zmq.DEALER)
         if not args.curve_keypair:
@@ -529,8 +532,16 @@ class Agent:
 
     # -- workers -------------------------------------------------------------------------------
 
-    def start_worker(self, rec: WorkerRecord) -> None:
-        name = f"worker_{rec.port}_{rec.sha256[:8]}"
+    def worker_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["OMP_NUM_THREADS"] = "1"
+        env["OPENBLAS_NUM_THREADS"] = "1"   # no BLAS threads in the launcher a worker forks from
+        return env
+
+    def write_worker_config(self, rec: WorkerRecord, name: str, parent_pid: int) -> Path:
+        """The worker's config file (OSError if it cannot be written)."""
         config = {
             "host": self.host, "version": rec.version,
             "model": str(self.model_path(rec.sha256)),
@@ -545,36 +556,48 @@ class Agent:
             "upstream_gate": rec.curve_secret is not None,
             "data_auth": "token" if rec.curve_secret is not None else "curve",
             "commands": True,
-            # the worker ties its life to ours (PR_SET_PDEATHSIG): nothing outlives a kill -9
-            "parent_pid": os.getpid(),
+            # the worker ties its life to its parent's (PR_SET_PDEATHSIG; the launcher's dies
+            # with ours): nothing outlives a kill -9 of the agent
+            "parent_pid": parent_pid,
             # inside the host's CPU share the agent must win: a heartbeat delayed behind a
             # busy worker would make the controller suspect a healthy node
             "nice": 5,
         }
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self.log_dir / f"{name}.json"
+        # it holds the worker's CurveZMQ secret key: owner only (the log directory may be in
+        # a results directory others read)
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(config, indent=1))
+        return config_path
+
+    def start_worker(self, rec: WorkerRecord) -> None:
+        name = f"worker_{rec.port}_{rec.sha256[:8]}"
+        launcher = self.launcher if self.launcher.usable() else None
         try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            config_path = self.log_dir / f"{name}.json"
-            # it holds the worker's CurveZMQ secret key: owner only (the log directory may
-            # be in a results directory others read)
-            fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(json.dumps(config, indent=1))
+            config_path = self.write_worker_config(
+                rec, name, launcher.pid if launcher and launcher.pid else os.getpid())
             rec.log_path = self.log_dir / f"{name}.log"
             log_file = open(rec.log_path, "ab")
         except OSError as exc:
             self.report(rec, "failed", describe_os_error(exc, "writing the worker's files"),
                         "disk")
             return
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
-        env["OMP_NUM_THREADS"] = "1"
         try:
             with log_file:
-                rec.proc = subprocess.Popen(
-                    [self.args.python, "-m", "stage_image.worker", str(config_path)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
-                    env=env, cwd=str(self.log_dir), close_fds=True)
+                if launcher is not None:
+                    try:
+                        rec.proc = launcher.spawn(config_path, self.log_dir, log_file)
+                    except OSError as exc:      # started the slow way below
+                        self.log.warning("%s; starting worker %s as a process of its own",
+                                         exc, rec.label())
+                        self.write_worker_config(rec, name, os.getpid())
+                if rec.proc is None:
+                    rec.proc = subprocess.Popen(
+                        [self.args.python, "-m", "stage_image.worker", str(config_path)],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                        env=self.worker_env(), cwd=str(self.log_dir), close_fds=True)
         except OSError as exc:
             self.report(rec, "failed", describe_os_error(exc, "starting the worker"), "exit")
             return
@@ -585,8 +608,16 @@ class Agent:
         rec.in_config = set(rec.routes)
         rec.state = "starting"
         rec.deadline = time.monotonic() + self.args.start_timeout_s
-        self.log.info("worker %s started, pid %d, log %s", rec.label(), rec.proc.pid,
-                      rec.log_path)
+        self.log.info("worker %s started, pid %d%s, log %s", rec.label(), rec.proc.pid,
+                      " (forked by the launcher)" if isinstance(rec.proc, LaunchedWorker)
+                      else "", rec.log_path)
+
+    def start_launcher(self) -> None:
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.launcher.start()
+        except OSError as exc:      # workers then start as processes of their own: slower
+            self.log.warning("cannot start the worker launcher: %s", exc)
 
     def limit_standbys(self) -> None:
         """Cap the standby CPU group at --standby-share of the host's quota (a slow-node
@@ -749,6 +780,7 @@ class Agent:
             # not fatal: reported per deploy when the cache is actually needed
             self.log.warning("cannot create %s: %s", self.models_dir, exc)
         self.clean_stale_files()
+        self.start_launcher()
         self.limit_standbys()
         self.send("hello", host=self.host, pid=os.getpid(), ip=self.args.ip,
                   incarnation=self.incarnation)
@@ -791,6 +823,7 @@ class Agent:
                         rec.proc.kill()
                     self.check_exit(rec)
             time.sleep(0.02)
+        self.launcher.stop()
         self.hasher.shutdown(wait=False, cancel_futures=True)
         self.sock.close()
         self.ctx.term()

@@ -213,9 +213,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         # the agents act on the final stop(-1): their workers exit and are reaped
         deadline = time.monotonic() + 5
         while True:
-            agent_children = {h: subprocess.run(["pgrep", "-P", str(procs[h].pid)],
-                                                capture_output=True, text=True).stdout.split()
-                              for h in HOSTS}
+            agent_children = {h: agent_workers(procs[h].pid) for h in HOSTS}
             if not any(agent_children.values()) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -230,6 +228,23 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def agent_workers(agent_pid: int) -> list[str]:
+    """PIDs of an agent's workers: its children and its launcher's (the launcher, a child
+    that forks workers, is not one)."""
+    def children(pid: int | str) -> list[str]:
+        return subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                              text=True).stdout.split()
+
+    found = []
+    for child in children(agent_pid):
+        if "stage_image.launcher" in Path(f"/proc/{child}/cmdline").read_bytes().decode(
+                errors="replace").replace("\0", " "):
+            found += children(child)
+        else:
+            found.append(child)
+    return found
 
 
 def events(run: dict[str, Any]) -> list[dict[str, Any]]:
