@@ -99,6 +99,7 @@ KNOBS: dict[str, Knob] = {
     "deploy_timeout_s": Knob(None, None, _seconds),
     "replan": Knob(None, None, _flag),
     "standby_per_node": Knob(None, None, _count),
+    "standby_settle_s": Knob(None, None, _seconds),
     "unhealthy_hold_s": Knob(None, None, _seconds),
     "retry_s": Knob(None, None, _seconds),
     "api_grace_s": Knob(None, None, _seconds),
@@ -129,6 +130,10 @@ class ControlSettings:
     # tenth, so that while they load the pipeline keeps the 90% of its plan that recovery is
     # measured by (with a quarter, resnet18 on star-6 ran at 91% of its rate after a crash)
     standby_share: float = 0.1
+    # after a failure's switch, contingency plans and their standbys wait this long: the new
+    # plan refills its pipeline at full speed (standbys loading at once on its hosts kept
+    # hetero-6 at 82-87% of the new plan for two seconds after a crash)
+    standby_settle_s: float = 2.0
     replan_delay_s: float = 0.0         # the simulated Kubernetes wait before a re-plan
     straggler_factor: float = 2.0       # 0: no straggler check
     straggler_after_s: float = 2.0

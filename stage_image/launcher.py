@@ -223,8 +223,9 @@ def _fork_worker(request: dict[str, Any], fds: list[int], closing: list[int]) ->
                 os.close(fd)
         os.chdir(cwd)
         sys.argv = ["stage_image.worker", config]
-        # its argv is the launcher's: its name says what it is (ps -o comm)
-        ctypes.CDLL(None).prctl(PR_SET_NAME, b"edgepipe-worker")
+        # its argv is the launcher's: its name says which worker it is (`ps -o comm`, 15
+        # bytes: `worker_PORT_` and the model's hash begun, from the config's file name)
+        ctypes.CDLL(None).prctl(PR_SET_NAME, Path(config).stem.encode()[:15])
         from stage_image import worker
         code = worker.main([config])
     except BaseException:          # noqa: BLE001 - whatever it was, it goes to the log

@@ -67,7 +67,7 @@ def test_a_forked_worker_serves_and_its_exit_is_reported(tmp_path: Path, launche
         worker = launcher.spawn(config, tmp_path, log)
     assert read_line(worker) == "ready", (tmp_path / "worker.log").read_text()
     stat = Path(f"/proc/{worker.pid}/stat").read_text()
-    assert "(edgepipe-worker)" in stat                    # named for ps
+    assert "(worker_23911)" in stat                       # named for ps, by its config
     assert int(stat.rsplit(")", 1)[1].split()[1]) == launcher.pid   # forked by the launcher
     # the fork found onnxruntime imported: the worker's own CPU to ready is its session's
     ticks = sum(int(v) for v in stat.rsplit(")", 1)[1].split()[11:13])

@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from partitioner.instance import Instance, Node, Plan, Segment, Stage
 from testbed.control import policy
 from testbed.experiment.results import read_events
+from tests.processes import agent_workers, serves_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DISPATCHER_IP = "127.0.0.31"
@@ -268,9 +269,7 @@ class Cluster:
         self.procs[host].wait()
 
     def worker_pids(self, host: str) -> set[str]:
-        out = subprocess.run(["pgrep", "-P", str(self.procs[host].pid)], capture_output=True,
-                             text=True).stdout.split()
-        return set(out)
+        return set(agent_workers(self.procs[host].pid))
 
     def close(self) -> dict[str, int | None]:
         try:
@@ -347,7 +346,7 @@ def test_worker_death_replans_reuses_and_replays(cluster):
     victim = hosts[1]
     port = next(e["port"] for e in ready["endpoints"] if e["host"] == victim)
     pid = next(p for p in c.worker_pids(victim)
-               if f"worker_{port}_" in Path(f"/proc/{p}/cmdline").read_text(errors="replace"))
+               if serves_port(p, port))
     killed_at = time.time()
     os.kill(int(pid), signal.SIGKILL)
     status = c.wait("re-planned", lambda s: s["epoch"] is not None and s["epoch"] >= 2, 10)

@@ -322,6 +322,9 @@ class ControlPlane:
             self.start_job("rejoin", self.plan_request("rejoin", "; ".join(reasons),
                                                        self.usable_hosts()))
             return
+        if active.kind == "failure" and \
+                self.now < active.activated + self.control.standby_settle_s:
+            return          # the new plan refills first: standbys' loads would slow it
         self.contingency.next()
 
     # -- hosts ---------------------------------------------------------------------------------
@@ -625,6 +628,7 @@ class ControlPlane:
         # a broken pipeline has lost requests: replay now; a healthy one finishes its own
         handover = old is not None and not old.broken
         epoch.state = "active"
+        epoch.activated = self.now
         self.active, self.deploying = epoch, None
         replayed = self.dispatcher.switch(
             Route(epoch.number, epoch.version,

@@ -52,6 +52,7 @@ class Epoch:
     created: float = 0.0
     deployed: float = 0.0
     drain_until: float = 0.0
+    activated: float = 0.0
     reused: int = 0            # stages served by workers that were loaded before
     compute_ms: list[float] = field(default_factory=list)   # planned, per stage
 
