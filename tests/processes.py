@@ -12,33 +12,25 @@ def _children(pid: int | str) -> list[str]:
                           text=True).stdout.split()
 
 
-def _cmdline(pid: str) -> str:
+def _read(path: str) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
+        return Path(path).read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
 
 
 def agent_workers(agent_pid: int) -> list[str]:
-    """PIDs of an agent's workers (its launcher is not one)."""
+    """PIDs of an agent's workers (its launcher is not one: the workers it forks are its
+    children, the agent's grandchildren)."""
     found = []
     for child in _children(agent_pid):
-        if "stage_image.launcher" in _cmdline(child) and \
-                not _name(child).startswith("worker_"):
+        if "stage_image.launcher" in _read(f"/proc/{child}/cmdline"):
             found += _children(child)
         else:
             found.append(child)
     return found
 
 
-def _name(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def serves_port(pid: str, port: int) -> bool:
     """Is this the worker of that data port (by its name, or its command line)?"""
-    return _name(pid).startswith(f"worker_{port}_") or f"worker_{port}_" in _cmdline(pid)
+    return any(f"worker_{port}_" in _read(f"/proc/{pid}/{what}") for what in ("comm", "cmdline"))
