@@ -86,6 +86,12 @@ AGENT_RSS_BYTES = 28 * MiB          # `import stage_image.agent`: 23.5 MiB; + fe
 WORKER_RSS_BYTES = 60 * MiB         # numpy + onnxruntime + pyzmq + stage_image.worker: 56.9 MiB
 SESSION_OVERHEAD_BYTES = 10 * MiB   # a 2-node session, worker options, after a run: 8.6 MiB
 RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
+# A host's further workers are forked by its agent's launcher (stage_image/launcher.py), which
+# holds the imports a worker alone took (the launcher is what WORKER_RSS_BYTES pays for): each
+# adds its own private memory, its session and its weights. Measured (smaps_rollup, resnet18
+# on hetero-6, 90 s into a run): private dirty beyond the profile's weight figure 4-6 MiB for
+# a standby, 14-17 MiB for a serving worker (activation arena, ZeroMQ buffers).
+FORKED_WORKER_BYTES = 20 * MiB
 # CPU a stage spends per request besides onnxruntime (full-core ms): a fixed part (the
 # worker's loop, header checks, the agent beside it) and a part per MiB the stage receives
 # (ZeroMQ's I/O thread wakes for every burst the shaped link delivers and the kernel copies;

@@ -35,3 +35,16 @@ def test_not_armed_when_a_standby_is_loaded_after_the_fault() -> None:
     events = log(("a", 20001, 105.0), ("b", 20001, 131.5))
     assert recovery.armed_after(events, at=120.0) is None
     assert recovery.armed_after(log(("a", 20001, 105.0)), at=1e9) is None
+
+
+def test_crash_each_runs_one_crash_per_host_of_the_first_plan_only_when_asked() -> None:
+    specs = recovery.scenarios(["h0", "h1", "h2"], 25.0, 340.0,
+                               ROOT / "topologies" / "star-6.yaml")
+    per_host = sorted(name for name in specs if recovery.chosen(name, "crash-each"))
+    assert per_host == ["crash-h0", "crash-h1", "crash-h2"]
+    assert [s["target"] for s in specs["crash-h2"]["steps"]] == ["h2"]
+    by_default = [name for name in specs if recovery.chosen(name, None)]
+    assert by_default == ["crash", "crash-two", "crash-return", "partition", "update",
+                          "k8s-wait"]
+    assert [n for n in specs if recovery.chosen(n, "crash-two,crash-h1")] == ["crash-two",
+                                                                               "crash-h1"]

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from partitioner.profile import FORKED_WORKER_BYTES, WORKER_RSS_BYTES
 from stage_image.launcher import LaunchedWorker, Launcher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +73,12 @@ def test_a_forked_worker_serves_and_its_exit_is_reported(tmp_path: Path, launche
     # the fork found onnxruntime imported: the worker's own CPU to ready is its session's
     ticks = sum(int(v) for v in stat.rsplit(")", 1)[1].split()[11:13])
     assert ticks / os.sysconf("SC_CLK_TCK") < 0.2, ticks
+    # and shares the launcher's pages: what it adds is the planner's forked-worker figure at
+    # most, not a worker's whole runtime (partitioner.profile)
+    rollup = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{worker.pid}/smaps_rollup").read_text().splitlines()[1:])
+    private = sum(int(rollup[k].split()[0]) for k in ("Private_Dirty", "Private_Clean")) * 1024
+    assert private < FORKED_WORKER_BYTES < WORKER_RSS_BYTES, private
     assert worker.poll() is None
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 0

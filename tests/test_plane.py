@@ -251,16 +251,16 @@ def test_standbys_chosen_in_one_pass_share_a_hosts_room() -> None:
     from testbed.control.policy import Held
 
     world = World(standby=False)
-    world.serving()                 # e1 serves stage 0: one worker (70 MiB + 1 MiB) there
+    world.serving()                 # e1 serves stage 0: one forked worker (30 MiB + 1 MiB)
     prepared = world.prepared("e1", "e2")
     key, file = Held("e1", 1, 2, 1), stage_file(1)
     fits = world.plane.contingency.fits
-    # 256 MiB: the serving worker (71 MiB), the new one (1 MiB) and two pending ones (71 MiB
-    # each) fit; with three pending it does not, though each alone would
+    # 256 MiB: the serving worker (31 MiB), the new one (1 MiB) and seven pending ones (31 MiB
+    # each) fit; with eight pending it does not, though each alone would
     pending = [(Held("e1", 0, 1, 1), stage_file(0))]
     assert fits("e1", prepared, key, file)
-    assert fits("e1", prepared, key, file, pending * 2)
-    assert not fits("e1", prepared, key, file, pending * 3)
+    assert fits("e1", prepared, key, file, pending * 7)
+    assert not fits("e1", prepared, key, file, pending * 8)
     # pending workers of other hosts take no room here
     assert fits("e1", prepared, key, file, [(Held("e2", 0, 1, 1), stage_file(0))] * 5)
 
@@ -280,6 +280,38 @@ def test_each_contingency_plans_standbys_load_before_the_queue_is_done() -> None
     # e2's plan is still to come, but e1's standby is on its way already
     assert [(s.host, s.kind) for s in out if isinstance(s, Send)] == [("e3", "prepare")]
     assert "standby.prepared" in kinds(out) and "contingency.ready" not in kinds(out)
+
+
+def test_once_every_plan_is_known_the_standbys_are_decided_again_together() -> None:
+    """The first loss's plan takes the one standby place of the spare e3 as soon as it is
+    known; the second loss needs a stage there too, with far fewer bytes to load: once both
+    plans are known the place goes to it (core.standby.cover), and the first is released."""
+    world = World()
+    tight = [Node(n, 1.0, 256 * MiB if n != "e3" else 10 * MiB) for n in EDGES]
+    world.instance = Instance(world.instance.segments, 1000, tight, "d",
+                              world.instance.bandwidth_mbps)
+    world.info = VersionInfo(1, Path("/m.onnx"), "ab" * 32, world.instance, "m")
+    world.serving("e1", "e2")
+    big = StageFile(Path("/m/big.onnx"), "b" * 64, 50 * MiB, ["x"], ["y"])
+    small = StageFile(Path("/m/small.onnx"), "c" * 64, MiB, ["x"], ["y"])
+    for lost, stages, files in (
+            ("e1", [Stage(0, 1, "e3"), Stage(1, 2, "e2")], [big, None]),
+            ("e2", [Stage(0, 1, "e1"), Stage(1, 2, "e3")], [None, small])):
+        world.plane.tick(world.now)
+        (job,) = world.take(StartJob)
+        assert job.request is not None and job.request.excluded == lost
+        plan = Plan.of(world.instance, stages, "given", False)
+        world.plane.job_done("contingency", Prepared(job.request, plan, files, None), None,
+                             world.now)
+        out = world.take()
+        if lost == "e1":        # e1's plan, alone so far: its standby is on its way
+            assert [(s.host, s.kind) for s in out if isinstance(s, Send)] == [("e3", "prepare")]
+    sends = [(s.host, s.kind, s.fields.get("sha256")) for s in out if isinstance(s, Send)]
+    assert ("e3", "release", None) in sends and ("e3", "prepare", small.sha256) in sends
+    standbys = [(slot.host, slot.stage.sha256) for slot in world.plane.slots.values()
+                if slot.standby]
+    assert standbys == [("e3", small.sha256)]
+    assert kinds(out)[-1] == "contingency.ready"
 
 
 def test_a_disk_failure_is_a_disk_fault_planned_around() -> None:

@@ -151,9 +151,9 @@ def events(actions: list[object], kind: str) -> list[Event]:
 
 
 def test_standbys_chosen_in_one_pass_count_each_others_memory() -> None:
-    w = tight({"e3": 40})
+    w = tight({"e3": 25})
     # the plan for the loss of e1 needs stage 0 on e3, the one for e2 needs stage 1 on e3:
-    # one standby fits in e3's 40 MiB, two need 1 + 71 MiB
+    # one standby fits in e3's 25 MiB, two need 1 + 31 MiB (a forked worker's runtime)
     plans = {}
     for lost, stages in (("e1", [Stage(0, 1, "e3"), Stage(1, 2, "e2")]),
                          ("e2", [Stage(0, 1, "e1"), Stage(1, 2, "e3")])):
@@ -170,8 +170,8 @@ def test_standbys_chosen_in_one_pass_count_each_others_memory() -> None:
 
 def test_a_rejoin_that_does_not_fit_beside_the_epoch_in_force_is_declined() -> None:
     # e1 is slow: stages on e2 and e3 halve the bottleneck, but e2 still runs epoch 1's
-    # stage 1 until the hand-over drained, and a second worker does not fit in its 40 MiB
-    w = tight({"e2": 40}, speed={"e1": 0.5})
+    # stage 1 until the hand-over drained, and a second worker does not fit in its 25 MiB
+    w = tight({"e2": 25}, speed={"e1": 0.5})
     w.plane.rejoin_done(w.prepared("e2", "e3", kind="rejoin"))
     out = w.take()
     declined = events(out, ev.REJOIN_DECLINED)
@@ -180,7 +180,7 @@ def test_a_rejoin_that_does_not_fit_beside_the_epoch_in_force_is_declined() -> N
 
 
 def test_a_handover_that_does_not_fit_replaces_the_epoch_in_force() -> None:
-    w = tight({"e2": 40})
+    w = tight({"e2": 25})
     old = w.plane.active
     assert old is not None
     w.plane.new_epoch(w.prepared("e2", "e3", kind="rollout"))

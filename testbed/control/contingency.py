@@ -12,6 +12,8 @@ plans (the pipelines a loss leaves whole are the plan for it: `surviving`).
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from formats.control import ControlSettings
@@ -24,6 +26,15 @@ from testbed.control.core.replan import Epochs
 from testbed.control.disk import DISK_RESERVE_BYTES, fits_disk, held_model_bytes
 from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.policy import Held
+
+
+def forked_runtime_bytes() -> int:
+    """What each worker adds beside its segments (the first one's share of it is inside the
+    node's runtime allowance, so a budget of node memory + this holds one worker's runtime).
+    Imported here: partitioner.profile brings onnx, which the controller needs only then."""
+    from partitioner.profile import FORKED_WORKER_BYTES, SESSION_OVERHEAD_BYTES
+
+    return FORKED_WORKER_BYTES + SESSION_OVERHEAD_BYTES
 
 
 class Plane(Protocol):
@@ -135,100 +146,115 @@ class Contingencies:
         self.reconcile_standbys(complete=not self.queue)
 
     def reconcile_standbys(self, complete: bool = True) -> None:
-        """Load what the contingency plans would newly need as standbys (core.standby);
-        once they are `complete`, release standbys no plan needs any more and say so
-        (`contingency.ready`)."""
-        needed: dict[Held, tuple[Prepared, StageFile]] = {}
-        kept: set[Held] = set()            # every stage of every contingency plan
+        """Load what the contingency plans would newly need as standbys (core.standby): as
+        each plan comes, its standbys where they fit (`choose`); once the plans are
+        `complete`, every standby decided again together (`cover`: losses covered whole
+        first), those left out released, and `contingency.ready` said."""
+        plane = self.plane
+        idle = {s.held: s for s in plane.slots.values() if s.standby and not s.routes}
+        busy = {s.held for s in plane.slots.values() if s.held not in idle}
+        origin: dict[Held, tuple[Prepared, StageFile]] = {}
+        wanted: list[list[Held]] = []       # per plan: its stages no serving worker holds
         for prepared in self.plans.values():
             version = prepared.request.version.version
+            keys = []
             for stage, file in zip(prepared.plan.stages, prepared.stages):
                 key = policy.stage_key(stage, version)
-                kept.add(key)
-                if file is not None:
-                    needed.setdefault(key, (prepared, file))
-        idle = [s for s in self.plane.slots.values() if s.standby and not s.routes]
-        drop = set(standby_rule.unneeded([s.held for s in idle], kept)) if complete else set()
-        for slot in idle:
-            if slot.held in drop:
-                self.plane.release(slot, "no contingency plan needs it")
-        per_node: dict[str, int] = {}
-        for slot in self.plane.slots.values():
-            if slot.standby:
-                per_node[slot.host] = per_node.get(slot.host, 0) + 1
-        serving = {s.host for s in self.plane.slots.values() if s.routes}
-        # choose() takes every key fits() accepts, in order: the room a pass has already
-        # given away counts for the next key (three standbys chosen at once on a 256 MiB
-        # host that each alone fitted were OOM-killed)
-        pending: list[tuple[Held, StageFile]] = []
+                if key in busy or (file is None and key not in idle):
+                    continue
+                origin.setdefault(key, (prepared, file or idle[key].stage))
+                keys.append(key)
+            wanted.append(keys)
+        serving = {s.host for s in plane.slots.values() if s.routes}
+        per_node = plane.control.standby_per_node
+        if complete:
+            def room(key: Held, chosen: Sequence[Held]) -> bool:
+                prepared, file = origin[key]
+                return self.fits(key.node, prepared, key, file,
+                                 [(k, origin[k][1]) for k in chosen], idle_too=False)
 
-        def fits_now(key: Held) -> bool:
-            prepared, file = needed[key]
-            ok = self.fits(key.node, prepared, key, file, pending)
-            if ok:
-                pending.append((key, file))
-            return ok
+            def to_load(key: Held) -> int:
+                slot = idle.get(key)
+                return 0 if slot is not None and slot.state == "ready" else origin[key][1].size
 
-        chosen = standby_rule.choose(
-            list(needed), {s.held for s in self.plane.slots.values()},
-            serving, per_node, self.plane.control.standby_per_node, fits_now)
-        for key in chosen:
-            file = needed[key][1]
-            slot = self.plane.new_slot(key.node, key.version, key.first, key.end, file,
-                                       standby=True)
-            self.plane.send_prepare(slot)
-            self.plane.emit("standby.prepared", host=slot.host, port=slot.port,
-                            version=slot.version, segments=[slot.first, slot.end],
-                            sha256=file.sha256, serving=key.node in serving)
-        active = self.plane.active
+            chosen = standby_rule.cover(wanted, set(idle), serving, per_node, room, to_load)
+            for key, slot in idle.items():
+                if key not in chosen:
+                    plane.release(slot, "its room goes to losses covered whole"
+                                  if key in origin else "no contingency plan needs it")
+            new = [key for key in chosen if key not in idle]
+        else:
+            # choose() takes every key fits() accepts, in order: the room a pass has already
+            # given away counts for the next key (three standbys chosen at once on a 256 MiB
+            # host that each alone fitted were OOM-killed)
+            pending: list[tuple[Held, StageFile]] = []
+
+            def fits_now(key: Held) -> bool:
+                prepared, file = origin[key]
+                ok = self.fits(key.node, prepared, key, file, pending)
+                if ok:
+                    pending.append((key, file))
+                return ok
+
+            per_host = Counter(s.host for s in plane.slots.values() if s.standby)
+            new = standby_rule.choose([k for k in origin if k not in idle], set(idle),
+                                      serving, dict(per_host), per_node, fits_now)
+        for key in new:
+            file = origin[key][1]
+            slot = plane.new_slot(key.node, key.version, key.first, key.end, file,
+                                  standby=True)
+            plane.send_prepare(slot)
+            plane.emit("standby.prepared", host=slot.host, port=slot.port,
+                       version=slot.version, segments=[slot.first, slot.end],
+                       sha256=file.sha256, serving=key.node in serving)
         if not complete:
             return
-        self.plane.emit(ev.CONTINGENCY_READY, epoch=active.number if active else None,
-                        plans={h: {"hosts": [s.node for s in p.plan.stages],
-                                   "bottleneck_ms": round(p.plan.bottleneck_ms, 3),
-                                   "new_stages": sum(f is not None for f in p.stages)}
-                               for h, p in self.plans.items()},
-                        standbys=sorted(f"{s.host}:{s.port}"
-                                        for s in self.plane.slots.values() if s.standby))
+        active = plane.active
+        plane.emit(ev.CONTINGENCY_READY, epoch=active.number if active else None,
+                   plans={h: {"hosts": [s.node for s in p.plan.stages],
+                              "bottleneck_ms": round(p.plan.bottleneck_ms, 3),
+                              "new_stages": sum(f is not None for f in p.stages)}
+                          for h, p in self.plans.items()},
+                   standbys=sorted(f"{s.host}:{s.port}"
+                                   for s in plane.slots.values() if s.standby))
 
     def fits(self, host: str, prepared: Prepared, key: Held,
              file: StageFile | None = None,
-             pending: list[tuple[Held, StageFile]] | None = None) -> bool:
+             pending: list[tuple[Held, StageFile]] | None = None,
+             idle_too: bool = True) -> bool:
         """Room for one more worker on `host`: the instance's node memory assumes one stage
         per host, so a second worker also pays the worker runtime allowance; and its model
         file on the host's disk beside the ones its workers hold (testbed.control.disk).
-        `pending`: workers chosen for hosts but not made yet, counted like made ones."""
+        `pending`: workers chosen for hosts but not made yet, counted like made ones;
+        `idle_too=False`: standbys without routes not counted (they are being decided)."""
         instance = prepared.request.version.instance
         try:
             budget = instance.node(host).memory_bytes
         except KeyError:
             return False
         pending = [(k, f) for k, f in pending or [] if k.node == host]
+        here = [s for s in self.plane.slots.values() if s.host == host and
+                (idle_too or s.routes or not s.standby)]
         if file is not None and not fits_disk(
                 instance.node(host).disk_bytes,
-                [(s.stage.sha256, s.stage.size) for s in self.plane.slots.values()
-                 if s.host == host] + [(f.sha256, f.size) for _, f in pending],
-                (file.sha256, file.size)):
+                [(s.stage.sha256, s.stage.size) for s in here]
+                + [(f.sha256, f.size) for _, f in pending], (file.sha256, file.size)):
             return False
         need = sum(s.memory_bytes for s in instance.segments[key.first:key.end])
-        need += sum(self.worker_bytes(s.held) for s in self.plane.slots.values()
-                    if s.host == host)
+        need += sum(self.worker_bytes(s.held) for s in here)
         need += sum(self.worker_bytes(k) for k, _ in pending)
         return need <= budget
 
     def worker_bytes(self, key: Held) -> int:
-        """A loaded worker's memory: its runtime and its segments."""
-        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
-
+        """A loaded worker's memory: what a worker forked by the agent's launcher adds, and
+        its segments (the node's memory in the instance has one worker's runtime taken off
+        already)."""
         segments = self.plane.infos[key.version].instance.segments[key.first:key.end]
-        return WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES + sum(s.memory_bytes
-                                                               for s in segments)
+        return forked_runtime_bytes() + sum(s.memory_bytes for s in segments)
 
     def no_room(self, prepared: Prepared) -> list[str]:
         """The hosts where the plan's new workers do not fit beside the workers loaded
         there, standbys aside (make_room releases those)."""
-        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
-
         instance = prepared.request.version.instance
         version = prepared.request.version.version
         need: dict[str, int] = {}
@@ -240,7 +266,7 @@ class Contingencies:
             if slot.host in need and (slot.routes or not slot.standby):
                 need[slot.host] += self.worker_bytes(slot.held)
         return sorted(h for h, n in need.items() if n > instance.node(h).memory_bytes +
-                      WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES)
+                      forked_runtime_bytes())
 
     def make_room(self, host: str, keep: list[Slot], prepared: Prepared,
                   broken: list[Slot]) -> bool:
@@ -251,13 +277,11 @@ class Contingencies:
         can never serve again; their requests are replayed on the new epoch). The instance's
         node memory holds one worker's runtime; the agent evicts the model files of released
         workers before it writes (testbed.control.disk). True when the host's workers fit."""
-        from partitioner.profile import SESSION_OVERHEAD_BYTES, WORKER_RSS_BYTES
-
         try:
             node = prepared.request.version.instance.node(host)
         except KeyError:
             return True
-        budget = node.memory_bytes + WORKER_RSS_BYTES + SESSION_OVERHEAD_BYTES
+        budget = node.memory_bytes + forked_runtime_bytes()
         spare = [s for s in self.plane.slots.values() if s.host == host and s.standby and
                  not s.routes and all(s is not k for k in keep)]
         spare = [s for s in broken if s.host == host and all(s is not k for k in keep)] + \

@@ -7,12 +7,18 @@ uses every host reloads models on every loss), at most `per_node` per node, only
 fits in memory and disk (the backend's `fits`), and not twice for the same stage; a standby
 that no contingency plan uses is released. Contingency plans themselves should put new
 stages where a standby can wait for them (`contingency_avoid`).
+
+Each plan's standbys start loading as soon as that plan is known (`choose`), so the first
+plans take the room. Once every plan is known the standbys are decided again, all together
+(`cover`): whole losses first, the cheapest to arm first, since a loss whose new stages are
+all loaded is a switch of routes and one missing a stage still loads a model (hetero-6: the
+first plan's standby took the one place on a 256 MiB host that two later losses needed).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from testbed.control.policy import Held
 
@@ -24,11 +30,6 @@ def contingency_avoid(serving: Iterable[str], standbys: Iterable[str],
     of earlier contingency plans (one entry per stage)."""
     wanted = Counter(standbys) + Counter(promised)
     return frozenset(serving) | {h for h, n in wanted.items() if n >= per_node}
-
-
-def unneeded(standbys: Iterable[Held], kept: set[Held]) -> list[Held]:
-    """Standbys no contingency plan uses."""
-    return [h for h in standbys if h not in kept]
 
 
 def choose(needed: Iterable[Held], held: set[Held], serving: set[str],
@@ -44,3 +45,37 @@ def choose(needed: Iterable[Held], held: set[Held], serving: set[str],
         count[key.node] = count.get(key.node, 0) + 1
         out.append(key)
     return out
+
+
+def cover(plans: Sequence[Sequence[Held]], loaded: set[Held], serving: set[str],
+          per_node: int, fits: Callable[[Held, Sequence[Held]], bool],
+          size: Callable[[Held], int]) -> list[Held]:
+    """Every standby to hold, decided together once every contingency plan is known: each
+    plan's standbys (`plans`: the keys of its stages no serving worker holds) taken whole
+    when all of them find room, the plans with the fewest bytes still to load first
+    (`size`: 0 for a standby loaded already); then, in the room left, single standbys: the
+    `loaded` ones (standbys already there, ready or loading) first, then spare nodes' before
+    serving ones'. `fits(key, chosen)`: room for `key` on its node beside the serving
+    workers and the standbys `chosen` so far."""
+    chosen: list[Held] = []
+
+    def admit(keys: Sequence[Held]) -> bool:
+        trial = list(chosen)
+        for key in keys:
+            if key in trial:
+                continue
+            if sum(k.node == key.node for k in trial) >= per_node or not fits(key, trial):
+                return False
+            trial.append(key)
+        chosen[:] = trial
+        return True
+
+    def to_load(keys: Sequence[Held]) -> int:
+        return sum(size(k) for k in set(keys))
+
+    for keys in sorted(plans, key=to_load):                 # stable: plan order on ties
+        admit(keys)
+    every = list(dict.fromkeys(k for keys in plans for k in keys))
+    for key in sorted(every, key=lambda k: (k not in loaded, k.node in serving)):
+        admit([key])
+    return chosen
