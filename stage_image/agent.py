@@ -130,6 +130,7 @@ class WorkerRecord:
     log_path: Path | None = None
     load: tuple[int, float] | None = None    # the worker's last `load FRAMES MS` line
     cpu_group: Path | None = None     # where Agent.place_workers last put the process
+    model_ready: bool = False         # a standby whose model is here, waiting for the launcher
 
     @property
     def alive(self) -> bool:
@@ -378,7 +379,7 @@ class Agent:
                     self.fail_waiting(sha, describe_os_error(exc, "caching the model"), "disk")
                     return
             for rec in waiting:
-                self.start_worker(rec)
+                self.start_when_forkable(rec)
             return
         self.log.warning("%s model %s failed its SHA-256 check (got %s); deleting it", what,
                          sha[:12], actual[:64])
@@ -572,6 +573,17 @@ class Agent:
             handle.write(json.dumps(config, indent=1))
         return config_path
 
+    def start_when_forkable(self, rec: WorkerRecord) -> None:
+        """Start the worker now, or, a standby while the launcher is still importing, once it
+        can fork it (check_deadlines): the controller prices a host's further workers as
+        forked ones (partitioner.profile.FORKED_WORKER_BYTES), and a standby started alone
+        would take a whole runtime of the room its host keeps for the serving stage."""
+        if rec.standby and not self.launcher.usable() and self.launcher.alive():
+            rec.model_ready = True
+            return
+        rec.model_ready = False
+        self.start_worker(rec)
+
     def start_worker(self, rec: WorkerRecord) -> None:
         name = f"worker_{rec.port}_{rec.sha256[:8]}"
         launcher = self.launcher if self.launcher.usable() else None
@@ -731,6 +743,8 @@ class Agent:
 
     def check_deadlines(self, now: float) -> None:
         for rec in list(self.workers.values()):
+            if rec.model_ready and rec.state == "fetching" and not rec.stopping:
+                self.start_when_forkable(rec)      # the launcher is ready, or gone
             if rec.proc is not None:
                 self.check_exit(rec)
             if rec.proc is None:

@@ -422,6 +422,55 @@ def test_paced_standby_models_come_smallest_first(tmp_path, monkeypatch):
         agent.ctx.term()
 
 
+def test_a_standby_waits_for_the_launcher_and_a_serving_worker_does_not(tmp_path,
+                                                                        monkeypatch):
+    """A standby whose model is here starts once the launcher can fork it (the controller
+    prices it as a forked worker); a serving worker starts at once; if the launcher dies
+    first, the standby starts on its own."""
+    from stage_image.agent import WorkerRecord
+
+    agent, _, clock, _ = paced_agent(tmp_path, monkeypatch, "1")
+
+    class Launcher:
+        ready, running = False, True
+
+        def usable(self) -> bool:
+            return self.ready and self.running
+
+        def alive(self) -> bool:
+            return self.running
+
+        def stop(self) -> None:
+            self.running = False
+
+    launcher = Launcher()
+    started: list[int] = []
+    monkeypatch.setattr(agent, "launcher", launcher)
+    monkeypatch.setattr(agent, "start_worker", lambda rec: started.append(rec.port))
+    try:
+        recs = {port: WorkerRecord(port, 1, f"{port:064x}", 1, ["x"], ["y"], standby=standby)
+                for port, standby in ((PORT + 40, True), (PORT + 41, False), (PORT + 42, True))}
+        agent.workers.update(recs)
+        for rec in recs.values():
+            agent.start_when_forkable(rec)
+        agent.check_deadlines(clock[0])
+        assert started == [PORT + 41]                       # the serving one only
+        launcher.ready = True
+        agent.check_deadlines(clock[0])
+        assert sorted(started) == [PORT + 40, PORT + 41, PORT + 42]
+        launcher.ready, started[:] = False, []
+        late = WorkerRecord(PORT + 43, 1, "ab" * 32, 1, ["x"], ["y"], standby=True)
+        agent.workers[late.port] = late
+        agent.start_when_forkable(late)
+        assert started == []
+        launcher.running = False                             # the launcher died meanwhile
+        agent.check_deadlines(clock[0])
+        assert started == [PORT + 43]
+    finally:
+        agent.sock.close(0)
+        agent.ctx.term()
+
+
 def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch):
     """Beside a serving worker, a standby's model comes one chunk at a time for the whole
     host, each ask after a pause three times the last chunk's round trip (--standby-share
