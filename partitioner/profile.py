@@ -92,6 +92,7 @@ RUNTIME_ALLOWANCE_BYTES = AGENT_RSS_BYTES + WORKER_RSS_BYTES + SESSION_OVERHEAD_
 # on hetero-6, 90 s into a run): private dirty beyond the profile's weight figure 4-6 MiB for
 # a standby, 14-17 MiB for a serving worker (activation arena, ZeroMQ buffers).
 FORKED_WORKER_BYTES = 20 * MiB
+FORKED_RUNTIME_BYTES = FORKED_WORKER_BYTES + SESSION_OVERHEAD_BYTES   # beside its weights
 # CPU a stage spends per request besides onnxruntime (full-core ms): a fixed part (the
 # worker's loop, header checks, the agent beside it) and a part per MiB the stage receives
 # (ZeroMQ's I/O thread wakes for every burst the shaped link delivers and the kernel copies;

@@ -76,6 +76,26 @@ def test_reuse_rule_prefers_running_stages_within_tolerance():
     assert policy.choose([fast, near], 2, held, 0.05).reused == 0
 
 
+def test_snapped_candidates_move_cuts_onto_loaded_stages():
+    """One warm standby for two losses: a contingency plan whose cut is one cheap segment
+    from a standby another loss's plan placed on the same node moves its cut there."""
+    inst = _instance({"a": 1.0, "b": 1.0, "c": 1.0})
+    inst.segments[3] = Segment(0.5, 100, 1000)
+    solved = Plan.of(inst, [Stage(0, 3, "a"), Stage(3, 6, "c")], "auto", True)   # 30 ms
+    standby = policy.Held("c", 4, 6, 1)
+    snapped = policy.snapped_candidates(inst, [solved], 1, {standby})
+    assert [[(s.first, s.end, s.node) for s in p.stages] for p in snapped] == [
+        [(0, 4, "a"), (4, 6, "c")]]
+    assert snapped[0].bottleneck_ms == pytest.approx(30.5)
+    choice = policy.choose([solved, *snapped], 1, {standby}, 0.05)
+    assert choice.plan is snapped[0] and choice.reused == 1
+    # nothing to snap to: another version's stage, a node the plan does not use, or a
+    # variant that re-uses no more than the plan itself
+    assert policy.snapped_candidates(inst, [solved], 2, {standby}) == []
+    assert policy.snapped_candidates(inst, [solved], 1, {policy.Held("b", 4, 6, 1)}) == []
+    assert policy.snapped_candidates(inst, [solved], 1, {policy.Held("a", 0, 3, 1)}) == []
+
+
 def test_version_instance_keeps_the_cluster_cost_model(tmp_path):
     """A re-plan prices stages like the initial plan: same nodes, bandwidth and per-frame
     overhead (losing the overhead once made re-plans prefer other cuts than the first plan)."""

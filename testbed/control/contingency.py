@@ -32,9 +32,9 @@ def forked_runtime_bytes() -> int:
     """What each worker adds beside its segments (the first one's share of it is inside the
     node's runtime allowance, so a budget of node memory + this holds one worker's runtime).
     Imported here: partitioner.profile brings onnx, which the controller needs only then."""
-    from partitioner.profile import FORKED_WORKER_BYTES, SESSION_OVERHEAD_BYTES
+    from partitioner.profile import FORKED_RUNTIME_BYTES
 
-    return FORKED_WORKER_BYTES + SESSION_OVERHEAD_BYTES
+    return FORKED_RUNTIME_BYTES
 
 
 class Plane(Protocol):
@@ -54,7 +54,8 @@ class Plane(Protocol):
     def start_job(self, kind: str, request: PlanRequest | None = None,
                   manifest: Any = None) -> None: ...
     def plan_request(self, kind: str, reason: str, live: set[str],
-                     excluded: str | None = None) -> PlanRequest: ...
+                     excluded: str | None = None,
+                     full: frozenset[str] = frozenset()) -> PlanRequest: ...
     def release(self, slot: Slot, why: str) -> None: ...
     def new_slot(self, host: str, version: int, first: int, end: int, stage: StageFile,
                  standby: bool = False) -> Slot: ...
@@ -70,6 +71,8 @@ class Contingencies:
         self.plans: dict[str, Prepared] = {}      # host assumed lost -> plan
         self.queue: list[str] = []                # hosts whose loss is still to plan
         self.made_for: tuple[int, frozenset[str]] | None = None
+        # losses planned again, once, with the nodes where their standbys found no room
+        self.full: dict[str, frozenset[str]] = {}
 
     def promised(self) -> list[str]:
         """The nodes of the plans' new stages, one entry per stage (standby places)."""
@@ -127,12 +130,16 @@ class Contingencies:
             # the plan in force or the live nodes changed: plan every single loss again
             self.made_for = key
             self.plans = {}
+            self.full = {}
             self.queue = [h for h in active.hosts if h in live]
         if not self.queue:
             return
         host = self.queue.pop(0)
+        full = self.full.get(host, frozenset())
+        reason = f"if {host} is lost" + (f" (no room on {', '.join(sorted(full))})"
+                                         if full else "")
         self.plane.start_job("contingency", self.plane.plan_request(
-            "contingency", f"if {host} is lost", set(live) - {host}, excluded=host))
+            "contingency", reason, set(live) - {host}, excluded=host, full=full))
 
     def done(self, prepared: Prepared) -> None:
         host = prepared.request.excluded
@@ -149,7 +156,9 @@ class Contingencies:
         """Load what the contingency plans would newly need as standbys (core.standby): as
         each plan comes, its standbys where they fit (`choose`); once the plans are
         `complete`, every standby decided again together (`cover`: losses covered whole
-        first), those left out released, and `contingency.ready` said."""
+        first) and those left out released; a loss not covered whole is then planned once
+        more, told the nodes where its standbys found no room (`PlanRequest.full`), and
+        `contingency.ready` is said when no plan is left to make."""
         plane = self.plane
         idle = {s.held: s for s in plane.slots.values() if s.standby and not s.routes}
         busy = {s.held for s in plane.slots.values() if s.held not in idle}
@@ -178,6 +187,13 @@ class Contingencies:
                 return 0 if slot is not None and slot.state == "ready" else origin[key][1].size
 
             chosen = standby_rule.cover(wanted, set(idle), serving, per_node, room, to_load)
+            # a loss whose new stages did not all find room is planned once more, told
+            # where: another plan may share stages with the standbys that did
+            again = {host: frozenset(k.node for k in keys if k not in chosen)
+                     for host, keys in zip(self.plans, wanted)
+                     if host not in self.full and any(k not in chosen for k in keys)}
+            self.full.update(again)
+            self.queue.extend(again)
             for key, slot in idle.items():
                 if key not in chosen:
                     plane.release(slot, "its room goes to losses covered whole"
@@ -207,7 +223,7 @@ class Contingencies:
             plane.emit("standby.prepared", host=slot.host, port=slot.port,
                        version=slot.version, segments=[slot.first, slot.end],
                        sha256=file.sha256, serving=key.node in serving)
-        if not complete:
+        if not complete or self.queue:
             return
         active = plane.active
         plane.emit(ev.CONTINGENCY_READY, epoch=active.number if active else None,

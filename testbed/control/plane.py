@@ -169,7 +169,8 @@ class ControlPlane:
                          if s.host not in (exclude or set()) and self.usable(s.host))
 
     def plan_request(self, kind: str, reason: str, live: set[str],
-                     excluded: str | None = None) -> PlanRequest:
+                     excluded: str | None = None,
+                     full: frozenset[str] = frozenset()) -> PlanRequest:
         version = self.infos[self.target_version]
         base = self.last_plan.get(version.version)
         held = self.held({excluded} if excluded else set())
@@ -186,7 +187,7 @@ class ControlPlane:
                 serving, [s.host for s in self.slots.values() if s.standby],
                 self.contingency.promised(), self.control.standby_per_node)
         return PlanRequest(kind, reason, version, frozenset(live), base, held, avoid,
-                           excluded=excluded, generation=self.numbers.next)
+                           excluded=excluded, full=full, generation=self.numbers.next)
 
     def job_done(self, kind: str, result: Any, error: BaseException | None,
                  now: float) -> None:

@@ -103,6 +103,7 @@ class PlanRequest:
     given: Plan | None = None              # use this plan instead of solving
     given_stages: Path | None = None       # a split matching `given`
     excluded: str | None = None            # contingency: the host assumed lost
+    full: frozenset[str] = frozenset()     # contingency, asked again: no standby room left
     generation: int = 0                    # the next epoch number when it was asked
 
 
@@ -170,8 +171,9 @@ class Planner:
             candidates = policy.repair_candidates(instance, req.base) if req.base else []
             # the best plan, and the best that keeps off the nodes to avoid (a new version
             # deployed beside the old one on nodes that do not serve takes no CPU from it)
-            spare = set(req.live) - req.avoid
-            pools = [set(req.live)] + ([spare] if req.avoid and spare else [])
+            # or off the full ones (a contingency plan whose standbys found no room there)
+            pools = [set(req.live)] + [set(req.live) - nodes for nodes in (req.avoid, req.full)
+                                       if nodes and set(req.live) - nodes]
             problem: InfeasibleError | None = None
             for pool in pools:
                 try:
@@ -183,8 +185,10 @@ class Planner:
             if not candidates:
                 assert problem is not None
                 raise problem
+            candidates += policy.snapped_candidates(instance, candidates, req.version.version,
+                                                    set(req.held), req.full)
             choice = policy.choose(candidates, req.version.version, set(req.held),
-                                   self.tolerance, req.avoid)
+                                   self.tolerance, req.avoid, req.full)
             plan = choice.plan
         solve_s = time.monotonic() - started
         version = req.version.version

@@ -7,6 +7,10 @@ module decides *which* good plan the running system should move to, given what a
 - Repair candidates: the current plan's cuts kept, every stage on a live node left where it
   is, the stages of lost nodes moved to spare live nodes (every assignment tried, up to a cap).
   They keep the stage models, so surviving workers and warm standbys can serve them at once.
+- Snapped candidates: a candidate's nodes kept, its cuts moved onto where loaded stages on
+  those nodes start or end, so that one warm standby can serve the contingency plans of
+  several losses (two plans that want the same node's stage one segment apart would
+  otherwise need two standbys there, and a host often has room for one).
 - The reuse rule: among all candidates (the planner's plan and the repairs), take those whose
   bottleneck is within `tolerance` (default 5%) of the best; of those, the one that reuses
   the most running stages (a stage is reused when a worker of the same model version already
@@ -15,6 +19,8 @@ module decides *which* good plan the running system should move to, given what a
   A reused stage costs no model transfer and no model load. `avoid` holds the nodes that
   serve, for a new model version (loading it beside the running one takes their CPU), and
   the nodes that hold or are promised a standby, for contingency plans (one per node).
+  Before `avoid` come `full` nodes: for a contingency plan asked again because some of its
+  new stages found no room for a standby, the nodes where they did not fit.
 - The rejoin rule: a plan that would take a returned node back is adopted only if its
   bottleneck is at least `margin` (default 10%) below the bottleneck of the plan in force;
   with the hold time the controller applies first, this is what keeps a flapping node from
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from partitioner.instance import Instance, Plan, Stage, plan_problems
 
 MAX_REPAIRS = 5040          # assignments tried per repair (7! keeps it well under 100 ms)
+MAX_SNAPS = 4096            # cut choices tried per candidate when snapping to loaded stages
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,44 @@ def repair_candidates(instance: Instance, base: Plan, limit: int = MAX_REPAIRS) 
     return plans
 
 
+def new_stages_on(plan: Plan | list[Stage], version: int, held: set[Held],
+                  nodes: frozenset[str]) -> int:
+    stages = plan.stages if isinstance(plan, Plan) else plan
+    return sum(s.node in nodes and stage_key(s, version) not in held for s in stages)
+
+
+def snapped_candidates(instance: Instance, plans: list[Plan], version: int,
+                       held: set[Held], full: frozenset[str] = frozenset(),
+                       limit: int = MAX_SNAPS) -> list[Plan]:
+    """Variants of single-pipeline `plans` (same nodes, same order) whose cuts each stay or
+    move to where a `held` stage of `version` on either neighbouring node ends or starts;
+    only valid ones that re-use more loaded stages than the plan they vary, or as many with
+    fewer new stages on `full` nodes."""
+    segments = len(instance.segments)
+    mine = [h for h in held if h.version == version]
+    out: list[Plan] = []
+    for plan in plans:
+        stages = plan.stages
+        if plan.chains or stages[-1].end != segments:
+            continue
+        options = [sorted({left.end} | {h.end for h in mine if h.node == left.node}
+                          | {h.first for h in mine if h.node == right.node})
+                   for left, right in itertools.pairwise(stages)]
+        better = (reused_stages(plan, version, held), -new_stages_on(plan, version, held, full))
+        for cuts in itertools.islice(itertools.product(*options), limit):
+            bounds = (0, *cuts, segments)
+            if any(a >= b for a, b in itertools.pairwise(bounds)):
+                continue
+            variant = [Stage(a, b, s.node)
+                       for (a, b), s in zip(itertools.pairwise(bounds), stages)]
+            gain = (sum(stage_key(s, version) in held for s in variant),
+                    -new_stages_on(variant, version, held, full))
+            if gain <= better or plan_problems(instance, variant):
+                continue
+            out.append(Plan.of(instance, variant, f"{plan.algorithm}+snap", False))
+    return out
+
+
 @dataclass(frozen=True)
 class Choice:
     """The plan chosen by the reuse rule, and why."""
@@ -90,7 +135,7 @@ class Choice:
 
 
 def choose(candidates: list[Plan], version: int, held: set[Held], tolerance: float,
-           avoid: frozenset[str] = frozenset()) -> Choice:
+           avoid: frozenset[str] = frozenset(), full: frozenset[str] = frozenset()) -> Choice:
     """The reuse rule (module docstring). `candidates` must not be empty."""
     if not candidates:
         raise ValueError("no candidate plan")
@@ -99,9 +144,8 @@ def choose(candidates: list[Plan], version: int, held: set[Held], tolerance: flo
     within = [p for p in candidates if p.bottleneck_ms <= limit]
 
     def key(plan: Plan) -> tuple[float, ...]:
-        new_on_avoided = sum(s.node in avoid and stage_key(s, version) not in held
-                             for s in plan.stages)
-        return (-reused_stages(plan, version, held), new_on_avoided, plan.bottleneck_ms,
+        return (-reused_stages(plan, version, held), new_stages_on(plan, version, held, full),
+                new_stages_on(plan, version, held, avoid), plan.bottleneck_ms,
                 plan.latency_ms)
 
     plan = min(within, key=key)

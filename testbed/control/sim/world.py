@@ -37,7 +37,7 @@ from typing import Any
 
 from formats.control import ControlSettings
 from partitioner.instance import Instance, Node, Plan, Segment
-from partitioner.profile import FORKED_WORKER_BYTES, SESSION_OVERHEAD_BYTES
+from partitioner.profile import FORKED_RUNTIME_BYTES
 from stage_image.agent import choose_evictions
 from testbed.control import events as ev
 from testbed.control.core.actions import Event
@@ -64,7 +64,6 @@ LOAD_FIXED_S = 0.3              # interpreter and imports of a worker
 ROUTE_S = 0.005                 # a route line on a running worker's stdin, then `routed`
 STOP_S = 0.05                   # SIGTERM to exit
 FETCH_RETRY_S = 5.0             # the agent's fetch timeout
-RUNTIME_BYTES = FORKED_WORKER_BYTES + SESSION_OVERHEAD_BYTES   # a worker forked by the launcher
 
 
 # -- the cluster ------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ class Worker:
 
     @property
     def memory(self) -> int:
-        return RUNTIME_BYTES + self.size
+        return FORKED_RUNTIME_BYTES + self.size
 
 
 @dataclass
@@ -211,7 +210,7 @@ class Host:
 
     @property
     def memory_limit(self) -> int:
-        return self.spec.memory_bytes + RUNTIME_BYTES
+        return self.spec.memory_bytes + FORKED_RUNTIME_BYTES
 
     @property
     def disk_free(self) -> int:
