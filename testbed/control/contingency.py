@@ -13,17 +13,17 @@ plans (the pipelines a loss leaves whole are the plan for it: `surviving`).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from formats.control import ControlSettings
-from partitioner.instance import Plan
+from partitioner.instance import Node, Plan
 from testbed.control import events as ev
 from testbed.control import policy
 from testbed.control.core import standby as standby_rule
 from testbed.control.core.records import Epoch, Slot
 from testbed.control.core.replan import Epochs
-from testbed.control.disk import DISK_RESERVE_BYTES, fits_disk, held_model_bytes
+from testbed.control.disk import disk_holds, fits_disk
 from testbed.control.planning import PlanRequest, Prepared, StageFile, VersionInfo
 from testbed.control.policy import Held
 
@@ -245,21 +245,18 @@ class Contingencies:
         `idle_too=False`: standbys without routes not counted (they are being decided)."""
         instance = prepared.request.version.instance
         try:
-            budget = instance.node(host).memory_bytes
+            node = instance.node(host)
         except KeyError:
             return False
         pending = [(k, f) for k, f in pending or [] if k.node == host]
         here = [s for s in self.plane.slots.values() if s.host == host and
                 (idle_too or s.routes or not s.standby)]
         if file is not None and not fits_disk(
-                instance.node(host).disk_bytes,
+                node.disk_bytes,
                 [(s.stage.sha256, s.stage.size) for s in here]
                 + [(f.sha256, f.size) for _, f in pending], (file.sha256, file.size)):
             return False
-        need = sum(s.memory_bytes for s in instance.segments[key.first:key.end])
-        need += sum(self.worker_bytes(s.held) for s in here)
-        need += sum(self.worker_bytes(k) for k, _ in pending)
-        return need <= budget
+        return self.memory_holds(node, [key, *(s.held for s in here), *(k for k, _ in pending)])
 
     def worker_bytes(self, key: Held) -> int:
         """A loaded worker's memory: what a worker forked by the agent's launcher adds, and
@@ -268,21 +265,27 @@ class Contingencies:
         segments = self.plane.infos[key.version].instance.segments[key.first:key.end]
         return forked_runtime_bytes() + sum(s.memory_bytes for s in segments)
 
+    def memory_holds(self, node: Node, keys: Iterable[Held]) -> bool:
+        """The node's memory holds loaded workers of `keys`: the instance's node memory has
+        one worker's runtime taken off already, so the budget is that and one forked
+        worker's runtime."""
+        return sum(self.worker_bytes(k) for k in keys) <= node.memory_bytes + \
+            forked_runtime_bytes()
+
     def no_room(self, prepared: Prepared) -> list[str]:
         """The hosts where the plan's new workers do not fit beside the workers loaded
         there, standbys aside (make_room releases those)."""
         instance = prepared.request.version.instance
         version = prepared.request.version.version
-        need: dict[str, int] = {}
+        keys: dict[str, list[Held]] = {}
         for stage, file in zip(prepared.plan.stages, prepared.stages):
             if file is not None:
-                key = policy.stage_key(stage, version)
-                need[stage.node] = need.get(stage.node, 0) + self.worker_bytes(key)
+                keys.setdefault(stage.node, []).append(policy.stage_key(stage, version))
         for slot in self.plane.slots.values():
-            if slot.host in need and (slot.routes or not slot.standby):
-                need[slot.host] += self.worker_bytes(slot.held)
-        return sorted(h for h, n in need.items() if n > instance.node(h).memory_bytes +
-                      forked_runtime_bytes())
+            if slot.host in keys and (slot.routes or not slot.standby):
+                keys[slot.host].append(slot.held)
+        return sorted(h for h, k in keys.items()
+                      if not self.memory_holds(instance.node(h), k))
 
     def make_room(self, host: str, keep: list[Slot], prepared: Prepared,
                   broken: list[Slot]) -> bool:
@@ -297,7 +300,6 @@ class Contingencies:
             node = prepared.request.version.instance.node(host)
         except KeyError:
             return True
-        budget = node.memory_bytes + forked_runtime_bytes()
         spare = [s for s in self.plane.slots.values() if s.host == host and s.standby and
                  not s.routes and all(s is not k for k in keep)]
         spare = [s for s in broken if s.host == host and all(s is not k for k in keep)] + \
@@ -305,10 +307,8 @@ class Contingencies:
 
         def fits() -> bool:
             here = [s for s in self.plane.slots.values() if s.host == host]
-            disk = node.disk_bytes <= 0 or held_model_bytes(
-                (s.stage.sha256, s.stage.size) for s in here) + DISK_RESERVE_BYTES \
-                <= node.disk_bytes
-            return disk and sum(self.worker_bytes(s.held) for s in here) <= budget
+            return disk_holds(node.disk_bytes, ((s.stage.sha256, s.stage.size) for s in here)) \
+                and self.memory_holds(node, (s.held for s in here))
 
         while spare and not fits():
             self.plane.release(spare.pop(), "room for a new epoch's worker")

@@ -1,6 +1,6 @@
 """Disk accounting: the stage models a host must keep on its disk (the agent's model cache)
 against the disk it has. Pure functions; the controller asks before it places a standby or a
-new stage on a host (testbed.control.controller `fits`).
+new stage on a host (testbed.control.contingency `fits`, `make_room`).
 
 Division of labour: the planner instance carries each node's `disk_bytes` (optional, 0 = not
 limited; from the topology's `disk`); the controller knows which workers (slots) it keeps on
@@ -25,13 +25,16 @@ def held_model_bytes(models: Iterable[tuple[str, int]]) -> int:
     return sum(dict(models).values())
 
 
+def disk_holds(disk_bytes: int, models: Iterable[tuple[str, int]],
+               reserve: int = DISK_RESERVE_BYTES) -> bool:
+    """The models (sha256, size) and the reserve fit on the disk; an unlimited disk (0)
+    holds anything."""
+    return disk_bytes <= 0 or held_model_bytes(models) + reserve <= disk_bytes
+
+
 def fits_disk(disk_bytes: int, held: Iterable[tuple[str, int]], new: tuple[str, int],
               reserve: int = DISK_RESERVE_BYTES) -> bool:
-    """Room for one more model (sha256, size) beside the held ones; an unlimited disk (0)
-    always has room, a model already held costs nothing."""
-    if disk_bytes <= 0:
-        return True
+    """Room for one more model (sha256, size) beside the held ones; a model already held
+    costs nothing."""
     models = dict(held)
-    if new[0] in models:
-        return True
-    return held_model_bytes(models.items()) + new[1] + reserve <= disk_bytes
+    return new[0] in models or disk_holds(disk_bytes, [*models.items(), new], reserve)
