@@ -189,9 +189,10 @@ class Contingencies:
             chosen = standby_rule.cover(wanted, set(idle), serving, per_node, room, to_load)
             # a loss whose new stages did not all find room is planned once more, told
             # where: another plan may share stages with the standbys that did
-            again = {host: frozenset(k.node for k in keys if k not in chosen)
-                     for host, keys in zip(self.plans, wanted)
-                     if host not in self.full and any(k not in chosen for k in keys)}
+            unplaced = {host: frozenset(k.node for k in keys if k not in chosen)
+                        for host, keys in zip(self.plans, wanted)}
+            again = {host: nodes for host, nodes in unplaced.items()
+                     if nodes and host not in self.full}
             self.full.update(again)
             self.queue.extend(again)
             for key, slot in idle.items():

@@ -172,8 +172,9 @@ class Planner:
             # the best plan, and the best that keeps off the nodes to avoid (a new version
             # deployed beside the old one on nodes that do not serve takes no CPU from it)
             # or off the full ones (a contingency plan whose standbys found no room there)
-            pools = [set(req.live)] + [set(req.live) - nodes for nodes in (req.avoid, req.full)
-                                       if nodes and set(req.live) - nodes]
+            live = set(req.live)
+            pools = [live] + [live - nodes for nodes in (req.avoid, req.full)
+                              if nodes and live - nodes]
             problem: InfeasibleError | None = None
             for pool in pools:
                 try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from partitioner.instance import Instance, Plan, Stage, plan_problems
@@ -53,8 +54,8 @@ def stage_key(stage: Stage, version: int) -> Held:
     return Held(stage.node, stage.first, stage.end, version)
 
 
-def reused_stages(plan: Plan, version: int, held: set[Held]) -> int:
-    return sum(stage_key(s, version) in held for s in plan.stages)
+def reused_stages(stages: Sequence[Stage], version: int, held: set[Held]) -> int:
+    return sum(stage_key(s, version) in held for s in stages)
 
 
 def repair_candidates(instance: Instance, base: Plan, limit: int = MAX_REPAIRS) -> list[Plan]:
@@ -79,9 +80,8 @@ def repair_candidates(instance: Instance, base: Plan, limit: int = MAX_REPAIRS) 
     return plans
 
 
-def new_stages_on(plan: Plan | list[Stage], version: int, held: set[Held],
+def new_stages_on(stages: Sequence[Stage], version: int, held: set[Held],
                   nodes: frozenset[str]) -> int:
-    stages = plan.stages if isinstance(plan, Plan) else plan
     return sum(s.node in nodes and stage_key(s, version) not in held for s in stages)
 
 
@@ -94,6 +94,11 @@ def snapped_candidates(instance: Instance, plans: list[Plan], version: int,
     fewer new stages on `full` nodes."""
     segments = len(instance.segments)
     mine = [h for h in held if h.version == version]
+
+    def standing(stages: Sequence[Stage]) -> tuple[int, int]:
+        return (reused_stages(stages, version, held),
+                -new_stages_on(stages, version, held, full))
+
     out: list[Plan] = []
     for plan in plans:
         stages = plan.stages
@@ -102,16 +107,14 @@ def snapped_candidates(instance: Instance, plans: list[Plan], version: int,
         options = [sorted({left.end} | {h.end for h in mine if h.node == left.node}
                           | {h.first for h in mine if h.node == right.node})
                    for left, right in itertools.pairwise(stages)]
-        better = (reused_stages(plan, version, held), -new_stages_on(plan, version, held, full))
+        better = standing(stages)
         for cuts in itertools.islice(itertools.product(*options), limit):
             bounds = (0, *cuts, segments)
             if any(a >= b for a, b in itertools.pairwise(bounds)):
                 continue
             variant = [Stage(a, b, s.node)
                        for (a, b), s in zip(itertools.pairwise(bounds), stages)]
-            gain = (sum(stage_key(s, version) in held for s in variant),
-                    -new_stages_on(variant, version, held, full))
-            if gain <= better or plan_problems(instance, variant):
+            if standing(variant) <= better or plan_problems(instance, variant):
                 continue
             out.append(Plan.of(instance, variant, f"{plan.algorithm}+snap", False))
     return out
@@ -144,12 +147,14 @@ def choose(candidates: list[Plan], version: int, held: set[Held], tolerance: flo
     within = [p for p in candidates if p.bottleneck_ms <= limit]
 
     def key(plan: Plan) -> tuple[float, ...]:
-        return (-reused_stages(plan, version, held), new_stages_on(plan, version, held, full),
-                new_stages_on(plan, version, held, avoid), plan.bottleneck_ms,
+        stages = plan.stages
+        return (-reused_stages(stages, version, held), new_stages_on(stages, version, held, full),
+                new_stages_on(stages, version, held, avoid), plan.bottleneck_ms,
                 plan.latency_ms)
 
     plan = min(within, key=key)
-    return Choice(plan, reused_stages(plan, version, held), best, len(candidates), len(within))
+    return Choice(plan, reused_stages(plan.stages, version, held), best, len(candidates),
+                  len(within))
 
 
 def better_by_margin(candidate: Plan, current: Plan, margin: float) -> bool:
