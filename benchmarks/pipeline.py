@@ -6,7 +6,7 @@ onnxruntime: ONNX compute at the hosts' effective speed and link times only
 (`partitioner.instance.pure_bottleneck_ms`). Needs root (Mininet).
 
     sudo .venv/bin/python benchmarks/pipeline.py [--duration 20s] [--out results/bench_pipeline]
-        [--only resnet18,bert_mini] [--topologies star-5] [--no-standby]
+        [--only resnet18,bert_mini] [--topologies star-5] [--no-standby] [--reanalyse]
 
 Each run's closed loop keeps 2 x (plan latency / plan bottleneck) requests in flight (at least
 4): by Little's law latency / bottleneck are needed to keep the bottleneck busy at all, and a
@@ -19,6 +19,11 @@ plan's). `steady rps` is the rate from the moment the last warm standby was load
 of the window (standbys load beside the serving stages during the first seconds, at a bounded
 share of their hosts: docs/architecture.md "Recovery"), `-` when that left under 5 s;
 `--no-standby` runs without them (the cost model's figure for the plan alone).
+
+The table ends with the overhead fit: the fixed + per-MiB-received overhead that best
+explains every busy stage's CPU (`fit_overhead`), beside the cost model's constants
+(`partitioner.profile.FRAME_OVERHEAD_MS`, `FRAME_OVERHEAD_MS_PER_MIB`); `--reanalyse`
+prints the table and the fit again from the runs under `--out` without running anything.
 """
 
 from __future__ import annotations
@@ -33,10 +38,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from partitioner.instance import MIB  # noqa: E402
+from partitioner.profile import (  # noqa: E402
+    FRAME_OVERHEAD_MS,
+    FRAME_OVERHEAD_MS_PER_MIB,
+    effective_speed,
+)
 from testbed.control import events as ev  # noqa: E402
+
+BUSY_FOR_FIT = 0.7
+OUTLIER = 0.2
 
 CONFIGS = [  # (model, topology): every zoo model on two topologies
     ("resnet18", "star-5"),            # the baseline scenario's pair
@@ -82,8 +98,6 @@ def analyse(directory: Path, topology: str) -> dict[str, Any]:
     """Pure limit of the first plan, and each stage's overhead implied by its host's CPU."""
     from formats.topology import load_topology
     from partitioner.instance import load_instance, plan_from_json, pure_bottleneck_ms
-    from partitioner.profile import effective_speed
-
     summary = json.loads((directory / "summary.json").read_text())
     instance = load_instance(directory / "instance.json")
     plan = plan_from_json(instance, json.loads((directory / "plan.json").read_text()))
@@ -93,7 +107,7 @@ def analyse(directory: Path, topology: str) -> dict[str, Any]:
              load_topology(ROOT / "topologies" / f"{topology}.yaml").edge_hosts()}
     with (directory / "timeseries.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    overheads = []
+    overheads, samples = [], []
     for stage in plan.stages:
         used = [float(r[f"{stage.node}_cpu"]) for r in rows if r.get(f"{stage.node}_cpu")]
         if not used or measured <= 0:
@@ -102,6 +116,11 @@ def analyse(directory: Path, topology: str) -> dict[str, Any]:
         compute = sum(s.compute_ms for s in instance.segments[stage.first:stage.end])
         c = cores[stage.node]
         overheads.append(cpu_ms * effective_speed(c) / c - compute)
+        received = (instance.input_bytes if stage.first == 0
+                    else instance.segments[stage.first - 1].output_bytes)
+        samples.append({"node": stage.node, "cores": c, "received_mib": received / MIB,
+                        "cpu_ms": cpu_ms, "compute_ms": compute,
+                        "busy": statistics.mean(used) / c})
     events = [json.loads(line) for line in (directory / "events.jsonl").open()]
     steady = steady_rps(directory, summary["window"], events)
     return {
@@ -110,7 +129,73 @@ def analyse(directory: Path, topology: str) -> dict[str, Any]:
         "overhead_ms": statistics.median(overheads) if overheads else None,
         "replanned": sum(e.get("type") == "plan.deployed" for e in events) > 1,
         "frame_overhead_ms": instance.frame_overhead_ms,
+        "stage_samples": samples,
     }
+
+
+def modelled_cpu_ms(sample: dict[str, Any], fixed_ms: float = FRAME_OVERHEAD_MS,
+                    per_mib_ms: float = FRAME_OVERHEAD_MS_PER_MIB) -> float:
+    """A stage's CPU per frame on its host as the cost model has it: profiled compute plus
+    the overhead, stretched by the host's CFS warm-up (cores / effective speed)."""
+    return ((sample["compute_ms"] + fixed_ms + per_mib_ms * sample["received_mib"])
+            * sample["cores"] / effective_speed(sample["cores"]))
+
+
+def slowed_stage(row: dict[str, Any]) -> str | None:
+    """The busy stage whose CPU per frame exceeds the cost model's by more than OUTLIER, the
+    most (the machine slowed it: no overhead term explains that), as a note for the table."""
+    over = [(s["cpu_ms"] / modelled_cpu_ms(s), s["node"]) for s in row["stage_samples"]
+            if s["busy"] >= BUSY_FOR_FIT]
+    worst = max(over, default=None)
+    if worst is None or worst[0] <= 1.0 + OUTLIER:
+        return None
+    return f"{worst[1]} CPU {worst[0]:.2f}x its model"
+
+
+def fit_overhead(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The cost model's overhead term (fixed ms + ms per MiB received, full-core) that best
+    explains the measured stages' CPU: least squares of each stage's relative error, the
+    stage's CPU per frame against (profiled compute + overhead) x cores / effective speed.
+    Only stages whose host was at least BUSY_FOR_FIT busy count: on a mostly idle host the
+    agent's heartbeats and the runtime's idle wake-ups, divided by few frames, would read as
+    per-frame cost. Runs that re-planned are left out (their figures are the first plan's).
+    Stages more than OUTLIER off the first fit are dropped and named: a stage computing
+    slower than its profile (the machine busy with something else) is not a frame cost."""
+    import numpy as np
+
+    samples = [{**s, "config": row["config"]} for row in rows
+               if "error" not in row and not row["replanned"]
+               for s in row["stage_samples"] if s["busy"] >= BUSY_FOR_FIT]
+
+    def relative_errors(kept: list[dict[str, Any]], fixed_ms: float,
+                        per_mib_ms: float) -> list[float]:
+        return [modelled_cpu_ms(s, fixed_ms, per_mib_ms) / s["cpu_ms"] - 1.0 for s in kept]
+
+    def fit(kept: list[dict[str, Any]]) -> tuple[float, float]:
+        full_core = np.array([s["cpu_ms"] * effective_speed(s["cores"]) / s["cores"]
+                              for s in kept])
+        design = np.array([[1.0, s["received_mib"]] for s in kept]) / full_core[:, None]
+        implied = (full_core - np.array([s["compute_ms"] for s in kept])) / full_core
+        (fixed, per_mib), *_ = np.linalg.lstsq(design, implied, rcond=None)
+        return float(fixed), float(per_mib)
+
+    def rms(errors: list[float]) -> float:
+        return math.sqrt(sum(e * e for e in errors) / len(errors))
+
+    if len({round(s["received_mib"], 2) for s in samples}) < 2:
+        return None
+    first = fit(samples)
+    errors = relative_errors(samples, *first)
+    kept = [s for s, e in zip(samples, errors) if abs(e) <= OUTLIER]
+    dropped = [f"{s['config']}/{s['node']} {e:+.0%}" for s, e in zip(samples, errors)
+               if abs(e) > OUTLIER]
+    fixed, per_mib = fit(kept) if len({round(s["received_mib"], 2) for s in kept}) >= 2 \
+        else first
+    return {"stages": len(kept), "fixed_ms": fixed, "per_mib_ms": per_mib,
+            "rms_error": rms(relative_errors(kept, fixed, per_mib)),
+            "model_rms_error": rms(relative_errors(kept, FRAME_OVERHEAD_MS,
+                                                   FRAME_OVERHEAD_MS_PER_MIB)),
+            "dropped": dropped}
 
 
 def steady_rps(directory: Path, window: dict[str, float],
@@ -137,6 +222,9 @@ def main() -> int:
     parser.add_argument("--no-standby", action="store_true",
                         help="control: {standby: false}: no warm standbys load beside the "
                              "serving stages, so the window measures the plan alone")
+    parser.add_argument("--reanalyse", action="store_true",
+                        help="run nothing: print the table and the overhead fit again from "
+                             "the runs already under --out")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,17 +235,22 @@ def main() -> int:
         if args.topologies and topology not in args.topologies.split(","):
             continue
         name = f"{model}-{topology}"
-        concurrency = concurrency_for(model, topology)
         scenario = out / f"{name}.yaml"
-        scenario.write_text(scenario_text(model, topology, concurrency, args.duration,
-                                          standby=not args.no_standby))
-        print(f"== {name} (concurrency {concurrency})", file=sys.stderr, flush=True)
-        result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"), str(scenario),
-                                 "--out", str(out / name)], check=False)
         summary_path = out / name / "summary.json"
-        if not summary_path.exists():
-            rows.append({"config": name, "error": f"exit {result.returncode}"})
-            continue
+        if args.reanalyse:
+            if not summary_path.exists():
+                continue
+            concurrency = yaml.safe_load(scenario.read_text())["workload"]["concurrency"]
+        else:
+            concurrency = concurrency_for(model, topology)
+            scenario.write_text(scenario_text(model, topology, concurrency, args.duration,
+                                              standby=not args.no_standby))
+            print(f"== {name} (concurrency {concurrency})", file=sys.stderr, flush=True)
+            result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"),
+                                     str(scenario), "--out", str(out / name)], check=False)
+            if not summary_path.exists():
+                rows.append({"config": name, "error": f"exit {result.returncode}"})
+                continue
         summary = json.loads(summary_path.read_text())
         plan = summary.get("plan", {})
         rows.append({
@@ -186,8 +279,20 @@ def main() -> int:
               f"{row['predicted_rps']:>8.2f} {row['pure_rps']:>8.2f} {row['measured_rps']:>8.2f} "
               f"{row['ratio']:>5.2f} {row['pure_ratio']:>5.2f} {steady} {overhead:>11} "
               f"{row['p50_ms']:>7.0f} {row['p99_ms']:>7.0f} {row['lost']:>4} "
-              f"{row['mismatched']:>4}" + (" (re-planned)" if row["replanned"] else ""))
-    (out / "pipeline.json").write_text(json.dumps(rows, indent=1))
+              f"{row['mismatched']:>4}" + (" (re-planned)" if row["replanned"] else "")
+              + (f" ({slowed})" if (slowed := slowed_stage(row)) else ""))
+    fit = fit_overhead(rows)
+    if fit is not None:
+        print(f"\noverhead fit over {fit['stages']} stages at >= {BUSY_FOR_FIT:.0%} busy: "
+              f"{fit['fixed_ms']:.2f} ms + {fit['per_mib_ms']:.2f} ms per MiB received "
+              f"(stage CPU rms error {fit['rms_error']:.1%}); the cost model's "
+              f"{FRAME_OVERHEAD_MS} + {FRAME_OVERHEAD_MS_PER_MIB} ms per MiB: "
+              f"{fit['model_rms_error']:.1%}")
+        if fit["dropped"]:
+            print("left out of the fit (stage CPU off by more than "
+                  f"{OUTLIER:.0%}): " + ", ".join(fit["dropped"]))
+    (out / "pipeline.json").write_text(json.dumps({"runs": rows, "overhead_fit": fit},
+                                                  indent=1))
     return 0 if rows and all("error" not in r for r in rows) else 1
 
 
