@@ -35,6 +35,7 @@ import math
 import statistics
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +44,16 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from partitioner.instance import MIB  # noqa: E402
-from partitioner.profile import (  # noqa: E402
-    FRAME_OVERHEAD_MS,
-    FRAME_OVERHEAD_MS_PER_MIB,
-    effective_speed,
-)
+from partitioner.profile import FRAME_OVERHEAD_MS, FRAME_OVERHEAD_MS_PER_MIB  # noqa: E402
 from testbed.control import events as ev  # noqa: E402
+from testbed.experiment.cost_check import (  # noqa: E402
+    BUSY_FOR_CHECK,
+    StageCpu,
+    dearer,
+    stage_cpu,
+)
 
-BUSY_FOR_FIT = 0.7
-OUTLIER = 0.2
+OUTLIER = 0.2       # a stage this far off the first fit is left out of the second
 
 CONFIGS = [  # (model, topology): every zoo model on two topologies
     ("resnet18", "star-5"),            # the baseline scenario's pair
@@ -95,9 +96,10 @@ def scenario_text(model: str, topology: str, concurrency: int, duration: str,
 
 
 def analyse(directory: Path, topology: str) -> dict[str, Any]:
-    """Pure limit of the first plan, and each stage's overhead implied by its host's CPU."""
+    """Pure limit of the first plan, and each stage's CPU against its model."""
     from formats.topology import load_topology
     from partitioner.instance import load_instance, plan_from_json, pure_bottleneck_ms
+
     summary = json.loads((directory / "summary.json").read_text())
     instance = load_instance(directory / "instance.json")
     plan = plan_from_json(instance, json.loads((directory / "plan.json").read_text()))
@@ -105,92 +107,73 @@ def analyse(directory: Path, topology: str) -> dict[str, Any]:
     measured = summary["throughput_rps"]
     cores = {h.name: h.cpu for h in
              load_topology(ROOT / "topologies" / f"{topology}.yaml").edge_hosts()}
+    host_cpu: dict[str, list[float]] = {}
     with (directory / "timeseries.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    overheads, samples = [], []
-    for stage in plan.stages:
-        used = [float(r[f"{stage.node}_cpu"]) for r in rows if r.get(f"{stage.node}_cpu")]
-        if not used or measured <= 0:
-            continue
-        cpu_ms = statistics.mean(used) / measured * 1000.0
-        compute = sum(s.compute_ms for s in instance.segments[stage.first:stage.end])
-        c = cores[stage.node]
-        overheads.append(cpu_ms * effective_speed(c) / c - compute)
-        received = (instance.input_bytes if stage.first == 0
-                    else instance.segments[stage.first - 1].output_bytes)
-        samples.append({"node": stage.node, "cores": c, "received_mib": received / MIB,
-                        "cpu_ms": cpu_ms, "compute_ms": compute,
-                        "busy": statistics.mean(used) / c})
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key.endswith("_cpu") and value:
+                    host_cpu.setdefault(key.removesuffix("_cpu"), []).append(float(value))
+    stages = stage_cpu(instance, plan, cores, host_cpu, measured)
     events = [json.loads(line) for line in (directory / "events.jsonl").open()]
     steady = steady_rps(directory, summary["window"], events)
     return {
         "pure_rps": pure_rps, "pure_ratio": measured / pure_rps, "steady_rps": steady,
         "steady_pure_ratio": None if steady is None else steady / pure_rps,
-        "overhead_ms": statistics.median(overheads) if overheads else None,
+        "overhead_ms": (statistics.median(s.implied_overhead_ms for s in stages)
+                        if stages else None),
         "replanned": sum(e.get("type") == "plan.deployed" for e in events) > 1,
         "frame_overhead_ms": instance.frame_overhead_ms,
-        "stage_samples": samples,
+        "stage_samples": stages,
     }
 
 
-def modelled_cpu_ms(sample: dict[str, Any], fixed_ms: float = FRAME_OVERHEAD_MS,
-                    per_mib_ms: float = FRAME_OVERHEAD_MS_PER_MIB) -> float:
-    """A stage's CPU per frame on its host as the cost model has it: profiled compute plus
-    the overhead, stretched by the host's CFS warm-up (cores / effective speed)."""
-    return ((sample["compute_ms"] + fixed_ms + per_mib_ms * sample["received_mib"])
-            * sample["cores"] / effective_speed(sample["cores"]))
-
-
-def slowed_stage(row: dict[str, Any]) -> str | None:
-    """The busy stage whose CPU per frame exceeds the cost model's by more than OUTLIER, the
-    most (the machine slowed it: no overhead term explains that), as a note for the table."""
-    over = [(s["cpu_ms"] / modelled_cpu_ms(s), s["node"]) for s in row["stage_samples"]
-            if s["busy"] >= BUSY_FOR_FIT]
-    worst = max(over, default=None)
-    if worst is None or worst[0] <= 1.0 + OUTLIER:
-        return None
-    return f"{worst[1]} CPU {worst[0]:.2f}x its model"
+def dearest_stage(row: dict[str, Any]) -> str | None:
+    """The busy stage dearer than its model by more than cost_check.TOLERANCE, the most (the
+    machine slowed it: no overhead term explains that), as a note for the table."""
+    over = dearer(row["stage_samples"])
+    return f"{over[0].node} CPU {over[0].ratio:.2f}x its model" if over else None
 
 
 def fit_overhead(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The cost model's overhead term (fixed ms + ms per MiB received, full-core) that best
-    explains the measured stages' CPU: least squares of each stage's relative error, the
-    stage's CPU per frame against (profiled compute + overhead) x cores / effective speed.
-    Only stages whose host was at least BUSY_FOR_FIT busy count: on a mostly idle host the
-    agent's heartbeats and the runtime's idle wake-ups, divided by few frames, would read as
-    per-frame cost. Runs that re-planned are left out (their figures are the first plan's).
-    Stages more than OUTLIER off the first fit are dropped and named: a stage computing
-    slower than its profile (the machine busy with something else) is not a frame cost."""
+    explains the measured stages' CPU: least squares of each stage's relative error, its
+    CPU per frame against its model (testbed.experiment.cost_check) with that overhead.
+    Only judged stages count (their host at least cost_check.BUSY_FOR_CHECK busy); runs
+    that re-planned are left out (their figures are the first plan's). Stages more than
+    OUTLIER off the first fit are dropped and named: a stage computing slower than its
+    profile (the machine busy with something else) is not a frame cost."""
     import numpy as np
 
-    samples = [{**s, "config": row["config"]} for row in rows
+    samples = [(row["config"], s) for row in rows
                if "error" not in row and not row["replanned"]
-               for s in row["stage_samples"] if s["busy"] >= BUSY_FOR_FIT]
+               for s in row["stage_samples"] if s.judged]
 
-    def relative_errors(kept: list[dict[str, Any]], fixed_ms: float,
+    def relative_errors(kept: list[tuple[str, StageCpu]], fixed_ms: float,
                         per_mib_ms: float) -> list[float]:
-        return [modelled_cpu_ms(s, fixed_ms, per_mib_ms) / s["cpu_ms"] - 1.0 for s in kept]
+        return [s.modelled_ms(fixed_ms + per_mib_ms * s.received_mib) / s.cpu_ms - 1.0
+                for _, s in kept]
 
-    def fit(kept: list[dict[str, Any]]) -> tuple[float, float]:
-        full_core = np.array([s["cpu_ms"] * effective_speed(s["cores"]) / s["cores"]
-                              for s in kept])
-        design = np.array([[1.0, s["received_mib"]] for s in kept]) / full_core[:, None]
-        implied = (full_core - np.array([s["compute_ms"] for s in kept])) / full_core
+    def fit(kept: list[tuple[str, StageCpu]]) -> tuple[float, float]:
+        full_core = np.array([s.compute_ms + s.implied_overhead_ms for _, s in kept])
+        design = np.array([[1.0, s.received_mib] for _, s in kept]) / full_core[:, None]
+        implied = np.array([s.implied_overhead_ms for _, s in kept]) / full_core
         (fixed, per_mib), *_ = np.linalg.lstsq(design, implied, rcond=None)
         return float(fixed), float(per_mib)
 
     def rms(errors: list[float]) -> float:
         return math.sqrt(sum(e * e for e in errors) / len(errors))
 
-    if len({round(s["received_mib"], 2) for s in samples}) < 2:
+    def sizes(kept: list[tuple[str, StageCpu]]) -> int:
+        return len({round(s.received_mib, 2) for _, s in kept})
+
+    if sizes(samples) < 2:
         return None
     first = fit(samples)
     errors = relative_errors(samples, *first)
-    kept = [s for s, e in zip(samples, errors) if abs(e) <= OUTLIER]
-    dropped = [f"{s['config']}/{s['node']} {e:+.0%}" for s, e in zip(samples, errors)
+    kept = [sample for sample, e in zip(samples, errors) if abs(e) <= OUTLIER]
+    dropped = [f"{config}/{s.node} {e:+.0%}" for (config, s), e in zip(samples, errors)
                if abs(e) > OUTLIER]
-    fixed, per_mib = fit(kept) if len({round(s["received_mib"], 2) for s in kept}) >= 2 \
-        else first
+    fixed, per_mib = fit(kept) if sizes(kept) >= 2 else first
     return {"stages": len(kept), "fixed_ms": fixed, "per_mib_ms": per_mib,
             "rms_error": rms(relative_errors(kept, fixed, per_mib)),
             "model_rms_error": rms(relative_errors(kept, FRAME_OVERHEAD_MS,
@@ -280,10 +263,10 @@ def main() -> int:
               f"{row['ratio']:>5.2f} {row['pure_ratio']:>5.2f} {steady} {overhead:>11} "
               f"{row['p50_ms']:>7.0f} {row['p99_ms']:>7.0f} {row['lost']:>4} "
               f"{row['mismatched']:>4}" + (" (re-planned)" if row["replanned"] else "")
-              + (f" ({slowed})" if (slowed := slowed_stage(row)) else ""))
+              + (f" ({dearest})" if (dearest := dearest_stage(row)) else ""))
     fit = fit_overhead(rows)
     if fit is not None:
-        print(f"\noverhead fit over {fit['stages']} stages at >= {BUSY_FOR_FIT:.0%} busy: "
+        print(f"\noverhead fit over {fit['stages']} stages at >= {BUSY_FOR_CHECK:.0%} busy: "
               f"{fit['fixed_ms']:.2f} ms + {fit['per_mib_ms']:.2f} ms per MiB received "
               f"(stage CPU rms error {fit['rms_error']:.1%}); the cost model's "
               f"{FRAME_OVERHEAD_MS} + {FRAME_OVERHEAD_MS_PER_MIB} ms per MiB: "
@@ -292,7 +275,7 @@ def main() -> int:
             print("left out of the fit (stage CPU off by more than "
                   f"{OUTLIER:.0%}): " + ", ".join(fit["dropped"]))
     (out / "pipeline.json").write_text(json.dumps({"runs": rows, "overhead_fit": fit},
-                                                  indent=1))
+                                                  indent=1, default=asdict))
     return 0 if rows and all("error" not in r for r in rows) else 1
 
 

@@ -1,5 +1,6 @@
-"""benchmarks/pipeline.py's overhead fit: the fixed and per-MiB overhead recovered from
-stages' CPU, a slowed stage left out and named (no root)."""
+"""benchmarks/pipeline.py's overhead fit (the fixed and per-MiB overhead recovered from
+stages' CPU, a slowed stage left out and named) and testbed.experiment.cost_check, which it
+and summary.json share (no root)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 
 import pytest
 
-from partitioner.profile import effective_speed
+from partitioner.instance import MIB, Instance, Node, Plan, Segment, Stage
+from partitioner.profile import FRAME_OVERHEAD_MS, FRAME_OVERHEAD_MS_PER_MIB, effective_speed
+from testbed.experiment import cost_check
+from testbed.experiment.cost_check import StageCpu
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "benchmarks" / "pipeline.py")
@@ -19,15 +23,17 @@ spec.loader.exec_module(pipeline)
 
 
 def stage(node: str, cores: float, received_mib: float, compute_ms: float, fixed_ms: float,
-          per_mib_ms: float, busy: float = 0.9, slowdown: float = 1.0) -> dict[str, Any]:
-    """What analyse() records for a stage whose CPU per frame follows the overhead model."""
+          per_mib_ms: float, busy: float = 0.9, slowdown: float = 1.0) -> StageCpu:
+    """A stage whose host CPU per frame follows the overhead model (`slowdown` x compute),
+    priced by the cost model's constants."""
     full_core = compute_ms * slowdown + fixed_ms + per_mib_ms * received_mib
-    return {"node": node, "cores": cores, "received_mib": received_mib,
-            "cpu_ms": full_core * cores / effective_speed(cores), "compute_ms": compute_ms,
-            "busy": busy}
+    return StageCpu(node=node, segments=(0, 1), cores=cores, received_mib=received_mib,
+                    compute_ms=compute_ms,
+                    overhead_ms=FRAME_OVERHEAD_MS + FRAME_OVERHEAD_MS_PER_MIB * received_mib,
+                    cpu_ms=full_core * cores / effective_speed(cores), busy=busy)
 
 
-def run(config: str, *stages: dict[str, Any], replanned: bool = False) -> dict[str, Any]:
+def run(config: str, *stages: StageCpu, replanned: bool = False) -> dict[str, Any]:
     return {"config": config, "replanned": replanned, "stage_samples": list(stages)}
 
 
@@ -60,10 +66,49 @@ def test_no_fit_from_one_frame_size() -> None:
 
 
 def test_a_run_whose_stage_computed_slower_than_its_model_is_flagged() -> None:
-    fixed, per_mib = pipeline.FRAME_OVERHEAD_MS, pipeline.FRAME_OVERHEAD_MS_PER_MIB
+    fixed, per_mib = FRAME_OVERHEAD_MS, FRAME_OVERHEAD_MS_PER_MIB
     on_time = run("a", stage("e1", 0.3, 0.57, 12.0, fixed, per_mib),
                   stage("e2", 0.2, 0.1, 5.0, fixed, per_mib, busy=0.3, slowdown=2.0))
     slowed = run("b", stage("e1", 0.3, 0.57, 12.0, fixed, per_mib),
                  stage("e2", 0.2, 0.1, 5.0, fixed, per_mib, slowdown=1.5))
-    assert pipeline.slowed_stage(on_time) is None       # the slow one is idle: no evidence
-    assert pipeline.slowed_stage(slowed) == "e2 CPU 1.47x its model"
+    assert pipeline.dearest_stage(on_time) is None      # the slow one is idle: no evidence
+    assert pipeline.dearest_stage(slowed) == "e2 CPU 1.44x its model"
+
+
+def priced() -> tuple[Instance, Plan]:
+    segments = [Segment(4.0, 0, MIB // 2), Segment(6.0, 0, MIB // 4), Segment(2.0, 0, 16)]
+    nodes = [Node("a", 0.5, 1 << 30), Node("b", 0.2, 1 << 30), Node("c", 0.2, 1 << 30)]
+    instance = Instance(segments, MIB, nodes, "src", frame_overhead_ms=0.5,
+                        frame_overhead_ms_per_mib=1.5)
+    return instance, Plan("auto", [Stage(0, 1, "a"), Stage(1, 3, "b")], 40.0, 100.0, True)
+
+
+def test_each_stage_is_measured_against_what_the_planner_charged_it() -> None:
+    instance, plan = priced()
+    cores = {"a": 0.5, "b": 0.2, "c": 0.2}
+    # b: 8 ms compute + 0.5 + 1.5 x 0.5 MiB = 9.25 ms at a full core, 0.2 cores = 0.18
+    # effective; at 10 rps that is 0.1028 cores of CPU used; twice that means 2x its model
+    b_cores = 9.25 * 0.2 / effective_speed(0.2) * 10 / 1000
+    stages = cost_check.stage_cpu(instance, plan, cores,
+                                  {"a": [0.05, 0.05], "b": [2 * b_cores] * 3, "c": [0.1]}, 10.0)
+    assert [s.node for s in stages] == ["a", "b"]        # c serves nothing
+    a, b = stages
+    assert a.received_mib == 1.0 and a.overhead_ms == pytest.approx(2.0)
+    assert b.received_mib == 0.5 and b.compute_ms == pytest.approx(8.0)
+    assert b.ratio == pytest.approx(2.0) and b.busy == pytest.approx(2 * b_cores / 0.2)
+    assert a.cpu_ms == pytest.approx(5.0) and not a.judged        # 10% of its quota
+    section = cost_check.summary_section(stages, replanned=False)
+    assert section["checked"] and len(section["dearer"]) == 1
+    assert section["dearer"][0].startswith("b [1, 3) used 2.00x the CPU")
+    assert cost_check.summary_section(stages, replanned=True)["checked"] is False
+
+
+def test_pipelines_side_by_side_share_the_requests_and_a_shared_host_is_not_split() -> None:
+    instance, _ = priced()
+    two = Plan("auto", [Stage(0, 3, "a"), Stage(0, 3, "b")], 40.0, 100.0, True, chains=[1, 1])
+    stages = cost_check.stage_cpu(instance, two, {"a": 0.5, "b": 0.2},
+                                  {"a": [0.1], "b": [0.1]}, 10.0)
+    assert [s.cpu_ms for s in stages] == [pytest.approx(20.0), pytest.approx(20.0)]
+    both_on_a = Plan("auto", [Stage(0, 3, "a"), Stage(0, 3, "a")], 40.0, 100.0, True,
+                     chains=[1, 1])
+    assert cost_check.stage_cpu(instance, both_on_a, {"a": 0.5}, {"a": [0.2]}, 10.0) == []

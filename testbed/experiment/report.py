@@ -307,6 +307,8 @@ def _index(out_dir: Path, summary: dict[str, Any], images: list[str]) -> str:
         ["throughput (rps)", summary.get("throughput_rps")],
         ["predicted (rps)", summary.get("predicted_throughput_rps")],
         ["measured / predicted", summary.get("throughput_ratio")],
+        *[["stage dearer than its model", line]
+          for line in summary.get("cost_check", {}).get("dearer", [])],
         *[[f"latency {q} (ms)", latency.get(q)] for q in ("p50", "p95", "p99", "mean")
           if q in latency],
         *[[f"requests {k}", v] for k, v in requests.items()],

@@ -19,8 +19,11 @@ import zmq
 
 from formats.control import ControlSettings
 from formats.scenario import Scenario
+from partitioner.instance import Instance, Plan, load_instance
 from stage_image.agent import curve_args
 from stage_image.security import KeyPair, apply_client
+from testbed.control import events as ev
+from testbed.experiment import cost_check
 from testbed.experiment.faults import FaultTimeline, Hooks
 from testbed.experiment.prepare import CONTROL_PORT, SINK_PORT, Prepared, log
 from testbed.experiment.report import write_report
@@ -383,20 +386,27 @@ def run_embedded(scenario: Scenario, prepared: Prepared, out_dir: Path,
     summary = write_results(scenario, "embedded", out_dir, timeline.events, window_start,
                             prepared.predicted_rps, int(status.get("duplicates", 0)),
                             {"links": link_report, "plan": plan_json},
-                            monitor.buckets(window_start, duration))
+                            monitor.buckets(window_start, duration),
+                            (load_instance(prepared.instance_path), prepared.plan))
     return 0 if summary["slo"]["passed"] else 1
 
 
 def write_results(scenario: Scenario, backend: str, out_dir: Path,
                   driver_events: list[dict[str, Any]], window_start: float,
                   predicted_rps: float, duplicates: int, extra: dict[str, Any],
-                  host_samples: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+                  host_samples: dict[int, dict[str, Any]] | None = None,
+                  priced: tuple[Instance, Plan] | None = None) -> dict[str, Any]:
     """From OUT/requests.csv and OUT/events.jsonl (the controller's, merged with the
-    driver's fault events): summary.json, timeseries.csv, the report; prints the verdict."""
+    driver's fault events): summary.json, timeseries.csv, the report; prints the verdict.
+    With `host_samples` and the first plan as `priced` (its instance and plan), each stage's
+    measured CPU is checked against the cost model (testbed.experiment.cost_check)."""
     events = _merge_events(out_dir, driver_events)
     records = read_requests(out_dir / "requests.csv")
     summary = summarise(scenario, backend, records, events, window_start, predicted_rps,
                         duplicates, extra=extra)
+    if host_samples and priced is not None:
+        summary["cost_check"] = _cost_check(scenario, host_samples, *priced, events,
+                                            summary["throughput_rps"])
     duration = scenario.workload.duration_s
     write_timeseries(out_dir / "timeseries.csv",
                      buckets(records, window_start, window_start + duration),
@@ -405,6 +415,20 @@ def write_results(scenario: Scenario, backend: str, out_dir: Path,
     write_report(out_dir, summary, events, out_dir / "timeseries.csv")
     _report(summary, out_dir)
     return summary
+
+
+def _cost_check(scenario: Scenario, host_samples: dict[int, dict[str, Any]],
+                instance: Instance, plan: Plan, events: list[dict[str, Any]],
+                rate_rps: float) -> dict[str, Any]:
+    host_cpu: dict[str, list[float]] = {}
+    for sample in host_samples.values():
+        for key, value in sample.items():
+            if key.endswith("_cpu") and value is not None:
+                host_cpu.setdefault(key.removesuffix("_cpu"), []).append(float(value))
+    cores = {h.name: h.cpu for h in scenario.topology.edge_hosts()}
+    deployed = sum(e.get("type") == ev.PLAN_DEPLOYED for e in events)
+    return cost_check.summary_section(
+        cost_check.stage_cpu(instance, plan, cores, host_cpu, rate_rps), deployed > 1)
 
 
 def _report(summary: dict[str, Any], out_dir: Path) -> None:
@@ -420,6 +444,8 @@ def _report(summary: dict[str, Any], out_dir: Path) -> None:
     for fault in summary["faults"]:
         print(f"fault {fault['action']} {fault['target']} at {fault['at_s']}s: detected "
               f"{fault['detected_s']}, recovered {fault['recovered_s']}")
+    for line in summary.get("cost_check", {}).get("dearer", []):
+        print(f"cost model: {line}")
     verdict = "PASSED" if summary["slo"]["passed"] else "FAILED: " + "; ".join(
         summary["slo"]["violations"])
     print(f"SLO {verdict}\nresults in {out_dir}")
