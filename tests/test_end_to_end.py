@@ -41,6 +41,11 @@ def test_baseline_meets_its_slo_and_leaves_nothing(tmp_path: Path, state_dir: Pa
     assert code in (0, 1), summary["slo"]        # 1: the 0.8 throughput SLO, not a crash
     for name in ("requests.csv", "timeseries.csv", "events.jsonl", "plan.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    # every stage's host CPU measured against its price (no faults: the first plan ran)
+    check = summary["cost_check"]
+    assert check["checked"], check
+    assert [s["node"] for s in check["stages"]] == [s["node"] for s in summary["plan"]["stages"]]
+    assert all(s["cpu_ms"] > 0 and s["modelled_ms"] > 0 for s in check["stages"])
     assert list_records() == [], "the run left its record (and so its resources) behind"
 
 
