@@ -6,7 +6,8 @@ onnxruntime: ONNX compute at the hosts' effective speed and link times only
 (`partitioner.instance.pure_bottleneck_ms`). Needs root (Mininet).
 
     sudo .venv/bin/python benchmarks/pipeline.py [--duration 20s] [--out results/bench_pipeline]
-        [--only resnet18,bert_mini] [--topologies star-5] [--no-standby] [--reanalyse]
+        [--only resnet18,bert_mini] [--topologies star-5] [--no-standby] [--repeat N]
+        [--reanalyse]
 
 Each run's closed loop keeps 2 x (plan latency / plan bottleneck) requests in flight (at least
 4): by Little's law latency / bottleneck are needed to keep the bottleneck busy at all, and a
@@ -196,6 +197,39 @@ def steady_rps(directory: Path, window: dict[str, float],
     return sum(loaded <= t < end for t in done) / (end - loaded)
 
 
+def run_names(config: str, repeat: int, existing: Path | None = None) -> list[str]:
+    """The results directories of a pair's runs: CONFIG, then CONFIG.2, CONFIG.3, ... With
+    `existing` (re-analysing), those there are, however many."""
+    if existing is None:
+        return [config] + [f"{config}.{k}" for k in range(2, repeat + 1)]
+    names = []
+    while (existing / (name := config if not names else f"{config}.{len(names) + 1}")
+           / "summary.json").exists():
+        names.append(name)
+    return names
+
+
+def print_repeats(rows: list[dict[str, Any]]) -> None:
+    """Per pair run more than once: the median and range of measured / predicted and
+    measured / pure limit, and how many runs were within 10% of the prediction."""
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "error" not in row:
+            pairs.setdefault(row["pair"], []).append(row)
+    repeated = {pair: runs for pair, runs in pairs.items() if len(runs) > 1}
+    if not repeated:
+        return
+    print(f"\n{'pair':26} {'runs':>4} {'/pred median':>12} {'range':>11} {'/pure median':>12} "
+          f"{'range':>11} {'within 10%':>10}")
+    for pair, runs in repeated.items():
+        ratios = sorted(r["ratio"] for r in runs)
+        pure = sorted(r["pure_ratio"] for r in runs)
+        print(f"{pair:26} {len(runs):>4} {statistics.median(ratios):>12.2f} "
+              f"{ratios[0]:>5.2f}-{ratios[-1]:<5.2f} {statistics.median(pure):>12.2f} "
+              f"{pure[0]:>5.2f}-{pure[-1]:<5.2f} "
+              f"{sum(abs(r - 1.0) <= 0.10 for r in ratios):>6}/{len(runs)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", default="20s", help="measured window per run")
@@ -205,6 +239,10 @@ def main() -> int:
     parser.add_argument("--no-standby", action="store_true",
                         help="control: {standby: false}: no warm standbys load beside the "
                              "serving stages, so the window measures the plan alone")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each pair this many times (CONFIG, CONFIG.2, ...) and print "
+                             "the median and range per pair: one run on a shared machine can "
+                             "be 30%% off the next")
     parser.add_argument("--reanalyse", action="store_true",
                         help="run nothing: print the table and the overhead fit again from "
                              "the runs already under --out")
@@ -217,36 +255,38 @@ def main() -> int:
             continue
         if args.topologies and topology not in args.topologies.split(","):
             continue
-        name = f"{model}-{topology}"
-        scenario = out / f"{name}.yaml"
-        summary_path = out / name / "summary.json"
-        if args.reanalyse:
-            if not summary_path.exists():
-                continue
-            concurrency = yaml.safe_load(scenario.read_text())["workload"]["concurrency"]
-        else:
+        config = f"{model}-{topology}"
+        scenario = out / f"{config}.yaml"
+        if not args.reanalyse:
             concurrency = concurrency_for(model, topology)
             scenario.write_text(scenario_text(model, topology, concurrency, args.duration,
                                               standby=not args.no_standby))
-            print(f"== {name} (concurrency {concurrency})", file=sys.stderr, flush=True)
-            result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"),
-                                     str(scenario), "--out", str(out / name)], check=False)
-            if not summary_path.exists():
-                rows.append({"config": name, "error": f"exit {result.returncode}"})
-                continue
-        summary = json.loads(summary_path.read_text())
-        plan = summary.get("plan", {})
-        rows.append({
-            "config": name, "stages": len(plan.get("stages", [])),
-            "concurrency": concurrency,
-            "predicted_rps": summary["predicted_throughput_rps"],
-            "measured_rps": summary["throughput_rps"],
-            "ratio": summary["throughput_ratio"],
-            "p50_ms": summary["latency_ms"]["p50"], "p99_ms": summary["latency_ms"]["p99"],
-            "lost": summary["requests"]["lost"],
-            "mismatched": summary["requests"]["mismatched"],
-            **analyse(out / name, topology),
-        })
+        elif scenario.exists():
+            concurrency = yaml.safe_load(scenario.read_text())["workload"]["concurrency"]
+        else:
+            continue
+        for name in run_names(config, args.repeat, out if args.reanalyse else None):
+            summary_path = out / name / "summary.json"
+            if not args.reanalyse:
+                print(f"== {name} (concurrency {concurrency})", file=sys.stderr, flush=True)
+                result = subprocess.run([sys.executable, str(ROOT / "run_scenario.py"),
+                                         str(scenario), "--out", str(out / name)], check=False)
+                if not summary_path.exists():
+                    rows.append({"config": name, "error": f"exit {result.returncode}"})
+                    continue
+            summary = json.loads(summary_path.read_text())
+            plan = summary.get("plan", {})
+            rows.append({
+                "config": name, "pair": config, "stages": len(plan.get("stages", [])),
+                "concurrency": concurrency,
+                "predicted_rps": summary["predicted_throughput_rps"],
+                "measured_rps": summary["throughput_rps"],
+                "ratio": summary["throughput_ratio"],
+                "p50_ms": summary["latency_ms"]["p50"], "p99_ms": summary["latency_ms"]["p99"],
+                "lost": summary["requests"]["lost"],
+                "mismatched": summary["requests"]["mismatched"],
+                **analyse(out / name, topology),
+            })
     print(f"\n{'config':26} {'stages':>6} {'conc':>4} {'pred rps':>8} {'pure rps':>8} "
           f"{'meas rps':>8} {'/pred':>5} {'/pure':>5} {'steady rps':>10} {'/pure':>5} "
           f"{'overhead ms':>11} {'p50 ms':>7} "
@@ -264,6 +304,7 @@ def main() -> int:
               f"{row['p50_ms']:>7.0f} {row['p99_ms']:>7.0f} {row['lost']:>4} "
               f"{row['mismatched']:>4}" + (" (re-planned)" if row["replanned"] else "")
               + (f" ({dearest})" if (dearest := dearest_stage(row)) else ""))
+    print_repeats(rows)
     fit = fit_overhead(rows)
     if fit is not None:
         print(f"\noverhead fit over {fit['stages']} stages at >= {BUSY_FOR_CHECK:.0%} busy: "

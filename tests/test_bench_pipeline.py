@@ -112,3 +112,24 @@ def test_pipelines_side_by_side_share_the_requests_and_a_shared_host_is_not_spli
     both_on_a = Plan("auto", [Stage(0, 3, "a"), Stage(0, 3, "a")], 40.0, 100.0, True,
                      chains=[1, 1])
     assert cost_check.stage_cpu(instance, both_on_a, {"a": 0.5}, {"a": [0.2]}, 10.0) == []
+
+
+def test_repeated_runs_are_named_in_turn_and_found_again(tmp_path: Path) -> None:
+    assert pipeline.run_names("m-t", 3) == ["m-t", "m-t.2", "m-t.3"]
+    assert pipeline.run_names("m-t", 1) == ["m-t"]
+    for name in ("m-t", "m-t.2", "m-t.4"):         # .3 missing: .4 is not reached
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text("{}")
+    assert pipeline.run_names("m-t", 1, tmp_path) == ["m-t", "m-t.2"]
+    assert pipeline.run_names("other", 1, tmp_path) == []
+
+
+def test_repeats_print_their_median_range_and_count_within_ten_percent(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"pair": "m-t", "config": c, "ratio": r, "pure_ratio": p}
+            for c, r, p in (("m-t", 0.95, 0.9), ("m-t.2", 1.3, 1.0), ("m-t.3", 1.05, 0.8))]
+    rows.append({"pair": "once", "config": "once", "ratio": 1.0, "pure_ratio": 1.0})
+    pipeline.print_repeats(rows)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].split() == ["m-t", "3", "1.05", "0.95-1.30", "0.90",
+                                                    "0.80-1.00", "2/3"]
