@@ -128,7 +128,9 @@ class ControlSettings:
     # the share of a serving host's link time and CPU quota its standbys may take while they
     # load (stage_image.agent): less slows the pipeline less and readies standbys later. A
     # tenth, so that while they load the pipeline keeps the 90% of its plan that recovery is
-    # measured by (with a quarter, resnet18 on star-6 ran at 91% of its rate after a crash)
+    # measured by (with a quarter, resnet18 on star-6 ran at 91% of its rate after a crash).
+    # Of the link it is the least: chunks take what the frames leave idle, up to half
+    # (stage_image.agent.standby_link_share)
     standby_share: float = 0.1
     # after a failure's switch, contingency plans and their standbys wait this long: the new
     # plan refills its pipeline at full speed (standbys loading at once on its hosts kept

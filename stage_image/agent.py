@@ -75,6 +75,42 @@ def parse_load(line: str) -> tuple[int, float] | None:
     return frames, mean_ms
 
 
+# Paced standby chunks (--standby-share) may take more of the link than the share where the
+# host's frames leave it idle: the frames' use plus this headroom for their bursts stays free,
+# and chunks never take more than LINK_SHARE_MAX of the time (a frame waits behind at most
+# one chunk either way).
+LINK_HEADROOM = 0.2
+LINK_SHARE_MAX = 0.5
+LINK_SAMPLE_S = 1.0
+
+
+def standby_link_share(floor: float, link_bytes_per_s: float,
+                       frame_bytes_per_s: float) -> float:
+    """The share of the link's time paced standby chunks may take: what the frames leave
+    spare less LINK_HEADROOM, at least `floor` (--standby-share) and at most LINK_SHARE_MAX;
+    `floor` when the link's rate is unknown."""
+    if link_bytes_per_s <= 0:
+        return floor
+    spare = 1.0 - frame_bytes_per_s / link_bytes_per_s - LINK_HEADROOM
+    return max(floor, min(LINK_SHARE_MAX, spare))
+
+
+def received_bytes(path: str = "/proc/net/dev") -> int | None:
+    """Bytes this network namespace's interfaces have received, loopback aside (None when
+    unreadable). /proc/net/dev is per namespace: a Mininet host's or a container's own."""
+    try:
+        lines = Path(path).read_text().splitlines()[2:]
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        name, _, counters = line.partition(":")
+        fields = counters.split()
+        if name.strip() != "lo" and fields and fields[0].isdigit():
+            total += int(fields[0])
+    return total
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -171,6 +207,11 @@ class Agent:
         self.workers: dict[int, WorkerRecord] = {}       # by data port
         self.fetches: dict[str, Fetch] = {}
         self.standby_chunk_due = 0.0       # the next standby chunk's earliest ask
+        self.link_share = args.standby_share    # paced chunks' share now (standby_link_share)
+        self.link_share_logged = self.link_share
+        self.chunk_bytes = 0                    # model bytes received so far
+        self.frame_bytes_per_s: float | None = None    # what else arrives, smoothed
+        self.link_sample: tuple[float, int, int] | None = None   # (when, received, chunks)
         self.verifying: dict[str, tuple[Future[str], Path, str]] = {}
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self.attempts: dict[str, int] = {}   # fetch attempts per model
@@ -455,8 +496,9 @@ class Agent:
             return
         now = fetch.last_activity = time.monotonic()
         asked = fetch.requested.pop(offset, None)
+        self.chunk_bytes += len(blob)
         if asked is not None and self.paced(sha):
-            self.standby_chunk_due = now + (now - asked) * (1 / self.args.standby_share - 1)
+            self.standby_chunk_due = now + (now - asked) * (1 / self.link_share - 1)
         if offset not in fetch.received:
             try:
                 os.pwrite(fetch.fd, blob, offset)
@@ -487,11 +529,41 @@ class Agent:
         host that serves, with a share below the whole?"""
         return self.args.standby_share < 1 and not self.urgent(sha) and self.serves()
 
+    def measure_link(self, now: float) -> None:
+        """Once a second: what the host's link carries besides model chunks (the frames),
+        and so the share of its time paced chunks may take (`standby_link_share`; the fixed
+        --standby-share without --link-mbps or where /proc/net/dev cannot be read)."""
+        if self.args.link_mbps is None:
+            return
+        if self.link_sample is not None and now - self.link_sample[0] < LINK_SAMPLE_S:
+            return
+        received = received_bytes()
+        if received is None:
+            return
+        if self.link_sample is not None:
+            then, before, chunks_before = self.link_sample
+            frames = max(0, received - before - (self.chunk_bytes - chunks_before))
+            rate = frames / (now - then)
+            # smoothed: one second's burst of frames should not swing the pacing
+            smoothed = rate if self.frame_bytes_per_s is None else \
+                0.5 * self.frame_bytes_per_s + 0.5 * rate
+            self.frame_bytes_per_s = smoothed
+            share = standby_link_share(self.args.standby_share,
+                                       self.args.link_mbps * 1e6 / 8, smoothed)
+            if abs(share - self.link_share_logged) >= 0.1:
+                used = smoothed * 8 / (self.args.link_mbps * 1e6)
+                self.log.info("paced standby chunks: %.2f of the link (frames use %.0f%% of "
+                              "%g Mbit/s)", share, 100 * used, self.args.link_mbps)
+                self.link_share_logged = share
+            self.link_share = share
+        self.link_sample = (now, received, self.chunk_bytes)
+
     def request_more(self, fetch: Fetch) -> None:
         """Ask for the next chunks: a window of them, or for a paced model (standbys' only,
         beside a serving worker) one chunk at a time for the whole host, each ask after a
-        pause that keeps such chunks to --standby-share of the time (a frame then waits
-        behind at most one chunk)."""
+        pause that keeps such chunks to `link_share` of the time (--standby-share, more
+        where the frames leave the link idle: `measure_link`; a frame then waits behind at
+        most one chunk)."""
         if fetch.total is None:
             return
         now = time.monotonic()
@@ -823,7 +895,9 @@ class Agent:
                             break
                 elif what in by_fd:
                     self.on_stdout(by_fd[what])
-            self.check_deadlines(time.monotonic())
+            now = time.monotonic()
+            self.check_deadlines(now)
+            self.measure_link(now)
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -881,6 +955,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "this share of the link's time and their workers of the CPU quota "
                    "(default 1: no limit; the testbed passes the scenario's "
                    "control.standby_share)")
+    p.add_argument("--link-mbps", type=float,
+                   help="the line rate of this host's link: paced standby chunks then take "
+                   "more than --standby-share of its time where the frames leave it idle "
+                   "(measured from /proc/net/dev; default: unknown, the fixed share)")
     p.add_argument("--curve-server-key", help="CurveZMQ on: the controller's public key (Z85 "
                    "text, or a file holding it)")
     p.add_argument("--curve-keypair", help="CurveZMQ: this host's keypair file "

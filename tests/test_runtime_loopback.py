@@ -368,17 +368,17 @@ def test_agent_reports_disk_full_instead_of_crashing(tmp_path):
 
 # -- standbys load in the background ----------------------------------------------------------
 
-def paced_agent(tmp_path, monkeypatch, share: str) -> tuple[Any, Any, list[float],
-                                                           list[tuple[str, dict[str, Any]]]]:
-    """An agent with --standby-share `share` on a fake clock (`clock[0]`), whose messages to
-    the controller are collected in `sent` instead of sent."""
+def paced_agent(tmp_path, monkeypatch, share: str, *extra: str) -> tuple[
+        Any, Any, list[float], list[tuple[str, dict[str, Any]]]]:
+    """An agent with --standby-share `share` (and `extra` arguments) on a fake clock
+    (`clock[0]`), whose messages to the controller are collected in `sent` instead of sent."""
     from stage_image import agent as agent_mod
 
     clock = [100.0]
     monkeypatch.setattr(agent_mod.time, "monotonic", lambda: clock[0])
     args = agent_mod.parse_args(["--host", "edge9", "--controller", f"tcp://127.0.0.25:{PORT + 19}",
                                  "--data-dir", str(tmp_path), "--ip", "127.0.0.25",
-                                 "--standby-share", share])
+                                 "--standby-share", share, *extra])
     agent = agent_mod.Agent(args, agent_mod.logging.getLogger("test-agent"))
     sent: list[tuple[str, dict[str, Any]]] = []
     agent.send = lambda kind, **fields: sent.append((kind, fields))   # type: ignore[method-assign]
@@ -529,6 +529,76 @@ def test_standby_models_are_paced_and_serving_ones_are_not(tmp_path, monkeypatch
             arrives(a, chunk)
             assert sorted(asked()) == [(a, 2 * chunk), (a, 3 * chunk), (a, 4 * chunk),
                                        (a, 5 * chunk)]      # a window (4) at once
+    finally:
+        agent.sock.close(0)
+        agent.ctx.term()
+
+
+def test_the_paced_share_grows_into_what_the_frames_leave_of_the_link():
+    from stage_image.agent import LINK_SHARE_MAX, standby_link_share
+
+    link = 50e6 / 8                                    # 50 Mbit/s in bytes a second
+    assert standby_link_share(0.1, link, 0.6 * link) == pytest.approx(0.2)   # 1 - 0.6 - 0.2
+    assert standby_link_share(0.1, link, 0.85 * link) == 0.1     # busy link: the floor
+    assert standby_link_share(0.1, link, 0.0) == LINK_SHARE_MAX  # idle link: at most half
+    assert standby_link_share(0.3, 0.0, 0.0) == 0.3              # unknown rate: the floor
+
+
+def test_received_bytes_sum_the_namespaces_interfaces_but_loopback(tmp_path):
+    from stage_image.agent import received_bytes
+
+    dev = tmp_path / "dev"
+    dev.write_text(
+        "Inter-|   Receive                                                |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes ...\n"
+        "    lo: 9000000     100    0    0    0     0          0         0  9000000 0\n"
+        "edge1-eth0: 1500     10    0    0    0     0          0         0  700 0\n"
+        "  eth1:  250        2    0    0    0     0          0         0  0 0\n")
+    assert received_bytes(str(dev)) == 1750
+    assert received_bytes(str(tmp_path / "missing")) is None
+
+
+def test_paced_chunks_pause_by_the_share_the_link_leaves(tmp_path, monkeypatch):
+    """With --link-mbps the agent measures, once a second, what its link receives besides
+    model chunks, and paces standby chunks to the share that leaves (at least
+    --standby-share): at 20% of a 50 Mbit/s link taken by frames, 0.5 of the time (a pause
+    equal to the last chunk's round trip), where the fixed 0.1 would pause nine round trips."""
+    from stage_image import agent as agent_mod
+
+    agent, _, clock, sent = paced_agent(tmp_path, monkeypatch, "0.1", "--link-mbps", "50")
+    link = 50e6 / 8
+    counter = [10_000_000]
+    monkeypatch.setattr(agent_mod, "received_bytes", lambda: counter[0])
+    chunk, total = CHUNK_BYTES, 4 * CHUNK_BYTES
+    a, serving = "a1" * 32, "c3" * 32
+    try:
+        agent.measure_link(clock[0])
+        assert agent.link_share == 0.1                       # one sample: nothing known yet
+        for _ in range(6):                                   # frames: 20% of the link
+            clock[0] += 1.0
+            counter[0] += int(0.2 * link)
+            agent.measure_link(clock[0])
+        assert agent.link_share == pytest.approx(0.5, abs=0.02)
+        agent.on_deploy({"version": 1, "sha256": serving, "size": chunk, "port": PORT + 32,
+                         "inputs": ["x"], "outputs": ["y"], "epoch": 1, "stage": 0,
+                         "next": "tcp://127.0.0.1:1"})       # serves: standbys are paced
+        agent.on_deploy({"version": 1, "sha256": a, "size": total, "port": PORT + 33,
+                         "inputs": ["x"], "outputs": ["y"]})
+        sent.clear()
+        clock[0] += 0.2                                      # a's first chunk: 0.2 s
+        agent.on_chunk({"sha256": a, "offset": 0, "total": total}, memoryview(bytes(chunk)))
+        clock[0] += 0.19
+        agent.check_deadlines(clock[0])
+        assert [f for kind, f in sent if kind == "fetch" and f["sha256"] == a] == []
+        clock[0] += 0.02
+        agent.check_deadlines(clock[0])
+        assert [f["offset"] for kind, f in sent if kind == "fetch" and f["sha256"] == a] \
+            == [chunk]
+        # the chunk's own bytes are not taken for frames: the share holds
+        counter[0] += chunk + int(0.2 * link)
+        clock[0] += 1.0
+        agent.measure_link(clock[0])
+        assert agent.link_share == pytest.approx(0.5, abs=0.02)
     finally:
         agent.sock.close(0)
         agent.ctx.term()

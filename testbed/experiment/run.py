@@ -183,7 +183,8 @@ def start_agent(net: Any, out_dir: Path, host: str, control: ControlSettings,
             "--controller", f"tcp://{net.ip(dispatcher)}:{CONTROL_PORT}",
             "--data-dir", str(net.data_dir(host)), "--ip", net.ip(host),
             "--log-dir", str(host_logs), "--heartbeat-ms", f"{control.heartbeat_ms:g}",
-            f"--standby-share={control.standby_share:g}"]
+            f"--standby-share={control.standby_share:g}",
+            f"--link-mbps={net.topology.host_link(host).bandwidth_mbps:g}"]
     standby_group = net.host(host).standby_cgroup()
     if standby_group is not None:
         # a host's mount namespace has a sysfs of its own, without the cgroup hierarchies:
