@@ -51,6 +51,8 @@ from testbed.experiment.cost_check import (  # noqa: E402
     BUSY_FOR_CHECK,
     StageCpu,
     dearer,
+    host_cpu_series,
+    replanned,
     stage_cpu,
 )
 
@@ -108,12 +110,8 @@ def analyse(directory: Path, topology: str) -> dict[str, Any]:
     measured = summary["throughput_rps"]
     cores = {h.name: h.cpu for h in
              load_topology(ROOT / "topologies" / f"{topology}.yaml").edge_hosts()}
-    host_cpu: dict[str, list[float]] = {}
     with (directory / "timeseries.csv").open() as handle:
-        for row in csv.DictReader(handle):
-            for key, value in row.items():
-                if key.endswith("_cpu") and value:
-                    host_cpu.setdefault(key.removesuffix("_cpu"), []).append(float(value))
+        host_cpu = host_cpu_series(csv.DictReader(handle))
     stages = stage_cpu(instance, plan, cores, host_cpu, measured)
     events = [json.loads(line) for line in (directory / "events.jsonl").open()]
     steady = steady_rps(directory, summary["window"], events)
@@ -122,7 +120,7 @@ def analyse(directory: Path, topology: str) -> dict[str, Any]:
         "steady_pure_ratio": None if steady is None else steady / pure_rps,
         "overhead_ms": (statistics.median(s.implied_overhead_ms for s in stages)
                         if stages else None),
-        "replanned": sum(e.get("type") == "plan.deployed" for e in events) > 1,
+        "replanned": replanned(events),
         "frame_overhead_ms": instance.frame_overhead_ms,
         "stage_samples": stages,
     }

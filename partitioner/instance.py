@@ -66,8 +66,11 @@ class Instance:
     def stage_overhead_ms(self, first: int) -> float:
         """The per-frame CPU of a stage that starts at segment `first`, besides its
         segments: the fixed part and the part that grows with what it receives."""
-        received = self.input_bytes if first == 0 else self.segments[first - 1].output_bytes
-        return self.overhead_for(received)
+        return self.overhead_for(self.received_bytes(first))
+
+    def received_bytes(self, first: int) -> int:
+        """The bytes a stage starting at segment `first` receives: the cut before it."""
+        return self.input_bytes if first == 0 else self.segments[first - 1].output_bytes
 
     def overhead_for(self, received_bytes: Any) -> Any:
         """`stage_overhead_ms` by the bytes a stage receives (a number or a numpy array)."""

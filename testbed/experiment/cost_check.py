@@ -19,11 +19,13 @@ per-frame cost. A run that re-planned is not checked (its stages are not the fir
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from partitioner.instance import MIB, Instance, Plan
 from partitioner.profile import effective_speed
+from testbed.control import events as ev
 
 BUSY_FOR_CHECK = 0.7
 TOLERANCE = 0.2         # a stage dearer than its model by more than this is named
@@ -74,8 +76,7 @@ def stage_cpu(instance: Instance, plan: Plan, cores: dict[str, float],
         if not used or per_pipeline <= 0 or stage.node not in cores or \
                 nodes.count(stage.node) > 1:      # a host's CPU cannot be split by stage
             continue
-        received = (instance.input_bytes if stage.first == 0
-                    else instance.segments[stage.first - 1].output_bytes)
+        received = instance.received_bytes(stage.first)
         mean = statistics.mean(used)
         stages.append(StageCpu(
             node=stage.node, segments=(stage.first, stage.end), cores=cores[stage.node],
@@ -84,6 +85,22 @@ def stage_cpu(instance: Instance, plan: Plan, cores: dict[str, float],
             overhead_ms=instance.overhead_for(received), cpu_ms=mean / per_pipeline * 1000.0,
             busy=mean / cores[stage.node]))
     return stages
+
+
+def host_cpu_series(rows: Iterable[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each host's CPU samples (cores used) from timeseries rows with `HOST_cpu` columns
+    (testbed.emulation.hostmon's buckets, or timeseries.csv read back: empty when missing)."""
+    series: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("_cpu") and value not in (None, ""):
+                series.setdefault(key.removesuffix("_cpu"), []).append(float(value))
+    return series
+
+
+def replanned(events: Iterable[dict[str, Any]]) -> bool:
+    """Was a plan deployed after the first (a re-plan or a rollout)?"""
+    return sum(e.get("type") == ev.PLAN_DEPLOYED for e in events) > 1
 
 
 def dearer(stages: list[StageCpu]) -> list[StageCpu]:

@@ -22,7 +22,6 @@ from formats.scenario import Scenario
 from partitioner.instance import Instance, Plan, load_instance
 from stage_image.agent import curve_args
 from stage_image.security import KeyPair, apply_client
-from testbed.control import events as ev
 from testbed.experiment import cost_check
 from testbed.experiment.faults import FaultTimeline, Hooks
 from testbed.experiment.prepare import CONTROL_PORT, SINK_PORT, Prepared, log
@@ -421,15 +420,11 @@ def write_results(scenario: Scenario, backend: str, out_dir: Path,
 def _cost_check(scenario: Scenario, host_samples: dict[int, dict[str, Any]],
                 instance: Instance, plan: Plan, events: list[dict[str, Any]],
                 rate_rps: float) -> dict[str, Any]:
-    host_cpu: dict[str, list[float]] = {}
-    for sample in host_samples.values():
-        for key, value in sample.items():
-            if key.endswith("_cpu") and value is not None:
-                host_cpu.setdefault(key.removesuffix("_cpu"), []).append(float(value))
+    host_cpu = cost_check.host_cpu_series(host_samples.values())
     cores = {h.name: h.cpu for h in scenario.topology.edge_hosts()}
-    deployed = sum(e.get("type") == ev.PLAN_DEPLOYED for e in events)
     return cost_check.summary_section(
-        cost_check.stage_cpu(instance, plan, cores, host_cpu, rate_rps), deployed > 1)
+        cost_check.stage_cpu(instance, plan, cores, host_cpu, rate_rps),
+        cost_check.replanned(events))
 
 
 def _report(summary: dict[str, Any], out_dir: Path) -> None:
