@@ -120,11 +120,12 @@ def sha256_file(path: Path) -> str:
 
 
 def choose_evictions(cached: list[tuple[str, int, float]], keep: set[str], free: int,
-                     need: int) -> list[str]:
+                     need: int, last: frozenset[str] = frozenset()) -> list[str]:
     """Which cached models (sha256, bytes, mtime) to delete so that `need` bytes fit in
-    `free`: never one in `keep`, oldest first, none when it fits already."""
+    `free`: never one in `keep`, oldest first, those in `last` (staged for a fault that may
+    never come) only after every other, none when it fits already."""
     victims = []
-    for sha, size, _mtime in sorted(cached, key=lambda c: c[2]):
+    for sha, size, _mtime in sorted(cached, key=lambda c: (c[0] in last, c[2])):
         if free >= need:
             break
         if sha not in keep:
@@ -206,6 +207,7 @@ class Agent:
         self.heartbeat_s = args.heartbeat_ms / 1000.0
         self.workers: dict[int, WorkerRecord] = {}       # by data port
         self.fetches: dict[str, Fetch] = {}
+        self.staged: dict[str, int] = {}    # sha256 -> bytes: models kept on disk, no worker
         self.standby_chunk_due = 0.0       # the next standby chunk's earliest ask
         self.link_share = args.standby_share    # paced chunks' share now (standby_link_share)
         self.link_share_logged = self.link_share
@@ -304,6 +306,8 @@ class Agent:
                 self.terminate(rec)
         elif msg.type == "chunk":
             self.on_chunk(msg.fields, msg.blob)
+        elif msg.type == "stage":
+            self.on_stage(msg["models"])
         else:
             self.log.warning("unexpected control message %s dropped", msg.type)
 
@@ -352,6 +356,21 @@ class Agent:
             self.command(rec, {"op": "route", "epoch": epoch, "stage": route[0],
                                "next": route[1], "public": route[2],
                                "upstream": list(route[3])})
+
+    def on_stage(self, models: list[dict[str, Any]]) -> None:
+        """Keep these models on disk (fetched now, paced like a standby's beside serving
+        workers), so that the plan for a fault whose standbys found no memory here needs a
+        model load but no transfer. Models no longer listed are ordinary cache again."""
+        staged = {m["sha256"]: m["size"] for m in models}
+        if staged == self.staged:
+            return
+        self.staged = staged
+        absent = [sha for sha in staged if not self.model_path(sha).exists()
+                  and sha not in self.fetches]
+        self.log.info("staged on disk: %d models (%d bytes), %d to fetch", len(staged),
+                      sum(staged.values()), len(absent))
+        for sha in absent:
+            self.start_fetch(sha)
 
     def on_stop(self, epoch: int) -> None:
         for rec in list(self.workers.values()):
@@ -449,7 +468,8 @@ class Agent:
         """Before writing a model: evict cached models no worker holds (active or standby:
         the models of retired epochs) while the disk has less free than the model needs,
         oldest first."""
-        need = max((r.size for r in self.workers.values() if r.sha256 == sha), default=0)
+        need = max([r.size for r in self.workers.values() if r.sha256 == sha]
+                   + [self.staged.get(sha, 0)])
         try:
             stat = os.statvfs(self.models_dir)
             cached = [(p.stem, p.stat().st_size, p.stat().st_mtime)
@@ -458,7 +478,8 @@ class Agent:
             self.log.warning("cannot look at the model cache: %s", exc)
             return
         keep = {r.sha256 for r in self.workers.values() if r.alive} | set(self.verifying)
-        for victim in choose_evictions(cached, keep, stat.f_bavail * stat.f_frsize, need):
+        for victim in choose_evictions(cached, keep, stat.f_bavail * stat.f_frsize, need,
+                                       frozenset(self.staged) - {sha}):
             self.log.info("evicting cached model %s (no worker holds it) for %s", victim[:12],
                           sha[:12])
             self._unlink(self.model_path(victim))
@@ -525,8 +546,8 @@ class Agent:
         return any(r.sha256 == sha and not r.standby for r in self.workers.values())
 
     def paced(self, sha: str) -> bool:
-        """Is this model held to --standby-share of the link: wanted by standbys only, on a
-        host that serves, with a share below the whole?"""
+        """Is this model held to --standby-share of the link: wanted by standbys (or staged)
+        only, on a host that serves, with a share below the whole?"""
         return self.args.standby_share < 1 and not self.urgent(sha) and self.serves()
 
     def measure_link(self, now: float) -> None:
@@ -590,6 +611,8 @@ class Agent:
             pass
         self._unlink(fetch.part)       # a partial file on a full disk only makes it worse
         self.fetches.pop(fetch.sha256, None)
+        if fetch.sha256 in self.staged:
+            self.log.warning("staged model %s not kept: %s", fetch.sha256[:12], detail)
         self.fail_waiting(fetch.sha256, detail, reason)
 
     def fail_waiting(self, sha: str, detail: str, reason: str) -> None:
@@ -832,8 +855,8 @@ class Agent:
         # smallest first: paced standby models come one at a time, and the shortest first
         # has the most standbys loaded at every moment (each covers a loss)
         for sha, fetch in sorted(self.fetches.items(), key=lambda item: item[1].remaining()):
-            waited_for = any(r.sha256 == sha and r.state == "fetching"
-                             for r in self.workers.values())
+            waited_for = sha in self.staged or any(r.sha256 == sha and r.state == "fetching"
+                                                   for r in self.workers.values())
             if not fetch.requested:                 # a standby's model between paced chunks
                 if waited_for:
                     self.request_more(fetch)

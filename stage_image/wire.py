@@ -402,6 +402,26 @@ def _check_workers(value: Any, what: str) -> list[dict[str, Any]]:
     return value
 
 
+MAX_STAGED = 64        # models staged on one host's disk: one per contingency plan's stage
+
+
+def _check_staged(value: Any, what: str) -> list[dict[str, Any]]:
+    """A `stage` message's models: each a sha256 and its size, no sha256 twice."""
+    if not isinstance(value, list) or len(value) > MAX_STAGED:
+        raise FrameError(f"{what} must be a list of at most {MAX_STAGED} models")
+    seen = set()
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise FrameError(f"{what} entries must be objects")
+        _exact_keys(entry, {"sha256", "size"}, f"{what} entry")
+        sha = _check_sha(entry["sha256"], f"{what} sha256")
+        _int(entry["size"], f"{what} size")
+        if sha in seen:
+            raise FrameError(f"{what}: model {sha[:12]} listed twice")
+        seen.add(sha)
+    return value
+
+
 def _nonneg(value: Any, what: str) -> int:
     return _int(value, what)
 
@@ -461,7 +481,10 @@ def _detail(value: Any, what: str) -> str:
 # where it is re-uses the running process instead of starting another. `deploy` asks for a
 # route (starting the worker when none runs on that port), `prepare` for a warm standby (the
 # model loaded, no route), `stop` withdraws an epoch's routes (a worker left with none and not
-# a standby exits), `release` ends the worker on a port whatever it serves.
+# a standby exits), `release` ends the worker on a port whatever it serves. `stage` (an
+# addition) lists the models to keep on the host's disk with no worker started: the new
+# stages of contingency plans whose standbys found no memory there (the whole list each time,
+# replacing the one before).
 _CONTROL: dict[str, dict[str, tuple[Check, bool]]] = {
     "hello": {"host": (_check_host, True), "pid": (_nonneg, True),
               "ip": (lambda v, w: _str(v, w, 64), False),          # addition: data-plane IP
@@ -485,6 +508,7 @@ _CONTROL: dict[str, dict[str, tuple[Check, bool]]] = {
                 "curve": (_check_curve, False)},
     "stop": {"epoch": (_epoch_or_all, True)},
     "release": {"port": (_port, True)},
+    "stage": {"models": (_check_staged, True)},
     "chunk": {"sha256": (_check_sha, True), "offset": (_nonneg, True),
               "total": (_nonneg, True),
               "error": (_detail, False)},                        # addition: unknown sha256

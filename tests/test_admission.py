@@ -50,6 +50,11 @@ def test_eviction_keeps_held_models_and_stops_when_it_fits() -> None:
     assert choose_evictions(cached, {"held"}, free=100, need=60) == []
     # not enough even after every unheld one: all unheld go, the held one never
     assert choose_evictions(cached, {"held"}, free=0, need=500) == ["old", "newer", "newest"]
+    # a model staged for a fault that may never come goes after every other unheld one
+    assert choose_evictions(cached, {"held"}, free=10, need=60,
+                            last=frozenset({"old"})) == ["newer", "newest"]
+    assert choose_evictions(cached, {"held"}, free=10, need=90,
+                            last=frozenset({"old"})) == ["newer", "newest", "old"]
 
 
 def test_disk_accounting_counts_distinct_held_models() -> None:

@@ -282,12 +282,15 @@ def test_each_contingency_plans_standbys_load_before_the_queue_is_done() -> None
     assert "standby.prepared" in kinds(out) and "contingency.ready" not in kinds(out)
 
 
-def test_once_every_plan_is_known_the_standbys_are_decided_again_together() -> None:
+@pytest.mark.parametrize("e3_disk", [0, 54 * MiB + MiB // 2])
+def test_once_every_plan_is_known_the_standbys_are_decided_again_together(e3_disk: int) -> None:
     """The first loss's plan takes the one standby place of the spare e3 as soon as it is
     known; the second loss needs a stage there too, with far fewer bytes to load: once both
-    plans are known the place goes to it (core.standby.cover), and the first is released."""
+    plans are known the place goes to it (core.standby.cover), and the first is released.
+    The first's model then goes to e3's disk, with no worker, where the disk holds it."""
     world = World()
-    tight = [Node(n, 1.0, 256 * MiB if n != "e3" else 10 * MiB) for n in EDGES]
+    tight = [Node(n, 1.0, 256 * MiB if n != "e3" else 10 * MiB, e3_disk if n == "e3" else 0)
+             for n in EDGES]
     world.instance = Instance(world.instance.segments, 1000, tight, "d",
                               world.instance.bandwidth_mbps)
     world.info = VersionInfo(1, Path("/m.onnx"), "ab" * 32, world.instance, "m")
@@ -321,7 +324,18 @@ def test_once_every_plan_is_known_the_standbys_are_decided_again_together() -> N
     plan = Plan.of(world.instance, [Stage(0, 1, "e3"), Stage(1, 2, "e2")], "given", False)
     world.plane.job_done("contingency", Prepared(job.request, plan, [big, None], None), None,
                          world.now)
-    assert kinds(world.take())[-1] == "contingency.ready"
+    out = world.take()
+    assert kinds(out)[-1] == "contingency.ready"
+    ready = out[-1]
+    assert isinstance(ready, Event)
+    staged = [(s.host, s.fields["models"]) for s in out if isinstance(s, Send)
+              and s.kind == "stage"]
+    if e3_disk:     # the 50 MiB file fits alone (with the 4 MiB reserve), not beside the 1
+        assert staged == [] and ready.fields["staged"] == []
+    else:
+        assert staged == [("e3", [{"sha256": big.sha256, "size": big.size}])]
+        assert ready.fields["staged"] == [f"e3:{big.sha256[:12]}"]
+        assert world.plane.models[big.sha256] == big.path     # served to e3's agent
     world.plane.tick(world.now)
     assert not world.take(StartJob)
 

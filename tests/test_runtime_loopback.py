@@ -24,7 +24,7 @@ import pytest
 import zmq
 from onnx import TensorProto, helper, numpy_helper
 
-from stage_image.wire import CHUNK_BYTES, encode_tensors
+from stage_image.wire import CHUNK_BYTES, encode_control, encode_tensors
 from tests.processes import agent_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -417,6 +417,59 @@ def test_paced_standby_models_come_smallest_first(tmp_path, monkeypatch):
         # the first asks learn both sizes; then the small model's two chunks, then the big
         assert got[:2] == [big, small] and got[2:4] == [small, small], got
         assert got.count(big) == 8 and set(got[4:]) == {big}
+    finally:
+        agent.sock.close(0)
+        agent.ctx.term()
+
+
+def test_staged_models_are_fetched_kept_and_then_deployed_without_a_transfer(tmp_path,
+                                                                           monkeypatch):
+    """`stage` fetches a model with no worker; a deploy of it later finds it on disk and
+    asks for nothing; a model dropped from the list while it is fetched is given up."""
+    agent, args, clock, sent = paced_agent(tmp_path, monkeypatch, "1")
+    chunk = CHUNK_BYTES
+    kept, dropped = (hashlib.sha256(bytes(n * chunk)).hexdigest() for n in (2, 3))
+    started: list[int] = []
+    monkeypatch.setattr(agent, "start_worker", lambda rec: started.append(rec.port))
+
+    def asked() -> list[tuple[str, int]]:
+        found = [(f["sha256"], f["offset"]) for kind, f in sent if kind == "fetch"]
+        sent.clear()
+        return found
+
+    try:
+        agent.on_message(encode_control("stage", models=[
+            {"sha256": kept, "size": 2 * chunk}, {"sha256": dropped, "size": 3 * chunk}]))
+        assert sorted(asked()) == sorted([(kept, 0), (dropped, 0)])
+        agent.on_chunk({"sha256": kept, "offset": 0, "total": 2 * chunk},
+                       memoryview(bytes(chunk)))
+        assert asked() == [(kept, chunk)]
+        agent.on_chunk({"sha256": kept, "offset": chunk, "total": 2 * chunk},
+                       memoryview(bytes(chunk)))
+        for _ in range(100):                        # the verifier thread checks it
+            agent.check_deadlines(clock[0])
+            if agent.model_path(kept).exists():
+                break
+            time.sleep(0.02)
+        assert agent.model_path(kept).stat().st_size == 2 * chunk and started == []
+        # the list without `dropped`: its fetch (its first ask unanswered) is given up at
+        # the fetch timeout, not asked again, its partial file deleted
+        agent.on_message(encode_control("stage", models=[{"sha256": kept, "size": 2 * chunk}]))
+        clock[0] += args.fetch_timeout_s + 1
+        agent.check_deadlines(clock[0])
+        assert asked() == []
+        assert dropped not in agent.fetches
+        assert not (agent.models_dir / f"{dropped}.part").exists()
+        # the loss happened: a stage of the new epoch on this host needs no transfer
+        agent.on_deploy({"version": 1, "sha256": kept, "size": 2 * chunk, "port": PORT + 44,
+                         "inputs": ["x"], "outputs": ["y"], "epoch": 2, "stage": 0,
+                         "next": "tcp://127.0.0.1:1"})
+        for _ in range(100):
+            agent.check_deadlines(clock[0])
+            if started:
+                break
+            time.sleep(0.02)
+        assert started == [PORT + 44] and asked() == []
     finally:
         agent.sock.close(0)
         agent.ctx.term()

@@ -85,8 +85,9 @@ _TABLE: list[tuple[str, str, tuple[str, ...], str]] = [
      "no plan fits the live nodes: waiting for one to return"),
     ("rejoin.accepted", "both", _REJOIN, "a plan with a returned node wins by the margin"),
     ("rejoin.declined", "both", _REJOIN, "it does not: the node stays a spare"),
-    ("contingency.ready", "embedded", ("epoch", "plans", "standbys"),
-     "plans for the loss of each node, and their standbys, are ready"),
+    ("contingency.ready", "embedded", ("epoch", "plans", "standbys", "staged"),
+     "plans for the loss of each node, and their standbys, are ready (`staged`: stage "
+     "models kept on a host's disk where its memory had no room for a standby)"),
     ("contingency.none", "embedded", ("reason",), "no contingency plan for a loss"),
     ("standby.prepared", "embedded", ("host", "port", "version", "segments", "sha256",
                                       "serving"),

@@ -200,6 +200,7 @@ class Host:
     pid: int = 1000
     workers: dict[int, Worker] = field(default_factory=dict)
     disk: dict[str, int] = field(default_factory=dict)       # sha256 -> bytes on disk
+    staged: dict[str, int] = field(default_factory=dict)     # kept on disk, no worker
     cpu_queue: deque[tuple[Worker, Frame]] = field(default_factory=deque)
     cpu_busy: bool = False
     held: list[tuple[Callable[..., None], tuple[Any, ...]]] = field(default_factory=list)
@@ -655,6 +656,14 @@ class World:
                 w.standby = False
                 w.routes.clear()
                 self.terminate(host, w)
+        elif send.kind == "stage":
+            host.staged = {m["sha256"]: m["size"] for m in f["models"]}
+            mbps = self.instance.bandwidth(SOURCE, host.name) or 1.0
+            for sha, size in host.staged.items():
+                if sha not in host.disk and sha in self.plane.models:
+                    took = 2 * self.delay(SOURCE, host.name) + size * 8 / (mbps * 1e6)
+                    self.at(self.now + took, self.on_host, host, host.incarnation,
+                            self.staged_fetched, sha, size)
 
     def on_deploy(self, host: Host, f: dict[str, Any]) -> None:
         port, epoch = f["port"], f.get("epoch")
@@ -739,13 +748,7 @@ class World:
                     self.retry_fetch, w)
             return
         if w.sha256 not in host.disk:
-            cached = [(sha, size, order) for order, (sha, size) in enumerate(host.disk.items())]
-            # as the agent: a failed or stopping worker holds no model (a disk fault's
-            # failed workers stay listed, and once kept their models from eviction)
-            keep = {other.sha256 for other in host.workers.values() if other.alive}
-            for victim in choose_evictions(cached, keep, host.disk_free, w.size):
-                del host.disk[victim]
-            if host.disk_free < w.size:
+            if not self.make_room(host, w.sha256, w.size):
                 if not host.disk_filler:
                     self.violation("disk", f"{host.name}: no room for model {w.sha256[:12]} "
                                    f"({w.size} bytes, {host.disk_free} free, "
@@ -756,6 +759,24 @@ class World:
             host.disk[w.sha256] = w.size
         self.at(self.now + w.size / (VERIFY_BYTES_PER_S * host.spec.speed), self.on_host,
                 host, host.incarnation, self.load_worker, w)
+
+    def staged_fetched(self, host: Host, sha: str, size: int) -> None:
+        """A staged model arrived: written as the agent would, never over a worker's."""
+        if host.staged.get(sha) == size and sha not in host.disk and \
+                self.make_room(host, sha, size):
+            host.disk[sha] = size
+
+    def make_room(self, host: Host, sha: str, size: int) -> bool:
+        """As the agent: evict models no live worker holds, staged ones last; True when
+        `size` bytes then fit."""
+        cached = [(other, n, order) for order, (other, n) in enumerate(host.disk.items())]
+        # a failed or stopping worker holds no model (a disk fault's failed workers stay
+        # listed, and once kept their models from eviction)
+        keep = {other.sha256 for other in host.workers.values() if other.alive}
+        for victim in choose_evictions(cached, keep, host.disk_free, size,
+                                       frozenset(host.staged) - {sha}):
+            del host.disk[victim]
+        return host.disk_free >= size
 
     def retry_fetch(self, host: Host, w: Worker) -> None:
         if host.workers.get(w.port) is w and w.state == "fetching" and not w.stopping:
@@ -857,6 +878,7 @@ class World:
             host.incarnation += 1
             host.pid += 1
             host.workers.clear()
+            host.staged.clear()
             host.held.clear()
             host.cpu_queue.clear()
             host.cpu_busy = False
