@@ -19,8 +19,10 @@ from 4 s to 22 s); the default is 45 s.
 Output: OUT/schedule-NN.yaml (the scenarios), OUT/schedule-NN/ (results), OUT/chaos.json and
 two tables on stdout. Per fault kind: how many were injected, how many were detected (a
 detection event about the target, results.DETECTION_EVENTS), the median and worst seconds
-from injection to detection and to recovery (throughput back to 90% of the plan in force),
-and for restarts the seconds to re-admission. Per schedule: exit code, lost, duplicates,
+from injection to detection and to recovery (throughput back to 90% of the plan in force;
+`rel`: back to 90% of the rate before the fault, scaled by the plans' predictions, which a
+busy machine that delivers under the predictions can still reach), and for restarts the
+seconds to re-admission. Per schedule: exit code, lost, duplicates,
 mismatched, measured/predicted throughput. Lost/duplicate/mismatched are per run (a request
 cannot be pinned on one of several overlapping faults); the per-kind table sums them over the
 runs that contain that kind. The machine is shared: note its load with the figures.
@@ -192,13 +194,16 @@ def per_kind(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             kind = kind_of(fault["action"])
             kinds_here.add(kind)
             row = table.setdefault(kind, {"n": 0, "detected": 0, "detect": [], "recover": [],
-                                          "unrecovered": 0, "readmit": [], "lost": 0,
+                                          "unrecovered": 0, "recover_rel": [],
+                                          "unrecovered_rel": 0, "readmit": [], "lost": 0,
                                           "duplicates": 0, "mismatched": 0})
             row["n"] += 1
             row["detected"] += fault.get("detected_s") is not None
             row["detect"] += _spans([fault], "detected_s")
             row["recover"] += _spans([fault], "recovered_s")
             row["unrecovered"] += fault.get("recovered_s") is None
+            row["recover_rel"] += _spans([fault], "recovered_rel_s")
+            row["unrecovered_rel"] += fault.get("recovered_rel_s") is None
             row["readmit"] += _spans([fault], "readmitted_s")
         for kind in kinds_here:
             for key in ("lost", "duplicates", "mismatched"):
@@ -208,11 +213,13 @@ def per_kind(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def print_tables(runs: list[dict[str, Any]]) -> None:
     print(f"{'kind':<15}{'n':>4}{'detected':>9}  {'detect s med/max':>17}  "
-          f"{'recover s med/max':>18}{'unrec':>6}  {'readmit s':>10}{'lost':>5}{'dup':>5}"
-          f"{'mism':>5}")
+          f"{'recover s med/max':>18}{'unrec':>6}  {'rel s med/max':>14}{'unrec':>6}  "
+          f"{'readmit s':>10}{'lost':>5}{'dup':>5}{'mism':>5}")
     for kind, row in sorted(per_kind(runs).items()):
         print(f"{kind:<15}{row['n']:>4}{row['detected']:>9}  {_fmt(row['detect']):>17}  "
-              f"{_fmt(row['recover']):>18}{row['unrecovered']:>6}  {_fmt(row['readmit']):>10}"
+              f"{_fmt(row['recover']):>18}{row['unrecovered']:>6}  "
+              f"{_fmt(row['recover_rel']):>14}{row['unrecovered_rel']:>6}  "
+              f"{_fmt(row['readmit']):>10}"
               f"{row['lost']:>5}{row['duplicates']:>5}{row['mismatched']:>5}")
     print()
     print(f"{'schedule':<14}{'topology':<14}{'exit':>5}{'faults':>7}{'lost':>6}{'dup':>5}"

@@ -93,6 +93,7 @@ class Slo:
     mismatched: int | None = 0
     duplicates: int | None = None
     recover_within_s: float | None = None
+    recover_to: str = "plan"        # the bar recover_within judges: RECOVERY_BARS
     min_throughput_ratio: float | None = None   # measured / predicted throughput
     p99_ms: float | None = None
 
@@ -147,6 +148,18 @@ def _seed(value: Any) -> int:
     if _count(value) > MAX_SEED:
         raise ValueError(f"expected a seed from 0 to {MAX_SEED}, got {value}")
     return value
+
+
+# What a recover_within SLO compares each fault's recovery time with: 90% of the plan's
+# predicted throughput (summary.json recovered_s), or of the rate measured before the fault
+# (recovered_rel_s: a runner slower than the prediction can still pass).
+RECOVERY_BARS = {"plan": "recovered_s", "rate_before": "recovered_rel_s"}
+
+
+def _recovery_bar(value: Any) -> str:
+    if value not in RECOVERY_BARS:
+        raise ValueError(f"expected one of {', '.join(RECOVERY_BARS)}, got {value!r}")
+    return str(value)
 
 
 def _ratio(value: Any) -> float:
@@ -303,6 +316,7 @@ def _slo(fields: Fields) -> Slo:
         mismatched=spec.get("mismatched", _count, 0),
         duplicates=spec.get("duplicates", _count, None),
         recover_within_s=spec.get("recover_within", parse_duration_s, None),
+        recover_to=spec.get("recover_to", _recovery_bar, "plan"),
         min_throughput_ratio=spec.get("min_throughput_ratio", _ratio, None),
         p99_ms=spec.get("p99", lambda v: parse_duration_s(v) * 1000, None),
     )

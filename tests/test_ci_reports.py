@@ -172,8 +172,11 @@ def test_markdown_tables_and_links(node_failure: Scenario) -> None:
     # a partition's label holds '|': escaped, so the table keeps its columns
     row = next(line for line in text.splitlines()
                if line.startswith("| link.partition"))
-    assert "edge1,edge2\\|dispatcher" in row and "never" in row
-    assert row.count(" | ") == 3                # fault, detected, recovered, SLO: 4 cells
+    assert "edge1,edge2\\|dispatcher" in row and "| never | never | never |" in row
+    # fault, detected, recovered (to the plan, to the rate before), SLO: 5 cells
+    assert row.count(" | ") == 4
+    ok_row = next(line for line in text.splitlines() if line.startswith("| node.crash"))
+    assert ok_row.count(" | ") == 5 and "never" not in ok_row     # and the baseline's
     assert "- link.partition at 10.0s never recovered" in text
 
 

@@ -191,6 +191,49 @@ def test_a_worker_failure_backs_the_host_off_and_replans_at_once() -> None:
     assert "node.healthy" in kinds(out) and world.plane.usable("e2")
 
 
+def failed_over(bridged: Plan | None) -> tuple[World, list[Any]]:
+    """e2's worker of epoch 1 fails; the failure plan (e1, e3), bridging `bridged` if given,
+    deploys and serves as epoch 2. The world, and what the plane did on its next tick."""
+    world = World(standby=False, unhealthy_hold_s=10.0)
+    world.serving()
+    port = next(p for (h, p) in world.plane.slots if h == "e2")
+    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 1, "state": "failed",
+                                 "detail": "killed", "reason": "exit"}, world.now)
+    world.plane.tick(world.now)
+    world.take()
+    prepared = world.prepared("e1", "e3", "failure")
+    prepared.bridged = bridged
+    world.plane.job_done("plan", prepared, None, world.now)
+    computed = next(a for a in world.take() if isinstance(a, Event)
+                    and a.kind == "plan.computed")
+    assert ("bridged" in computed.fields) == (bridged is not None)
+    for s in [s for s in world.plane.slots.values() if 2 in s.routes]:
+        world.plane.on_worker(s.host, {"port": s.port, "epoch": 2, "stage": 0,
+                                       "state": "ready", "detail": "", "reason": "started"},
+                              world.now)
+    assert world.plane.active is not None and world.plane.active.number == 2
+    world.take()
+    world.plane.tick(world.now)
+    return world, world.take()
+
+
+def test_a_quick_bridge_serves_then_the_plan_it_stood_in_for_is_looked_for() -> None:
+    """A failure plan that bridges a slower-to-deploy one (testbed.control.policy's
+    quick-bridge rule) serves at once; as soon as it does, a rejoin-kind plan is asked for,
+    so the better plan follows by the rejoin rule, loaded beside the bridge."""
+    instance_ = instance()
+    better = Plan.of(instance_, [Stage(0, 1, "e3"), Stage(1, 2, "e1")], "optimal", True)
+    world, out = failed_over(better)
+    assert world.plane.active is not None and world.plane.active.bridge
+    (job,) = [a for a in out if isinstance(a, StartJob)]
+    assert job.kind == "rejoin" and job.request is not None
+    assert "quick bridge" in job.request.reason
+    # an ordinary failure plan asks for nothing more
+    world, out = failed_over(None)
+    assert world.plane.active is not None and not world.plane.active.bridge
+    assert not [a for a in out if isinstance(a, StartJob) and a.kind == "rejoin"]
+
+
 def test_a_restart_is_a_new_incarnation_even_with_the_same_pid() -> None:
     world = World(standby=False)
     world.serving()

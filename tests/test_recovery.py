@@ -96,6 +96,74 @@ def test_snapped_candidates_move_cuts_onto_loaded_stages():
     assert policy.snapped_candidates(inst, [solved], 1, {policy.Held("a", 0, 3, 1)}) == []
 
 
+def _remote_instance() -> Instance:
+    """Three fast nodes, one of them ("r") behind a 10 Mbit link from the model server; every
+    segment's weights are 4 MB (3.2 s each over that link)."""
+    segments = [Segment(10.0, 8_000_000, 1000, model_bytes=4_000_000) for _ in range(6)]
+    nodes = {"a": 1.0, "b": 0.5, "r": 1.0}
+    bandwidth = {("dispatcher", n): 1000.0 for n in nodes} | {("dispatcher", "r"): 10.0}
+    bandwidth |= {(x, y): 1000.0 for x in nodes for y in nodes if x < y}
+    return Instance(segments, 1000, [Node(n, v, 1 << 30) for n, v in nodes.items()],
+                    "dispatcher", bandwidth)
+
+
+def test_deploy_estimate_is_the_slowest_new_stage():
+    inst = _remote_instance()
+    plan = Plan.of(inst, [Stage(0, 2, "a"), Stage(2, 4, "r"), Stage(4, 6, "b")], "auto", True)
+    # r: 8 MB over 10 Mbit (6.4 s) + 0.3 s + 8 MB at 100 MB a core-second (0.08 s)
+    assert policy.stage_deploy_s(inst, plan.stages[1]) == pytest.approx(6.78)
+    assert policy.deploy_estimate_s(inst, plan, 1, set()) == pytest.approx(6.78)
+    assert policy.slowest_new_node(inst, plan, 1, set()) == "r"
+    loaded = {policy.Held("r", 2, 4, 1)}          # a worker holds r's stage: b is slowest now
+    assert policy.slowest_new_node(inst, plan, 1, loaded) == "b"
+    assert policy.deploy_estimate_s(inst, plan, 1, loaded) == pytest.approx(
+        8e6 * 8 / 1e9 + 0.3 + 8e6 / (100e6 * 0.5))
+    every = {policy.Held(s.node, s.first, s.end, 1) for s in plan.stages}
+    assert policy.deploy_estimate_s(inst, plan, 1, every) == 0.0
+    assert policy.slowest_new_node(inst, plan, 1, every) is None
+
+
+def test_quick_bridge_serves_first_only_when_much_sooner_and_not_much_slower():
+    inst = _remote_instance()
+    best = Plan.of(inst, [Stage(0, 2, "a"), Stage(2, 4, "r"), Stage(4, 6, "b")], "auto", True)
+    bridge = Plan.of(inst, [Stage(0, 3, "a"), Stage(3, 6, "b")], "auto", True)   # 60 ms
+    slow = Plan.of(inst, [Stage(0, 6, "b")], "auto", True)                         # 120 ms
+
+    def estimate(plan: Plan) -> float:
+        return policy.deploy_estimate_s(inst, plan, 1, set())
+
+    assert best.bottleneck_ms < bridge.bottleneck_ms < slow.bottleneck_ms
+    assert policy.quick_bridge([best, bridge, slow], best, estimate) is bridge
+    # under half the rate of the plan it would stand in for: not a bridge
+    assert policy.quick_bridge([best, slow], best, estimate) is None
+    # r's stage already loaded: the best plan serves at once, nothing to bridge
+    held = {policy.Held("r", 2, 4, 1)}
+    assert policy.quick_bridge([best, bridge], best, lambda p: policy.deploy_estimate_s(
+        inst, p, 1, held)) is None
+
+
+def test_planner_bridges_a_failure_only(tmp_path):
+    """After a failure the planner deploys a plan without the slow-to-reach node first and
+    names the better one it stands in for; a rejoin (nothing is down) waits for the best."""
+    from testbed.control.planning import PlanRequest, VersionInfo
+    from testbed.control.sim.world import SimPlanner
+
+    inst = _remote_instance()
+    info = VersionInfo(1, tmp_path / "m.onnx", "ab" * 32, inst, "m")
+    planner = SimPlanner(tmp_path, "optimal", 2.0, 0, 0.05)
+    live = frozenset({"a", "b", "r"})
+    failure = planner.prepare(PlanRequest("failure", "lost", info, live))
+    assert failure.bridged is not None and "r" in {s.node for s in failure.bridged.stages}
+    assert "r" not in {s.node for s in failure.plan.stages}
+    assert failure.deploy_estimate_s <= policy.deploy_estimate_s(
+        inst, failure.bridged, 1, set()) - policy.QUICK_GAIN_S
+    summary = failure.summary()
+    assert summary["bridged"]["hosts"] == [s.node for s in failure.bridged.stages]
+    assert summary["deploy_estimate_s"] == round(failure.deploy_estimate_s, 2)
+    rejoin = planner.prepare(PlanRequest("rejoin", "back", info, live))
+    assert rejoin.bridged is None and rejoin.plan.bottleneck_ms < failure.plan.bottleneck_ms
+
+
 def test_version_instance_keeps_the_cluster_cost_model(tmp_path):
     """A re-plan prices stages like the initial plan: same nodes, bandwidth and per-frame
     overhead (losing the overhead once made re-plans prefer other cuts than the first plan)."""

@@ -3,6 +3,7 @@ SLO verdicts computed from raw records."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from formats.scenario import load_scenario
@@ -46,6 +47,79 @@ def test_fault_detection_and_recovery_times() -> None:
     assert fault["at_s"] == 3.0
     assert fault["detected_s"] == 3.4           # edge2's suspicion is not about this fault
     assert fault["recovered_s"] == 6.0          # the first full bucket after the gap ends at 6
+
+
+def dones_of(records: list[RequestRecord]) -> list[float]:
+    return sorted(r.done for r in records if r.done is not None)
+
+
+def test_recovery_relative_to_the_rate_before_on_a_machine_below_its_prediction() -> None:
+    """Steady at 8 rps against a 10 rps plan: the contract's bar (9 rps) is never met, not even
+    before the fault; the relative bar (90% of 8) is met once a full second after the gap
+    holds 8 answers again."""
+    records = steady(8, 12, gap=(6.0, 7.5))
+    events = [{"t": T0 + 6.0, "type": "fault.injected", "action": "node.crash",
+               "target": "edge1"},
+              {"t": T0 + 6.3, "type": "node.suspected", "host": "edge1"}]
+    (fault,) = fault_timings(events, buckets(records, T0, T0 + 12), T0, 10.0,
+                             dones=dones_of(records))
+    assert fault["recovered_s"] is None
+    # answers at k/8 + 1/16 s: the 1 s after the gap ends at 7.5 holds 8 answers from the one
+    # at 8.4375 (7.5625 ... 8.4375)
+    assert fault["recovered_rel_s"] == 8.438
+
+
+def test_relative_recovery_follows_the_new_plans_prediction() -> None:
+    """A new plan predicted at half the old one lowers the relative bar by half: 5 answers a
+    second after the fault count as recovered where 10 were before."""
+    before = steady(10, 5)
+    after = [RequestRecord(1000 + i, T0 + 6.0 + i / 5 - 0.1, T0 + 6.0 + i / 5, "completed",
+                           False, 2, 1, 1) for i in range(25)]
+    records = before + after
+    events = [{"t": T0 + 5.0, "type": "fault.injected", "action": "node.crash",
+               "target": "edge1"},
+              {"t": T0 + 5.8, "type": "plan.deployed", "predicted_throughput_rps": 5.0}]
+    series = buckets(records, T0, T0 + 11)
+    (fault,) = fault_timings(events, series, T0, 10.0, dones=dones_of(records))
+    # 4.5 answers in a second needed: the fifth after 6.0 is at 6.8 (6.0 ... 6.8 in (5.8, 6.8])
+    assert fault["recovered_rel_s"] == 6.8
+    halved = fault_timings([events[0]], series, T0, 10.0, dones=dones_of(records))[0]
+    assert halved["recovered_rel_s"] is None          # 9 a second needed: never again
+
+
+def test_relative_recovery_needs_a_rate_before_the_fault() -> None:
+    records = steady(10, 10)
+    events = [{"t": T0 + 2.0, "type": "fault.injected", "action": "node.crash",
+               "target": "edge1"}]
+    (fault,) = fault_timings(events, buckets(records, T0, T0 + 10), T0, 10.0,
+                             dones=dones_of(records))
+    assert fault["recovered_s"] == 4.0
+    assert fault["recovered_rel_s"] is None       # 1 s of the window before it: no figure
+    (no_dones,) = fault_timings(events, buckets(records, T0, T0 + 10), T0, 10.0)
+    assert "recovered_rel_s" not in no_dones
+
+
+def test_recover_within_judges_the_bar_the_scenario_names() -> None:
+    """The machine delivers 8 of the 10 rps predicted; a crash costs 1.5 s. Judged against
+    the plan the fault never recovered; against the rate before it did, 2.44 s after it."""
+    scenario = load_scenario(ROOT / "scenarios" / "node_failure.yaml")
+    at = scenario.steps[0].at_s
+    duration = int(scenario.workload.duration_s)
+    records = steady(8, duration, gap=(at, at + 1.5))
+    events = [{"t": T0 + at, "type": "fault.injected", "action": "node.crash",
+               "target": "edge2"}]
+    plan = summarise(scenario, "embedded", records, events, T0, 10.0, 0)
+    assert plan["faults"][0]["recovered_s"] is None
+    assert "node.crash at 10.0s never recovered" in plan["slo"]["violations"]
+    relative = dataclasses.replace(
+        scenario, slo=dataclasses.replace(scenario.slo, recover_to="rate_before"))
+    judged = summarise(relative, "embedded", records, events, T0, 10.0, 0)
+    assert judged["faults"][0]["recovered_rel_s"] == round(at + 2.438, 3)
+    assert not any("recover" in v for v in judged["slo"]["violations"])
+    strict = dataclasses.replace(relative, slo=dataclasses.replace(relative.slo,
+                                                                   recover_within_s=2.0))
+    assert "node.crash at 10.0s recovered to the rate before after 2.44s > 2s" in \
+        summarise(strict, "embedded", records, events, T0, 10.0, 0)["slo"]["violations"]
 
 
 def test_summary_and_slo_verdict() -> None:

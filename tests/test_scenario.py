@@ -40,7 +40,10 @@ def test_good_scenario_loads(tmp_path: Path) -> None:
     assert [s.action for s in scenario.steps] == ["node.crash", "link.bandwidth"]
     assert scenario.steps[1].params == {"bandwidth": 10.0}
     assert scenario.steps[1].duration_s == 3
-    assert scenario.slo.recover_within_s == 5
+    assert scenario.slo.recover_within_s == 5 and scenario.slo.recover_to == "plan"
+    relative = load_scenario(write(tmp_path, GOOD.replace(
+        "recover_within: 5s", "recover_within: 5s, recover_to: rate_before")))
+    assert relative.slo.recover_to == "rate_before"
     assert scenario.algorithm == "auto" and scenario.backend == "embedded"
 
 
@@ -52,6 +55,7 @@ def test_good_scenario_loads(tmp_path: Path) -> None:
     ("concurrency: 2", "concurrency: 2, speed: 3", 4, "workload.speed"),
     ("{zoo: resnet18}", "{zoo: resnet19}", 3, "model.zoo"),
     ("recover_within: 5s", "recover_within: soon", 9, "slo.recover_within"),
+    ("recover_within: 5s", "recover_within: 5s, recover_to: fast", 9, "slo.recover_to"),
     ("target: [edge1, s1]", "target: [edge1, edge2]", 7, "steps[1].target"),
 ])
 def test_bad_field_names_file_line_field(tmp_path: Path, old: str, new: str, line: int,

@@ -34,7 +34,7 @@ _COUNTS = ("sent", "completed", "lost", "mismatched", "duplicates", "in_flight",
            "bad_results", "stale_results")
 _PLAN_SUMMARY = ("kind", "reason", "version", "algorithm", "live", "solve_s", "split_s",
                  "split_cached", "precomputed", "bottleneck_ms", "predicted_throughput_rps",
-                 "hosts", "cuts", "pipelines", "choice")
+                 "hosts", "cuts", "pipelines", "choice", "deploy_estimate_s", "bridged")
 _WORKER = ("host", "port", "epoch", "stage", "detail", "reason")
 _REJOIN = ("reason", "current_bottleneck_ms", "candidate_bottleneck_ms", "margin")
 _FAULT = ("action", "target", "params", "step", "late_ms", "took_ms", "source", "detail",

@@ -100,7 +100,7 @@ class ControlPlane:
         self.replan_exclude: set[str] = set()
         self.straggling = False     # the pending re-plan leaves a straggler behind
         self.rejoin_hosts: set[str] = set()          # stable again: is a better plan there?
-        self.improve: str | None = None     # running on fewer pipelines: is better possible?
+        self.improve: str | None = None     # on fewer pipelines or a quick bridge: better?
         # the workers of suspected hosts: if a host comes back with them, they are kept
         self.suspended: dict[str, list[Slot]] = {}
         self.contingency = Contingencies(self)
@@ -571,7 +571,7 @@ class ControlPlane:
         prepared.epoch = number
         reused = len(slots) - len(fresh)
         epoch = Epoch(number, version, prepared.plan, slots, prepared.request.kind,
-                      created=self.now, reused=reused,
+                      created=self.now, reused=reused, bridge=prepared.bridged is not None,
                       compute_ms=pipelines_cost(prepared.request.version.instance,
                                                 prepared.plan.pipelines)[2].compute_ms)
         for i, slot in enumerate(slots):
@@ -642,6 +642,10 @@ class ControlPlane:
                   predicted_throughput_rps=epoch.plan.predicted_throughput_rps,
                   plan=epoch.plan.to_json())
         self.out.extend(self.versions.served(epoch.version, epoch.number))
+        if epoch.bridge:
+            # the plan it stood in for (or a better one) is looked for again, and adopted by
+            # the rejoin rule, loaded beside this one
+            self.improve = "a quick bridge serves; the plan it stood in for may follow"
         if old is not None:
             if handover:
                 old.state = "draining"

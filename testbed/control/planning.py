@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # plans that keep `planner.spare` nodes out: the ones made while nothing is lost. A plan after
 # a loss (failure, straggler) or for the next loss (contingency) uses the spare instead.
 SPARE_KINDS = ("initial", "rejoin", "rollout", "manual")
+BRIDGE_SOLVES = 2           # plans solved for a quick bridge, each without one more node
 
 
 def sha256_file(path: Path) -> str:
@@ -122,6 +123,8 @@ class Prepared:
     stage_dir: Path | None = None
     precomputed: bool = False
     epoch: int = 0                          # given when it becomes an epoch
+    bridged: Plan | None = None             # the better plan this one serves before
+    deploy_estimate_s: float = 0.0          # policy.deploy_estimate_s of `plan`
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -138,6 +141,15 @@ class Prepared:
             out["pipelines"] = [[s.node for s in p] for p in self.plan.pipelines]
         if self.choice is not None:
             out["choice"] = self.choice.describe()
+        if self.request.kind == "failure":
+            out["deploy_estimate_s"] = round(self.deploy_estimate_s, 2)
+        if self.bridged is not None:
+            out["bridged"] = {"hosts": [s.node for s in self.bridged.stages],
+                              "predicted_throughput_rps":
+                                  round(self.bridged.predicted_throughput_rps, 3),
+                              "deploy_estimate_s": round(policy.deploy_estimate_s(
+                                  self.request.version.instance, self.bridged,
+                                  self.request.version.version, set(self.request.held)), 2)}
         return out
 
 
@@ -162,6 +174,7 @@ class Planner:
             raise InfeasibleError("no live node to place a stage on")
         started = time.monotonic()
         choice = None
+        bridged = None
         if req.given is not None:
             plan = req.given
             if req.given_stages is not None and not plan.chains:
@@ -191,12 +204,18 @@ class Planner:
             choice = policy.choose(candidates, req.version.version, set(req.held),
                                    self.tolerance, req.avoid, req.full)
             plan = choice.plan
+            if req.kind == "failure":
+                bridge = self.quick_bridge(req, instance, candidates, plan)
+                if bridge is not None:
+                    bridged, plan = plan, bridge
         solve_s = time.monotonic() - started
         version = req.version.version
         needed = [i for i, s in enumerate(plan.stages)
                   if policy.stage_key(s, version) not in req.held]
         stages: list[StageFile | None] = [None] * len(plan.stages)
-        prepared = Prepared(req, plan, stages, choice, solve_s)
+        prepared = Prepared(req, plan, stages, choice, solve_s, bridged=bridged,
+                            deploy_estimate_s=policy.deploy_estimate_s(
+                                req.version.instance, plan, version, set(req.held)))
         if needed:
             started = time.monotonic()
             files, stage_dir, cached = self.stage_files(req.version, plan)
@@ -205,6 +224,34 @@ class Planner:
             prepared.split_s, prepared.split_cached = time.monotonic() - started, cached
             prepared.stage_dir = stage_dir
         return prepared
+
+    def quick_bridge(self, req: PlanRequest, instance: Instance, candidates: list[Plan],
+                     chosen: Plan) -> Plan | None:
+        """A plan to serve before `chosen` when that one would be slow to deploy (the
+        quick-bridge rule, testbed.control.policy): the candidates, and up to BRIDGE_SOLVES
+        plans solved without the node whose new stage deploys slowest, one more node each
+        time."""
+        version, held = req.version.version, set(req.held)
+
+        def estimate(plan: Plan) -> float:
+            return policy.deploy_estimate_s(instance, plan, version, held)
+
+        if estimate(chosen) < policy.QUICK_GAIN_S:
+            return None
+        pool = {n.name for n in instance.nodes}
+        extra: list[Plan] = []
+        plan = chosen
+        for _ in range(BRIDGE_SOLVES):
+            slowest = policy.slowest_new_node(instance, plan, version, held)
+            pool.discard(slowest or "")
+            if slowest is None or not pool:
+                break
+            try:
+                plan = self.solve(req.version, restrict(instance, pool))
+            except InfeasibleError:
+                break
+            extra.append(plan)
+        return policy.quick_bridge(candidates + extra, chosen, estimate)
 
     def solve(self, version: VersionInfo, instance: Instance, spare: int = 0) -> Plan:
         """The planner's best plan for `instance` (the version's, on some of its nodes),

@@ -21,6 +21,11 @@ module decides *which* good plan the running system should move to, given what a
   the nodes that hold or are promised a standby, for contingency plans (one per node).
   Before `avoid` come `full` nodes: for a contingency plan asked again because some of its
   new stages found no room for a standby, the nodes where they did not fit.
+- The quick-bridge rule: after a failure (nothing serves), when the chosen plan's new stages
+  would take long to deploy (a model over a slow link, loaded on a slow node:
+  `deploy_estimate_s`), a candidate that serves at least `QUICK_GAIN_S` sooner and delivers
+  at least `QUICK_SHARE` of its rate is deployed first; the better plan follows once it
+  serves, by the rejoin rule, loaded beside it (no second outage).
 - The rejoin rule: a plan that would take a returned node back is adopted only if its
   bottleneck is at least `margin` (default 10%) below the bottleneck of the plan in force;
   with the hold time the controller applies first, this is what keeps a flapping node from
@@ -31,13 +36,21 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from partitioner.instance import Instance, Plan, Stage, plan_problems
 
 MAX_REPAIRS = 5040          # assignments tried per repair (7! keeps it well under 100 ms)
 MAX_SNAPS = 4096            # cut choices tried per candidate when snapping to loaded stages
+# What a new stage costs before it serves (the quick-bridge rule): its weights cross the link
+# from the model server (the instance's source) and onnxruntime loads them at the node's speed
+# (measured on Mininet hosts: 20.9 MB in 0.69 s at 0.15 cores, about 200 MB a core-second;
+# half that is assumed, as a worker's start adds its own).
+LOAD_BYTES_PER_CORE_S = 100e6
+LOAD_FIXED_S = 0.3
+QUICK_GAIN_S = 2.0          # a bridge serves at least this much sooner than the plan it bridges
+QUICK_SHARE = 0.5           # and delivers at least this share of its predicted throughput
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,45 @@ def choose(candidates: list[Plan], version: int, held: set[Held], tolerance: flo
     plan = min(within, key=key)
     return Choice(plan, reused_stages(plan.stages, version, held), best, len(candidates),
                   len(within))
+
+
+def stage_deploy_s(instance: Instance, stage: Stage) -> float:
+    """Seconds before a new worker of `stage` could serve: its weights (`model_bytes`; 0 when
+    the instance does not say) over the link from the source, then its session load."""
+    size = sum(s.model_bytes for s in instance.segments[stage.first:stage.end])
+    mbps = instance.bandwidth(instance.source, stage.node)
+    transfer = size * 8 / (mbps * 1e6) if mbps and math.isfinite(mbps) else 0.0
+    return transfer + LOAD_FIXED_S + size / (LOAD_BYTES_PER_CORE_S
+                                             * instance.node(stage.node).speed)
+
+
+def deploy_estimate_s(instance: Instance, plan: Plan, version: int, held: set[Held]) -> float:
+    """Seconds before every stage of `plan` could serve: the slowest new stage's
+    `stage_deploy_s` (loaded workers serve at once; new ones load side by side)."""
+    return max((stage_deploy_s(instance, s) for s in plan.stages
+                if stage_key(s, version) not in held), default=0.0)
+
+
+def slowest_new_node(instance: Instance, plan: Plan, version: int,
+                     held: set[Held]) -> str | None:
+    """The node of the plan's new stage that takes longest to deploy (None: all loaded)."""
+    new = [s for s in plan.stages if stage_key(s, version) not in held]
+    return max(new, key=lambda s: stage_deploy_s(instance, s)).node if new else None
+
+
+def quick_bridge(candidates: list[Plan], chosen: Plan, estimate: Callable[[Plan], float],
+                 ) -> Plan | None:
+    """The quick-bridge rule (module docstring): the candidate to serve before `chosen`, or
+    None. Of those at least QUICK_GAIN_S sooner with at least QUICK_SHARE of its throughput,
+    the soonest (to the second), then the fastest."""
+    slow = estimate(chosen)
+    options = [p for p in candidates
+               if estimate(p) <= slow - QUICK_GAIN_S
+               and p.predicted_throughput_rps >= QUICK_SHARE * chosen.predicted_throughput_rps]
+    if not options:
+        return None
+    return min(options, key=lambda p: (math.ceil(estimate(p)), p.bottleneck_ms,
+                                       p.latency_ms))
 
 
 def better_by_margin(candidate: Plan, current: Plan, margin: float) -> bool:

@@ -102,15 +102,19 @@ def _faults(outcome: Outcome) -> list[str]:
         label = fault_label(fault)
 
         def after(key: str, fault: dict = fault) -> str:
-            value = fault.get(key)
+            if key not in fault:            # a summary from before the field existed
+                return "-"
+            value = fault[key]
             return "never" if value is None else f"+{value - fault['at_s']:.2f} s"
         check = checks.get(f"recover_within {label}")
         slo = "" if check is None else ("ok" if check.passed else f"**{check.message}**")
-        rows.append((label, after("detected_s"), after("recovered_s"), slo,
+        rows.append((label, after("detected_s"), after("recovered_s"),
+                     after("recovered_rel_s"), slo,
                      _delta(by_name.get(f"recovery {label}"))))
-    header = ("fault", "detected", "recovered", "recover_within SLO", "baseline recovery s")
+    header = ("fault", "detected", "recovered", "back to the rate before",
+              "recover_within SLO", "baseline recovery s")
     if outcome.comparisons is None:
-        return _table(header[:4], [row[:4] for row in rows])
+        return _table(header[:5], [row[:5] for row in rows])
     return _table(header, rows)
 
 

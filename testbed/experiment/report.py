@@ -318,9 +318,11 @@ def _index(out_dir: Path, summary: dict[str, Any], images: list[str]) -> str:
     ])
     faults = summary.get("faults", [])
     fault_table = _table(["action", "target", "at (s)", "late (ms)", "detected (s)",
-                          "recovered (s)"],
+                          "recovered (s, 90% of the plan)",
+                          "recovered (s, 90% of the rate before)"],
                          [[f.get("action"), f.get("target"), f.get("at_s"), f.get("late_ms"),
-                           f.get("detected_s"), f.get("recovered_s")] for f in faults]) \
+                           f.get("detected_s"), f.get("recovered_s"),
+                           f.get("recovered_rel_s")] for f in faults]) \
         if faults else "<p>No faults in this scenario.</p>"
     links = summary.get("links", [])
     link_table = _table(["link", "Mbit/s", "delay (ms)", "jitter (ms)", "loss (%)",

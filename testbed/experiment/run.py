@@ -439,7 +439,8 @@ def _report(summary: dict[str, Any], out_dir: Path) -> None:
           f"mismatched {requests['mismatched']}")
     for fault in summary["faults"]:
         print(f"fault {fault['action']} {fault['target']} at {fault['at_s']}s: detected "
-              f"{fault['detected_s']}, recovered {fault['recovered_s']}")
+              f"{fault['detected_s']}, recovered {fault['recovered_s']} (90% of the plan), "
+              f"{fault.get('recovered_rel_s')} (90% of the rate before)")
     for line in summary.get("cost_check", {}).get("dearer", []):
         print(f"cost model: {line}")
     verdict = "PASSED" if summary["slo"]["passed"] else "FAILED: " + "; ".join(

@@ -54,6 +54,7 @@ class Epoch:
     drain_until: float = 0.0
     activated: float = 0.0
     reused: int = 0            # stages served by workers that were loaded before
+    bridge: bool = False       # serves first, before a better plan slower to deploy
     compute_ms: list[float] = field(default_factory=list)   # planned, per stage
 
     @property
