@@ -683,6 +683,7 @@ def test_repository_publishes_whole_immutable_versions(tmp_path):
 
     class Profile:
         segments = [Segment(1.0, 10, 20)]
+        weight_bytes = [8]              # a ModelProfile keeps the weights' bytes apart
         input_bytes, total_ms, activation_reserve_bytes = 4, 1.0, 0
 
     repo = tmp_path / "repo"
@@ -693,6 +694,8 @@ def test_repository_publishes_whole_immutable_versions(tmp_path):
     first = publish(repo, model, 1, Profile)
     assert first.sha256 == read_manifest(repo / "v1").sha256 and first.model.read_bytes() == \
         b"version one"
+    # the weights' bytes survive publishing: a later version's plans count disk and deploy
+    assert read_manifest(repo / "v1").segments == [Segment(1.0, 10, 20, model_bytes=8)]
     assert publish(repo, model, 1, Profile).sha256 == first.sha256       # the same: a no-op
     model.write_bytes(b"other bytes")
     with pytest.raises(InputError, match="already published"):

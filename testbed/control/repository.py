@@ -7,7 +7,8 @@ Layout (a plain directory; the controller watches it, the driver or a person pub
 
 manifest.json: {"format": 1, "version": N, "model": "model.onnx", "sha256": hex, "size": bytes,
 "published": unix time, "source": text, "profile": {"segments": [{compute_ms, memory_bytes,
-output_bytes}, ...], "input_bytes": int, "total_ms": float, "activation_reserve_bytes": int}}.
+output_bytes, model_bytes}, ...], "input_bytes": int, "total_ms": float,
+"activation_reserve_bytes": int}}.
 
 Division of labour: profiling happens when a version is *published*, in the root namespace
 with the whole machine (partitioner.profile), so the controller, CPU-limited on the
@@ -29,6 +30,7 @@ hand.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -70,7 +72,8 @@ class Manifest:
                 "source": self.source,
                 "profile": {"segments": [{"compute_ms": s.compute_ms,
                                           "memory_bytes": s.memory_bytes,
-                                          "output_bytes": s.output_bytes}
+                                          "output_bytes": s.output_bytes,
+                                          "model_bytes": s.model_bytes}
                                          for s in self.segments],
                             "input_bytes": self.input_bytes, "total_ms": self.total_ms,
                             "activation_reserve_bytes": self.activation_reserve_bytes}}
@@ -97,8 +100,11 @@ def read_manifest(directory: Path) -> Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise InputError(f"not a format {FORMAT} manifest", file=path, field="format")
         profile = data["profile"]
+        # model_bytes (the weights: disk accounting, deploy estimates) is absent from the
+        # manifests of older publishers: 0, not counted
         segments = [Segment(float(s["compute_ms"]), int(s["memory_bytes"]),
-                            int(s["output_bytes"])) for s in profile["segments"]]
+                            int(s["output_bytes"]), int(s.get("model_bytes", 0)))
+                    for s in profile["segments"]]
         if not segments:
             raise InputError("a version needs at least one segment", file=path,
                              field="profile.segments")
@@ -151,6 +157,15 @@ def _inlined_model(model_path: Path) -> bytes | None:
     return model.SerializeToString()
 
 
+def _weighed(profile: Any) -> list[Segment]:
+    """The profile's segments with their weights' bytes (a ModelProfile keeps them apart, in
+    `weight_bytes`; older cached profiles lack them: left at 0)."""
+    weights = getattr(profile, "weight_bytes", None) or []
+    if len(weights) != len(profile.segments):
+        return list(profile.segments)
+    return [dataclasses.replace(s, model_bytes=int(w)) for s, w in zip(profile.segments, weights)]
+
+
 def publish(repo: Path, model_path: Path, version: int, profile: Any,
             source: str = "") -> Manifest:
     """Publish `model_path` as `version` with its profile (a partitioner.profile.ModelProfile,
@@ -181,7 +196,7 @@ def publish(repo: Path, model_path: Path, version: int, profile: Any,
         else:
             shutil.copyfile(model_path, staging / MODEL_FILE)
         manifest = Manifest(version, target, sha, (staging / MODEL_FILE).stat().st_size,
-                            time.time(), source or str(model_path), list(profile.segments),
+                            time.time(), source or str(model_path), _weighed(profile),
                             int(profile.input_bytes), float(profile.total_ms),
                             int(getattr(profile, "activation_reserve_bytes", 0)))
         (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1))
