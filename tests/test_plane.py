@@ -196,9 +196,7 @@ def failed_over(bridged: Plan | None) -> tuple[World, list[Any]]:
     deploys and serves as epoch 2. The world, and what the plane did on its next tick."""
     world = World(standby=False, unhealthy_hold_s=10.0)
     world.serving()
-    port = next(p for (h, p) in world.plane.slots if h == "e2")
-    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 1, "state": "failed",
-                                 "detail": "killed", "reason": "exit"}, world.now)
+    fail_worker(world, "e2", stage=1)
     world.plane.tick(world.now)
     world.take()
     prepared = world.prepared("e1", "e3", "failure")
@@ -413,9 +411,7 @@ def test_a_returned_node_is_held_then_checked_for_a_better_plan() -> None:
 def test_a_node_back_while_a_sound_epoch_deploys_waits_for_the_rejoin_rule() -> None:
     world = World(standby=False, unhealthy_hold_s=1.0, suspect_after_missed=100)
     world.serving()
-    port = next(p for (h, p) in world.plane.slots if h == "e2")
-    world.plane.on_worker("e2", {"port": port, "epoch": 1, "stage": 1, "state": "failed",
-                                 "detail": "killed", "reason": "exit"}, world.now)
+    fail_worker(world, "e2", stage=1)
     world.plane.tick(world.now)
     world.take()
     world.plane.job_done("plan", world.prepared("e1", "e3", "failure"), None, world.now)
@@ -434,10 +430,11 @@ def test_a_node_back_while_a_sound_epoch_deploys_waits_for_the_rejoin_rule() -> 
     assert jobs and jobs[0].kind == "rejoin" and "e2" in jobs[0].request.live
 
 
-def fail_worker(world: World, host: str, epoch: int = 1) -> None:
+def fail_worker(world: World, host: str, epoch: int = 1, stage: int = 0) -> None:
     port = next(p for (h, p) in world.plane.slots if h == host)
-    world.plane.on_worker(host, {"port": port, "epoch": epoch, "stage": 0, "state": "failed",
-                                 "detail": "killed", "reason": "exit"}, world.now)
+    world.plane.on_worker(host, {"port": port, "epoch": epoch, "stage": stage,
+                                 "state": "failed", "detail": "killed", "reason": "exit"},
+                          world.now)
 
 
 def confirm(world: World, sends: list[Send], epoch: int) -> None:

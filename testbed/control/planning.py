@@ -243,8 +243,10 @@ class Planner:
         plan = chosen
         for _ in range(BRIDGE_SOLVES):
             slowest = policy.slowest_new_node(instance, plan, version, held)
-            pool.discard(slowest or "")
-            if slowest is None or not pool:
+            if slowest is None:
+                break
+            pool.discard(slowest)
+            if not pool:
                 break
             try:
                 plan = self.solve(req.version, restrict(instance, pool))
