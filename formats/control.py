@@ -129,8 +129,8 @@ class ControlSettings:
     # load (stage_image.agent): less slows the pipeline less and readies standbys later. A
     # tenth, so that while they load the pipeline keeps the 90% of its plan that recovery is
     # measured by (with a quarter, resnet18 on star-6 ran at 91% of its rate after a crash).
-    # Of the link it is the least: chunks take what the frames leave idle, up to half
-    # (stage_image.agent.standby_link_share)
+    # Of the link (its bytes, where its line rate is known) it is the least: chunks take
+    # what the frames leave idle, up to half (stage_image.agent.standby_link_share)
     standby_share: float = 0.1
     # after a failure's switch, contingency plans and their standbys wait this long: the new
     # plan refills its pipeline at full speed (standbys loading at once on its hosts kept

@@ -611,11 +611,25 @@ def test_received_bytes_sum_the_namespaces_interfaces_but_loopback(tmp_path):
     assert received_bytes(str(tmp_path / "missing")) is None
 
 
+def test_a_paced_chunk_pauses_for_its_share_of_the_links_bytes():
+    from stage_image.agent import chunk_pause_s
+
+    link = 100e6 / 8
+    # 1 MiB at a tenth of 100 Mbit/s is one every 0.84 s: a round trip of 0.28 s (the frames
+    # take most of the link) leaves 0.56 s, where a tenth of the time would pause 2.5 s
+    assert chunk_pause_s(0.28, CHUNK_BYTES, 0.1, link) == pytest.approx(0.559, abs=1e-3)
+    assert chunk_pause_s(0.28, CHUNK_BYTES, 0.1, 0.0) == pytest.approx(2.52)  # rate unknown
+    assert chunk_pause_s(1.0, CHUNK_BYTES, 0.1, link) == 0.0     # slower than the share
+    # an idle link at half: a pause as long as the chunk's own time on the wire
+    assert chunk_pause_s(CHUNK_BYTES / link, CHUNK_BYTES, 0.5, link) == \
+        pytest.approx(CHUNK_BYTES / link)
+
+
 def test_paced_chunks_pause_by_the_share_the_link_leaves(tmp_path, monkeypatch):
     """With --link-mbps the agent measures, once a second, what its link receives besides
     model chunks, and paces standby chunks to the share that leaves (at least
-    --standby-share): at 20% of a 50 Mbit/s link taken by frames, 0.5 of the time (a pause
-    equal to the last chunk's round trip), where the fixed 0.1 would pause nine round trips."""
+    --standby-share): at 20% of a 50 Mbit/s link taken by frames, half its bytes (a chunk
+    every 0.34 s), where the fixed 0.1 would allow one every 1.68 s."""
     from stage_image import agent as agent_mod
 
     agent, _, clock, sent = paced_agent(tmp_path, monkeypatch, "0.1", "--link-mbps", "50")
@@ -640,7 +654,8 @@ def test_paced_chunks_pause_by_the_share_the_link_leaves(tmp_path, monkeypatch):
         sent.clear()
         clock[0] += 0.2                                      # a's first chunk: 0.2 s
         agent.on_chunk({"sha256": a, "offset": 0, "total": total}, memoryview(bytes(chunk)))
-        clock[0] += 0.19
+        pause = chunk / (0.5 * link) - 0.2                   # 0.14 s
+        clock[0] += pause - 0.01
         agent.check_deadlines(clock[0])
         assert [f for kind, f in sent if kind == "fetch" and f["sha256"] == a] == []
         clock[0] += 0.02
