@@ -25,6 +25,7 @@ from formats.scenario import Step
 from formats.topology import load_topology
 from testbed.emulation import records
 from testbed.emulation.hostmon import HostMonitor
+from testbed.emulation.netfilter import PARTITION_CHAIN
 from testbed.emulation.network import EmulatedNetwork, leftovers
 from testbed.experiment.faults import FAULTS, Context, FaultTimeline, Hooks
 from tests.conftest import fresh_run_id
@@ -283,6 +284,9 @@ def test_partition_blocks_only_between_the_groups(net: EmulatedNetwork) -> None:
              ("edge3", "edge4"), ("edge4", "edge1")]
     assert [pair for pair in blocked if reachable(net, *pair)] == []
     assert [pair for pair in open_ if not reachable(net, *pair)] == []
+    # the smaller side alone holds the rules (links.partition_rules)
+    assert {h for (h, chain), rules in net.links.chains.items()
+            if chain == PARTITION_CHAIN and rules} == {"edge3"}
     heal(ctx, step, detail)
     assert [pair for pair in blocked if not reachable(net, *pair)] == []
 

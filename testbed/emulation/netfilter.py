@@ -66,10 +66,13 @@ def restore_input(chain: str, rules: Sequence[str]) -> str:
                       "COMMIT", ""])
 
 
-def jump_script(chain: str, first: bool) -> str:
-    """Shell commands that make INPUT jump to `chain` (first or last), once."""
-    where = "-I INPUT 1" if first else "-A INPUT"
-    return f"iptables -w -C INPUT -j {chain} 2>/dev/null || iptables -w {where} -j {chain}"
+def jump_script(chain: str, first: bool, hooks: Sequence[str] = ("INPUT",)) -> str:
+    """Shell commands that make each of `hooks` (INPUT, OUTPUT) jump to `chain` (first or
+    last), once."""
+    return " && ".join(
+        f"{{ iptables -w -C {hook} -j {chain} 2>/dev/null || "
+        f"iptables -w {f'-I {hook} 1' if first else f'-A {hook}'} -j {chain}; }}"
+        for hook in hooks)
 
 
 class ShimClient:
