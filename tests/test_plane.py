@@ -430,6 +430,43 @@ def test_a_node_back_while_a_sound_epoch_deploys_waits_for_the_rejoin_rule() -> 
     assert jobs and jobs[0].kind == "rejoin" and "e2" in jobs[0].request.live
 
 
+def outage_with_a_slow_deploy(escape_estimate_s: float) -> tuple[World, list[Any]]:
+    """e2's worker fails; the failure plan (e1, e3), epoch 2, is estimated to need 20 s to
+    deploy, and nothing serves meanwhile. e2 is usable again 1.5 s later, and the plan with
+    it is estimated at `escape_estimate_s`. The world, and what the plane did with it."""
+    world = World(standby=False, unhealthy_hold_s=1.0, suspect_after_missed=100)
+    world.serving()
+    fail_worker(world, "e2", stage=1)
+    world.plane.tick(world.now)
+    world.take()
+    slow = world.prepared("e1", "e3", "failure")
+    slow.deploy_estimate_s = 20.0
+    world.plane.job_done("plan", slow, None, world.now)
+    world.take()
+    out = world.advance(1.5, beating=())
+    assert "node.healthy" in kinds(out) and "replan.requested" in kinds(out)
+    (job,) = [a for a in out if isinstance(a, StartJob)]
+    assert job.kind == "plan" and "nothing serves and epoch 2" in job.request.reason
+    escape = world.prepared("e1", "e2", "failure")
+    escape.deploy_estimate_s = escape_estimate_s
+    world.plane.job_done("plan", escape, None, world.now)
+    return world, world.take()
+
+
+def test_while_nothing_serves_a_node_back_replaces_a_slow_deploy_if_it_serves_sooner() -> None:
+    """The outage-escape rule (testbed.control.policy): 18.5 s are left of epoch 2's
+    estimate; a plan with e2 that deploys in 1 s replaces it, one that needs 17 s does not
+    (epoch 2 finishes, e2 is weighed by the rejoin rule once it serves)."""
+    world, out = outage_with_a_slow_deploy(1.0)
+    assert world.plane.deploying is not None and world.plane.deploying.number == 3
+    assert "epoch.abandoned" in kinds(out)
+    world, out = outage_with_a_slow_deploy(17.0)
+    assert world.plane.deploying is not None and world.plane.deploying.number == 2
+    (deferred,) = [a for a in out if isinstance(a, Event) and a.kind == "replan.deferred"]
+    assert deferred.fields["deploying_epoch"] == 2 and "not sooner" in deferred.fields["reason"]
+    assert world.plane.rejoin_hosts == {"e2"}
+
+
 def fail_worker(world: World, host: str, epoch: int = 1, stage: int = 0) -> None:
     port = next(p for (h, p) in world.plane.slots if h == host)
     world.plane.on_worker(host, {"port": port, "epoch": epoch, "stage": stage,

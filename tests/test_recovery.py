@@ -711,3 +711,11 @@ def test_repository_publishes_whole_immutable_versions(tmp_path):
     (repo / "v3" / "manifest.json").write_text((repo / "v2" / "manifest.json").read_text())
     found, problems = watcher.poll()
     assert not found and "does not match the directory" in str(problems[0])
+
+
+def test_an_escape_must_serve_the_quick_gain_sooner() -> None:
+    gain = policy.QUICK_GAIN_S
+    assert policy.escape_serves_sooner(18.5, 1.0)
+    assert policy.escape_serves_sooner(10.0, 10.0 - gain)
+    assert not policy.escape_serves_sooner(10.0, 10.0 - gain + 0.01)
+    assert not policy.escape_serves_sooner(1.5, 0.0)      # too little left to gain the margin

@@ -56,6 +56,10 @@ from testbed.control.state import ControllerConfig
 FIXED_WORKLOAD_FIELDS = ("seed", "pool_size", "input_dims")  # the pool is built at start
 
 
+# an escape (the outage-escape rule): the epoch it would replace, the hosts back for it
+Escape = tuple[int, frozenset[str]]
+
+
 @dataclass
 class AgentLink:
     """What the plane knows of a host's agent beyond its health: the ports of its last
@@ -101,6 +105,11 @@ class ControlPlane:
         self.straggling = False     # the pending re-plan leaves a straggler behind
         self.rejoin_hosts: set[str] = set()          # stable again: is a better plan there?
         self.improve: str | None = None     # on fewer pipelines or a quick bridge: better?
+        # an escape asked for while nothing serves (policy's outage-escape rule): the epoch
+        # it would replace and the hosts that came back for it, while the request is
+        # pending (`escape`) and while the plan job that answers it runs (`job_escape`)
+        self.escape: Escape | None = None
+        self.job_escape: Escape | None = None
         # the workers of suspected hosts: if a host comes back with them, they are kept
         self.suspended: dict[str, list[Slot]] = {}
         self.contingency = Contingencies(self)
@@ -186,14 +195,20 @@ class ControlPlane:
             avoid = standby_rule.contingency_avoid(
                 serving, [s.host for s in self.slots.values() if s.standby],
                 self.contingency.promised(), self.control.standby_per_node)
+        loaded = frozenset(s.held for s in self.slots.values() if s.state == "ready"
+                           and s.held in held)
         return PlanRequest(kind, reason, version, frozenset(live), base, held, avoid,
-                           excluded=excluded, full=full, generation=self.numbers.next)
+                           excluded=excluded, full=full, generation=self.numbers.next,
+                           loaded=loaded)
 
     def job_done(self, kind: str, result: Any, error: BaseException | None,
                  now: float) -> None:
         """The outcome of a StartJob: its result, or the exception it raised."""
         self.now = now
         self.job = None
+        escape = None
+        if kind == "plan":
+            escape, self.job_escape = self.job_escape, None
         if isinstance(error, (InfeasibleError, InputError)):
             if kind == "version":
                 self.emit("version.invalid", reason=str(error))
@@ -246,7 +261,8 @@ class ControlPlane:
         if kind == "rejoin":
             self.rejoin_done(prepared)
             return
-        self.new_epoch(prepared)
+        if not self.escape_declined(prepared, escape):
+            self.new_epoch(prepared)
 
     def infeasible(self, reason: str) -> None:
         usable = self.usable_hosts()
@@ -275,6 +291,7 @@ class ControlPlane:
         if pending is not None and deploying is not None and \
                 answered(pending, deploying.number, not deploying.broken):
             self.replans.take()
+            self.escape = None
             self.drop(pending, deploying)
         if self.replans.pending is not None:
             live = self.usable_hosts() - self.replan_exclude
@@ -288,7 +305,9 @@ class ControlPlane:
                 fast.request = replace(fast.request, kind="failure" if broken else "straggler",
                                        reason=request.reason)
                 self.straggling = False
-                self.new_epoch(fast)
+                escape, self.escape = self.escape, None
+                if not self.escape_declined(fast, escape):
+                    self.new_epoch(fast)
                 return
         if self.job is not None:
             return
@@ -300,6 +319,7 @@ class ControlPlane:
             broken = self.active is None or self.active.broken
             kind = failure_kind(broken, straggling, not broken and self.active is not None
                                 and self.target_version != self.active.version)
+            self.job_escape, self.escape = self.escape, None
             self.start_job("plan", self.plan_request(kind, request.reason, live))
             return
         if self.manifests:
@@ -451,11 +471,46 @@ class ControlPlane:
                               self.active.broken):
             if self.active is not None or self.waiting_for_nodes:
                 self.request_replan(f"{host} available", available=frozenset({host}))
+        elif self.outage_left_s() > policy.QUICK_GAIN_S and self.escape is None:
+            assert self.deploying is not None
+            number = self.deploying.number
+            self.escape = (number, frozenset({host}))
+            self.request_replan(f"{host} available while nothing serves and epoch {number} "
+                                f"needs about {self.outage_left_s():.1f} s more",
+                                touches_deploying=True, available=frozenset({host}))
         else:
             # a sound epoch being deployed is let finish: a re-plan now would supersede it,
             # and under churn (a node back every few seconds, deploys of 5-10 s) none ever
             # finished; the host is weighed by the rejoin rule once it serves
             self.rejoin_hosts.add(host)
+
+    def outage_left_s(self) -> float:
+        """While nothing serves: how long the sound epoch being deployed still needs by its
+        deploy estimate (0 when something serves or nothing deploys)."""
+        deploying, active = self.deploying, self.active
+        if deploying is None or deploying.broken or (active is not None and not active.broken):
+            return 0.0
+        return max(0.0, deploying.expected_ready - self.now)
+
+    def escape_declined(self, prepared: Prepared, escape: Escape | None) -> bool:
+        """Is this plan an escape (`host_usable`) that would not serve sooner than the epoch
+        it was asked to replace (policy.escape_serves_sooner)? Then that epoch finishes, and
+        the hosts are weighed by the rejoin rule once it serves. An epoch that broke
+        meanwhile needs the plan; one that serves by now does not."""
+        if escape is None:
+            return False
+        number, hosts = escape
+        target = self.epochs.get(number)
+        if target is None or target.broken:
+            return False
+        if target is self.deploying and policy.escape_serves_sooner(
+                self.outage_left_s(), prepared.deploy_estimate_s):
+            return False
+        self.rejoin_hosts |= hosts
+        self.out.extend(self.replans.defer(
+            "failure", f"a plan with {', '.join(sorted(hosts))} would serve in "
+            f"{prepared.deploy_estimate_s:.1f} s, not sooner than epoch {number}", number))
+        return True
 
     def rejoin_done(self, prepared: Prepared) -> None:
         active = self.active
@@ -572,6 +627,7 @@ class ControlPlane:
         reused = len(slots) - len(fresh)
         epoch = Epoch(number, version, prepared.plan, slots, prepared.request.kind,
                       created=self.now, reused=reused, bridge=prepared.bridged is not None,
+                      expected_ready=self.now + prepared.deploy_estimate_s,
                       compute_ms=pipelines_cost(prepared.request.version.instance,
                                                 prepared.plan.pipelines)[2].compute_ms)
         for i, slot in enumerate(slots):

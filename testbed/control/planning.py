@@ -99,13 +99,20 @@ class PlanRequest:
     version: VersionInfo
     live: frozenset[str]
     base: Plan | None = None               # the plan in force (repairs keep its cuts)
-    held: frozenset[Held] = frozenset()    # loaded workers (serving or standby)
+    held: frozenset[Held] = frozenset()    # workers (serving or standby), loaded or loading
     avoid: frozenset[str] = frozenset()    # nodes new stages should rather not go to
     given: Plan | None = None              # use this plan instead of solving
     given_stages: Path | None = None       # a split matching `given`
     excluded: str | None = None            # contingency: the host assumed lost
     full: frozenset[str] = frozenset()     # contingency, asked again: no standby room left
     generation: int = 0                    # the next epoch number when it was asked
+    # those of `held` that serve at once: deploy estimates count the others as new (they
+    # may be seconds from loaded); None: all of `held`
+    loaded: frozenset[Held] | None = None
+
+    def ready(self) -> set[Held]:
+        """The workers a deploy estimate takes as serving at once."""
+        return set(self.held if self.loaded is None else self.loaded)
 
 
 @dataclass
@@ -149,7 +156,7 @@ class Prepared:
                                   round(self.bridged.predicted_throughput_rps, 3),
                               "deploy_estimate_s": round(policy.deploy_estimate_s(
                                   self.request.version.instance, self.bridged,
-                                  self.request.version.version, set(self.request.held)), 2)}
+                                  self.request.version.version, self.request.ready()), 2)}
         return out
 
 
@@ -215,7 +222,7 @@ class Planner:
         stages: list[StageFile | None] = [None] * len(plan.stages)
         prepared = Prepared(req, plan, stages, choice, solve_s, bridged=bridged,
                             deploy_estimate_s=policy.deploy_estimate_s(
-                                req.version.instance, plan, version, set(req.held)))
+                                req.version.instance, plan, version, req.ready()))
         if needed:
             started = time.monotonic()
             files, stage_dir, cached = self.stage_files(req.version, plan)
@@ -231,7 +238,7 @@ class Planner:
         quick-bridge rule, testbed.control.policy): the candidates, and up to BRIDGE_SOLVES
         plans solved without the node whose new stage deploys slowest, one more node each
         time."""
-        version, held = req.version.version, set(req.held)
+        version, held = req.version.version, req.ready()
 
         def estimate(plan: Plan) -> float:
             return policy.deploy_estimate_s(instance, plan, version, held)

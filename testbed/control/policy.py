@@ -26,6 +26,11 @@ module decides *which* good plan the running system should move to, given what a
   `deploy_estimate_s`), a candidate that serves at least `QUICK_GAIN_S` sooner and delivers
   at least `QUICK_SHARE` of its rate is deployed first; the better plan follows once it
   serves, by the rejoin rule, loaded beside it (no second outage).
+- The outage-escape rule: while nothing serves, an epoch being deployed is let finish (under
+  churn, replacing it at every returning node meant none ever served), unless a plan made
+  with a node that returned meanwhile serves at least `QUICK_GAIN_S` sooner than what that
+  epoch's deploy estimate still says it needs (`escape_serves_sooner`). Each escape serves
+  sooner than the epoch it replaces, so churn cannot keep it from serving.
 - The rejoin rule: a plan that would take a returned node back is adopted only if its
   bottleneck is at least `margin` (default 10%) below the bottleneck of the plan in force;
   with the hold time the controller applies first, this is what keeps a flapping node from
@@ -207,6 +212,12 @@ def quick_bridge(candidates: list[Plan], chosen: Plan, estimate: Callable[[Plan]
         return None
     return min(options, key=lambda p: (math.ceil(estimate(p)), p.bottleneck_ms,
                                        p.latency_ms))
+
+
+def escape_serves_sooner(left_s: float, estimate_s: float) -> bool:
+    """The outage-escape rule (module docstring): does a plan that needs `estimate_s` to
+    deploy serve QUICK_GAIN_S sooner than the epoch still `left_s` from serving?"""
+    return estimate_s <= left_s - QUICK_GAIN_S
 
 
 def better_by_margin(candidate: Plan, current: Plan, margin: float) -> bool:

@@ -55,6 +55,7 @@ class Epoch:
     activated: float = 0.0
     reused: int = 0            # stages served by workers that were loaded before
     bridge: bool = False       # serves first, before a better plan slower to deploy
+    expected_ready: float = 0.0    # when its plan's deploy estimate says it serves
     compute_ms: list[float] = field(default_factory=list)   # planned, per stage
 
     @property
