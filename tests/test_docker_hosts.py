@@ -144,7 +144,8 @@ def test_docker_hosts_join_the_network_with_their_limits(network, tmp_path: Path
     limits = net.run("edge1", ["cat", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
                                "/sys/fs/cgroup/cpu/cpu.cfs_period_us",
                                "/sys/fs/cgroup/memory/memory.limit_in_bytes"])
-    assert limits.stdout.split() == ["50000", "100000", str(256 * 2**20)], limits
+    memory = net.topology.hosts["edge1"].memory_bytes + net.topology.hosts["edge1"].disk_bytes
+    assert limits.stdout.split() == ["50000", "100000", str(memory)], limits
     disk = _in_container(net, "edge2", f"import os; s = os.statvfs('{net.data_dir('edge2')}');"
                                        " print(s.f_blocks * s.f_frsize)")
     assert int(disk.stdout) == 32 * 2**20, disk

@@ -43,6 +43,15 @@ from testbed.emulation import records
 from testbed.emulation.dockerd import APP_LABEL, RUN_LABEL, Dockerd, docker_cli, image_label
 from testbed.emulation.records import CGROUP_ROOT, RunRecord
 
+
+def memory_group_bytes(spec: HostSpec) -> int:
+    """A host's memory group limit: its memory and its disk. The disk is a tmpfs, whose pages
+    are charged to the group of the process that writes them (the agent fetching models), so
+    a group of `memory` alone left the host's workers that much less: on hetero-6, small1
+    (256 MiB, a 128 MiB disk holding staged models) had a 37.5 MB stage's worker killed for
+    memory the controller had counted as free. The disk's size still bounds its share."""
+    return spec.memory_bytes + spec.disk_bytes
+
 log = logging.getLogger(__name__)
 
 HOST_LABEL = "edgepipe.host"
@@ -122,9 +131,9 @@ class DockerHosts:
         self._docker("run", "-d", "--name", holder, "--network", "none", *common, image,
                      *IDLE[1:])
         holder_pid = int(self._docker("inspect", "-f", "{{.State.Pid}}", holder))
-        memory = ["--memory", str(spec.memory_bytes)]
+        memory = ["--memory", str(memory_group_bytes(spec))]
         if (CGROUP_ROOT / "memory" / "memory.memsw.limit_in_bytes").exists():
-            memory += ["--memory-swap", str(spec.memory_bytes)]
+            memory += ["--memory-swap", str(memory_group_bytes(spec))]
         mounts = [arg for path in binds
                   for arg in ("--mount", f"type=bind,source={path},target={path}")]
         self.record.add("containers", node)

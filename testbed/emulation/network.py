@@ -7,7 +7,8 @@ adds what Mininet lacks and keeps everything safe on a shared machine:
   at most 15 characters), so concurrent runs never collide and everything is traceable;
 - limits: CPU in cores (CFS quota = cores x period, like `docker --cpus`), a memory cgroup
   per host (`memory.limit_in_bytes` and `memory.memsw.limit_in_bytes`, so swap is no way
-  out), a size-limited tmpfs data directory per host at `<run dir>/hosts/<host>/data`;
+  out; memory plus disk, as the disk is a tmpfs charged to it: `memory_group_bytes`), a
+  size-limited tmpfs data directory per host at `<run dir>/hosts/<host>/data`;
 - processes: `popen()` starts a program inside a host's network and mount namespaces *and*
   its cpu and memory cgroups (`cgexec ... mnexec -a`); children inherit all of them;
 - records: every item is written to `testbed.emulation.records` before it is created, and teardown
@@ -83,7 +84,7 @@ from typing import Any
 from formats.errors import InputError
 from formats.topology import Topology
 from testbed.emulation import records
-from testbed.emulation.containers import DockerHosts
+from testbed.emulation.containers import DockerHosts, memory_group_bytes
 from testbed.emulation.hosts import DockerHost, EmulatedHost, ProcessHost, check_cores
 from testbed.emulation.links import (
     LinkShaping,
@@ -359,9 +360,9 @@ class EmulatedNetwork:
             # containers' groups (a pod's limit), which also carry `--memory` themselves.
             memory = CGROUP_ROOT / "memory" / mn
             memory.mkdir()
-            _write(memory / "memory.limit_in_bytes", spec.memory_bytes)
+            _write(memory / "memory.limit_in_bytes", memory_group_bytes(spec))
             if (memory / "memory.memsw.limit_in_bytes").exists():
-                _write(memory / "memory.memsw.limit_in_bytes", spec.memory_bytes)
+                _write(memory / "memory.memsw.limit_in_bytes", memory_group_bytes(spec))
             if spec.kind == "docker":
                 assert self.docker is not None
                 holder = self.docker.create(name, mn, spec, self.image(name),
